@@ -1,0 +1,95 @@
+"""The session document: the four actions, replacement and the Optiverse state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from collab_trio.document import SessionDocument
+from collab_trio.protocol import Command, parse_client_message
+
+
+def command(action: str, item_id: str | None = "a", item_type: str | None = "lens", **data: Any) -> Command:
+    body: dict[str, Any] = {"action": action}
+    if item_id is not None:
+        body["item_id"] = item_id
+    if item_type is not None:
+        body["item_type"] = item_type
+    if action != "remove_item":
+        body["data"] = data
+    parsed = parse_client_message({"type": "command", "command": body})
+    assert isinstance(parsed, Command)
+    return parsed
+
+
+def test_new_document_has_null_state() -> None:
+    doc = SessionDocument()
+    assert doc.version == 0
+    assert doc.state("t") is None
+
+
+def test_add_move_update_remove() -> None:
+    doc = SessionDocument()
+    assert doc.apply(command("add_item", x_mm=1.0, y_mm=2.0, angle_deg=0, focal_length_mm=100)) == 1
+    assert doc.state("t") == {
+        "items": [
+            {"x_mm": 1.0, "y_mm": 2.0, "angle_deg": 0, "focal_length_mm": 100, "uuid": "a", "item_type": "lens"}
+        ],
+        "version": 1,
+        "timestamp": "t",
+    }
+    # move merges only the position fields
+    assert doc.apply(command("move_item", x_mm=5.0, y_mm=6.0, angle_deg=90, focal_length_mm=1)) == 2
+    assert doc.items["a"]["x_mm"] == 5.0 and doc.items["a"]["angle_deg"] == 90
+    assert doc.items["a"]["focal_length_mm"] == 100
+    # update replaces the data but keeps uuid and item_type
+    assert doc.apply(command("update_item", item_type="mirror", x_mm=7.0, note="n")) == 3
+    assert doc.items["a"] == {"x_mm": 7.0, "note": "n", "uuid": "a", "item_type": "lens"}
+    assert doc.apply(command("remove_item")) == 4
+    assert doc.state("t") == {"items": [], "version": 4, "timestamp": "t"}
+
+
+def test_items_keep_insertion_order() -> None:
+    doc = SessionDocument()
+    for item_id in ("c", "a", "b"):
+        doc.apply(command("add_item", item_id=item_id))
+    doc.apply(command("update_item", item_id="a", v=1))
+    assert [item["uuid"] for item in doc.state("t")["items"]] == ["c", "a", "b"]
+
+
+def test_unknown_action_gets_a_seq_but_changes_nothing() -> None:
+    doc = SessionDocument()
+    assert doc.apply(command("rotate_all", item_id=None, item_type=None)) == 1
+    assert doc.version == 1
+    assert doc.state("t") is None
+
+
+def test_move_or_remove_of_unknown_item_is_harmless() -> None:
+    doc = SessionDocument()
+    assert doc.apply(command("move_item", item_id="ghost", x_mm=1.0)) == 1
+    assert doc.apply(command("remove_item", item_id="ghost")) == 2
+    assert doc.items == {}
+
+
+def test_update_of_unknown_item_adds_it() -> None:
+    doc = SessionDocument()
+    doc.apply(command("update_item", item_id="h", item_type="source", x_mm=3.0))
+    assert doc.items["h"] == {"x_mm": 3.0, "uuid": "h", "item_type": "source"}
+
+
+def test_stored_item_is_a_copy_of_the_command_data() -> None:
+    doc = SessionDocument()
+    cmd = command("add_item", x_mm=1.0)
+    doc.apply(cmd)
+    assert "uuid" not in cmd.command["data"], "the relayed command must stay unchanged"
+
+
+def test_replace() -> None:
+    doc = SessionDocument()
+    doc.apply(command("add_item"))
+    seq = doc.replace([{"uuid": "x", "item_type": "lens"}, {"item_uuid": "y", "item_type": "mirror"}])
+    assert seq == 2
+    assert [item["uuid"] for item in doc.state("t")["items"]] == ["x", "y"]
+
+
+def test_epochs_differ() -> None:
+    assert SessionDocument().epoch != SessionDocument().epoch
