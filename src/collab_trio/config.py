@@ -1,0 +1,45 @@
+"""Server settings: one frozen object, built by the CLI or by tests."""
+
+from __future__ import annotations
+
+import attrs
+
+DEFAULT_PORT = 8765
+MIB = 1024 * 1024
+
+
+def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything `serve()` needs to know; defaults suit a real Optiverse session."""
+
+    host: str = "0.0.0.0"
+    port: int = attrs.field(default=DEFAULT_PORT)
+    # Largest message accepted, in bytes of UTF-8 text; larger ones close with 1009.
+    max_message_size: int = attrs.field(default=MIB, validator=_positive)
+    # Seconds without any message from a client before it is closed with 4000.
+    # Optiverse pings every 30 s, so 90 s tolerates two lost heartbeats.
+    idle_timeout: float = attrs.field(default=90.0, validator=_positive)
+    # Heartbeat interval advertised to clients in connection:ack.
+    heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
+    # Grace period for close handshakes when the server stops.
+    shutdown_timeout: float = attrs.field(default=1.5, validator=_positive)
+    # Seconds a client may take to finish the HTTP upgrade.
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    # Seconds to wait for a client's close handshake (and pending sends) when
+    # the server closes one connection.
+    close_timeout: float = attrs.field(default=5.0, validator=_positive)
+    # Messages queued for one client before it counts as too slow (1013).
+    outbox_size: int = attrs.field(default=1024, validator=_positive)
+    # Cursor messages forwarded per second per user; the latest one wins.
+    cursor_rate: float = attrs.field(default=20.0, validator=_positive)
+    debug: bool = False
+
+    @port.validator
+    def _check_port(self, attribute: attrs.Attribute, value: int) -> None:
+        if not 0 <= value <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, got {value}")

@@ -1,0 +1,227 @@
+"""One client's tasks: reader, writer and cursor pump, run in its session's nursery.
+
+reader: websocket -> session (parse, apply, fan out), with the idle deadline
+writer: bounded outbox channel -> websocket, then the close handshake
+cursor: forwards the latest cursor of this user at most `cursor_rate` times a second
+
+Fan-out never awaits: other tasks put text into `outbox` with `send_nowait`;
+when it is full this connection is closed with 1013 and nobody else waits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .config import ServerConfig
+from .protocol import CloseCode, utc_timestamp
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+# user:left `reason` for each way a connection can end.
+LEAVE_REASONS = {
+    CloseCode.NORMAL: "disconnected",
+    CloseCode.GOING_AWAY: "disconnected",
+    CloseCode.MESSAGE_TOO_BIG: "message_too_big",
+    CloseCode.INTERNAL_ERROR: "internal_error",
+    CloseCode.TOO_SLOW: "too_slow",
+    CloseCode.IDLE_TIMEOUT: "idle_timeout",
+    CloseCode.RATE_LIMITED: "rate_limited",
+    CloseCode.FORBIDDEN: "forbidden",
+}
+
+
+@attrs.define(eq=False)
+class Connection:
+    """A joined client: its websocket, its outbox and the state of its close."""
+
+    ws: WebSocketConnection
+    user_id: str
+    config: ServerConfig
+    remote: str = "?"
+    connected_at: str = attrs.field(factory=utc_timestamp)
+    session: Session | None = None
+    # Set by close(): what the server sends (or the client sent) in the close frame.
+    close_code: int | None = None
+    close_reason: str | None = None
+    # True when the close was started by the client or its transport.
+    closed_by_peer: bool = False
+    # Set when reader, writer and cursor pump have all finished.
+    finished: trio.Event = attrs.field(factory=trio.Event)
+    _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
+    _outbox_recv: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+    _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _writer_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _cursor_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _pending_cursor: dict[str, Any] | None = None
+    _cursor_ready: trio.Event = attrs.field(factory=trio.Event)
+    _tasks_left: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[str](
+            self.config.outbox_size
+        )
+
+    @property
+    def closing(self) -> bool:
+        """True once close() was called: nothing more is read or queued."""
+        return self.close_code is not None
+
+    # -- called by the session (never awaits) --------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start reader, writer and cursor pump in the session's nursery."""
+        self._tasks_left = 3
+        nursery.start_soon(self._reader, name=f"reader({self.user_id})")
+        nursery.start_soon(self._writer, name=f"writer({self.user_id})")
+        nursery.start_soon(self._cursor_pump, name=f"cursor({self.user_id})")
+
+    def send(self, text: str) -> None:
+        """Queue one encoded message; close with 1013 if the client can't keep up."""
+        try:
+            self._outbox_send.send_nowait(text)
+        except trio.WouldBlock:
+            log.warning(
+                "User %s is too slow (%d messages queued); closing with 1013",
+                self.user_id,
+                self.config.outbox_size,
+            )
+            self.close(CloseCode.TOO_SLOW, "too slow: outbound queue overflowed", discard=True)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # already closing: the message is not for this connection any more
+
+    def queue_cursor(self, message: dict[str, Any]) -> None:
+        """Remember the latest cursor; the pump forwards it when the rate allows."""
+        self._pending_cursor = message
+        self._cursor_ready.set()
+
+    def close(self, code: int, reason: str, *, discard: bool = False) -> None:
+        """Start closing: stop reading, let the writer flush then close the socket.
+
+        With `discard`, queued messages are dropped (the client is too slow to
+        take them anyway). Either way the writer has `close_timeout` seconds
+        for what is left, including the close handshake.
+        """
+        if self.close_code is not None:
+            return
+        self.close_code, self.close_reason = int(code), reason
+        self._reader_scope.cancel()
+        self._cursor_scope.cancel()
+        if discard:
+            self._outbox_recv.close()
+        else:
+            self._outbox_send.close()
+        self._writer_scope.deadline = min(
+            self._writer_scope.deadline, trio.current_time() + self.config.close_timeout
+        )
+        if self.session is not None:
+            self.session.connection_closed(self)
+
+    def leave_reason(self) -> str:
+        """The `reason` of the user:left notice for this connection's close."""
+        if self.close_code is None:
+            return "disconnected"
+        return LEAVE_REASONS.get(self.close_code, "disconnected")
+
+    # -- tasks ---------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        try:
+            with self._reader_scope:
+                await self._read_loop()
+        except ConnectionClosed as exc:
+            self._peer_closed(exc)
+        except Exception:
+            log.exception("Internal error while handling a message from %s", self.user_id)
+            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+        finally:
+            self._task_done()
+
+    async def _read_loop(self) -> None:
+        idle_timeout = self.config.idle_timeout
+        session = self.session
+        assert session is not None
+        while True:
+            message: str | bytes | None = None
+            with trio.move_on_after(idle_timeout):
+                message = await self.ws.get_message()
+            if message is None:
+                log.info(
+                    "User %s sent nothing for %g s; closing with 4000", self.user_id, idle_timeout
+                )
+                self.close(
+                    CloseCode.IDLE_TIMEOUT,
+                    f"heartbeat timeout: nothing received for {idle_timeout:g} s",
+                )
+                return
+            session.handle_frame(self, message)
+
+    def _peer_closed(self, exc: ConnectionClosed) -> None:
+        reason = exc.reason
+        code = reason.code if reason is not None else 1006
+        text = (reason.reason if reason is not None else None) or ""
+        if self.close_code is None:
+            self.closed_by_peer = code != CloseCode.MESSAGE_TOO_BIG
+            self.close(code, text)
+
+    async def _writer(self) -> None:
+        ws = self.ws
+        graceful = False
+        try:
+            with self._writer_scope:
+                try:
+                    async for text in self._outbox_recv:
+                        await ws.send_message(text)
+                except trio.ClosedResourceError:
+                    pass  # close(discard=True): queued messages dropped
+                except ConnectionClosed as exc:
+                    self._peer_closed(exc)
+                if self.close_code is None:
+                    # The outbox can only end through close(); keep the invariant anyway.
+                    self.close(CloseCode.INTERNAL_ERROR, "outbox closed unexpectedly")
+                await ws.aclose(self.close_code or CloseCode.NORMAL, self.close_reason)
+                graceful = True
+        except Exception:
+            log.exception("Internal error while sending to %s", self.user_id)
+            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+        finally:
+            self._outbox_recv.close()
+            self._reader_scope.cancel()
+            try:
+                if not graceful:
+                    # Deadline passed or error: drop the transport without a handshake.
+                    await trio.aclose_forcefully(ws)
+            finally:
+                self._task_done()
+
+    async def _cursor_pump(self) -> None:
+        interval = 1.0 / self.config.cursor_rate
+        try:
+            with self._cursor_scope:
+                session = self.session
+                assert session is not None
+                while True:
+                    await self._cursor_ready.wait()
+                    self._cursor_ready = trio.Event()
+                    message, self._pending_cursor = self._pending_cursor, None
+                    if message is not None:
+                        session.broadcast(message, exclude=self)
+                    await trio.sleep(interval)
+        except Exception:
+            log.exception("Internal error while forwarding the cursor of %s", self.user_id)
+            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+        finally:
+            self._task_done()
+
+    def _task_done(self) -> None:
+        self._tasks_left -= 1
+        if self._tasks_left == 0:
+            self.finished.set()
+

@@ -1,0 +1,177 @@
+"""Real sockets and real processes: port release, SIGINT/SIGTERM, exit status, banner."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from collab_trio.config import ServerConfig
+from collab_trio.server import serve
+
+from .conftest import tcp_client
+
+LISTENING = re.compile(r"Listening on ws://127\.0\.0\.1:(\d+)/ws/")
+START_TIMEOUT = 30
+
+
+async def assert_port_binds_again(port: int) -> None:
+    """Bind the port the way a new server would (trio sets SO_REUSEADDR)."""
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def test_port_released_on_cancel() -> None:
+    with trio.fail_after(START_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, ServerConfig(host="127.0.0.1", port=0))
+            port = server.port
+            async with tcp_client(port, "/ws/s/alice") as ws:
+                ack = await ws.get_message()
+                assert '"connection:ack"' in ack
+                nursery.cancel_scope.cancel()
+        await assert_port_binds_again(port)
+
+
+async def test_port_in_use_is_a_clear_error() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    try:
+        result = await trio.run_process(
+            [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            capture_stdout=True,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    finally:
+        await listeners[0].aclose()
+    output = result.stdout.decode()
+    assert result.returncode == 1
+    assert "the port is already in use" in output
+    assert "Traceback" not in output
+
+
+@attrs.define(eq=False)
+class ServerProcess:
+    """A `collab-trio serve` child process and everything it printed."""
+
+    process: trio.Process
+    port: int = 0
+    lines: list[str] = attrs.field(factory=list)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+async def _collect_lines(stream: trio.abc.ReceiveStream, server: ServerProcess, port_found: trio.Event) -> None:
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            server.lines.append(line)
+            match = LISTENING.search(line)
+            if match and not port_found.is_set():
+                server.port = int(match.group(1))
+                port_found.set()
+    if buffer:
+        server.lines.append(buffer.decode("utf-8", "replace"))
+
+
+@asynccontextmanager
+async def server_process(*args: str) -> AsyncIterator[ServerProcess]:
+    """Start the server on a free port; kill it at the end if it is still running."""
+    command = [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    server = ServerProcess(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            port_found = trio.Event()
+            assert process.stdout is not None
+            nursery.start_soon(_collect_lines, process.stdout, server, port_found)
+            with trio.fail_after(START_TIMEOUT):
+                await port_found.wait()
+            yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+async def _client_until_closed(port: int, user: str, joined: trio.Event, codes: dict[str, tuple]) -> None:
+    async with tcp_client(port, f"/ws/team/{user}") as ws:
+        assert '"connection:ack"' in await ws.get_message()
+        joined.set()
+        try:
+            while True:
+                await ws.get_message()
+        except ConnectionClosed as exc:
+            codes[user] = (exc.reason.code, exc.reason.reason)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_signal_closes_clients_1001_and_exits_0(signum: signal.Signals) -> None:
+    codes: dict[str, tuple] = {}
+    with trio.fail_after(START_TIMEOUT + 20):
+        async with server_process() as server:
+            async with trio.open_nursery() as nursery:
+                for user in ("alice", "bob"):
+                    joined = trio.Event()
+                    nursery.start_soon(_client_until_closed, server.port, user, joined, codes)
+                    await joined.wait()
+                server.process.send_signal(signum)
+                signalled_at = trio.current_time()
+                with trio.fail_after(2):
+                    returncode = await server.process.wait()
+                exit_time = trio.current_time() - signalled_at
+    assert returncode == 0, server.output
+    assert codes == {"alice": (1001, "server shutting down"), "bob": (1001, "server shutting down")}
+    await assert_port_binds_again(server.port)
+    output = server.output
+    assert f"Received {signum.name}: shutting down" in output
+    assert "User alice joined session team" in output
+    assert "User bob left session team" in output
+    assert server.lines[-2].endswith("✓ Server closed"), output
+    assert server.lines[-1].endswith("✓ Port released"), output
+    print(f"{signum.name}: exited 0 in {exit_time:.3f} s")
+
+
+async def test_second_signal_stops_at_once() -> None:
+    # A client that never answers the close handshake keeps the graceful stop
+    # waiting for the full (long) shutdown timeout; a second SIGINT cuts it short.
+    with trio.fail_after(START_TIMEOUT + 20):
+        async with server_process("--shutdown-timeout", "60") as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await stream.send_all(
+                b"GET /ws/team/mute HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            response = await stream.receive_some()
+            assert response.startswith(b"HTTP/1.1 101")
+            server.process.send_signal(signal.SIGINT)
+            with trio.move_on_after(1):
+                await server.process.wait()
+            assert server.process.returncode is None, "graceful stop should still be waiting"
+            server.process.send_signal(signal.SIGINT)
+            with trio.fail_after(2):
+                returncode = await server.process.wait()
+            await stream.aclose()
+    assert returncode == 130
+    assert "Received SIGINT again: stopping now" in server.output
+    assert server.lines[-1].endswith("✓ Port released")
