@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE_CLIENT = REPO / "tools" / "qt_smoke_client.py"
+SMOKE_CLIENT = REPO / "tools" / "qt_smoke_client.py"  # a wrapper of collab_trio.qt_smoke
 LISTENING_RE = re.compile(r"ws://127\.0\.0\.1:(\d+)/ws/")
 SERVER_START_TIMEOUT_S = 20
 CLIENT_RUN_TIMEOUT_S = 60

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout", type=_seconds, default=defaults.shutdown_timeout, metavar="SECONDS",
         help="grace period for close handshakes on Ctrl+C/SIGTERM (default: %(default)g)",
     )
+    commands.add_parser(
+        "smoke",
+        help="check a server with a headless PyQt6 QWebSocket client (needs the qt extra)",
+        add_help=False,
+    ).add_argument("smoke_args", nargs=argparse.REMAINDER, help="URL and options; see smoke --help")
     return parser
 
 
@@ -135,6 +140,11 @@ async def run_until_signalled(config: ServerConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `collab-trio`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["smoke"]:
+        # Everything after "smoke" belongs to the smoke client, --help included
+        # (argparse.REMAINDER would stop at a leading option).
+        return _smoke(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "debug", False))
     if args.command == "serve":
@@ -165,3 +175,16 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             log.error("Cannot listen on %s:%d: %s", config.host, config.port, exc)
     return status
+
+
+def _smoke(smoke_args: list[str]) -> int:
+    try:
+        from .qt_smoke import main as smoke_main
+    except ImportError as exc:
+        print(
+            "collab-trio smoke needs PyQt6; install it with: pip install 'collab-trio[qt]'\n"
+            f"(import failed: {exc})",
+            file=sys.stderr,
+        )
+        return 2
+    return smoke_main(smoke_args, prog="collab-trio smoke")

@@ -153,7 +153,7 @@ class CollabServer:
 
     async def _handle_request(self, request: WebSocketRequest) -> None:
         assert self.registry is not None
-        remote = str(request.remote)
+        remote = _peer(request)
         try:
             target = parse_target(request.path)
         except HandshakeRejected as exc:
@@ -172,6 +172,15 @@ class CollabServer:
                 await ws.aclose(exc.code, exc.reason)
             return
         await conn.finished.wait()
+
+
+def _peer(request: WebSocketRequest) -> str:
+    """`host:port` of the client, or a description for non-socket streams."""
+    remote = request.remote
+    address, port = getattr(remote, "address", None), getattr(remote, "port", None)
+    if address is None:
+        return str(remote)
+    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
 
 
 async def _reject(request: WebSocketRequest, status: int, reason: str) -> None:
