@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -151,16 +152,29 @@ async def tcp_client(port: int, path: str) -> AsyncIterator[WebSocketConnection]
         await trio.aclose_forcefully(stream)
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test, and every server process it starts, stores data in its own temp dir."""
+    path = tmp_path / "collab-data"
+    monkeypatch.setenv("COLLAB_TRIO_DATA_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def start_server(nursery: trio.Nursery) -> Callable[..., Any]:
     """`harness = await start_server(idle_timeout=5, ...)`: a server with these settings."""
 
     async def start(**settings: Any) -> Harness:
+        """Settings are ServerConfig fields; `_store=` passes a store object."""
+        settings.setdefault("store", "memory")
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("port", 0)
+        store = settings.pop("_store", None)
         listener = MemoryListener()
         server = await nursery.start(
-            lambda task_status: serve(ServerConfig(**settings), listeners=[listener], task_status=task_status)
+            lambda task_status: serve(
+                ServerConfig(**settings), store=store, listeners=[listener], task_status=task_status
+            )
         )
         return Harness(server, listener, nursery)
 

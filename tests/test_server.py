@@ -11,6 +11,7 @@ import trio.testing
 
 from collab_trio import __version__
 from collab_trio.document import SessionDocument
+from collab_trio.session import Session
 
 from .conftest import HANG, Harness
 
@@ -519,15 +520,15 @@ async def test_internal_error_closes_only_that_connection(
     harness: Harness, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Inject a bug into document handling for one item id.
-    real_apply = SessionDocument.apply
+    # Inject a bug into message handling for one item id.
+    real_command = Session._command
 
-    def buggy_apply(self: SessionDocument, command) -> int:  # noqa: ANN001
+    def buggy_command(self: Session, conn, command) -> None:  # noqa: ANN001
         if command.item_id == "boom":
             raise RuntimeError("injected bug")
-        return real_apply(self, command)
+        real_command(self, conn, command)
 
-    monkeypatch.setattr(SessionDocument, "apply", buggy_apply)
+    monkeypatch.setattr(Session, "_command", buggy_command)
     async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
         await alice.expect("user:joined")
         with caplog.at_level(logging.ERROR):
@@ -544,6 +545,35 @@ async def test_internal_error_closes_only_that_connection(
         async with harness.joined("s", "carol") as carol:
             await carol.send({"type": "sync:request"})
             assert [i["uuid"] for i in (await carol.expect("sync:state"))["state"]["items"]] == ["fine"]
+
+
+async def test_internal_error_in_commit_resets_only_that_session(
+    harness: Harness, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real_apply = SessionDocument.apply
+
+    def buggy_apply(self: SessionDocument, op) -> None:  # noqa: ANN001
+        if op.command and op.command.get("item_id") == "boom":
+            raise RuntimeError("injected bug")
+        real_apply(self, op)
+
+    monkeypatch.setattr(SessionDocument, "apply", buggy_apply)
+    async with harness.joined("other", "zoe") as zoe:
+        async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
+            await alice.expect("user:joined")
+            with caplog.at_level(logging.ERROR):
+                await alice.send(add("boom"))
+                for client in (alice, bob):
+                    code, reason = await client.expect_closed()
+                    assert code == 1011 and "reconnect" in reason
+            assert any(r.exc_info and "injected bug" in str(r.exc_info[1]) for r in caplog.records)
+        # Other sessions never noticed.
+        await zoe.send(add("z"))
+        assert (await zoe.expect("ack"))["seq"] == 1
+        async with harness.joined("s", "alice") as alice:
+            await alice.send(add("after"))
+            assert (await alice.expect("ack"))["seq"] >= 1
 
 
 # -- shutdown ------------------------------------------------------------------

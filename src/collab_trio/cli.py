@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,8 +13,11 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
-from .config import DEFAULT_PORT, MIB, ServerConfig
+from .admin import run_sessions_command
+from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig
 from .server import CollabServer, serve
+from .store import StoreError
+from .store.sqlite import database_path
 
 log = logging.getLogger("collab_trio")
 
@@ -56,6 +60,61 @@ def _port(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("days must not be negative")
+    return value
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", default=os.environ.get(DATA_DIR_ENV, ServerConfig().data_dir), metavar="DIR",
+        help=f"where sessions are stored (default: ${DATA_DIR_ENV} or ./collab-data)",
+    )
+
+
+def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
+    sessions = commands.add_parser(
+        "sessions",
+        help="list, show, export, import, delete or prune stored sessions",
+        description="Manage stored sessions; safe while the server runs.",
+    )
+    actions = sessions.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    _add_data_dir(actions.add_parser("list", help="every stored session with its size"))
+    show = actions.add_parser("show", help="one session's details and items")
+    show.add_argument("session_id")
+    _add_data_dir(show)
+    export = actions.add_parser("export", help="a session's document as Optiverse state JSON")
+    export.add_argument("session_id")
+    export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    _add_data_dir(export)
+    load = actions.add_parser("import", help="make a JSON state the whole document of a session")
+    load.add_argument("file", help="a JSON file from `sessions export` (or {\"items\": [...]})")
+    load.add_argument("--as", dest="session_id", required=True, metavar="ID", help="the session to create or replace")
+    _add_data_dir(load)
+    delete = actions.add_parser("delete", help="remove a session and its history")
+    delete.add_argument("session_id")
+    _add_data_dir(delete)
+    prune = actions.add_parser("prune", help="delete sessions with no activity for a while")
+    prune.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
+    _add_data_dir(prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -90,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout", type=_seconds, default=defaults.shutdown_timeout, metavar="SECONDS",
         help="grace period for close handshakes on Ctrl+C/SIGTERM (default: %(default)g)",
     )
+    run.add_argument(
+        "--store", choices=STORES, default=defaults.store,
+        help="sqlite: durable, in --data-dir (default); memory: lost on restart",
+    )
+    _add_data_dir(run)
+    run.add_argument(
+        "--fsync", choices=FSYNC_MODES, default=defaults.fsync,
+        help="normal: survives a crash of the process (default); full: also a power cut",
+    )
+    run.add_argument(
+        "--snapshot-every", type=_count, default=defaults.snapshot_every, metavar="OPS",
+        help="snapshot a session after this many changes (default: %(default)s)",
+    )
+    run.add_argument(
+        "--retention", type=_count, default=defaults.retention, metavar="OPS",
+        help="changes kept per session for resume and op_id de-duplication (default: %(default)s)",
+    )
+    _add_sessions_commands(commands)
     commands.add_parser(
         "smoke",
         help="check a server with a headless PyQt6 QWebSocket client (needs the qt extra)",
@@ -125,6 +202,14 @@ async def run_until_signalled(config: ServerConfig) -> int:
                 nursery.cancel_scope.cancel()  # graceful stop done: stop watching signals
 
             server: CollabServer = await nursery.start(serve_then_stop)
+            if config.store == "memory":
+                log.info("Sessions are kept in memory only: a restart loses them (--store memory)")
+            else:
+                log.info(
+                    "Sessions are stored in %s (fsync %s)",
+                    database_path(config.data_dir).resolve(),
+                    config.fsync,
+                )
             log.info("collab-trio %s ready (Ctrl+C to stop)", __version__)
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -149,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(getattr(args, "debug", False))
     if args.command == "serve":
         return _serve(args)
+    if args.command == "sessions":
+        return run_sessions_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
@@ -159,6 +246,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_size=args.max_message_size,
         idle_timeout=args.idle_timeout,
         shutdown_timeout=args.shutdown_timeout,
+        store=args.store,
+        data_dir=args.data_dir,
+        fsync=args.fsync,
+        snapshot_every=args.snapshot_every,
+        retention=args.retention,
         debug=args.debug,
     )
     status = 1
@@ -168,6 +260,8 @@ def _serve(args: argparse.Namespace) -> int:
         # Ctrl+C before the signal handler was installed.
         log.warning("Interrupted")
         status = EXIT_FORCED
+    except* StoreError as group:
+        log.error("Cannot use the data directory %s: %s", config.data_dir, group.exceptions[0])
     except* OSError as group:
         exc = group.exceptions[0]
         if getattr(exc, "errno", None) == errno.EADDRINUSE:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import attrs
 
 DEFAULT_PORT = 8765
+DATA_DIR_ENV = "COLLAB_TRIO_DATA_DIR"
+STORES = ("sqlite", "memory")
+FSYNC_MODES = ("normal", "full")
 MIB = 1024 * 1024
 
 
@@ -37,6 +40,15 @@ class ServerConfig:
     outbox_size: int = attrs.field(default=1024, validator=_positive)
     # Cursor messages forwarded per second per user; the latest one wins.
     cursor_rate: float = attrs.field(default=20.0, validator=_positive)
+    # Where documents live: "sqlite" (durable, in data_dir) or "memory".
+    store: str = attrs.field(default="sqlite", validator=attrs.validators.in_(STORES))
+    data_dir: str = "collab-data"
+    # "normal": survives a process crash; "full": also a power cut (fsync per commit).
+    fsync: str = attrs.field(default="normal", validator=attrs.validators.in_(FSYNC_MODES))
+    # Snapshot a session's document after this many ops (and when it unloads).
+    snapshot_every: int = attrs.field(default=100, validator=_positive)
+    # Ops kept per session for resume (sync:ops) and op_id de-duplication.
+    retention: int = attrs.field(default=1000, validator=_positive)
     debug: bool = False
 
     @port.validator

@@ -212,7 +212,7 @@ class Connection:
                     self._cursor_ready = trio.Event()
                     message, self._pending_cursor = self._pending_cursor, None
                     if message is not None:
-                        session.broadcast(message, exclude=self)
+                        session.broadcast(message, exclude=self.user_id)
                     await trio.sleep(interval)
         except Exception:
             log.exception("Internal error while forwarding the cursor of %s", self.user_id)

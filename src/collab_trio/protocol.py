@@ -53,6 +53,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_STATE = "invalid_state"
     INVALID_SYNC_REQUEST = "invalid_sync_request"
     UNKNOWN_USER = "unknown_user"
+    NOT_PERSISTED = "not_persisted"
 
 
 class ProtocolError(Exception):
@@ -410,18 +411,3 @@ def ack_message(seq: int, op_id: Any = None) -> dict[str, Any]:
         message["op_id"] = op_id
     return message
 
-
-def relayed_command(
-    command: Command, user_id: str, seq: int, timestamp: str
-) -> dict[str, Any]:
-    """A command as relayed to the other members, stamped with its true sender."""
-    message: dict[str, Any] = {
-        "type": "command",
-        "command": command.command,
-        "user_id": user_id,
-        "timestamp": timestamp,
-        "seq": seq,
-    }
-    if command.op_id is not None:
-        message["op_id"] = command.op_id
-    return message

@@ -28,9 +28,9 @@ from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from .config import ServerConfig
 from .connection import Connection
-from .protocol import ENDPOINT_TEMPLATE, CloseCode, HandshakeRejected, parse_target
+from .protocol import ENDPOINT_TEMPLATE, CloseCode, HandshakeRejected, SyncRequest, parse_target
 from .session import SessionRegistry, SessionUnavailable
-from .store import MemoryStore, Store
+from .store import Store, make_store
 
 log = logging.getLogger(__name__)
 
@@ -77,42 +77,50 @@ class CollabServer:
         """Serve until request_shutdown(), then stop gracefully; or until cancelled."""
         forced = True
         try:
-            async with trio.open_nursery() as nursery:
-                self.registry = SessionRegistry(self.config, self.store, nursery)
-                accept_scope = trio.CancelScope()
-                await nursery.start(self._accept, accept_scope)
-                for listener in self.listeners:
-                    log.info("Listening on %s", listener_url(listener))
-                task_status.started(self)
-
-                await self._shutdown_requested.wait()
-                self.closing = True
-                accept_scope.cancel()
-                await self.port_released.wait()
-                count = self.registry.connection_count()
-                log.info(
-                    "Shutting down: no new connections; closing %d connection(s) with 1001", count
-                )
-                self.registry.close_all(CloseCode.GOING_AWAY, "server shutting down")
-                nursery.cancel_scope.deadline = trio.current_time() + self.config.shutdown_timeout
-            if nursery.cancel_scope.cancelled_caught:
-                log.warning(
-                    "Grace period of %g s over: remaining connections were cut",
-                    self.config.shutdown_timeout,
-                )
-            else:
-                log.info("✓ All connections closed")
-            forced = False
+            async with trio.open_nursery() as store_nursery:
+                # The store outlives the server nursery: sessions commit and
+                # snapshot until their very end.
+                await store_nursery.start(self.store.run)
+                try:
+                    await self._serve(task_status)
+                    forced = False
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.store.aclose()
         finally:
             # Shielded: when serve() itself is cancelled, cleanup must still finish.
             with trio.CancelScope(shield=True):
                 for listener in self.listeners:
                     await trio.aclose_forcefully(listener)
-                await self.store.aclose()
             if forced:
                 log.warning("Server stopped without a graceful shutdown")
             log.info("✓ Server closed")
             log.info("✓ Port released")
+
+    async def _serve(self, task_status: trio.TaskStatus[CollabServer]) -> None:
+        async with trio.open_nursery() as nursery:
+            self.registry = SessionRegistry(self.config, self.store, nursery)
+            accept_scope = trio.CancelScope()
+            await nursery.start(self._accept, accept_scope)
+            for listener in self.listeners:
+                log.info("Listening on %s", listener_url(listener))
+            task_status.started(self)
+
+            await self._shutdown_requested.wait()
+            self.closing = True
+            accept_scope.cancel()
+            await self.port_released.wait()
+            count = self.registry.connection_count()
+            log.info("Shutting down: no new connections; closing %d connection(s) with 1001", count)
+            self.registry.close_all(CloseCode.GOING_AWAY, "server shutting down")
+            nursery.cancel_scope.deadline = trio.current_time() + self.config.shutdown_timeout
+        if nursery.cancel_scope.cancelled_caught:
+            log.warning(
+                "Grace period of %g s over: remaining connections were cut",
+                self.config.shutdown_timeout,
+            )
+        else:
+            log.info("✓ All connections closed")
 
     async def _accept(
         self, accept_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
@@ -165,8 +173,11 @@ class CollabServer:
             return
         ws = await request.accept()
         conn = Connection(ws, target.user_id, self.config, remote=remote)
+        resume = None
+        if target.since is not None:
+            resume = SyncRequest(since=target.since, epoch=target.epoch)
         try:
-            await self.registry.join(target.session_id, conn)
+            await self.registry.join(target.session_id, conn, resume)
         except SessionUnavailable as exc:
             with trio.move_on_after(self.config.close_timeout):
                 await ws.aclose(exc.code, exc.reason)
@@ -202,7 +213,7 @@ async def serve(
 
     Args:
         config: the settings.
-        store: where documents live; a fresh MemoryStore by default.
+        store: where documents live; by default the one config asks for.
         listeners: listen on these instead of TCP on config.host/config.port
             (tests pass in-memory listeners).
 
@@ -211,5 +222,5 @@ async def serve(
     """
     if listeners is None:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
-    server = CollabServer(config, store if store is not None else MemoryStore(), listeners)
+    server = CollabServer(config, store if store is not None else make_store(config), listeners)
     await server.run(task_status=task_status)

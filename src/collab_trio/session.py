@@ -16,7 +16,7 @@ import trio
 from . import __version__
 from .config import ServerConfig
 from .connection import Connection
-from .document import SessionDocument
+from .document import COMMAND, REPLACE, Op, SessionDocument, op_id_key
 from .protocol import (
     PROTOCOL_VERSION,
     CloseCode,
@@ -34,10 +34,9 @@ from .protocol import (
     error_message,
     parse_client_message,
     pong_message,
-    relayed_command,
     utc_timestamp,
 )
-from .store import Store
+from .store import SessionReset, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,22 @@ class SessionUnavailable(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+@attrs.define(eq=False)
+class Pending:
+    """A change waiting for its commit: what to apply, and whom to tell afterwards."""
+
+    conn: Connection
+    kind: str  # COMMAND or REPLACE
+    command: dict[str, Any] | None = None
+    items: list[dict[str, Any]] | None = None
+    op_id: Any = None
+    # REPLACE from sync:full_state: the message to forward, and to whom (None: everyone).
+    forward: dict[str, Any] | None = None
+    target_user: str | None = None
+    # Connections that sent the same op_id again before the first one committed.
+    repeats: list[Connection] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False)
@@ -69,10 +84,17 @@ class Session:
     # Set when the document is loaded and the nursery is open (or loading failed).
     ready: trio.Event = attrs.field(factory=trio.Event)
     load_failed: bool = False
+    # Set when every change handed to the store has its outcome: a successor
+    # may load the document from the store from then on.
+    drained: trio.Event = attrs.field(factory=trio.Event)
     # Set when run() has returned: every connection task of the session is done.
     finished: trio.Event = attrs.field(factory=trio.Event)
     _emptied: trio.Event = attrs.field(factory=trio.Event)
     _nursery: trio.Nursery | None = None
+    _pending: list[Pending] = attrs.field(factory=list)
+    _pending_op_ids: dict[tuple[str, str], Pending] = attrs.field(factory=dict)
+    _commit_wanted: trio.Event = attrs.field(factory=trio.Event)
+    _snapshot_version: int = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the document, then hold the connections' tasks until the last one ends."""
@@ -81,21 +103,31 @@ class Session:
                 self.document = await self.store.load(self.session_id)
             except Exception:
                 self.load_failed = True
+                self.drained.set()
                 raise
             finally:
                 self.ready.set()
+            self._snapshot_version = self.document.version
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._committer, name=f"committer({self.session_id})")
                 task_status.started()
                 await self._emptied.wait()
+            await self._snapshot()
             log.debug("Session %s unloaded", self.session_id)
         finally:
+            self.drained.set()
+            self.registry.forget(self)
             self.finished.set()
 
     # -- membership ----------------------------------------------------------
 
-    def try_join(self, conn: Connection) -> bool:
-        """Add a connection and start its tasks; False if the session is closing."""
+    def try_join(self, conn: Connection, resume: SyncRequest | None = None) -> bool:
+        """Add a connection and start its tasks; False if the session is closing.
+
+        With `resume` (since/epoch from the handshake), the ack is followed by
+        the answer to that sync request.
+        """
         if self.closing or self._nursery is None:
             return False
         conn.session = self
@@ -107,6 +139,8 @@ class Session:
             self.host = conn.user_id
         conn.start(self._nursery)
         conn.send(encode(self._ack(conn)))
+        if resume is not None:
+            conn.send(encode(self._sync_answer(resume)))
         if previous is not None:
             log.info(
                 "User %s reconnected to session %s; previous connection replaced",
@@ -123,7 +157,7 @@ class Session:
                     "timestamp": conn.connected_at,
                     "users": self.users(),
                 },
-                exclude=conn,
+                exclude=conn.user_id,
             )
         return True
 
@@ -173,6 +207,7 @@ class Session:
         self.closing = True
         self.registry.discard(self)
         self._emptied.set()
+        self._commit_wanted.set()  # let the committer finish and stop
 
     def users(self) -> list[dict[str, Any]]:
         """The user list, in join order."""
@@ -197,18 +232,18 @@ class Session:
 
     # -- fan-out -------------------------------------------------------------
 
-    def broadcast(self, message: dict[str, Any], *, exclude: Connection | None = None) -> None:
-        """Encode once, queue for every member but `exclude`; never waits."""
+    def broadcast(self, message: dict[str, Any], *, exclude: str | None = None) -> None:
+        """Encode once, queue for every member but user `exclude`; never waits."""
         text = encode(message)
         # list(): a member that overflows is closed, which edits self.members.
         for conn in list(self.members.values()):
-            if conn is not exclude:
+            if conn.user_id != exclude:
                 conn.send(text)
 
     # -- messages ------------------------------------------------------------
 
     def handle_frame(self, conn: Connection, frame: str | bytes) -> None:
-        """Apply one frame from a member: answer it, apply it, relay it."""
+        """Handle one frame from a member: answer it, or queue the change it makes."""
         if conn.closing or self.members.get(conn.user_id) is not conn:
             return
         if isinstance(frame, bytes):
@@ -232,43 +267,55 @@ class Session:
         elif isinstance(message, Cursor):
             conn.queue_cursor({**message.raw, "user_id": conn.user_id})
         elif isinstance(message, SyncRequest):
-            conn.send(encode(self._sync_state()))
+            conn.send(encode(self._sync_answer(message)))
         elif isinstance(message, SyncUpdate):
-            seq = self.document.replace(message.items)
-            self.broadcast(self._sync_state(), exclude=conn)
-            conn.send(encode(ack_message(seq, message.op_id)))
+            self._queue(Pending(conn, REPLACE, items=message.items, op_id=message.op_id))
         elif isinstance(message, FullState):
             self._full_state(conn, message)
 
     def _command(self, conn: Connection, command: Command) -> None:
-        seq = self.document.apply(command)
-        self.broadcast(relayed_command(command, conn.user_id, seq, utc_timestamp()), exclude=conn)
-        conn.send(encode(ack_message(seq, command.op_id)))
+        self._queue(Pending(conn, COMMAND, command=command.command, op_id=command.op_id))
 
     def _full_state(self, conn: Connection, message: FullState) -> None:
-        target: Connection | None = None
-        if message.target_user is not None:
-            target = self.members.get(message.target_user)
-            if target is None:
-                self._send_error(
-                    conn,
-                    ProtocolError(
-                        ErrorCode.UNKNOWN_USER,
-                        f"target_user {message.target_user!r} is not in this session",
-                        "sync:full_state",
-                    ),
-                )
-                return
-        # Only the host's full state becomes the session document: the host is
-        # the one Optiverse treats as the owner of the canvas.
-        seq = self.document.replace(message.items) if conn.user_id == self.host else None
+        if message.target_user is not None and message.target_user not in self.members:
+            self._send_error(
+                conn,
+                ProtocolError(
+                    ErrorCode.UNKNOWN_USER,
+                    f"target_user {message.target_user!r} is not in this session",
+                    "sync:full_state",
+                ),
+            )
+            return
         forwarded = {**message.raw, "user_id": conn.user_id}
-        if target is not None:
-            target.send(encode(forwarded))
-        else:
-            self.broadcast(forwarded, exclude=conn)
-        if seq is not None:
-            conn.send(encode(ack_message(seq)))
+        if conn.user_id != self.host:
+            # Only the host's full state becomes the session document: the host
+            # is the one Optiverse treats as the owner of the canvas.
+            self._forward(forwarded, message.target_user, exclude=conn.user_id)
+            return
+        self._queue(
+            Pending(conn, REPLACE, items=message.items, forward=forwarded, target_user=message.target_user)
+        )
+
+    def _forward(self, message: dict[str, Any], target_user: str | None, *, exclude: str) -> None:
+        if target_user is None:
+            self.broadcast(message, exclude=exclude)
+        elif (target := self.members.get(target_user)) is not None:
+            target.send(encode(message))
+
+    def _sync_answer(self, request: SyncRequest) -> dict[str, Any]:
+        """sync:ops when the client can catch up op by op, else sync:state."""
+        document = self.document
+        if request.since is not None and request.epoch == document.epoch:
+            ops = document.ops_since(request.since)
+            if ops is not None:
+                return {
+                    "type": "sync:ops",
+                    "ops": [op.relayed() for op in ops],
+                    "version": document.version,
+                    "epoch": document.epoch,
+                }
+        return self._sync_state()
 
     def _sync_state(self) -> dict[str, Any]:
         return {
@@ -283,6 +330,121 @@ class Session:
         log.debug("Error for %s in session %s: %s", conn.user_id, self.session_id, exc.message)
         conn.send(encode(error_message(exc.code, exc.message, exc.ref)))
 
+    # -- commits -------------------------------------------------------------
+
+    def _queue(self, pending: Pending) -> None:
+        """Hand a change to the committer; a repeated op_id is only acknowledged again."""
+        if pending.op_id is not None:
+            key = (pending.conn.user_id, op_id_key(pending.op_id))
+            seq = self.document.seq_of(pending.conn.user_id, pending.op_id)
+            if seq is not None:
+                pending.conn.send(encode(ack_message(seq, pending.op_id)))
+                return
+            earlier = self._pending_op_ids.get(key)
+            if earlier is not None:
+                earlier.repeats.append(pending.conn)
+                return
+            self._pending_op_ids[key] = pending
+        self._pending.append(pending)
+        self._commit_wanted.set()
+
+    async def _committer(self) -> None:
+        """Commit queued changes in batches, then apply, relay and acknowledge them.
+
+        Nobody hears of a change before the store has it: relays and acks go
+        out only after the commit, in seq order.
+        """
+        try:
+            while True:
+                if not self._pending:
+                    if self.closing:
+                        return
+                    await self._commit_wanted.wait()
+                    self._commit_wanted = trio.Event()
+                    continue
+                batch, self._pending = self._pending, []
+                await self._commit_batch(batch)
+        except Exception:
+            # A bug here leaves the document unsure; the store stays the truth.
+            # Everyone reconnects and the session is loaded afresh.
+            log.exception("Internal error while committing in session %s; closing it", self.session_id)
+            self.close_all(CloseCode.INTERNAL_ERROR, "internal server error; reconnect")
+        finally:
+            self.drained.set()
+
+    async def _commit_batch(self, batch: list[Pending]) -> None:
+        timestamp = utc_timestamp()
+        first = self.document.version + 1
+        ops = [
+            Op(
+                seq=first + i,
+                user_id=p.conn.user_id,
+                kind=p.kind,
+                timestamp=timestamp,
+                command=p.command,
+                items=p.items,
+                op_id=p.op_id,
+            )
+            for i, p in enumerate(batch)
+        ]
+        try:
+            # Shielded: once handed to the store the ops may be committed, so we
+            # must learn the outcome or the document would fall behind the journal.
+            with trio.CancelScope(shield=True):
+                await self.store.commit(self.session_id, self.document.epoch, ops)
+        except StoreError as exc:
+            self._commit_failed(batch, exc)
+            return
+        finally:
+            for p in batch:
+                if p.op_id is not None:
+                    self._pending_op_ids.pop((p.conn.user_id, op_id_key(p.op_id)), None)
+        for pending, op in zip(batch, ops):
+            self.document.apply(op)
+            if op.kind == COMMAND:
+                self.broadcast(op.relayed(), exclude=op.user_id)
+            elif pending.forward is not None:
+                self._forward(pending.forward, pending.target_user, exclude=op.user_id)
+            else:
+                self.broadcast(self._sync_state(), exclude=op.user_id)
+            ack = encode(ack_message(op.seq, op.op_id))
+            for conn in (pending.conn, *pending.repeats):
+                conn.send(ack)
+        if self.document.version - self._snapshot_version >= self.config.snapshot_every:
+            await self._snapshot()
+
+    def _commit_failed(self, batch: list[Pending], exc: StoreError) -> None:
+        log.error(
+            "Could not store %d change(s) in session %s: %s", len(batch), self.session_id, exc
+        )
+        for pending in batch:
+            ref = "command" if pending.kind == COMMAND else None
+            error = encode(
+                error_message(
+                    ErrorCode.NOT_PERSISTED,
+                    "the change was not stored and not sent to anyone; try again later",
+                    ref,
+                )
+            )
+            for conn in (pending.conn, *pending.repeats):
+                conn.send(error)
+        if isinstance(exc, SessionReset):
+            # An administrator deleted or replaced this session: everyone must
+            # reconnect to see what is stored now.
+            self.close_all(CloseCode.GOING_AWAY, "session was reset by an administrator; reconnect")
+
+    async def _snapshot(self) -> None:
+        if self.document.version == self._snapshot_version:
+            return
+        snapshot = self.document.snapshot()
+        try:
+            with trio.CancelScope(shield=True):
+                await self.store.save_snapshot(self.session_id, snapshot)
+        except StoreError as exc:
+            log.warning("Could not save a snapshot of session %s: %s", self.session_id, exc)
+            return
+        self._snapshot_version = snapshot["version"]
+
 
 @attrs.define(eq=False)
 class SessionRegistry:
@@ -292,9 +454,13 @@ class SessionRegistry:
     store: Store
     nursery: trio.Nursery
     sessions: dict[str, Session] = attrs.field(factory=dict)
+    # Closed sessions whose last changes are still being committed, by id.
+    draining: dict[str, Session] = attrs.field(factory=dict)
     closing: bool = False
 
-    async def join(self, session_id: str, conn: Connection) -> Session:
+    async def join(
+        self, session_id: str, conn: Connection, resume: SyncRequest | None = None
+    ) -> Session:
         """Put a connection into its session, loading the session if needed.
 
         Raises:
@@ -305,6 +471,13 @@ class SessionRegistry:
                 raise SessionUnavailable(CloseCode.GOING_AWAY, "server shutting down")
             session = self.sessions.get(session_id)
             if session is None:
+                predecessor = self.draining.get(session_id)
+                if predecessor is not None:
+                    # Its last changes are still being stored: load after them.
+                    await predecessor.drained.wait()
+                    if self.draining.get(session_id) is predecessor:
+                        del self.draining[session_id]
+                    continue
                 session = Session(session_id, self.config, self.store, self)
                 self.sessions[session_id] = session
                 try:
@@ -322,14 +495,21 @@ class SessionRegistry:
                 await session.ready.wait()
                 if session.load_failed:
                     raise SessionUnavailable(CloseCode.INTERNAL_ERROR, "could not load the session")
-            if session.try_join(conn):
+            if session.try_join(conn, resume):
                 return session
             # The session closed while we waited: its successor loads afresh.
 
     def discard(self, session: Session) -> None:
-        """Forget a session that is closing (it may still be finishing its tasks)."""
+        """Forget a closing session; it drains its pending changes before a successor loads."""
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
+            if not session.drained.is_set():
+                self.draining[session.session_id] = session
+
+    def forget(self, session: Session) -> None:
+        """Drop a finished session from the draining list."""
+        if self.draining.get(session.session_id) is session:
+            del self.draining[session.session_id]
 
     def close_all(self, code: int, reason: str) -> None:
         """Stop taking joins and close every connection of every session."""

@@ -1,24 +1,24 @@
-"""Where session documents live between loads.
+"""Where session documents live: the Store interface and its two implementations.
 
-The interface is deliberately small so that a durable store (SQLite) can
-implement it later; the session never touches storage any other way.
+A session loads its document once, then commits every change (an `Op`)
+before anyone hears of it. `MemoryStore` keeps documents for the life of
+the process; `SQLiteStore` journals ops to disk in group-committed
+transactions from a worker thread, with snapshots, so that nothing
+acknowledged is ever lost.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from ..document import SessionDocument
+from ..config import ServerConfig
+from .base import SessionReset, Store, StoreError
 from .memory import MemoryStore
+from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "Store"]
+__all__ = ["MemoryStore", "SQLiteStore", "SessionReset", "Store", "StoreError", "make_store"]
 
 
-class Store(Protocol):
-    """Loads the document of a session when the session becomes live."""
-
-    async def load(self, session_id: str) -> SessionDocument:
-        """The session's document; a new empty one for an unknown session."""
-
-    async def aclose(self) -> None:
-        """Release resources; called once when the server stops."""
+def make_store(config: ServerConfig) -> Store:
+    """The store the settings ask for."""
+    if config.store == "memory":
+        return MemoryStore(retention=config.retention)
+    return SQLiteStore(config.data_dir, fsync=config.fsync, retention=config.retention)

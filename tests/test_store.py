@@ -1,0 +1,327 @@
+"""The SQLite store: journal, snapshots, compaction, admin operations, and the
+server on top of it (restart, resume, op_id de-duplication, store failures)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import outcome
+import pytest
+import trio
+
+from collab_trio.document import COMMAND, REPLACE, Op
+from collab_trio.store import SessionReset, SQLiteStore, StoreError
+from collab_trio.store.sqlite import Database, database_path
+
+from .conftest import HANG, Harness
+
+
+def add(item_id: str, **data: Any) -> dict:
+    return {
+        "type": "command",
+        "command": {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": dict(data)},
+    }
+
+
+def op(seq: int, item_id: str, user: str = "alice", op_id: Any = None) -> Op:
+    command = {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": {"x_mm": float(seq)}}
+    return Op(seq, user, COMMAND, f"2026-01-01T00:00:{seq % 60:02d}+00:00", command=command, op_id=op_id)
+
+
+@pytest.fixture
+def db(data_dir: Path) -> Database:
+    database = Database(database_path(data_dir), retention=5)
+    yield database
+    database.close()
+
+
+# -- Database --------------------------------------------------------------------
+
+
+def test_load_creates_a_session_with_a_stable_epoch(db: Database) -> None:
+    first = db.run(lambda d: d.load("s"))
+    again = db.run(lambda d: d.load("s"))
+    assert first.version == again.version == 0
+    assert first.epoch == again.epoch
+    assert first.state("t") is None
+
+
+def test_journal_replays_after_reopen(db: Database, data_dir: Path) -> None:
+    epoch = db.run(lambda d: d.load("s")).epoch
+    db.run(lambda d: d.append("s", epoch, [op(1, "a"), op(2, "b")]))
+    db.run(lambda d: d.append("s", epoch, [op(3, "c", op_id="x")]))
+    db.close()
+    reopened = Database(database_path(data_dir), retention=5)
+    try:
+        document = reopened.run(lambda d: d.load("s"))
+    finally:
+        reopened.close()
+    assert (document.epoch, document.version) == (epoch, 3)
+    assert list(document.items) == ["a", "b", "c"]
+    assert document.seq_of("alice", "x") == 3
+    assert [o.seq for o in document.ops_since(0)] == [1, 2, 3]
+
+
+def test_append_refuses_gaps_and_stale_epochs(db: Database) -> None:
+    epoch = db.run(lambda d: d.load("s")).epoch
+    with pytest.raises(StoreError, match="does not follow"):
+        db.run(lambda d: d.append("s", epoch, [op(2, "a")]))
+    with pytest.raises(SessionReset):
+        db.run(lambda d: d.append("s", "another-epoch", [op(1, "a")]))
+    # Nothing was written by the failed jobs.
+    assert db.run(lambda d: d.load("s")).version == 0
+
+
+def test_snapshot_then_compaction(db: Database) -> None:
+    document = db.run(lambda d: d.load("s"))
+    ops = [op(seq, f"i{seq}") for seq in range(1, 13)]
+    db.run(lambda d: d.append("s", document.epoch, ops))
+    for o in ops:
+        document.apply(o)
+    db.run(lambda d: d.save_snapshot("s", document.snapshot()))
+    seqs = [r[0] for r in db.conn.execute("SELECT seq FROM journal ORDER BY seq")]
+    assert seqs == [8, 9, 10, 11, 12]  # retention 5 behind the snapshot at 12
+    loaded = db.run(lambda d: d.load("s"))
+    assert loaded.version == 12 and list(loaded.items) == [f"i{n}" for n in range(1, 13)]
+    assert [o.seq for o in loaded.ops_since(7)] == [8, 9, 10, 11, 12]
+    assert loaded.ops_since(6) is None
+    # An older snapshot never replaces a newer one.
+    old = dict(document.snapshot(), version=3, items=[])
+    db.run(lambda d: d.save_snapshot("s", old))
+    assert len(db.run(lambda d: d.load("s")).items) == 12
+
+
+def test_admin_operations(db: Database) -> None:
+    epoch = db.run(lambda d: d.load("s")).epoch
+    db.run(lambda d: d.append("s", epoch, [op(1, "a"), op(2, "b")]))
+    info = db.run(lambda d: d.info("s"))
+    assert (info.items, info.version, info.epoch) == (2, 2, epoch)
+    assert info.size_bytes > 0
+    exported = db.run(lambda d: d.export("s"))
+    assert [i["uuid"] for i in exported["items"]] == ["a", "b"] and exported["version"] == 2
+    new_epoch = db.run(lambda d: d.import_state("copy", exported["items"]))
+    copy = db.run(lambda d: d.load("copy"))
+    assert copy.epoch == new_epoch != epoch
+    assert list(copy.items) == ["a", "b"]
+    assert db.run(lambda d: d.session_ids()) == ["copy", "s"]
+    db.run(lambda d: d.delete("s"))
+    with pytest.raises(StoreError, match="no session 's'"):
+        db.run(lambda d: d.info("s"))
+    with pytest.raises(StoreError, match="no session 'nope'"):
+        db.run(lambda d: d.delete("nope"))
+    assert db.run(lambda d: d.prune(1)) == []
+    assert db.run(lambda d: d.prune(0)) == ["copy"]
+
+
+def test_failed_job_rolls_back_alone(db: Database) -> None:
+    epoch = db.run(lambda d: d.load("s")).epoch
+    results = db.run_jobs(
+        [
+            lambda d: d.append("s", epoch, [op(1, "a")]),
+            lambda d: d.append("s", epoch, [op(5, "gap")]),
+            lambda d: d.append("s", epoch, [op(2, "b")]),
+        ]
+    )
+    assert [isinstance(r, outcome.Value) for r in results] == [True, False, True]
+    assert list(db.run(lambda d: d.load("s")).items) == ["a", "b"]
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no collab-trio data"):
+        Database(database_path(tmp_path / "nowhere"), create=False)
+
+
+# -- the server on SQLite ----------------------------------------------------------
+
+
+async def test_restart_keeps_the_document(start_server, data_dir: Path) -> None:
+    with trio.fail_after(HANG):
+        first: Harness = await start_server(store="sqlite", data_dir=str(data_dir))
+        async with first.joined("lab", "alice") as alice:
+            for i in range(3):
+                await alice.send(add(f"item-{i}", x_mm=float(i)))
+                assert (await alice.expect("ack"))["seq"] == i + 1
+            epoch = first.registry.sessions["lab"].document.epoch
+        first.server.request_shutdown()
+        await first.server.port_released.wait()
+
+        second: Harness = await start_server(store="sqlite", data_dir=str(data_dir))
+        async with second.joined("lab", "bob") as bob:
+            ack = second.registry.sessions["lab"].document
+            assert (ack.version, ack.epoch) == (3, epoch)
+            await bob.send({"type": "sync:request"})
+            state = await bob.expect("sync:state")
+            assert [i["uuid"] for i in state["state"]["items"]] == ["item-0", "item-1", "item-2"]
+            assert state["version"] == 3 and state["epoch"] == epoch
+
+        # The in-memory store is the old behaviour: nothing survives a restart.
+        memory: Harness = await start_server(store="memory")
+        async with memory.joined("lab", "carol") as carol:
+            await carol.send({"type": "sync:request"})
+            assert (await carol.expect("sync:state"))["state"] is None
+
+
+async def test_commands_are_stored_before_anyone_hears_of_them(start_server, data_dir: Path) -> None:
+    harness: Harness = await start_server(store="sqlite", data_dir=str(data_dir))
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
+            await alice.expect("user:joined")
+            await alice.send(add("a"))
+            relayed = await bob.expect("command")
+            # By the time bob hears of it, another process can read it from disk.
+            reader = Database(database_path(data_dir), create=False)
+            try:
+                stored = reader.run(lambda d: d.load("s"))
+            finally:
+                reader.close()
+            assert stored.version >= relayed["seq"] == 1
+            assert "a" in stored.items
+            assert (await alice.expect("ack"))["seq"] == 1
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_resume_with_sync_ops(start_server, data_dir: Path, store: str) -> None:
+    harness: Harness = await start_server(store=store, data_dir=str(data_dir), retention=5)
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice:
+            ack_epoch = harness.registry.sessions["s"].document.epoch
+            await alice.send(add("a"))
+            await alice.expect("ack")
+            async with harness.joined("s", "bob") as bob:
+                # bob was away for seq 2..4
+                for name in ("b", "c", "d"):
+                    await bob.send(add(name))
+                    await bob.expect("ack")
+                await alice.send({"type": "sync:request", "since": 1, "epoch": ack_epoch})
+                answer = await alice.recv()
+                while answer["type"] != "sync:ops":
+                    assert answer["type"] in ("user:joined", "command"), answer
+                    answer = await alice.recv()
+                assert [o["seq"] for o in answer["ops"]] == [2, 3, 4]
+                assert [o["command"]["item_id"] for o in answer["ops"]] == ["b", "c", "d"]
+                assert all(o["user_id"] == "bob" and o["type"] == "command" for o in answer["ops"])
+                assert (answer["version"], answer["epoch"]) == (4, ack_epoch)
+                # Up to date: no ops.
+                await alice.send({"type": "sync:request", "since": 4, "epoch": ack_epoch})
+                assert (await alice.expect("sync:ops"))["ops"] == []
+                # Wrong epoch: the whole state.
+                await alice.send({"type": "sync:request", "since": 1, "epoch": "stale"})
+                assert (await alice.expect("sync:state"))["version"] == 4
+                # Beyond retention (5 ops kept): the whole state.
+                for name in ("e", "f", "g"):
+                    await bob.send(add(name))
+                    await bob.expect("ack")
+                await alice.send({"type": "sync:request", "since": 1, "epoch": ack_epoch})
+                answer = await alice.recv()
+                while answer["type"] == "command":
+                    answer = await alice.recv()
+                assert answer["type"] == "sync:state" and answer["version"] == 7
+        # Resume in the handshake: ?since=&epoch= is answered right after the ack.
+        async with harness.client("s", "carol", path=f"/ws/s/carol?since=6&epoch={ack_epoch}") as carol:
+            await carol.expect("connection:ack")
+            ops = await carol.expect("sync:ops")
+            assert [o["command"]["item_id"] for o in ops["ops"]] == ["g"]
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_repeated_op_id_is_acknowledged_not_applied_twice(
+    start_server, data_dir: Path, store: str
+) -> None:
+    harness: Harness = await start_server(store=store, data_dir=str(data_dir))
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
+            await alice.expect("user:joined")
+            message = {**add("a"), "op_id": "alice-1"}
+            await alice.send(message)
+            await alice.send(message)  # a retry, maybe before the first commit
+            assert await alice.expect("ack") == {"type": "ack", "seq": 1, "op_id": "alice-1"}
+            assert await alice.expect("ack") == {"type": "ack", "seq": 1, "op_id": "alice-1"}
+            assert (await bob.expect("command"))["seq"] == 1
+            # After a reconnect the retry is still recognised.
+            await alice.ws.aclose()
+        async with harness.joined("s", "alice") as alice:
+            await alice.send({**add("a"), "op_id": "alice-1"})
+            assert await alice.expect("ack") == {"type": "ack", "seq": 1, "op_id": "alice-1"}
+            # The same op_id from another user is a different op.
+            async with harness.joined("s", "bob") as bob:
+                await bob.send({**add("b"), "op_id": "alice-1"})
+                assert (await bob.expect("ack"))["seq"] == 2
+            await alice.send({"type": "sync:request"})
+            answer = await alice.recv()
+            while answer["type"] != "sync:state":
+                answer = await alice.recv()
+            assert [i["uuid"] for i in answer["state"]["items"]] == ["a", "b"]
+
+
+async def test_store_failure_answers_not_persisted_and_others_carry_on(
+    start_server, data_dir: Path
+) -> None:
+    store = SQLiteStore(data_dir, busy_timeout=0.2)
+    harness: Harness = await start_server(store="sqlite", data_dir=str(data_dir), _store=store)
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
+            await alice.expect("user:joined")
+            async with harness.joined("t", "tom") as tom:
+                await alice.send(add("before"))
+                await alice.expect("ack")
+                await bob.expect("command")
+                # Another process takes the write lock: every commit now fails.
+                locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
+                locker.execute("BEGIN EXCLUSIVE")
+                try:
+                    await alice.send(add("lost"))
+                    error = await alice.expect("error")
+                    assert (error["code"], error["ref"]) == ("not_persisted", "command")
+                    await tom.send(add("also-lost"))
+                    assert (await tom.expect("error"))["code"] == "not_persisted"
+                    # The server keeps serving: pings, cursors, reads.
+                    await bob.send({"type": "ping"})
+                    await bob.expect("pong")
+                    await bob.send({"type": "cursor", "x": 1})
+                    assert (await alice.expect("cursor"))["user_id"] == "bob"
+                    await bob.send({"type": "sync:request"})
+                    state = await bob.expect("sync:state")
+                    assert [i["uuid"] for i in state["state"]["items"]] == ["before"]
+                finally:
+                    locker.execute("ROLLBACK")
+                    locker.close()
+                # Nothing of the failed changes was relayed; once the disk is back, all is well.
+                await alice.send(add("after"))
+                assert (await alice.expect("ack"))["seq"] == 2
+                relayed = await bob.expect("command")
+                assert (relayed["command"]["item_id"], relayed["seq"]) == ("after", 2)
+                await tom.send(add("t1"))
+                assert (await tom.expect("ack"))["seq"] == 1
+
+
+async def test_admin_reset_of_a_live_session_makes_clients_reconnect(
+    start_server, data_dir: Path
+) -> None:
+    harness: Harness = await start_server(store="sqlite", data_dir=str(data_dir))
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice:
+            await alice.send(add("a"))
+            await alice.expect("ack")
+            admin = Database(database_path(data_dir), create=False)
+            try:
+                admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
+            finally:
+                admin.close()
+            await alice.send(add("b"))
+            assert (await alice.expect("error"))["code"] == "not_persisted"
+            code, reason = await alice.expect_closed()
+            assert code == 1001 and "reset by an administrator" in reason
+        async with harness.joined("s", "alice") as alice:
+            await alice.send({"type": "sync:request"})
+            state = await alice.expect("sync:state")
+            assert [i["uuid"] for i in state["state"]["items"]] == ["imported"]
+
+
+def test_replace_ops_survive_a_reload(db: Database) -> None:
+    epoch = db.run(lambda d: d.load("s")).epoch
+    items = [{"uuid": "x", "item_type": "mirror"}]
+    db.run(lambda d: d.append("s", epoch, [op(1, "a"), Op(2, "alice", REPLACE, "t", items=items)]))
+    loaded = db.run(lambda d: d.load("s"))
+    assert list(loaded.items) == ["x"] and loaded.version == 2
