@@ -114,6 +114,9 @@ def _run(args: argparse.Namespace) -> int:
         elif action == "delete":
             db.run(lambda d: d.delete(args.session_id))
             print(f"Deleted session {args.session_id}")
+        elif action == "backup":
+            db.backup(args.file)
+            print(f"Backed up {db.path} to {args.file}")
         elif action == "prune":
             ids = db.run(lambda d: d.prune(args.older_than))
             print(f"Deleted {len(ids)} session(s) with no activity for {args.older_than:g} day(s)")

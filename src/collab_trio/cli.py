@@ -90,7 +90,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
     sessions = commands.add_parser(
         "sessions",
-        help="list, show, export, import, delete or prune stored sessions",
+        help="list, show, export, import, delete, prune or back up stored sessions",
         description="Manage stored sessions; safe while the server runs.",
     )
     actions = sessions.add_subparsers(dest="action", metavar="ACTION")
@@ -110,6 +110,9 @@ def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
     delete = actions.add_parser("delete", help="remove a session and its history")
     delete.add_argument("session_id")
     _add_data_dir(delete)
+    backup = actions.add_parser("backup", help="copy the whole database, consistently, while it is in use")
+    backup.add_argument("file", help="the new database file to write")
+    _add_data_dir(backup)
     prune = actions.add_parser("prune", help="delete sessions with no activity for a while")
     prune.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
     _add_data_dir(prune)

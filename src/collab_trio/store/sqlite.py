@@ -276,6 +276,19 @@ class Database:
 
     # -- admin -------------------------------------------------------------------
 
+    def backup(self, target: str | Path) -> None:
+        """Copy a consistent state of the whole database into a new file."""
+        target = Path(target)
+        if target.exists():
+            raise StoreError(f"{target} already exists; choose a new file")
+        try:
+            with sqlite3.connect(target) as copy:
+                self.conn.backup(copy)
+            copy.close()
+        except sqlite3.Error as exc:
+            target.unlink(missing_ok=True)
+            raise StoreError(f"backup to {target} failed: {_describe(exc)}") from exc
+
     def session_ids(self) -> list[str]:
         """Every stored session id, sorted."""
         return [r[0] for r in self.conn.execute("SELECT session_id FROM sessions ORDER BY session_id")]
