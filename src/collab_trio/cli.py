@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ import trio
 
 from . import __version__
 from .admin import run_sessions_command
+from .auth import TokensFileError
 from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig
 from .server import CollabServer, serve
 from .store import StoreError
@@ -169,6 +171,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--retention", type=_count, default=defaults.retention, metavar="OPS",
         help="changes kept per session for resume and op_id de-duplication (default: %(default)s)",
     )
+    security = run.add_argument_group("access control (off unless set)")
+    security.add_argument(
+        "--tokens", metavar="FILE", help="require a token (TOML or JSON file of tokens and roles)"
+    )
+    security.add_argument(
+        "--allowed-origin", action="append", default=[], metavar="ORIGIN",
+        help="allow browser clients from this Origin (repeatable); desktop clients send none",
+    )
+    security.add_argument("--certfile", metavar="PEM", help="serve wss:// with this certificate chain")
+    security.add_argument("--keyfile", metavar="PEM", help="the private key of --certfile")
+    limits = run.add_argument_group("limits")
+    limits.add_argument(
+        "--handshake-timeout", type=_seconds, default=defaults.handshake_timeout, metavar="SECONDS",
+        help="drop clients that don't finish the upgrade in time (default: %(default)g)",
+    )
+    limits.add_argument(
+        "--max-users-per-session", type=_count, default=defaults.max_users_per_session, metavar="N",
+        help="more are closed with 4004 session full (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-sessions", type=_count, default=defaults.max_sessions, metavar="N",
+        help="live sessions at once; new ones are refused with 503 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-connections-per-ip", type=_count, default=defaults.max_connections_per_ip, metavar="N",
+        help="more from one address are refused with 429 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--rate-limit", type=_seconds, default=defaults.rate_limit, metavar="MSGS_PER_S",
+        help="messages per second per connection; more are dropped (default: %(default)g)",
+    )
+    limits.add_argument(
+        "--rate-burst", type=_count, default=defaults.rate_burst, metavar="N",
+        help="messages allowed at once above the rate (default: %(default)s)",
+    )
     _add_sessions_commands(commands)
     commands.add_parser(
         "smoke",
@@ -205,6 +242,8 @@ async def run_until_signalled(config: ServerConfig) -> int:
                 nursery.cancel_scope.cancel()  # graceful stop done: stop watching signals
 
             server: CollabServer = await nursery.start(serve_then_stop)
+            if config.tokens_file:
+                log.info("Tokens required (%d defined in %s)", len(server.tokens or ()), config.tokens_file)
             if config.store == "memory":
                 log.info("Sessions are kept in memory only: a restart loses them (--store memory)")
             else:
@@ -243,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if (args.certfile is None) != (args.keyfile is None):
+        log.error("TLS needs both --certfile and --keyfile")
+        return 2
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -254,6 +296,16 @@ def _serve(args: argparse.Namespace) -> int:
         fsync=args.fsync,
         snapshot_every=args.snapshot_every,
         retention=args.retention,
+        tokens_file=args.tokens,
+        allowed_origins=tuple(args.allowed_origin),
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        handshake_timeout=args.handshake_timeout,
+        max_users_per_session=args.max_users_per_session,
+        max_sessions=args.max_sessions,
+        max_connections_per_ip=args.max_connections_per_ip,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
         debug=args.debug,
     )
     status = 1
@@ -263,11 +315,17 @@ def _serve(args: argparse.Namespace) -> int:
         # Ctrl+C before the signal handler was installed.
         log.warning("Interrupted")
         status = EXIT_FORCED
+    except* TokensFileError as group:
+        log.error("%s", group.exceptions[0])
+    except* ssl.SSLError as group:
+        log.error("Cannot use the TLS certificate or key: %s", group.exceptions[0])
     except* StoreError as group:
         log.error("Cannot use the data directory %s: %s", config.data_dir, group.exceptions[0])
     except* OSError as group:
         exc = group.exceptions[0]
-        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+        if isinstance(exc, FileNotFoundError) and config.certfile:
+            log.error("Cannot read the TLS certificate or key: %s", exc)
+        elif getattr(exc, "errno", None) == errno.EADDRINUSE:
             log.error("Cannot listen on %s:%d: the port is already in use", config.host, config.port)
         else:
             log.error("Cannot listen on %s:%d: %s", config.host, config.port, exc)

@@ -49,7 +49,33 @@ class ServerConfig:
     snapshot_every: int = attrs.field(default=100, validator=_positive)
     # Ops kept per session for resume (sync:ops) and op_id de-duplication.
     retention: int = attrs.field(default=1000, validator=_positive)
+    # -- access control (off unless set) --
+    # A TOML or JSON file of tokens and roles; None: no authentication.
+    tokens_file: str | None = None
+    # Browser origins allowed to connect; empty: any. Clients that send no
+    # Origin header (Qt desktop apps) are never refused by this.
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    # TLS: serve wss:// with this certificate chain and private key.
+    certfile: str | None = None
+    keyfile: str | None = attrs.field(default=None)
+    # -- limits --
+    max_users_per_session: int = attrs.field(default=50, validator=_positive)
+    max_sessions: int = attrs.field(default=1000, validator=_positive)
+    max_connections_per_ip: int = attrs.field(default=500, validator=_positive)
+    # Messages per second per connection on average, and the burst allowed.
+    # Optiverse drags send ~60 moves/s plus cursors; this leaves ample room.
+    rate_limit: float = attrs.field(default=200.0, validator=_positive)
+    rate_burst: int = attrs.field(default=400, validator=_positive)
+    # Messages dropped for the rate limit within 10 s before closing with 4002.
+    rate_strikes: int = attrs.field(default=50, validator=_positive)
+    # Changes refused to a viewer within 10 s before closing with 4003.
+    forbidden_strikes: int = attrs.field(default=5, validator=_positive)
     debug: bool = False
+
+    @keyfile.validator
+    def _check_tls(self, attribute: attrs.Attribute, value: str | None) -> None:
+        if (self.certfile is None) != (value is None):
+            raise ValueError("TLS needs both certfile and keyfile")
 
     @port.validator
     def _check_port(self, attribute: attrs.Attribute, value: int) -> None:

@@ -11,6 +11,7 @@ when it is full this connection is closed with 1013 and nobody else waits.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -18,12 +19,16 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .config import ServerConfig
-from .protocol import CloseCode, utc_timestamp
+from .limits import Strikes, TokenBucket
+from .protocol import CloseCode, ErrorCode, encode, error_message, utc_timestamp
 
 if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger(__name__)
+
+# Seconds over which refusals are counted before a connection is closed.
+STRIKE_WINDOW = 10.0
 
 # user:left `reason` for each way a connection can end.
 LEAVE_REASONS = {
@@ -46,6 +51,8 @@ class Connection:
     user_id: str
     config: ServerConfig
     remote: str = "?"
+    # False for a token with the viewer role: it may watch but not edit.
+    can_write: bool = True
     connected_at: str = attrs.field(factory=utc_timestamp)
     session: Session | None = None
     # Set by close(): what the server sends (or the client sent) in the close frame.
@@ -63,11 +70,18 @@ class Connection:
     _pending_cursor: dict[str, Any] | None = None
     _cursor_ready: trio.Event = attrs.field(factory=trio.Event)
     _tasks_left: int = 0
+    _bucket: TokenBucket = attrs.field(init=False)
+    _rate_strikes: Strikes = attrs.field(init=False)
+    _forbidden_strikes: Strikes = attrs.field(init=False)
+    _last_rate_error: float = -math.inf
 
     def __attrs_post_init__(self) -> None:
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[str](
             self.config.outbox_size
         )
+        self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
+        self._rate_strikes = Strikes(self.config.rate_strikes, STRIKE_WINDOW)
+        self._forbidden_strikes = Strikes(self.config.forbidden_strikes, STRIKE_WINDOW)
 
     @property
     def closing(self) -> bool:
@@ -161,7 +175,38 @@ class Connection:
                     f"heartbeat timeout: nothing received for {idle_timeout:g} s",
                 )
                 return
-            session.handle_frame(self, message)
+            if self._bucket.allow(trio.current_time()):
+                session.handle_frame(self, message)
+            else:
+                self._rate_limited()
+
+    def _rate_limited(self) -> None:
+        now = trio.current_time()
+        if self._rate_strikes.add(now):
+            log.warning("User %s kept exceeding the rate limit; closing with 4002", self.user_id)
+            self.close(CloseCode.RATE_LIMITED, "rate limit exceeded repeatedly")
+            return
+        # One error a second at most: answering every dropped message would
+        # let a flood amplify itself.
+        if now - self._last_rate_error >= 1.0:
+            self._last_rate_error = now
+            self.send(
+                encode(
+                    error_message(
+                        ErrorCode.RATE_LIMITED,
+                        f"too many messages (limit {self.config.rate_limit:g}/s); messages were dropped",
+                    )
+                )
+            )
+
+    def refuse_forbidden(self, ref: str) -> None:
+        """A viewer tried to change the session: an error, then 4003 if it keeps trying."""
+        if self._forbidden_strikes.add(trio.current_time()):
+            self.close(CloseCode.FORBIDDEN, "forbidden: this token may only view")
+            return
+        self.send(
+            encode(error_message(ErrorCode.FORBIDDEN, "your token may only view this session", ref))
+        )
 
     def _peer_closed(self, exc: ConnectionClosed) -> None:
         reason = exc.reason

@@ -54,6 +54,8 @@ class ErrorCode(str, enum.Enum):
     INVALID_SYNC_REQUEST = "invalid_sync_request"
     UNKNOWN_USER = "unknown_user"
     NOT_PERSISTED = "not_persisted"
+    RATE_LIMITED = "rate_limited"
+    FORBIDDEN = "forbidden"
 
 
 class ProtocolError(Exception):
@@ -254,6 +256,20 @@ class Cursor:
 
 
 ClientMessage = Ping | Command | SyncRequest | SyncUpdate | FullState | Cursor
+
+_MESSAGE_TYPES = {
+    Ping: "ping",
+    Command: "command",
+    SyncRequest: "sync:request",
+    SyncUpdate: "sync:update",
+    FullState: "sync:full_state",
+    Cursor: "cursor",
+}
+
+
+def message_type(message: ClientMessage) -> str:
+    """The wire `type` of a parsed client message."""
+    return _MESSAGE_TYPES[type(message)]
 
 
 def _optional_str(obj: dict[str, Any], key: str, code: ErrorCode, ref: str) -> str | None:

@@ -20,30 +20,46 @@ seconds by setting a deadline on the server nursery.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 
 import attrs
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+
+from .auth import TokenTable, bearer_token, header, redact
 
 from .config import ServerConfig
 from .connection import Connection
-from .protocol import ENDPOINT_TEMPLATE, CloseCode, HandshakeRejected, SyncRequest, parse_target
+from .protocol import (
+    ENDPOINT_TEMPLATE,
+    CloseCode,
+    HandshakeRejected,
+    SyncRequest,
+    Target,
+    parse_target,
+)
 from .session import SessionRegistry, SessionUnavailable
 from .store import Store, make_store
 
 log = logging.getLogger(__name__)
 
 
+def _listener_socket(listener: trio.abc.Listener[trio.abc.Stream]) -> trio.socket.SocketType | None:
+    transport = getattr(listener, "transport_listener", listener)  # unwrap TLS
+    return getattr(transport, "socket", None)
+
+
 def listener_url(listener: trio.abc.Listener[trio.abc.Stream]) -> str:
-    """The ws:// URL template a client uses to reach this listener."""
-    socket = getattr(listener, "socket", None)
+    """The ws:// (or wss://) URL template a client uses to reach this listener."""
+    socket = _listener_socket(listener)
     if socket is None:
         return f"{listener!r}{ENDPOINT_TEMPLATE}"
     host, port = socket.getsockname()[:2]
     if ":" in host:
         host = f"[{host}]"
-    return f"ws://{host}:{port}{ENDPOINT_TEMPLATE}"
+    scheme = "wss" if isinstance(listener, trio.SSLListener) else "ws"
+    return f"{scheme}://{host}:{port}{ENDPOINT_TEMPLATE}"
 
 
 @attrs.define(eq=False)
@@ -58,13 +74,17 @@ class CollabServer:
     closing: bool = False
     # Set when the listeners are closed (the port can be bound again).
     port_released: trio.Event = attrs.field(factory=trio.Event)
+    # Tokens and roles; None when authentication is off.
+    tokens: TokenTable | None = None
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
+    # Open TCP connections per client address (handshakes included).
+    _per_address: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def port(self) -> int:
         """The TCP port of the first listener (useful with port 0)."""
         for listener in self.listeners:
-            socket = getattr(listener, "socket", None)
+            socket = _listener_socket(listener)
             if socket is not None:
                 return int(socket.getsockname()[1])
         raise RuntimeError("this server has no TCP listener")
@@ -140,6 +160,8 @@ class CollabServer:
             self.port_released.set()
 
     async def _handshake(self, stream: trio.abc.Stream) -> None:
+        address = _stream_address(stream)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             async with trio.open_nursery() as ws_nursery:
                 request: WebSocketRequest | None = None
@@ -148,41 +170,93 @@ class CollabServer:
                         ws_nursery, stream, max_message_size=self.config.max_message_size
                     )
                 if request is None:
-                    log.debug("Handshake timed out after %g s", self.config.handshake_timeout)
+                    log.debug(
+                        "Dropped %s: no complete handshake within %g s",
+                        address,
+                        self.config.handshake_timeout,
+                    )
+                elif self._per_address[address] > self.config.max_connections_per_ip:
+                    log.warning("Refused %s: too many connections from this address", address)
+                    await _reject(request, 429, "too many connections from your address")
                 else:
                     await self._handle_request(request)
                 # Stop trio-websocket's frame reader; our writer already closed the socket.
                 ws_nursery.cancel_scope.cancel()
+        except ConnectionClosed:
+            log.debug("Client %s went away during the handshake", address)
         except Exception:
             log.exception("Unexpected error in a connection handler")
         finally:
+            self._per_address[address] -= 1
+            if not self._per_address[address]:
+                del self._per_address[address]
             # trio-websocket leaves the stream open after some closes (e.g. 1009).
             await trio.aclose_forcefully(stream)
+
+    def _check_access(self, request: WebSocketRequest, target: Target) -> tuple[int, str] | bool:
+        """(status, reason) to refuse the handshake with, or whether the client may write."""
+        assert self.registry is not None
+        if self.closing:
+            return 503, "server shutting down"
+        origin = header(request.headers, b"origin")
+        if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            return 403, f"origin {origin} is not allowed"
+        can_write = True
+        if self.tokens is not None:
+            grant = self.tokens.lookup(target.token or bearer_token(request.headers))
+            if grant is None:
+                return 401, "missing or invalid token"
+            if not grant.allows(target.session_id):
+                return 403, "your token does not give access to this session"
+            can_write = grant.can_write
+        if (
+            target.session_id not in self.registry.sessions
+            and len(self.registry.sessions) >= self.config.max_sessions
+        ):
+            return 503, f"too many live sessions (limit {self.config.max_sessions}); try again later"
+        return can_write
 
     async def _handle_request(self, request: WebSocketRequest) -> None:
         assert self.registry is not None
         remote = _peer(request)
+        path = redact(request.path)  # never log a token
         try:
             target = parse_target(request.path)
         except HandshakeRejected as exc:
-            log.info("Refused %s from %s: %d %s", request.path, remote, exc.status, exc.reason)
+            log.info("Refused %s from %s: %d %s", path, remote, exc.status, exc.reason)
             await _reject(request, exc.status, exc.reason)
             return
-        if self.closing:
-            await _reject(request, 503, "server shutting down")
+        access = self._check_access(request, target)
+        if isinstance(access, tuple):
+            status, reason = access
+            log.info("Refused %s from %s: %d %s", path, remote, status, reason)
+            await _reject(request, status, reason)
             return
         ws = await request.accept()
-        conn = Connection(ws, target.user_id, self.config, remote=remote)
+        conn = Connection(ws, target.user_id, self.config, remote=remote, can_write=access)
         resume = None
         if target.since is not None:
             resume = SyncRequest(since=target.since, epoch=target.epoch)
         try:
             await self.registry.join(target.session_id, conn, resume)
         except SessionUnavailable as exc:
+            log.info("Closed %s from %s: %d %s", path, remote, exc.code, exc.reason)
             with trio.move_on_after(self.config.close_timeout):
                 await ws.aclose(exc.code, exc.reason)
             return
         await conn.finished.wait()
+
+
+def _stream_address(stream: trio.abc.Stream) -> str:
+    """The client's IP address, for per-address limits."""
+    transport = getattr(stream, "transport_stream", stream)  # unwrap TLS
+    socket = getattr(transport, "socket", None)
+    if socket is None:
+        return "in-memory"
+    try:
+        return str(socket.getpeername()[0])
+    except OSError:
+        return "unknown"
 
 
 def _peer(request: WebSocketRequest) -> str:
@@ -218,9 +292,31 @@ async def serve(
             (tests pass in-memory listeners).
 
     Raises:
-        OSError: the address can't be bound (e.g. the port is in use).
+        OSError: the address can't be bound (e.g. the port is in use), or the
+            TLS files can't be read.
+        TokensFileError: the tokens file is malformed.
     """
+    tokens = TokenTable.load(config.tokens_file) if config.tokens_file else None
     if listeners is None:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
-    server = CollabServer(config, store if store is not None else make_store(config), listeners)
+        if config.certfile is not None:
+            listeners = await trio.open_ssl_over_tcp_listeners(
+                config.port, tls_context(config), host=config.host or None, https_compatible=True
+            )
+        else:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
+    server = CollabServer(
+        config, store if store is not None else make_store(config), listeners, tokens=tokens
+    )
     await server.run(task_status=task_status)
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext:
+    """A server TLS context from the configured certificate and key.
+
+    Raises:
+        ssl.SSLError, OSError: unreadable or mismatched files.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.certfile, config.keyfile)
+    return context

@@ -32,6 +32,7 @@ from .protocol import (
     decode,
     encode,
     error_message,
+    message_type,
     parse_client_message,
     pong_message,
     utc_timestamp,
@@ -259,6 +260,9 @@ class Session:
             message = parse_client_message(decode(frame))
         except ProtocolError as exc:
             self._send_error(conn, exc)
+            return
+        if not conn.can_write and isinstance(message, (Command, SyncUpdate, FullState)):
+            conn.refuse_forbidden(message_type(message))
             return
         if isinstance(message, Ping):
             conn.send(encode(pong_message(utc_timestamp())))
@@ -495,6 +499,14 @@ class SessionRegistry:
                 await session.ready.wait()
                 if session.load_failed:
                     raise SessionUnavailable(CloseCode.INTERNAL_ERROR, "could not load the session")
+            if (
+                conn.user_id not in session.members
+                and len(session.members) >= self.config.max_users_per_session
+            ):
+                raise SessionUnavailable(
+                    CloseCode.SESSION_FULL,
+                    f"session full ({self.config.max_users_per_session} users)",
+                )
             if session.try_join(conn, resume):
                 return session
             # The session closed while we waited: its successor loads afresh.

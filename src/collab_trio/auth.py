@@ -1,0 +1,165 @@
+"""Access control: the tokens file, roles, and the Origin allow-list. No I/O but reading the file.
+
+A tokens file maps each token to a role and, optionally, to the sessions it
+may join. TOML:
+
+    [tokens."s3cret-editor-token"]
+    role = "editor"
+    sessions = ["lab-1", "lab-2"]    # optional; any session when absent
+
+    [tokens."read-only-token"]
+    role = "viewer"
+
+or JSON: {"tokens": {"s3cret-editor-token": {"role": "editor", "sessions": [...]}}}
+(a plain role string, {"tok": "viewer"}, is accepted too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+EDITOR = "editor"
+VIEWER = "viewer"
+ROLES = (EDITOR, VIEWER)
+# Messages a viewer may not send: they would change the session.
+WRITE_TYPES = frozenset({"command", "sync:update", "sync:full_state"})
+
+
+class TokensFileError(Exception):
+    """The tokens file can't be used; the message says where and why."""
+
+
+@attrs.frozen
+class Grant:
+    """What a token allows."""
+
+    role: str
+    sessions: frozenset[str] | None = None  # None: every session
+
+    def allows(self, session_id: str) -> bool:
+        """May this token join `session_id`?"""
+        return self.sessions is None or session_id in self.sessions
+
+    @property
+    def can_write(self) -> bool:
+        """Editors change documents; viewers only watch."""
+        return self.role == EDITOR
+
+
+def _digest(token: str) -> bytes:
+    # Equal-length digests: compare_digest then leaks neither content nor length.
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+@attrs.frozen
+class TokenTable:
+    """Tokens (kept only as SHA-256 digests) and their grants."""
+
+    entries: tuple[tuple[bytes, Grant], ...]
+
+    @classmethod
+    def from_mapping(cls, tokens: dict[str, Any], *, source: str = "tokens") -> TokenTable:
+        """Build from {token: role} or {token: {"role": ..., "sessions": [...]}}.
+
+        Raises:
+            TokensFileError: a malformed entry (the token itself is never shown).
+        """
+        if not isinstance(tokens, dict) or not tokens:
+            raise TokensFileError(f"{source}: no tokens defined")
+        entries = []
+        for number, (token, spec) in enumerate(tokens.items(), start=1):
+            where = f"{source}: token #{number}"
+            if not isinstance(token, str) or len(token) < 8:
+                raise TokensFileError(f"{where} is shorter than 8 characters")
+            if isinstance(spec, str):
+                spec = {"role": spec}
+            if not isinstance(spec, dict):
+                raise TokensFileError(f"{where} must map to a role or a table with a role")
+            role = spec.get("role")
+            if role not in ROLES:
+                raise TokensFileError(f"{where} has role {role!r}; use one of {', '.join(ROLES)}")
+            sessions = spec.get("sessions")
+            if sessions is not None:
+                if not isinstance(sessions, list) or not all(isinstance(s, str) and s for s in sessions):
+                    raise TokensFileError(f"{where}: sessions must be a list of session ids")
+                sessions = frozenset(sessions)
+            unknown = set(spec) - {"role", "sessions"}
+            if unknown:
+                raise TokensFileError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+            entries.append((_digest(token), Grant(role, sessions)))
+        return cls(tuple(entries))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenTable:
+        """Read a TOML (.toml) or JSON tokens file.
+
+        Raises:
+            TokensFileError: unreadable or malformed.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TokensFileError(f"cannot read tokens file {path}: {exc.strerror or exc}") from None
+        try:
+            if path.suffix.lower() == ".toml":
+                data: Any = tomllib.loads(text)
+            else:
+                data = json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise TokensFileError(f"tokens file {path} is not valid {path.suffix or 'JSON'}: {exc}") from None
+        if isinstance(data, dict) and "tokens" in data:
+            data = data["tokens"]
+        return cls.from_mapping(data, source=str(path))
+
+    def lookup(self, token: str | None) -> Grant | None:
+        """The grant of `token`, comparing in constant time against every entry."""
+        if not token:
+            return None
+        digest = _digest(token)
+        found = None
+        for secret, grant in self.entries:  # no early exit: timing says nothing
+            if hmac.compare_digest(secret, digest):
+                found = grant
+        return found
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an `Authorization: Bearer ...` header, if any."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                return credentials.strip()
+    return None
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> str | None:
+    """The first value of a header, decoded, or None."""
+    for name, value in headers:
+        if name.lower() == wanted:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def redact(path: str) -> str:
+    """A request path safe to log: the token query parameter is masked."""
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    parts = []
+    for part in query.split("&"):
+        key, eq, _ = part.partition("=")
+        parts.append(f"{key}=***" if eq and key == "token" else part)
+    return f"{base}?{'&'.join(parts)}"
