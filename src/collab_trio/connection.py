@@ -58,8 +58,6 @@ class Connection:
     # Set by close(): what the server sends (or the client sent) in the close frame.
     close_code: int | None = None
     close_reason: str | None = None
-    # True when the close was started by the client or its transport.
-    closed_by_peer: bool = False
     # Set when reader, writer and cursor pump have all finished.
     finished: trio.Event = attrs.field(factory=trio.Event)
     _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
@@ -213,7 +211,6 @@ class Connection:
         code = reason.code if reason is not None else 1006
         text = (reason.reason if reason is not None else None) or ""
         if self.close_code is None:
-            self.closed_by_peer = code != CloseCode.MESSAGE_TOO_BIG
             self.close(code, text)
 
     async def _writer(self) -> None:
