@@ -69,7 +69,10 @@ async def test_join_leave_and_host_change(harness: Harness, autojump_clock: trio
                     left = await peer.expect("user:left")
                     assert left["user_id"] == "alice"
                     assert left["reason"] == "disconnected"
-                    assert [u["user_id"] for u in left["users"]] == ["bob", "carol"]
+                    assert [(u["user_id"], u["is_host"]) for u in left["users"]] == [
+                        ("bob", True),
+                        ("carol", False),
+                    ]
                     changed = await peer.expect("host:changed")
                     assert changed["user_id"] == "bob"
                 async with harness.joined("s", "dave"):

@@ -325,3 +325,18 @@ def test_replace_ops_survive_a_reload(db: Database) -> None:
     db.run(lambda d: d.append("s", epoch, [op(1, "a"), Op(2, "alice", REPLACE, "t", items=items)]))
     loaded = db.run(lambda d: d.load("s"))
     assert list(loaded.items) == ["x"] and loaded.version == 2
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_sync_request_right_after_a_command_includes_it(
+    start_server, data_dir: Path, store: str
+) -> None:
+    harness: Harness = await start_server(store=store, data_dir=str(data_dir))
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice:
+            await alice.send(add("a"))
+            await alice.send({"type": "sync:request"})  # before the ack: arrival order rules
+            assert (await alice.expect("ack"))["seq"] == 1
+            state = await alice.expect("sync:state")
+            assert state["version"] == 1
+            assert [i["uuid"] for i in state["state"]["items"]] == ["a"]

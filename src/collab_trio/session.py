@@ -41,6 +41,9 @@ from .store import SessionReset, Store, StoreError
 
 log = logging.getLogger(__name__)
 
+# A queued sync:request, answered after the changes queued before it.
+SYNC = "sync"
+
 SERVER_INFO = {"name": "collab-trio", "version": __version__, "protocol": PROTOCOL_VERSION}
 
 
@@ -58,8 +61,9 @@ class Pending:
     """A change waiting for its commit: what to apply, and whom to tell afterwards."""
 
     conn: Connection
-    kind: str  # COMMAND or REPLACE
+    kind: str  # COMMAND, REPLACE, or SYNC (a sync:request answered in order)
     command: dict[str, Any] | None = None
+    request: SyncRequest | None = None
     items: list[dict[str, Any]] | None = None
     op_id: Any = None
     # REPLACE from sync:full_state: the message to forward, and to whom (None: everyone).
@@ -95,6 +99,7 @@ class Session:
     _pending: list[Pending] = attrs.field(factory=list)
     _pending_op_ids: dict[tuple[str, str], Pending] = attrs.field(factory=dict)
     _commit_wanted: trio.Event = attrs.field(factory=trio.Event)
+    _committing: bool = False
     _snapshot_version: int = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -175,6 +180,10 @@ class Session:
             reason,
             conn.close_code,
         )
+        host_left = self.host == conn.user_id
+        if host_left:
+            # Promote first, so the user list in user:left already shows the new host.
+            self.host = next(iter(self.members), None)
         if not self.closing:
             self.broadcast(
                 {
@@ -185,13 +194,11 @@ class Session:
                     "users": self.users(),
                 }
             )
-            if self.host == conn.user_id:
-                self.host = next(iter(self.members), None)
-                if self.host is not None:
-                    log.info("User %s is now host of session %s", self.host, self.session_id)
-                    self.broadcast(
-                        {"type": "host:changed", "user_id": self.host, "timestamp": utc_timestamp()}
-                    )
+            if host_left and self.host is not None:
+                log.info("User %s is now host of session %s", self.host, self.session_id)
+                self.broadcast(
+                    {"type": "host:changed", "user_id": self.host, "timestamp": utc_timestamp()}
+                )
         if not self.members:
             self._close()
 
@@ -271,7 +278,12 @@ class Session:
         elif isinstance(message, Cursor):
             conn.queue_cursor({**message.raw, "user_id": conn.user_id})
         elif isinstance(message, SyncRequest):
-            conn.send(encode(self._sync_answer(message)))
+            if self._pending or self._committing:
+                # Changes this client (or anyone) sent earlier are not applied
+                # yet: answer in arrival order, after them.
+                self._pending.append(Pending(conn, SYNC, request=message))
+            else:
+                conn.send(encode(self._sync_answer(message)))
         elif isinstance(message, SyncUpdate):
             self._queue(Pending(conn, REPLACE, items=message.items, op_id=message.op_id))
         elif isinstance(message, FullState):
@@ -367,7 +379,11 @@ class Session:
                     self._commit_wanted = trio.Event()
                     continue
                 batch, self._pending = self._pending, []
-                await self._commit_batch(batch)
+                self._committing = True
+                try:
+                    await self._commit_batch(batch)
+                finally:
+                    self._committing = False
         except Exception:
             # A bug here leaves the document unsure; the store stays the truth.
             # Everyone reconnects and the session is loaded afresh.
@@ -377,6 +393,7 @@ class Session:
             self.drained.set()
 
     async def _commit_batch(self, batch: list[Pending]) -> None:
+        changes = [p for p in batch if p.kind != SYNC]
         timestamp = utc_timestamp()
         first = self.document.version + 1
         ops = [
@@ -389,33 +406,44 @@ class Session:
                 items=p.items,
                 op_id=p.op_id,
             )
-            for i, p in enumerate(batch)
+            for i, p in enumerate(changes)
         ]
-        try:
-            # Shielded: once handed to the store the ops may be committed, so we
-            # must learn the outcome or the document would fall behind the journal.
-            with trio.CancelScope(shield=True):
-                await self.store.commit(self.session_id, self.document.epoch, ops)
-        except StoreError as exc:
-            self._commit_failed(batch, exc)
-            return
-        finally:
-            for p in batch:
-                if p.op_id is not None:
-                    self._pending_op_ids.pop((p.conn.user_id, op_id_key(p.op_id)), None)
-        for pending, op in zip(batch, ops):
-            self.document.apply(op)
-            if op.kind == COMMAND:
-                self.broadcast(op.relayed(), exclude=op.user_id)
-            elif pending.forward is not None:
-                self._forward(pending.forward, pending.target_user, exclude=op.user_id)
-            else:
-                self.broadcast(self._sync_state(), exclude=op.user_id)
-            ack = encode(ack_message(op.seq, op.op_id))
-            for conn in (pending.conn, *pending.repeats):
-                conn.send(ack)
-        if self.document.version - self._snapshot_version >= self.config.snapshot_every:
+        committed = True
+        if ops:
+            try:
+                # Shielded: once handed to the store the ops may be committed, so
+                # we must learn the outcome or the document would fall behind.
+                with trio.CancelScope(shield=True):
+                    await self.store.commit(self.session_id, self.document.epoch, ops)
+            except StoreError as exc:
+                committed = False
+                self._commit_failed(changes, exc)
+            finally:
+                for p in changes:
+                    if p.op_id is not None:
+                        self._pending_op_ids.pop((p.conn.user_id, op_id_key(p.op_id)), None)
+        op_of = dict(zip(map(id, changes), ops))
+        for pending in batch:
+            if pending.kind == SYNC:
+                assert pending.request is not None
+                pending.conn.send(encode(self._sync_answer(pending.request)))
+            elif committed:
+                self._applied(pending, op_of[id(pending)])
+        if committed and self.document.version - self._snapshot_version >= self.config.snapshot_every:
             await self._snapshot()
+
+    def _applied(self, pending: Pending, op: Op) -> None:
+        """Apply a committed op, then tell everyone: relay to others, ack to the sender."""
+        self.document.apply(op)
+        if op.kind == COMMAND:
+            self.broadcast(op.relayed(), exclude=op.user_id)
+        elif pending.forward is not None:
+            self._forward(pending.forward, pending.target_user, exclude=op.user_id)
+        else:
+            self.broadcast(self._sync_state(), exclude=op.user_id)
+        ack = encode(ack_message(op.seq, op.op_id))
+        for conn in (pending.conn, *pending.repeats):
+            conn.send(ack)
 
     def _commit_failed(self, batch: list[Pending], exc: StoreError) -> None:
         log.error(
