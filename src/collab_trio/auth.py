@@ -23,6 +23,7 @@ import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import attrs
 
@@ -161,5 +162,7 @@ def redact(path: str) -> str:
     parts = []
     for part in query.split("&"):
         key, eq, _ = part.partition("=")
-        parts.append(f"{key}=***" if eq and key == "token" else part)
+        # Compare the key as the query parser will read it (tok%65n is token).
+        is_token = unquote_plus(key, errors="replace") == "token"
+        parts.append(f"{key}=***" if eq and is_token else part)
     return f"{base}?{'&'.join(parts)}"

@@ -17,7 +17,7 @@ from . import __version__
 from .admin import run_sessions_command
 from .auth import TokensFileError
 from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig
-from .server import CollabServer, serve
+from .server import CollabServer, serve, tls_context_from
 from .store import StoreError
 from .store.sqlite import database_path
 
@@ -285,6 +285,21 @@ def _serve(args: argparse.Namespace) -> int:
     if (args.certfile is None) != (args.keyfile is None):
         log.error("TLS needs both --certfile and --keyfile")
         return 2
+    if args.certfile is not None:
+        # Read the TLS files now, so a bad one is reported as such, naming both.
+        try:
+            tls_context_from(args.certfile, args.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            # ssl.SSLError is an OSError too: a file that reads but isn't usable.
+            verb = "use" if isinstance(exc, ssl.SSLError) else "read"
+            log.error(
+                "Cannot %s the TLS certificate or key (--certfile %s, --keyfile %s): %s",
+                verb,
+                args.certfile,
+                args.keyfile,
+                exc.strerror if not isinstance(exc, ssl.SSLError) and exc.strerror else exc,
+            )
+            return 1
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -323,9 +338,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("Cannot use the data directory %s: %s", config.data_dir, group.exceptions[0])
     except* OSError as group:
         exc = group.exceptions[0]
-        if isinstance(exc, FileNotFoundError) and config.certfile:
-            log.error("Cannot read the TLS certificate or key: %s", exc)
-        elif getattr(exc, "errno", None) == errno.EADDRINUSE:
+        if getattr(exc, "errno", None) == errno.EADDRINUSE:
             log.error("Cannot listen on %s:%d: the port is already in use", config.host, config.port)
         else:
             log.error("Cannot listen on %s:%d: %s", config.host, config.port, exc)

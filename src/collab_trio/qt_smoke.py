@@ -2,7 +2,7 @@
 
 Usage (needs the `qt` extra, i.e. PyQt6):
     collab-trio smoke URL [--session S] [--user U] [--interval SECONDS]
-        [--duration SECONDS] [--echo] [--timeout SECONDS]
+        [--duration SECONDS] [--echo] [--timeout SECONDS] [--cafile PEM]
     python tools/qt_smoke_client.py URL ...      (the same client)
 
 Prints one line per step, then ``PASS`` or ``FAIL: <why>``; exits 0 only on PASS.
@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from PyQt6.QtCore import QCoreApplication, QObject, Qt, QTimer, QUrl  # noqa: E402
-from PyQt6.QtNetwork import QAbstractSocket  # noqa: E402
+from PyQt6.QtNetwork import QAbstractSocket, QSslCertificate, QSslConfiguration  # noqa: E402
 from PyQt6.QtWebSockets import QWebSocket, QWebSocketProtocol  # noqa: E402
 
 DEFAULT_SESSION = "smoke"
@@ -89,6 +89,7 @@ class SmokeClient(QObject):
         duration: float,
         timeout: float,
         echo: bool,
+        ssl_configuration: QSslConfiguration | None = None,
     ) -> None:
         super().__init__()
         self.url = url
@@ -113,6 +114,9 @@ class SmokeClient(QObject):
         self.ws.errorOccurred.connect(self.on_error)
         self.ws.textMessageReceived.connect(self.on_text)
         self.ws.binaryMessageReceived.connect(self.on_binary)
+        if ssl_configuration is not None:
+            # Must be in place before open(): it is what the TLS handshake of wss:// trusts.
+            self.ws.setSslConfiguration(ssl_configuration)
 
         self.step_timer = self.make_timer(self.on_step_timeout, single_shot=True)
         self.probe_timer = self.make_timer(self.send_probe, single_shot=False)
@@ -382,10 +386,22 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         help="seconds allowed per step (default: 5)")
     parser.add_argument("--echo", action="store_true",
                         help="talk to a plain echo server instead of collab-trio")
+    parser.add_argument("--cafile", metavar="PEM",
+                        help="also trust the CA certificate(s) in this PEM file for wss:// URLs")
     args = parser.parse_args(argv)
     if args.user is None:
         args.user = f"qt-smoke-{os.getpid()}"
     return args
+
+
+def ssl_configuration_trusting(cafile: str) -> QSslConfiguration | None:
+    """The default TLS configuration plus the CA certificates of ``cafile``; None if it has none."""
+    certificates = QSslCertificate.fromPath(cafile)
+    if not certificates:
+        return None
+    configuration = QSslConfiguration.defaultConfiguration()
+    configuration.addCaCertificates(certificates)
+    return configuration
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -393,6 +409,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     app = QCoreApplication.instance() or QCoreApplication(sys.argv[:1])
     url = build_url(args.url, args.session, args.user)
+    ssl_configuration = None
+    if args.cafile is not None:
+        ssl_configuration = ssl_configuration_trusting(args.cafile)
+        if ssl_configuration is None:
+            print(f"FAIL: no PEM certificate could be read from --cafile {args.cafile}", flush=True)
+            return 1
     client = SmokeClient(
         url,
         expected_ids=ids_from_url(url),
@@ -400,6 +422,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         duration=args.duration,
         timeout=args.timeout,
         echo=args.echo,
+        ssl_configuration=ssl_configuration,
     )
     if not args.echo and client.expected_ids is None:
         print(f"FAIL: cannot find /ws/SESSION/USER in {url.toString()}", flush=True)

@@ -79,6 +79,8 @@ class CollabServer:
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # Open TCP connections per client address (handshakes included).
     _per_address: dict[str, int] = attrs.field(factory=dict)
+    # Accepted handshakes still joining, per session id (for max_sessions).
+    _joining: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def port(self) -> int:
@@ -209,10 +211,10 @@ class CollabServer:
             if not grant.allows(target.session_id):
                 return 403, "your token does not give access to this session"
             can_write = grant.can_write
-        if (
-            target.session_id not in self.registry.sessions
-            and len(self.registry.sessions) >= self.config.max_sessions
-        ):
+        # Sessions that handshakes in progress are about to create count too,
+        # or concurrent handshakes could all slip under the limit.
+        live = self.registry.sessions.keys() | self._joining.keys()
+        if target.session_id not in live and len(live) >= self.config.max_sessions:
             return 503, f"too many live sessions (limit {self.config.max_sessions}); try again later"
         return can_write
 
@@ -232,18 +234,25 @@ class CollabServer:
             log.info("Refused %s from %s: %d %s", path, remote, status, reason)
             await _reject(request, status, reason)
             return
-        ws = await request.accept()
-        conn = Connection(ws, target.user_id, self.config, remote=remote, can_write=access)
-        resume = None
-        if target.since is not None:
-            resume = SyncRequest(since=target.since, epoch=target.epoch)
+        session_id = target.session_id
+        self._joining[session_id] = self._joining.get(session_id, 0) + 1
         try:
-            await self.registry.join(target.session_id, conn, resume)
-        except SessionUnavailable as exc:
-            log.info("Closed %s from %s: %d %s", path, remote, exc.code, exc.reason)
-            with trio.move_on_after(self.config.close_timeout):
-                await ws.aclose(exc.code, exc.reason)
-            return
+            ws = await request.accept()
+            conn = Connection(ws, target.user_id, self.config, remote=remote, can_write=access)
+            resume = None
+            if target.since is not None:
+                resume = SyncRequest(since=target.since, epoch=target.epoch)
+            try:
+                await self.registry.join(session_id, conn, resume)
+            except SessionUnavailable as exc:
+                log.info("Closed %s from %s: %d %s", path, remote, exc.code, exc.reason)
+                with trio.move_on_after(self.config.close_timeout):
+                    await ws.aclose(exc.code, exc.reason)
+                return
+        finally:
+            self._joining[session_id] -= 1
+            if not self._joining[session_id]:
+                del self._joining[session_id]
         await conn.finished.wait()
 
 
@@ -311,12 +320,18 @@ async def serve(
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext:
-    """A server TLS context from the configured certificate and key.
+    """A server TLS context from the configured certificate and key."""
+    assert config.certfile is not None and config.keyfile is not None
+    return tls_context_from(config.certfile, config.keyfile)
+
+
+def tls_context_from(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 or newer) for this certificate chain and key.
 
     Raises:
         ssl.SSLError, OSError: unreadable or mismatched files.
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.certfile, config.keyfile)
+    context.load_cert_chain(certfile, keyfile)
     return context
