@@ -154,3 +154,13 @@ def test_op_record_round_trip() -> None:
     assert op.relayed() == {
         "type": "command", "command": op.command, "user_id": "ada", "timestamp": "t", "seq": 7, "op_id": "x",
     }
+
+
+def test_snapshot_does_not_change_with_later_ops() -> None:
+    doc = Doc()
+    doc.apply(command("add_item", item_id="a", x_mm=1.0))
+    snapshot = doc.snapshot()
+    doc.apply(command("move_item", item_id="a", x_mm=9.0))
+    doc.apply(command("add_item", item_id="b"))
+    assert snapshot["items"] == [{"x_mm": 1.0, "uuid": "a", "item_type": "lens"}]
+    assert snapshot["version"] == 1

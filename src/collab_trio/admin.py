@@ -35,6 +35,8 @@ def _read_state(path: str) -> list[dict[str, Any]]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise StoreError(f"{path} is not a UTF-8 text file") from None
     try:
         data = json.loads(text)
     except ValueError as exc:

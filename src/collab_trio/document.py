@@ -7,7 +7,6 @@ document and the op itself.
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections import deque
 from typing import Any
@@ -28,9 +27,9 @@ def new_epoch() -> str:
     return secrets.token_hex(8)
 
 
-def op_id_key(op_id: Any) -> str:
-    """A hashable key that keeps 1 and "1" apart."""
-    return json.dumps(op_id)
+def op_id_key(op_id: str | int) -> tuple[str, str | int]:
+    """A hashable key that keeps 1 and "1" apart (op ids are strings or integers)."""
+    return (type(op_id).__name__, op_id)
 
 
 @attrs.frozen
@@ -84,7 +83,7 @@ class SessionDocument:
     items: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     retention: int = DEFAULT_RETENTION
     history: deque[Op] = attrs.field(init=False)
-    _op_seqs: dict[tuple[str, str], int] = attrs.field(factory=dict, init=False)
+    _op_seqs: dict[tuple[str, tuple[str, str | int]], int] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque()
@@ -126,12 +125,17 @@ class SessionDocument:
         return {"items": list(self.items.values()), "version": self.version, "timestamp": timestamp}
 
     def snapshot(self) -> dict[str, Any]:
-        """What a store needs to rebuild this document without the ops."""
+        """What a store needs to rebuild this document without the ops.
+
+        Items are copied one level deep, which makes the snapshot independent
+        of later ops (they replace items or set their top-level fields), so a
+        writer thread may serialise it while the document moves on.
+        """
         return {
             "epoch": self.epoch,
             "version": self.version,
             "written": self.written,
-            "items": list(self.items.values()),
+            "items": [dict(item) for item in self.items.values()],
         }
 
     @classmethod

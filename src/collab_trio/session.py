@@ -97,10 +97,11 @@ class Session:
     _emptied: trio.Event = attrs.field(factory=trio.Event)
     _nursery: trio.Nursery | None = None
     _pending: list[Pending] = attrs.field(factory=list)
-    _pending_op_ids: dict[tuple[str, str], Pending] = attrs.field(factory=dict)
+    _pending_op_ids: dict[tuple[str, tuple[str, str | int]], Pending] = attrs.field(factory=dict)
     _commit_wanted: trio.Event = attrs.field(factory=trio.Event)
     _committing: bool = False
     _snapshot_version: int = 0
+    _snapshotting: bool = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the document, then hold the connections' tasks until the last one ends."""
@@ -242,10 +243,11 @@ class Session:
 
     def broadcast(self, message: dict[str, Any], *, exclude: str | None = None) -> None:
         """Encode once, queue for every member but user `exclude`; never waits."""
-        text = encode(message)
         # list(): a member that overflows is closed, which edits self.members.
-        for conn in list(self.members.values()):
-            if conn.user_id != exclude:
+        recipients = [conn for conn in self.members.values() if conn.user_id != exclude]
+        if recipients:
+            text = encode(message)
+            for conn in recipients:
                 conn.send(text)
 
     # -- messages ------------------------------------------------------------
@@ -429,8 +431,15 @@ class Session:
                 pending.conn.send(encode(self._sync_answer(pending.request)))
             elif committed:
                 self._applied(pending, op_of[id(pending)])
-        if committed and self.document.version - self._snapshot_version >= self.config.snapshot_every:
-            await self._snapshot()
+        if (
+            committed
+            and not self._snapshotting
+            and self.document.version - self._snapshot_version >= self.config.snapshot_every
+        ):
+            # In the background: commits go on while the snapshot is written.
+            assert self._nursery is not None
+            self._snapshotting = True
+            self._nursery.start_soon(self._snapshot)
 
     def _applied(self, pending: Pending, op: Op) -> None:
         """Apply a committed op, then tell everyone: relay to others, ack to the sender."""
@@ -466,16 +475,19 @@ class Session:
             self.close_all(CloseCode.GOING_AWAY, "session was reset by an administrator; reconnect")
 
     async def _snapshot(self) -> None:
-        if self.document.version == self._snapshot_version:
-            return
-        snapshot = self.document.snapshot()
         try:
-            with trio.CancelScope(shield=True):
-                await self.store.save_snapshot(self.session_id, snapshot)
-        except StoreError as exc:
-            log.warning("Could not save a snapshot of session %s: %s", self.session_id, exc)
-            return
-        self._snapshot_version = snapshot["version"]
+            if self.document.version == self._snapshot_version:
+                return
+            snapshot = self.document.snapshot()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.store.save_snapshot(self.session_id, snapshot)
+            except StoreError as exc:
+                log.warning("Could not save a snapshot of session %s: %s", self.session_id, exc)
+                return
+            self._snapshot_version = max(self._snapshot_version, snapshot["version"])
+        finally:
+            self._snapshotting = False
 
 
 @attrs.define(eq=False)
