@@ -446,7 +446,7 @@ async def check_errors(tmp_path: Path) -> None:
     good.write_text(json.dumps({"items": [{"uuid": "a", "item_type": "lens"}]}), encoding="utf-8")
     for bad_id, reason in (
         ("a/b", "session id must not contain '/'"),
-        ("a%2Fb", "session id must not contain '/'"),
+        ("a\tb", "session id must not contain control characters"),
         ("", "session id is empty"),
         ("x" * 65, "session id is 65 characters long; the limit is 64"),
     ):

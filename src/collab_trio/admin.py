@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .protocol import HandshakeRejected, validate_id
+from .protocol import HandshakeRejected, check_id
 from .store import StoreError
 from .store.sqlite import Database, database_path
 
@@ -41,6 +41,8 @@ def _read_state(path: str) -> list[dict[str, Any]]:
         data = json.loads(text)
     except ValueError as exc:
         raise StoreError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise StoreError(f"{path} is nested too deeply to be a session state") from None
     items = data.get("items") if isinstance(data, dict) else data
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise StoreError(f'{path} has no "items" list of objects')
@@ -67,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     action = args.action
     if action == "import":
         try:
-            session_id = validate_id(args.session_id, "session id")
+            session_id = check_id(args.session_id, "session id")
         except HandshakeRejected as exc:
             raise StoreError(exc.reason) from None
         items = _read_state(args.file)

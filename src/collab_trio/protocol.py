@@ -150,6 +150,15 @@ def validate_id(raw: str, what: str) -> str:
         value = unquote(raw, errors="strict")
     except UnicodeDecodeError:
         raise HandshakeRejected(400, f"{what} is not valid UTF-8 after percent-decoding") from None
+    return check_id(value, what)
+
+
+def check_id(value: str, what: str) -> str:
+    """Check an already decoded session or user id.
+
+    Raises:
+        HandshakeRejected: 400 with the reason when the id is not valid.
+    """
     if not value:
         raise HandshakeRejected(400, f"{what} is empty")
     if len(value) > MAX_ID_LENGTH:
