@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -132,13 +133,23 @@ class Harness:
 
 
 @asynccontextmanager
-async def tcp_client(port: int, path: str) -> AsyncIterator[WebSocketConnection]:
-    """A WebSocket client over loopback TCP whose socket is always closed on exit.
+async def tcp_client(
+    port: int,
+    path: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    local_address: str | None = None,
+) -> AsyncIterator[WebSocketConnection]:
+    """A WebSocket client over loopback TCP (or TLS) whose socket is always closed on exit.
 
     trio-websocket's own open_websocket_url leaves the client socket open when
     the server starts the close, which the warning filter would report.
     """
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream: trio.abc.Stream
+    if ssl_context is not None:
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ssl_context)
+    else:
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
     try:
         async with trio.open_nursery() as nursery:
             ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", path)

@@ -466,29 +466,12 @@ async def tls_server_process(tls: TlsFiles) -> AsyncIterator[ServerProcess]:
         print(f"--- server output ---\n{server.output}")  # shown when a test fails
 
 
-@asynccontextmanager
-async def wss_client(port: int, path: str, context: ssl.SSLContext) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client over TLS; the stream is closed here, whatever happens."""
-    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", path)
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(HANG):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
 async def test_tls_client_trusting_the_ca_is_served_others_fail(tls_files: TlsFiles) -> None:
     async with tls_server_process(tls_files) as server:
         trusting = ssl.create_default_context()
         tls_files.ca.configure_trust(trusting)
         with trio.fail_after(HANG):
-            async with wss_client(server.port, "/ws/secure/alice", trusting) as ws:
+            async with tcp_client(server.port, "/ws/secure/alice", ssl_context=trusting) as ws:
                 ack = json.loads(await ws.get_message())
                 assert (ack["type"], ack["session_id"], ack["user_id"]) == ("connection:ack", "secure", "alice")
                 await ws.send_message(json.dumps({"type": "ping"}))
@@ -507,7 +490,7 @@ async def test_tls_client_trusting_the_ca_is_served_others_fail(tls_files: TlsFi
 
         # The server shrugs that off and keeps serving.
         with trio.fail_after(HANG):
-            async with wss_client(server.port, "/ws/secure/bob", trusting) as ws:
+            async with tcp_client(server.port, "/ws/secure/bob", ssl_context=trusting) as ws:
                 assert json.loads(await ws.get_message())["type"] == "connection:ack"
         assert "Traceback" not in server.output
 
@@ -668,25 +651,6 @@ async def test_max_sessions_holds_for_concurrent_handshakes(
         assert len(harness.registry.sessions) <= 2
 
 
-@asynccontextmanager
-async def loopback_client(
-    port: int, path: str, *, local_address: str | None = None
-) -> AsyncIterator[WebSocketConnection]:
-    """conftest.tcp_client, from a chosen loopback address."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", path)
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(HANG):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
 async def refusal_over_tcp(port: int, path: str) -> tuple[int, str]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     try:
@@ -738,10 +702,10 @@ async def test_connections_per_address_limit_is_per_address() -> None:
     with trio.fail_after(START_TIMEOUT):
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve, config)
-            async with loopback_client(server.port, "/ws/s/u1") as u1:
+            async with tcp_client(server.port, "/ws/s/u1") as u1:
                 await expect_ack(u1)
                 assert (await refusal_over_tcp(server.port, "/ws/s/u2"))[0] == 429
-                async with loopback_client(server.port, "/ws/s/u2", local_address="127.0.0.2") as u2:
+                async with tcp_client(server.port, "/ws/s/u2", local_address="127.0.0.2") as u2:
                     await expect_ack(u2)
             nursery.cancel_scope.cancel()
 

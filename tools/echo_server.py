@@ -37,8 +37,8 @@ try:
 except ImportError:  # a checkout that was not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from collab_trio.cli import configure_logging  # noqa: E402
-from collab_trio.config import DEFAULT_PORT, MIB, ServerConfig  # noqa: E402
+from collab_trio.cli import byte_size, configure_logging, port_number  # noqa: E402
+from collab_trio.config import DEFAULT_PORT, ServerConfig  # noqa: E402
 
 log = logging.getLogger("collab_trio.echo")
 
@@ -233,30 +233,6 @@ async def run_until_signalled(host: str, port: int, max_message_size: int) -> in
     return EXIT_FORCED if forced else 0
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("port must be between 0 and 65535 (0 picks a free one)")
-    return value
-
-
-def _size(text: str) -> int:
-    """A byte count: 1048576, 512K or 1M (as `collab-trio serve --max-message-size`)."""
-    units = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": MIB, "mb": MIB, "mib": MIB}
-    raw = text.strip().lower()
-    number = raw.rstrip("kmib")
-    try:
-        value = int(number) * units[raw[len(number):]]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1048576, 512K or 1M)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every default comes from collab_trio.config."""
     parser = argparse.ArgumentParser(
@@ -265,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default=DEFAULTS.host,
                         help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="TCP port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--max-message-size", type=_size, default=DEFAULTS.max_message_size,
+    parser.add_argument("--max-message-size", type=byte_size, default=DEFAULTS.max_message_size,
                         metavar="BYTES",
                         help="largest message echoed; larger ones close with 1009 "
                              "(default: %(default)s)")

@@ -27,7 +27,7 @@ log = logging.getLogger("collab_trio")
 EXIT_FORCED = 130
 
 
-def _size(text: str) -> int:
+def byte_size(text: str) -> int:
     """Parse a byte size such as 1048576, 512K, 1M or 1MiB."""
     units = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": MIB, "mb": MIB, "mib": MIB}
     raw = text.strip().lower()
@@ -52,7 +52,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _port(text: str) -> int:
+def port_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -138,12 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--host", default=defaults.host, help="address to listen on (default: %(default)s)")
     run.add_argument(
-        "--port", type=_port, default=DEFAULT_PORT,
+        "--port", type=port_number, default=DEFAULT_PORT,
         help="TCP port; 0 picks a free one (default: %(default)s)",
     )
     run.add_argument("--debug", action="store_true", help="log every connection event and error sent")
     run.add_argument(
-        "--max-message-size", type=_size, default=defaults.max_message_size, metavar="BYTES",
+        "--max-message-size", type=byte_size, default=defaults.max_message_size, metavar="BYTES",
         help="largest message accepted; larger ones close with 1009 (default: 1M)",
     )
     run.add_argument(

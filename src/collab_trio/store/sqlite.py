@@ -22,7 +22,7 @@ import attrs
 import outcome
 import trio
 
-from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument, new_epoch
+from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument
 from ..protocol import utc_timestamp
 from .base import SessionReset, StoreError
 
