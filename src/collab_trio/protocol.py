@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import unicodedata
 from datetime import datetime, timezone
 from typing import Any
@@ -86,7 +87,58 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e400 reads as inf, which no peer can be sent back as JSON.
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+# Deepest nesting of arrays and objects accepted. Optiverse items are a few
+# levels deep; the limit keeps every accepted message far from Python's
+# recursion limit when it is encoded again for relaying and storing.
+MAX_DEPTH = 64
+# A JSON escape of a UTF-16 surrogate; only these can produce a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_structure(value: Any, text: str) -> None:
+    """Refuse nesting beyond MAX_DEPTH and lone surrogates (UTF-8 can't carry them)."""
+    # Cheap tests first: most messages have few brackets and no surrogate escapes.
+    deep = text.count("[") + text.count("{") > MAX_DEPTH
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if not deep and not surrogates:
+        return
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.items()
+        elif isinstance(node, list):
+            children = ((None, item) for item in node)
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise ProtocolError(
+                ErrorCode.INVALID_JSON, f"message is nested deeper than {MAX_DEPTH} levels"
+            )
+        for key, child in children:
+            for string in (key, child):
+                if surrogates and isinstance(string, str) and not _utf8_safe(string):
+                    raise ProtocolError(
+                        ErrorCode.INVALID_JSON, "message contains a lone UTF-16 surrogate escape"
+                    )
+            stack.append((child, depth + 1))
+
+
+def _utf8_safe(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
@@ -106,6 +158,7 @@ def decode(text: str) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:
         # RecursionError: deeply nested arrays; ValueError covers JSONDecodeError.
         raise ProtocolError(ErrorCode.INVALID_JSON, f"message is not valid JSON: {exc}") from None
+    _check_structure(value, text)
     if not isinstance(value, dict):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
@@ -345,7 +398,10 @@ def _parse_command(message: dict[str, Any]) -> Command:
 
 
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool):
+        return False
+    # Integers are always finite (math.isfinite overflows on huge ones).
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _parse_state_items(message: dict[str, Any], ref: str) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ commands arriving together cost one commit (group commit). WAL mode;
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,7 @@ from ..protocol import utc_timestamp
 from .base import SessionReset, StoreError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DATABASE_NAME = "collab.sqlite3"
 SCHEMA_VERSION = 1
@@ -72,6 +74,7 @@ def _op_to_json(op: Op) -> str:
             "op_id": op.op_id,
         },
         ensure_ascii=False,
+        allow_nan=False,
         separators=(",", ":"),
     )
 
@@ -156,7 +159,7 @@ class Database:
             self.conn.execute("SAVEPOINT job")
             try:
                 value = job(self)
-            except (sqlite3.Error, StoreError, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of one job stays that job's
                 if not self.conn.in_transaction:
                     # SQLite rolled the whole transaction back (e.g. disk full):
                     # earlier jobs' work is gone too.
@@ -176,6 +179,14 @@ class Database:
             error = StoreError(f"commit failed: {_describe(exc)}")
             return [outcome.Error(error) for _ in jobs]
         return results
+
+    def abort_transaction(self) -> None:
+        """Roll back whatever transaction is open, after an unexpected error."""
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the connection is unusable; the next BEGIN will say so
 
     def run(self, job: Callable[[Database], T]) -> T:
         """Run one job in its own transaction (admin commands)."""
@@ -265,7 +276,7 @@ class Database:
                 session_id,
                 snapshot["version"],
                 int(snapshot["written"]),
-                json.dumps(snapshot["items"], ensure_ascii=False, separators=(",", ":")),
+                json.dumps(snapshot["items"], ensure_ascii=False, allow_nan=False, separators=(",", ":")),
             ),
         )
         # Ops older than the retention window are only needed for resume; drop them.
@@ -433,7 +444,14 @@ class SQLiteStore:
             batch, self._jobs = self._jobs, []
             # Not cancellable: a transaction in flight always finishes, so every
             # job gets its true outcome.
-            results = await trio.to_thread.run_sync(self._db.run_jobs, [job.fn for job in batch])
+            try:
+                results = await trio.to_thread.run_sync(self._db.run_jobs, [job.fn for job in batch])
+            except Exception as exc:
+                # A bug in run_jobs itself: fail the batch, never leave a caller waiting.
+                log.exception("Store writer error; %d job(s) failed", len(batch))
+                await trio.to_thread.run_sync(self._db.abort_transaction)
+                error = StoreError(f"internal store error: {_describe(exc)}")
+                results = [outcome.Error(error) for _ in batch]
             self.transactions += 1
             for job, result in zip(batch, results):
                 job.result = result
