@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -37,14 +37,18 @@ try:
 except ImportError:  # a checkout that was not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from collab_trio.cli import byte_size, configure_logging, port_number  # noqa: E402
+from collab_trio.cli import (  # noqa: E402
+    EXIT_FORCED,
+    byte_size,
+    configure_logging,
+    port_number,
+    serve_until_signalled,
+)
 from collab_trio.config import DEFAULT_PORT, ServerConfig  # noqa: E402
 
 log = logging.getLogger("collab_trio.echo")
 
 DEFAULTS = ServerConfig()
-# Exit status after a second Ctrl+C (128 + SIGINT), as `collab-trio serve`.
-EXIT_FORCED = 130
 GOING_AWAY = 1001
 
 
@@ -210,27 +214,10 @@ async def serve_echo(
 
 async def run_until_signalled(host: str, port: int, max_message_size: int) -> int:
     """Serve; the first SIGINT/SIGTERM stops gracefully, a second one at once."""
-    forced = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def serve_then_stop(*, task_status: trio.TaskStatus[EchoServer]) -> None:
-                await serve_echo(host, port, max_message_size=max_message_size,
-                                 task_status=task_status)
-                nursery.cancel_scope.cancel()  # graceful stop done: stop watching signals
-
-            server: EchoServer = await nursery.start(serve_then_stop)
-            log.info("Echo server ready (Ctrl+C to stop)")
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if not server.closing:
-                    log.info("Received %s: shutting down (send it again to stop at once)", name)
-                    server.request_shutdown()
-                else:
-                    log.warning("Received %s again: stopping now", name)
-                    forced = True
-                    nursery.cancel_scope.cancel()
-    return EXIT_FORCED if forced else 0
+    return await serve_until_signalled(
+        partial(serve_echo, host, port, max_message_size=max_message_size),
+        lambda server: log.info("Echo server ready (Ctrl+C to stop)"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,9 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
 
 import trio
 
@@ -231,28 +233,26 @@ def configure_logging(debug: bool) -> None:
         logging.getLogger("trio-websocket").setLevel(logging.WARNING)
 
 
-async def run_until_signalled(config: ServerConfig) -> int:
-    """Serve; the first SIGINT/SIGTERM stops gracefully, a second one at once."""
+async def serve_until_signalled(
+    serve_fn: Callable[..., Awaitable[None]],
+    on_ready: Callable[[Any], None] | None = None,
+) -> int:
+    """Run `serve_fn(task_status=...)`; the first SIGINT/SIGTERM asks the server it
+    started for a graceful stop, a second one cancels everything at once.
+
+    The server must have `closing` and `request_shutdown()`; returns the exit status.
+    """
     forced = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def serve_then_stop(*, task_status: trio.TaskStatus[CollabServer]) -> None:
-                await serve(config, task_status=task_status)
+            async def serve_then_stop(*, task_status: trio.TaskStatus[Any]) -> None:
+                await serve_fn(task_status=task_status)
                 nursery.cancel_scope.cancel()  # graceful stop done: stop watching signals
 
-            server: CollabServer = await nursery.start(serve_then_stop)
-            if config.tokens_file:
-                log.info("Tokens required (%d defined in %s)", len(server.tokens or ()), config.tokens_file)
-            if config.store == "memory":
-                log.info("Sessions are kept in memory only: a restart loses them (--store memory)")
-            else:
-                log.info(
-                    "Sessions are stored in %s (fsync %s)",
-                    database_path(config.data_dir).resolve(),
-                    config.fsync,
-                )
-            log.info("collab-trio %s ready (Ctrl+C to stop)", __version__)
+            server = await nursery.start(serve_then_stop)
+            if on_ready is not None:
+                on_ready(server)
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if not server.closing:
@@ -263,6 +263,25 @@ async def run_until_signalled(config: ServerConfig) -> int:
                     forced = True
                     nursery.cancel_scope.cancel()
     return EXIT_FORCED if forced else 0
+
+
+async def run_until_signalled(config: ServerConfig) -> int:
+    """Serve `config`; the first SIGINT/SIGTERM stops gracefully, a second one at once."""
+
+    def ready(server: CollabServer) -> None:
+        if config.tokens_file:
+            log.info("Tokens required (%d defined in %s)", len(server.tokens or ()), config.tokens_file)
+        if config.store == "memory":
+            log.info("Sessions are kept in memory only: a restart loses them (--store memory)")
+        else:
+            log.info(
+                "Sessions are stored in %s (fsync %s)",
+                database_path(config.data_dir).resolve(),
+                config.fsync,
+            )
+        log.info("collab-trio %s ready (Ctrl+C to stop)", __version__)
+
+    return await serve_until_signalled(partial(serve, config), ready)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
