@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import ssl
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import CollabServer, serve
+
+from .processes import LISTENING_RE, SERVER_START_TIMEOUT_S, ProcessOutput, RunningServer, child_env
 
 # Generous real-time bound for anything that could hang; virtual time under
 # autojump_clock makes most tests finish in milliseconds.
@@ -196,3 +199,17 @@ def start_server(nursery: trio.Nursery) -> Callable[..., Any]:
 async def harness(start_server: Callable[..., Any]) -> Harness:
     """A server with default settings."""
     return await start_server()
+
+
+@pytest.fixture
+def server() -> Iterator[RunningServer]:
+    """A real server on a free port of 127.0.0.1, stopped (or killed) afterwards."""
+    args = [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0"]
+    output = ProcessOutput("server", args, child_env())
+    try:
+        match = output.wait_for(LISTENING_RE, SERVER_START_TIMEOUT_S)
+        yield RunningServer(output, int(match.group(1)))
+    finally:
+        output.stop()
+        # Shown by pytest only when the test failed.
+        print(f"--- server output ---\n{output.text()}")

@@ -25,7 +25,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .conftest import HANG, tcp_client
-from .test_process import ServerProcess, server_process
+from .processes import ServerProcess, server_process
 
 # One admin process: start Python, open SQLite, print.
 ADMIN_TIMEOUT = 30

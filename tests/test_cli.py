@@ -10,7 +10,7 @@ import pytest
 from collab_trio import __version__
 from collab_trio.cli import build_parser, main
 
-from .test_qt_client import ProcessOutput, RunningServer, child_env, server  # noqa: F401 - fixture
+from .processes import ProcessOutput, RunningServer, child_env
 
 
 def run_cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed
 from collab_trio.config import ServerConfig
 
 from .conftest import HANG, tcp_client
-from .test_qt_client import (
+from .processes import (
     CLIENT_RUN_TIMEOUT_S,
     SERVER_START_TIMEOUT_S,
     STOP_TIMEOUT_S,

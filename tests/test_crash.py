@@ -30,7 +30,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .conftest import HANG, tcp_client
-from .test_process import server_process
+from .processes import server_process
 
 # Override to explore: COLLAB_TRIO_CRASH_SEED=7 COLLAB_TRIO_CRASH_ROUNDS=100 pytest tests/test_crash.py
 ROUNDS = int(os.environ.get("COLLAB_TRIO_CRASH_ROUNDS", "20"))

@@ -41,7 +41,7 @@ from collab_trio.config import ServerConfig
 from collab_trio.server import CollabServer, serve
 
 from .conftest import HANG, Harness, MemoryListener, tcp_client
-from .test_process import server_process
+from .processes import server_process
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 
-from .test_qt_client import (  # noqa: F401 (server is a fixture)
+from .processes import (
     REPO,
     ProcessOutput,
     RunningServer,
     child_env,
-    server,
     verdict_of,
 )
 

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import attrs
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
@@ -19,17 +14,7 @@ from collab_trio.config import ServerConfig
 from collab_trio.server import serve
 
 from .conftest import tcp_client
-
-LISTENING = re.compile(r"Listening on ws://127\.0\.0\.1:(\d+)/ws/")
-START_TIMEOUT = 30
-
-
-async def assert_port_binds_again(port: int) -> None:
-    """Bind the port the way a new server would (trio sets SO_REUSEADDR)."""
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    for listener in listeners:
-        await listener.aclose()
-
+from .processes import START_TIMEOUT, assert_port_binds_again, server_process
 
 async def test_port_released_on_cancel() -> None:
     with trio.fail_after(START_TIMEOUT):
@@ -59,59 +44,6 @@ async def test_port_in_use_is_a_clear_error() -> None:
     assert result.returncode == 1
     assert "the port is already in use" in output
     assert "Traceback" not in output
-
-
-@attrs.define(eq=False)
-class ServerProcess:
-    """A `collab-trio serve` child process and everything it printed."""
-
-    process: trio.Process
-    port: int = 0
-    lines: list[str] = attrs.field(factory=list)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-
-async def _collect_lines(stream: trio.abc.ReceiveStream, server: ServerProcess, port_found: trio.Event) -> None:
-    buffer = b""
-    async for chunk in stream:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            line = raw.decode("utf-8", "replace")
-            server.lines.append(line)
-            match = LISTENING.search(line)
-            if match and not port_found.is_set():
-                server.port = int(match.group(1))
-                port_found.set()
-    if buffer:
-        server.lines.append(buffer.decode("utf-8", "replace"))
-
-
-@asynccontextmanager
-async def server_process(*args: str) -> AsyncIterator[ServerProcess]:
-    """Start the server on a free port; kill it at the end if it is still running."""
-    command = [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    )
-    server = ServerProcess(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            port_found = trio.Event()
-            assert process.stdout is not None
-            nursery.start_soon(_collect_lines, process.stdout, server, port_found)
-            with trio.fail_after(START_TIMEOUT):
-                await port_found.wait()
-            yield server
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 async def _client_until_closed(port: int, user: str, joined: trio.Event, codes: dict[str, tuple]) -> None:
