@@ -139,7 +139,7 @@ def verdict_of(lines: list[str]) -> str:
 
 
 
-LISTENING = re.compile(r"Listening on ws://127\.0\.0\.1:(\d+)/ws/")
+LISTENING = re.compile(r"Listening on wss?://127\.0\.0\.1:(\d+)/ws/")
 START_TIMEOUT = 30
 
 
@@ -181,7 +181,10 @@ async def _collect_lines(stream: trio.abc.ReceiveStream, server: ServerProcess, 
 
 @asynccontextmanager
 async def server_process(*args: str) -> AsyncIterator[ServerProcess]:
-    """Start the server on a free port; kill it at the end if it is still running."""
+    """Start the server on a free port; kill it at the end if it is still running.
+
+    Its output stays in `lines` (shown by the test on failure via `output`).
+    """
     command = [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = await trio.lowlevel.open_process(
@@ -195,7 +198,12 @@ async def server_process(*args: str) -> AsyncIterator[ServerProcess]:
             nursery.start_soon(_collect_lines, process.stdout, server, port_found)
             with trio.fail_after(START_TIMEOUT):
                 await port_found.wait()
-            yield server
+            try:
+                yield server
+            finally:
+                # Before the nursery waits for the output to end, which is when the child exits.
+                if process.returncode is None:
+                    process.kill()
     finally:
         if process.returncode is None:
             process.kill()

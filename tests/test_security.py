@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import ssl
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +28,10 @@ from collab_trio.config import ServerConfig
 from collab_trio.server import serve
 
 from .conftest import HANG, Client, Harness, tcp_client
+from .processes import server_process
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CLIENT = REPO / "tools" / "qt_smoke_client.py"
-LISTENING_TLS = re.compile(r"Listening on wss://127\.0\.0\.1:(\d+)/ws/")
 START_TIMEOUT = 30
 QT_CLIENT_TIMEOUT = 60
 
@@ -408,62 +406,11 @@ def tls_files(tmp_path: Path) -> TlsFiles:
     return TlsFiles(ca, cafile, certfile, keyfile, other_keyfile)
 
 
-@attrs.define(eq=False)
-class ServerProcess:
-    """A `collab-trio serve` child process and what it printed."""
-
-    port: int = 0
-    lines: list[str] = attrs.field(factory=list)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-
-async def _collect_lines(stream: trio.abc.ReceiveStream, server: ServerProcess, ready: trio.Event) -> None:
-    """Read the child's output; `ready` once it listens (or once it has exited)."""
-    buffer = b""
-    async with stream:
-        async for chunk in stream:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for raw in complete:
-                line = raw.decode("utf-8", "replace")
-                server.lines.append(line)
-                match = LISTENING_TLS.search(line)
-                if match and not ready.is_set():
-                    server.port = int(match.group(1))
-                    ready.set()
-    ready.set()
-
-
-@asynccontextmanager
-async def tls_server_process(tls: TlsFiles) -> AsyncIterator[ServerProcess]:
-    """`collab-trio serve` with TLS on a free port; terminated on exit."""
-    command = [
-        sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0",
-        "--store", "memory", "--certfile", str(tls.certfile), "--keyfile", str(tls.keyfile),
-    ]
-    server = ServerProcess()
-    try:
-        async with trio.open_nursery() as nursery:
-            process = await nursery.start(
-                partial(
-                    trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-            )
-            ready = trio.Event()
-            nursery.start_soon(_collect_lines, process.stdout, server, ready)
-            with trio.fail_after(START_TIMEOUT):
-                await ready.wait()
-            assert server.port, server.output
-            try:
-                yield server
-            finally:
-                nursery.cancel_scope.cancel()  # run_process terminates the child and waits
-    finally:
-        print(f"--- server output ---\n{server.output}")  # shown when a test fails
+def tls_server_process(tls: TlsFiles):  # noqa: ANN201 - an async context manager
+    """`collab-trio serve` with TLS on a free port; killed on exit."""
+    return server_process(
+        "--store", "memory", "--certfile", str(tls.certfile), "--keyfile", str(tls.keyfile)
+    )
 
 
 async def test_tls_client_trusting_the_ca_is_served_others_fail(tls_files: TlsFiles) -> None:
