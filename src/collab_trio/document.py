@@ -58,8 +58,16 @@ class Op:
         return message
 
     def to_record(self) -> dict[str, Any]:
-        """A JSON-ready form for the journal."""
-        return attrs.asdict(self)
+        """A JSON-ready form for the journal (shares, doesn't copy, the payloads)."""
+        return {
+            "seq": self.seq,
+            "user_id": self.user_id,
+            "kind": self.kind,
+            "timestamp": self.timestamp,
+            "command": self.command,
+            "items": self.items,
+            "op_id": self.op_id,
+        }
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Op:

@@ -63,24 +63,11 @@ def database_path(data_dir: str | Path) -> Path:
 
 
 def _op_to_json(op: Op) -> str:
-    return json.dumps(
-        {
-            "seq": op.seq,
-            "user_id": op.user_id,
-            "kind": op.kind,
-            "timestamp": op.timestamp,
-            "command": op.command,
-            "items": op.items,
-            "op_id": op.op_id,
-        },
-        ensure_ascii=False,
-        allow_nan=False,
-        separators=(",", ":"),
-    )
+    return json.dumps(op.to_record(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def _op_from_json(text: str) -> Op:
-    return Op(**json.loads(text))
+    return Op.from_record(json.loads(text))
 
 
 def _describe(exc: BaseException) -> str:
