@@ -43,6 +43,9 @@ class Op:
     command: dict[str, Any] | None = None  # kind == COMMAND: the sender's command object
     items: list[dict[str, Any]] | None = None  # kind == REPLACE
     op_id: Any = None
+    # Bytes of the message that carried this change (what a queue holding it
+    # costs); not part of the record.
+    size: int = attrs.field(default=0, eq=False)
 
     def relayed(self) -> dict[str, Any]:
         """The `command` message other members receive for this op."""
