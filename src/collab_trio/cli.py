@@ -6,10 +6,11 @@ import argparse
 import errno
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -51,6 +52,17 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError("seconds must be positive")
+    return value
+
+
+def _delay(text: str) -> float:
+    """Seconds that may be 0 (fault injection: 0 means no delay)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("seconds must not be negative")
     return value
 
 
@@ -208,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-burst", type=_count, default=defaults.rate_burst, metavar="N",
         help="messages allowed at once above the rate (default: %(default)s)",
     )
+    limits.add_argument(
+        "--max-pending-bytes", type=byte_size, default=defaults.max_pending_bytes, metavar="BYTES",
+        help="changes a session holds while the store catches up; past it, its clients"
+        " wait (default: 8M)",
+    )
+    limits.add_argument(
+        "--store-queue-bytes", type=byte_size, default=defaults.store_queue_bytes, metavar="BYTES",
+        help="changes queued for the disk, all sessions together; past it, commits"
+        " wait (default: 32M)",
+    )
+    # Fault injection for tests and benchmarks: a disk this slow per commit.
+    run.add_argument(
+        "--fault-commit-delay", type=_delay, default=defaults.fault_commit_delay,
+        metavar="SECONDS", help=argparse.SUPPRESS,
+    )
     _add_sessions_commands(commands)
     commands.add_parser(
         "smoke",
@@ -340,6 +367,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_connections_per_ip=args.max_connections_per_ip,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
+        max_pending_bytes=args.max_pending_bytes,
+        store_queue_bytes=args.store_queue_bytes,
+        fault_commit_delay=args.fault_commit_delay,
         debug=args.debug,
     )
     status = 1
@@ -349,19 +379,80 @@ def _serve(args: argparse.Namespace) -> int:
         # Ctrl+C before the signal handler was installed.
         log.warning("Interrupted")
         status = EXIT_FORCED
-    except* TokensFileError as group:
-        log.error("%s", group.exceptions[0])
-    except* ssl.SSLError as group:
-        log.error("Cannot use the TLS certificate or key: %s", group.exceptions[0])
-    except* StoreError as group:
-        log.error("Cannot use the data directory %s: %s", config.data_dir, group.exceptions[0])
-    except* OSError as group:
-        exc = group.exceptions[0]
-        if getattr(exc, "errno", None) == errno.EADDRINUSE:
-            log.error("Cannot listen on %s:%d: the port is already in use", config.host, config.port)
+    except* Exception as group:
+        # The cause arrives wrapped in one exception group per nursery it
+        # crossed; the message of the group itself says nothing.
+        cause, known = _first_cause(group)
+        message = _one_line(describe_failure(cause, config))
+        if known:
+            log.error("%s", message)
+            log.debug("The error in full:", exc_info=cause)
+        elif config.debug:
+            log.error("%s", message, exc_info=cause)
         else:
-            log.error("Cannot listen on %s:%d: %s", config.host, config.port, exc)
+            log.error("%s (--debug shows the traceback)", message)
+        status = 1
     return status
+
+
+# What a startup failure can be, besides a bug: each has its one-line explanation.
+_KNOWN_FAILURES = (TokensFileError, StoreError, OSError)
+
+
+def leaf_exceptions(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside `exc` and any groups nested in it, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaf_exceptions(inner)
+    else:
+        yield exc
+
+
+def _first_cause(group: BaseException) -> tuple[BaseException, bool]:
+    """The leaf that explains the failure, and whether it is a known kind."""
+    leaves = list(leaf_exceptions(group))
+    for leaf in leaves:
+        if isinstance(leaf, _KNOWN_FAILURES):
+            return leaf, True
+    return leaves[0], False
+
+
+def describe_failure(exc: BaseException, config: ServerConfig) -> str:
+    """The one-line reason `collab-trio serve` could not run."""
+    if isinstance(exc, TokensFileError):
+        return str(exc)
+    if isinstance(exc, ssl.SSLError):  # before OSError: it is one
+        return f"Cannot use the TLS certificate or key: {exc}"
+    if isinstance(exc, StoreError):
+        message = str(exc)
+        if _names_path(message, config.data_dir):
+            return message
+        return f"Cannot use the data directory {config.data_dir}: {message}"
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.filename is not None:
+            # A file operation (the data directory), not the listening socket.
+            if exc.errno == errno.EEXIST:  # mkdir(exist_ok=True) on a file
+                reason = "it exists and is not a directory"
+            return f"Cannot use the data directory {config.data_dir}: {reason}: {exc.filename}"
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is already in use"
+        return f"Cannot listen on {config.host}:{config.port}: {reason}"
+    return f"Stopped by an unexpected error: {type(exc).__name__}: {exc}"
+
+
+def _names_path(message: str, path: str) -> bool:
+    """Whether `message` mentions `path` (as given or absolute) as a whole path."""
+    spellings = {os.fspath(path), os.path.abspath(path), os.path.realpath(path)}
+    return any(
+        re.search(rf"(?<![\w./-]){re.escape(spelling)}(?![\w-])", message)
+        for spelling in spellings
+        if spelling
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _smoke(smoke_args: list[str]) -> int:
