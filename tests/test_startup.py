@@ -1,0 +1,141 @@
+"""`collab-trio serve` that can't start: one line naming the real cause, exit 1, no banner.
+
+Each case runs the real command in a child process on port 0 with its data
+directory inside tmp_path, and checks all of its output: every line is a log
+line (no traceback, no continuation of a multi-line message), exactly one is
+an ERROR, and it says what is wrong with what.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from collab_trio.store.sqlite import database_path
+
+from .processes import LISTENING, START_TIMEOUT, server_process
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
+# What only a server that ran may print when it stops.
+STOPPED_LINES = ("✓ Server closed", "✓ Port released", "Server stopped without a graceful shutdown")
+
+
+async def run_serve(data_dir: Path, *args: str) -> tuple[int, list[str]]:
+    """Run `collab-trio serve` to its end; (exit status, output lines).
+
+    A server that starts after all is killed at once and fails the test.
+    """
+    command = [
+        sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0",
+        "--data-dir", str(data_dir), *args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    assert process.stdout is not None
+    output = b""
+    try:
+        with trio.fail_after(START_TIMEOUT):
+            async for chunk in process.stdout:
+                output += chunk
+                if LISTENING.search(output.decode("utf-8", "replace")):
+                    pytest.fail(f"the server started:\n{output.decode('utf-8', 'replace')}")
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        await process.stdout.aclose()
+    return process.returncode, output.decode("utf-8", "replace").splitlines()
+
+
+def the_error_line(returncode: int, lines: list[str]) -> str:
+    """Check what every failed start must look like; return its one ERROR line's message."""
+    output = "\n".join(lines)
+    assert returncode == 1, output
+    assert "Traceback" not in output, output
+    assert "Exceptions from Trio nursery" not in output, output
+    not_logged = [line for line in lines if not LOG_LINE.match(line)]
+    assert not not_logged, f"lines that are not log lines: {not_logged}\n{output}"
+    errors = [line for line in lines if " ERROR " in line]
+    assert len(errors) == 1, output
+    for banner in STOPPED_LINES:
+        assert banner not in output, f"{banner!r} printed by a server that never started:\n{output}"
+    assert "Listening on" not in output, output
+    return errors[0].split(" ERROR ", 1)[1].strip()
+
+
+def names(message: str, path: Path) -> bool:
+    """Whether the message names this path, as given or resolved."""
+    return str(path) in message or str(path.resolve()) in message
+
+
+async def test_data_dir_is_a_file(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("not a directory\n")
+    message = the_error_line(*await run_serve(data_dir))
+    assert names(message, data_dir), message
+    assert "is not a directory" in message, message
+
+
+async def test_database_that_is_not_a_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    database_path(data_dir).write_bytes(b"this is no SQLite file\n" * 200)
+    message = the_error_line(*await run_serve(data_dir))
+    assert names(message, data_dir), message
+    assert "file is not a database" in message, message
+    # Left as it was: nothing overwrites what the server can't read.
+    assert database_path(data_dir).read_bytes() == b"this is no SQLite file\n" * 200
+
+
+async def test_database_of_a_newer_version(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with sqlite3.connect(database_path(data_dir)) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    message = the_error_line(*await run_serve(data_dir))
+    assert names(message, data_dir), message
+    assert "was written by a newer collab-trio (schema 99)" in message, message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes any directory")
+async def test_data_dir_without_permission(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0)
+    try:
+        message = the_error_line(*await run_serve(data_dir))
+    finally:
+        data_dir.chmod(0o700)
+    assert names(message, data_dir), message
+    assert "permission denied" in message.lower(), message
+
+
+async def test_busy_data_dir_names_the_other_server_then_frees_on_sigkill(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    async with server_process("--data-dir", str(data_dir)) as first:
+        message = the_error_line(*await run_serve(data_dir))
+        assert names(message, data_dir), message
+        assert f"is in use by another collab-trio server (pid {first.process.pid})" in message, message
+        # The first server is unharmed by the attempt.
+        assert first.process.returncode is None
+        first.process.kill()
+        with trio.fail_after(START_TIMEOUT):
+            await first.process.wait()
+    assert first.process.returncode == -signal.SIGKILL
+    # A lock held by a dead process is no lock: the next server starts.
+    async with server_process("--data-dir", str(data_dir)) as second:
+        second.process.send_signal(signal.SIGINT)
+        with trio.fail_after(START_TIMEOUT):
+            assert await second.process.wait() == 0, second.output
