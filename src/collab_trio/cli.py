@@ -270,6 +270,9 @@ async def serve_until_signalled(
     The server must have `closing` and `request_shutdown()`; returns the exit status.
     """
     forced = False
+    # Set here, not read from server.closing: the server sets that only when
+    # its task next runs, and a second signal may come before.
+    stopping = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -282,8 +285,9 @@ async def serve_until_signalled(
                 on_ready(server)
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not server.closing:
+                if not (stopping or server.closing):
                     log.info("Received %s: shutting down (send it again to stop at once)", name)
+                    stopping = True
                     server.request_shutdown()
                 else:
                     log.warning("Received %s again: stopping now", name)
