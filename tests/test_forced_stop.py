@@ -1,0 +1,225 @@
+"""A second Ctrl+C stops the server at once, even with slow commits in flight.
+
+Each round starts `collab-trio serve` on a fresh data directory with a disk
+slowed to 300 ms per commit (--fault-commit-delay), lets clients in two
+sessions flood add_item commands without waiting for acks, sends SIGINT,
+waits until the server says it is shutting down, and sends SIGINT again: the
+process must exit with 130 within a second of that second signal.
+
+A third session holds a client that never answers a close handshake, and the
+grace period is long: the graceful stop can't finish on its own before the
+second signal, whatever the session layer does first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .conftest import HANG, tcp_client
+from .processes import LISTENING, START_TIMEOUT
+
+ROUNDS = int(os.environ.get("COLLAB_TRIO_FORCED_STOP_ROUNDS", "20"))
+# Measured from the second SIGINT to the exit of the process.
+FORCED_EXIT_LIMIT = 1.0
+COMMIT_DELAY = 0.3
+SERVER_ARGS = (
+    "--fault-commit-delay", str(COMMIT_DELAY),
+    "--shutdown-timeout", "60",
+    # Flood control would drop most of the flood: this test is about stopping.
+    "--rate-limit", "1000000", "--rate-burst", "1000000",
+)
+FLOODERS = (("forced-a", "alice"), ("forced-a", "bob"), ("forced-b", "carol"), ("forced-b", "dave"))
+UPGRADE = (
+    b"GET /ws/forced-mute/mute HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@attrs.define(eq=False)
+class WatchedServer:
+    """A `collab-trio serve` child whose output lines can be awaited."""
+
+    process: trio.Process
+    port: int = 0
+    lines: list[str] = attrs.field(factory=list)
+    _new_line: trio.Event = attrs.field(factory=trio.Event)
+    _ended: bool = False
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = HANG) -> re.Match[str]:
+        """The first line (already printed or still to come) that matches."""
+        regex = re.compile(pattern)
+        seen = 0
+        with trio.fail_after(timeout):
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                if self._ended:
+                    pytest.fail(f"output ended with no line matching {regex.pattern!r}:\n{self.output}")
+                await self._new_line.wait()
+
+    def _add(self, line: str) -> None:
+        self.lines.append(line)
+        self._new_line.set()
+        self._new_line = trio.Event()
+
+    async def _collect(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async for chunk in stream:
+            *complete, buffer = (buffer + chunk).split(b"\n")
+            for raw in complete:
+                self._add(raw.decode("utf-8", "replace"))
+        if buffer:
+            self._add(buffer.decode("utf-8", "replace"))
+        self._ended = True
+        self._new_line.set()
+
+
+@asynccontextmanager
+async def watched_server(*args: str) -> AsyncIterator[WatchedServer]:
+    """Start the server on a free port; kill it at the end if it still runs."""
+    command = [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    server = WatchedServer(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            nursery.start_soon(server._collect, process.stdout)
+            server.port = int((await server.wait_for(LISTENING, START_TIMEOUT)).group(1))
+            try:
+                yield server
+            finally:
+                if process.returncode is None:
+                    process.kill()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+@attrs.define(eq=False)
+class Flooder:
+    """A client that sends add_item commands as fast as the socket takes them."""
+
+    session: str
+    user: str
+    sent: int = 0
+    acked: int = 0
+    first_ack: trio.Event = attrs.field(factory=trio.Event)
+
+    async def run(self, port: int, *, task_status: trio.TaskStatus[None]) -> None:
+        async with tcp_client(port, f"/ws/{self.session}/{self.user}") as ws:
+            with trio.fail_after(HANG):
+                ack = json.loads(await ws.get_message())
+            assert ack["type"] == "connection:ack", ack
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_loop, ws)
+                nursery.start_soon(self._receive_loop, ws, nursery.cancel_scope)
+
+    async def _send_loop(self, ws: WebSocketConnection) -> None:
+        try:
+            while True:
+                self.sent += 1
+                item_id = f"{self.user}-{self.sent}"
+                command = {
+                    "action": "add_item",
+                    "item_type": "lens",
+                    "item_id": item_id,
+                    "data": {"x_mm": float(self.sent), "y_mm": 0.0, "label": "x" * 64},
+                }
+                await ws.send_message(json.dumps({"type": "command", "command": command, "op_id": item_id}))
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the server stopped
+
+    async def _receive_loop(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+        # Reading everything keeps this client from counting as a slow one.
+        try:
+            while True:
+                message = json.loads(await ws.get_message())
+                if message["type"] == "ack":
+                    self.acked += 1
+                    self.first_ack.set()
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
+async def forced_stop_round(data_dir: Path) -> tuple[float, int, int, str]:
+    """One server, flooded, stopped twice; (exit time, sent, acked, output)."""
+    async with watched_server(*SERVER_ARGS, "--data-dir", str(data_dir)) as server:
+        mute = await trio.open_tcp_stream("127.0.0.1", server.port)
+        try:
+            await mute.send_all(UPGRADE)
+            with trio.fail_after(HANG):
+                assert (await mute.receive_some()).startswith(b"HTTP/1.1 101")
+            flooders = [Flooder(session, user) for session, user in FLOODERS]
+            async with trio.open_nursery() as nursery:
+                for flooder in flooders:
+                    await nursery.start(flooder.run, server.port)
+                # An ack means a commit went through and the flood since is
+                # queued behind the next slow one: commits are in flight.
+                with trio.fail_after(HANG):
+                    await flooders[0].first_ack.wait()
+                server.process.send_signal(signal.SIGINT)
+                # Two signals before the server reads the first may merge into one.
+                await server.wait_for("Received SIGINT: shutting down")
+                assert server.process.returncode is None, server.output
+                server.process.send_signal(signal.SIGINT)
+                signalled_at = trio.current_time()
+                with trio.move_on_after(HANG):
+                    await server.process.wait()
+                exit_time = trio.current_time() - signalled_at
+                returncode = server.process.returncode
+                if returncode is None:
+                    pytest.fail(f"still running {HANG} s after the second SIGINT:\n{server.output}")
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(mute)
+        await server.wait_for("Received SIGINT again")  # and its output has ended by now
+    output = server.output
+    assert returncode == 130, output
+    assert exit_time < FORCED_EXIT_LIMIT, f"exited {exit_time:.3f} s after the second SIGINT:\n{output}"
+    assert "Traceback" not in output, output
+    return exit_time, sum(f.sent for f in flooders), sum(f.acked for f in flooders), output
+
+
+async def test_second_sigint_exits_130_within_a_second_under_a_commit_flood(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exit_times = []
+    for round_no in range(1, ROUNDS + 1):
+        with trio.fail_after(START_TIMEOUT + 2 * HANG):
+            exit_time, sent, acked, _ = await forced_stop_round(tmp_path / f"round-{round_no}")
+        exit_times.append(exit_time)
+        with capsys.disabled():
+            print(
+                f"\nforced stop {round_no:2d}/{ROUNDS}: exit 130 in {exit_time * 1000:4.0f} ms"
+                f" ({sent} commands sent, {acked} acked)",
+                end="",
+            )
+    with capsys.disabled():
+        print(f"\nforced stop: max {max(exit_times) * 1000:.0f} ms over {ROUNDS} rounds")
