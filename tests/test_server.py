@@ -11,7 +11,7 @@ import trio.testing
 
 from collab_trio import __version__
 from collab_trio.document import SessionDocument
-from collab_trio.session import Session
+from collab_trio.session_core import SessionCore
 
 from .conftest import HANG, Harness
 
@@ -524,14 +524,14 @@ async def test_internal_error_closes_only_that_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Inject a bug into message handling for one item id.
-    real_command = Session._command
+    real_queue = SessionCore._queue
 
-    def buggy_command(self: Session, conn, command) -> None:  # noqa: ANN001
-        if command.item_id == "boom":
+    def buggy_queue(self: SessionCore, change):  # noqa: ANN001, ANN202
+        if getattr(change, "command", {}).get("item_id") == "boom":
             raise RuntimeError("injected bug")
-        real_command(self, conn, command)
+        return real_queue(self, change)
 
-    monkeypatch.setattr(Session, "_command", buggy_command)
+    monkeypatch.setattr(SessionCore, "_queue", buggy_queue)
     async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
         await alice.expect("user:joined")
         with caplog.at_level(logging.ERROR):

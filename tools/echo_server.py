@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Layer 1: a plain trio-websocket echo server with collab-trio's own server settings.
+"""Layer 1: an echo server on collab-trio's own serving layer and settings.
 
     python tools/echo_server.py [--host 0.0.0.0] [--port 8765] [--max-message-size 1M]
 
 Every text frame comes back as text and every binary frame as binary, on any
 path. Nothing of collab-trio's protocol runs here: what works against this
 server and fails against `collab-trio serve` is a bug above the WebSocket layer.
-The limits and timeouts are read from `collab_trio.config.ServerConfig`, never
+It runs on `collab_trio.serving.WebSocketServer`, the layer `collab-trio serve`
+runs on, and its limits and timeouts are read from `ServerConfig`, never
 repeated here, so both servers always run trio-websocket the same way:
 
     max_message_size   -> wrap_server_stream(max_message_size=...)   (larger: close 1009)
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import attrs
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketRequest, wrap_server_stream
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketRequest
 
 try:
     import collab_trio  # noqa: F401
@@ -45,6 +46,7 @@ from collab_trio.cli import (  # noqa: E402
     serve_until_signalled,
 )
 from collab_trio.config import DEFAULT_PORT, ServerConfig  # noqa: E402
+from collab_trio.serving import WebSocketServer  # noqa: E402
 
 log = logging.getLogger("collab_trio.echo")
 
@@ -53,116 +55,34 @@ GOING_AWAY = 1001
 
 
 @attrs.define(eq=False)
-class EchoServer:
-    """A running echo server: what `nursery.start(serve_echo, ...)` returns."""
+class EchoApp:
+    """Echoes every message back; the serving layer does the rest (see serving.py)."""
 
-    listeners: list[trio.SocketListener]
     config: ServerConfig
-    # True from the moment a graceful stop starts.
-    closing: bool = False
-    _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # One scope per connection's echo loop; cancelling it starts that connection's 1001 close.
     _echo_scopes: set[trio.CancelScope] = attrs.field(factory=set)
-    # (host, port) of every listener, read while the sockets are open.
-    addresses: list[tuple[str, int]] = attrs.field(init=False)
+    _closed: trio.Event = attrs.field(factory=trio.Event)
 
-    def __attrs_post_init__(self) -> None:
-        self.addresses = [tuple(lst.socket.getsockname()[:2]) for lst in self.listeners]
+    async def run_app(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Nothing runs in the background; returns once close_all() ran."""
+        task_status.started()
+        await self._closed.wait()
 
-    @property
-    def port(self) -> int:
-        """The bound TCP port (useful with port 0)."""
-        return int(self.addresses[0][1])
+    def connection_count(self) -> int:
+        return len(self._echo_scopes)
 
-    @property
-    def urls(self) -> list[str]:
-        """ws://HOST:PORT/ for every listener."""
-        return [
-            f"ws://[{host}]:{port}/" if ":" in host else f"ws://{host}:{port}/"
-            for host, port in self.addresses
-        ]
+    def close_all(self, code: int, reason: str) -> None:
+        for scope in list(self._echo_scopes):
+            scope.cancel()
+        self._closed.set()
 
-    def request_shutdown(self) -> None:
-        """Start a graceful stop; serve_echo() returns when it is done."""
-        self._shutdown_requested.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[EchoServer]) -> None:
-        """Serve until request_shutdown() (graceful) or until cancelled (at once)."""
-        try:
-            async with trio.open_nursery() as nursery:
-                accept_scope = trio.CancelScope()
-                await nursery.start(self._accept, accept_scope, nursery)
-                for url in self.urls:
-                    log.info("Echo server listening on %s", url)
-                task_status.started(self)
-
-                await self._shutdown_requested.wait()
-                self.closing = True
-                accept_scope.cancel()  # serve_listeners closes the listeners: port free
-                log.info(
-                    "Shutting down: closing %d connection(s) with 1001", len(self._echo_scopes)
-                )
-                for scope in list(self._echo_scopes):
-                    scope.cancel()
-                nursery.cancel_scope.deadline = trio.current_time() + self.config.shutdown_timeout
-            if nursery.cancel_scope.cancelled_caught:
-                log.warning("Grace period of %g s over: remaining connections were cut",
-                            self.config.shutdown_timeout)
-            else:
-                log.info("✓ All connections closed")
-        finally:
-            # Shielded: when serve_echo() itself is cancelled, the port must still be freed.
-            with trio.CancelScope(shield=True):
-                for listener in self.listeners:
-                    await trio.aclose_forcefully(listener)
-            log.info("✓ Port released")
-
-    async def _accept(
-        self,
-        accept_scope: trio.CancelScope,
-        handler_nursery: trio.Nursery,
-        *,
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        # Handlers run in the server nursery, so cancelling the accept loop
-        # closes only the listeners and the connections get their 1001.
-        with accept_scope:
-            await trio.serve_listeners(
-                self._handle_stream, list(self.listeners),
-                handler_nursery=handler_nursery, task_status=task_status,
-            )
-
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        try:
-            async with trio.open_nursery() as ws_nursery:
-                request: WebSocketRequest | None = None
-                with trio.move_on_after(self.config.handshake_timeout):
-                    request = await wrap_server_stream(
-                        ws_nursery, stream, max_message_size=self.config.max_message_size
-                    )
-                if request is None:
-                    log.debug("Handshake timed out after %g s", self.config.handshake_timeout)
-                else:
-                    await self._echo(request)
-                ws_nursery.cancel_scope.cancel()  # stop trio-websocket's frame reader
-        except Exception:
-            log.exception("Unexpected error in a connection handler")
-        finally:
-            # trio-websocket leaves the stream open after a 1009 close: always close it here.
-            await trio.aclose_forcefully(stream)
-
-    async def _echo(self, request: WebSocketRequest) -> None:
-        peer = _peer(request)
-        try:
-            ws = await request.accept()
-        except ConnectionClosed:
-            log.info("Client %s left during the handshake", peer)
-            return
+    async def handle(self, request: WebSocketRequest, peer: str) -> None:
+        ws = await request.accept()
         log.info("Connected: %s path %s", peer, request.path)
         closed: CloseReason | None = None
         with trio.CancelScope() as echo_scope:
             self._echo_scopes.add(echo_scope)
-            if self.closing:
+            if self._closed.is_set():
                 echo_scope.cancel()
             try:
                 while True:
@@ -178,14 +98,6 @@ class EchoServer:
         log.info("Closed: %s %s", peer, _describe(closed or ws.closed))
 
 
-def _peer(request: WebSocketRequest) -> str:
-    remote = request.remote
-    address, port = getattr(remote, "address", None), getattr(remote, "port", None)
-    if address is None:
-        return str(remote)
-    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
-
-
 def _describe(reason: CloseReason | None) -> str:
     if reason is None:
         return "without a close code"
@@ -198,18 +110,33 @@ async def serve_echo(
     port: int = DEFAULT_PORT,
     *,
     max_message_size: int = DEFAULTS.max_message_size,
-    task_status: trio.TaskStatus[EchoServer] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the echo server; `await nursery.start(serve_echo, host, port)` returns it once bound.
+
+    The returned WebSocketServer has `config`, `port`, `closing` and
+    `request_shutdown()`.
 
     Raises:
         OSError: the address can't be bound (e.g. the port is in use).
     """
-    config = ServerConfig(
-        host=host or "", port=port, max_message_size=max_message_size
-    )
+    config = ServerConfig(host=host or "", port=port, max_message_size=max_message_size)
     listeners = await trio.open_tcp_listeners(port, host=host or None)
-    await EchoServer(listeners, config).run(task_status=task_status)
+    server = WebSocketServer(
+        config, listeners, EchoApp(config), path="/", listening_message="Echo server listening on %s"
+    )
+    started = False
+
+    def ready() -> None:
+        nonlocal started
+        started = True
+        task_status.started(server)
+
+    try:
+        await server.run(ready)
+    finally:
+        if started:
+            log.info("✓ Port released")
 
 
 async def run_until_signalled(host: str, port: int, max_message_size: int) -> int:

@@ -1,18 +1,21 @@
-"""One client's tasks: reader, writer and cursor pump, run in its session's nursery.
+"""One client's tasks: reader, writer and cursor pump, under the connection's own nursery.
 
-reader: websocket -> session (parse, apply, fan out), with the idle deadline
-writer: bounded outbox channel -> websocket, then the close handshake
-cursor: forwards the latest cursor of this user at most `cursor_rate` times a second
+    Connection.run()       in its session's nursery
+     ├─ reader             websocket -> owner.frame_received(), with the idle deadline
+     ├─ writer             bounded outbox channel -> websocket, then the close handshake
+     └─ cursor             the latest cursor of this user, at most `cursor_rate` a second
 
-Fan-out never awaits: other tasks put text into `outbox` with `send_nowait`;
-when it is full this connection is closed with 1013 and nobody else waits.
+A connection knows nothing of sessions: it is given an owner (anything with
+the `ConnectionOwner` methods) when it is built. Fan-out never awaits: the
+owner puts text into the outbox with `send()`; when it is full this
+connection is closed with 1013 and nobody else waits.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import attrs
 import trio
@@ -20,10 +23,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .config import ServerConfig
 from .limits import Strikes, TokenBucket
-from .protocol import CloseCode, ErrorCode, encode, error_message, utc_timestamp
-
-if TYPE_CHECKING:
-    from .session import Session
+from .messages import Error, Forwarded, encode_message
+from .protocol import CloseCode, ErrorCode, utc_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,23 @@ LEAVE_REASONS = {
 }
 
 
+class ConnectionOwner(Protocol):
+    """What a connection calls; the session implements it. None of these await
+    except wait_for_room()."""
+
+    def frame_received(self, conn: Connection, frame: str | bytes) -> None:
+        """A frame arrived (within the rate limit)."""
+
+    def cursor_due(self, conn: Connection, message: Forwarded) -> None:
+        """The cursor pump lets this cursor through now."""
+
+    def connection_closed(self, conn: Connection) -> None:
+        """close() ran: the connection reads and queues nothing more."""
+
+    async def wait_for_room(self) -> None:
+        """Return when the owner can take another frame (back-pressure)."""
+
+
 @attrs.define(eq=False)
 class Connection:
     """A joined client: its websocket, its outbox and the state of its close."""
@@ -50,24 +68,23 @@ class Connection:
     ws: WebSocketConnection
     user_id: str
     config: ServerConfig
+    owner: ConnectionOwner
     remote: str = "?"
     # False for a token with the viewer role: it may watch but not edit.
     can_write: bool = True
     connected_at: str = attrs.field(factory=utc_timestamp)
-    session: Session | None = None
     # Set by close(): what the server sends (or the client sent) in the close frame.
     close_code: int | None = None
     close_reason: str | None = None
-    # Set when reader, writer and cursor pump have all finished.
+    # Set when run() has returned: reader, writer and cursor pump are done.
     finished: trio.Event = attrs.field(factory=trio.Event)
     _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
     _outbox_recv: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _writer_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _cursor_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    _pending_cursor: dict[str, Any] | None = None
+    _pending_cursor: Forwarded | None = None
     _cursor_ready: trio.Event = attrs.field(factory=trio.Event)
-    _tasks_left: int = 0
     _bucket: TokenBucket = attrs.field(init=False)
     _rate_strikes: Strikes = attrs.field(init=False)
     _forbidden_strikes: Strikes = attrs.field(init=False)
@@ -86,14 +103,17 @@ class Connection:
         """True once close() was called: nothing more is read or queued."""
         return self.close_code is not None
 
-    # -- called by the session (never awaits) --------------------------------
+    async def run(self) -> None:
+        """Read, write and pump cursors until the connection is closed."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, name=f"reader({self.user_id})")
+                nursery.start_soon(self._writer, name=f"writer({self.user_id})")
+                nursery.start_soon(self._cursor_pump, name=f"cursor({self.user_id})")
+        finally:
+            self.finished.set()
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Start reader, writer and cursor pump in the session's nursery."""
-        self._tasks_left = 3
-        nursery.start_soon(self._reader, name=f"reader({self.user_id})")
-        nursery.start_soon(self._writer, name=f"writer({self.user_id})")
-        nursery.start_soon(self._cursor_pump, name=f"cursor({self.user_id})")
+    # -- called by the owner (never awaits) ----------------------------------
 
     def send(self, text: str) -> None:
         """Queue one encoded message; close with 1013 if the client can't keep up."""
@@ -109,7 +129,7 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # already closing: the message is not for this connection any more
 
-    def queue_cursor(self, message: dict[str, Any]) -> None:
+    def queue_cursor(self, message: Forwarded) -> None:
         """Remember the latest cursor; the pump forwards it when the rate allows."""
         self._pending_cursor = message
         self._cursor_ready.set()
@@ -133,14 +153,20 @@ class Connection:
         self._writer_scope.deadline = min(
             self._writer_scope.deadline, trio.current_time() + self.config.close_timeout
         )
-        if self.session is not None:
-            self.session.connection_closed(self)
+        self.owner.connection_closed(self)
 
     def leave_reason(self) -> str:
         """The `reason` of the user:left notice for this connection's close."""
         if self.close_code is None:
             return "disconnected"
         return LEAVE_REASONS.get(self.close_code, "disconnected")
+
+    def refuse_forbidden(self, ref: str) -> None:
+        """A viewer tried to change the session: an error, then 4003 if it keeps trying."""
+        if self._forbidden_strikes.add(trio.current_time()):
+            self.close(CloseCode.FORBIDDEN, "forbidden: this token may only view")
+            return
+        self.send(encode_message(Error(ErrorCode.FORBIDDEN, "your token may only view this session", ref)))
 
     # -- tasks ---------------------------------------------------------------
 
@@ -153,14 +179,12 @@ class Connection:
         except Exception:
             log.exception("Internal error while handling a message from %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
-        finally:
-            self._task_done()
 
     async def _read_loop(self) -> None:
         idle_timeout = self.config.idle_timeout
-        session = self.session
-        assert session is not None
         while True:
+            # Outside the idle deadline: waiting for the store is not the client's silence.
+            await self.owner.wait_for_room()
             message: str | bytes | None = None
             with trio.move_on_after(idle_timeout):
                 message = await self.ws.get_message()
@@ -174,7 +198,7 @@ class Connection:
                 )
                 return
             if self._bucket.allow(trio.current_time()):
-                session.handle_frame(self, message)
+                self.owner.frame_received(self, message)
             else:
                 self._rate_limited()
 
@@ -188,23 +212,11 @@ class Connection:
         # let a flood amplify itself.
         if now - self._last_rate_error >= 1.0:
             self._last_rate_error = now
-            self.send(
-                encode(
-                    error_message(
-                        ErrorCode.RATE_LIMITED,
-                        f"too many messages (limit {self.config.rate_limit:g}/s); messages were dropped",
-                    )
-                )
+            error = Error(
+                ErrorCode.RATE_LIMITED,
+                f"too many messages (limit {self.config.rate_limit:g}/s); messages were dropped",
             )
-
-    def refuse_forbidden(self, ref: str) -> None:
-        """A viewer tried to change the session: an error, then 4003 if it keeps trying."""
-        if self._forbidden_strikes.add(trio.current_time()):
-            self.close(CloseCode.FORBIDDEN, "forbidden: this token may only view")
-            return
-        self.send(
-            encode(error_message(ErrorCode.FORBIDDEN, "your token may only view this session", ref))
-        )
+            self.send(encode_message(error))
 
     def _peer_closed(self, exc: ConnectionClosed) -> None:
         reason = exc.reason
@@ -236,34 +248,21 @@ class Connection:
         finally:
             self._outbox_recv.close()
             self._reader_scope.cancel()
-            try:
-                if not graceful:
-                    # Deadline passed or error: drop the transport without a handshake.
-                    await trio.aclose_forcefully(ws)
-            finally:
-                self._task_done()
+            if not graceful:
+                # Deadline passed or error: drop the transport without a handshake.
+                await trio.aclose_forcefully(ws)
 
     async def _cursor_pump(self) -> None:
         interval = 1.0 / self.config.cursor_rate
         try:
             with self._cursor_scope:
-                session = self.session
-                assert session is not None
                 while True:
                     await self._cursor_ready.wait()
                     self._cursor_ready = trio.Event()
                     message, self._pending_cursor = self._pending_cursor, None
                     if message is not None:
-                        session.broadcast(message, exclude=self.user_id)
+                        self.owner.cursor_due(self, message)
                     await trio.sleep(interval)
         except Exception:
             log.exception("Internal error while forwarding the cursor of %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
-        finally:
-            self._task_done()
-
-    def _task_done(self) -> None:
-        self._tasks_left -= 1
-        if self._tasks_left == 0:
-            self.finished.set()
-

@@ -469,26 +469,3 @@ def parse_client_message(message: dict[str, Any]) -> ClientMessage:
     if msg_type == "cursor":
         return Cursor(raw=message)
     raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {msg_type!r}", msg_type)
-
-
-# ---------------------------------------------------------------------------
-# Server messages
-
-
-def error_message(code: ErrorCode | str, message: str, ref: str | None = None) -> dict[str, Any]:
-    """An `error` message for the client that sent something unacceptable."""
-    return {"type": "error", "code": str(getattr(code, "value", code)), "message": message, "ref": ref}
-
-
-def pong_message(timestamp: str) -> dict[str, Any]:
-    """The answer to a `ping`."""
-    return {"type": "pong", "timestamp": timestamp}
-
-
-def ack_message(seq: int, op_id: Any = None) -> dict[str, Any]:
-    """Tell a sender that its change was applied as `seq`."""
-    message: dict[str, Any] = {"type": "ack", "seq": seq}
-    if op_id is not None:
-        message["op_id"] = op_id
-    return message
-

@@ -1,0 +1,220 @@
+"""Server messages: one frozen class per message the server sends. Pure.
+
+Each has `to_wire()`, the JSON object of PROTOCOL.md; the session encodes
+it once however many members it goes to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from . import __version__
+from .document import Op
+from .protocol import PROTOCOL_VERSION, ErrorCode, encode
+
+SERVER_INFO = {"name": "collab-trio", "version": __version__, "protocol": PROTOCOL_VERSION}
+
+
+@attrs.frozen
+class UserInfo:
+    """One entry of a `users` list."""
+
+    user_id: str
+    connected_at: str
+    is_host: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "connected_at": self.connected_at, "is_host": self.is_host}
+
+
+def _users(users: tuple[UserInfo, ...]) -> list[dict[str, Any]]:
+    return [user.to_wire() for user in users]
+
+
+@attrs.frozen
+class ConnectionAck:
+    """`connection:ack`: the first message of every connection."""
+
+    session_id: str
+    user_id: str
+    is_host: bool
+    users: tuple[UserInfo, ...]
+    version: int
+    epoch: str
+    heartbeat_interval_s: float
+    timestamp: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "connection:ack",
+            "session_id": self.session_id,
+            "user_id": self.user_id,
+            "is_host": self.is_host,
+            "users": _users(self.users),
+            "version": self.version,
+            "epoch": self.epoch,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+            "server": SERVER_INFO,
+            "timestamp": self.timestamp,
+        }
+
+
+@attrs.frozen
+class UserJoined:
+    """`user:joined`, to everyone but the newcomer."""
+
+    user_id: str
+    timestamp: str
+    users: tuple[UserInfo, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "user:joined",
+            "user_id": self.user_id,
+            "timestamp": self.timestamp,
+            "users": _users(self.users),
+        }
+
+
+@attrs.frozen
+class UserLeft:
+    """`user:left`; `users` already shows a newly promoted host."""
+
+    user_id: str
+    timestamp: str
+    reason: str
+    users: tuple[UserInfo, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "user:left",
+            "user_id": self.user_id,
+            "timestamp": self.timestamp,
+            "reason": self.reason,
+            "users": _users(self.users),
+        }
+
+
+@attrs.frozen
+class HostChanged:
+    """`host:changed`: the longest-connected remaining user is host now."""
+
+    user_id: str
+    timestamp: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "host:changed", "user_id": self.user_id, "timestamp": self.timestamp}
+
+
+@attrs.frozen
+class Pong:
+    """The answer to a `ping`."""
+
+    timestamp: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "pong", "timestamp": self.timestamp}
+
+
+@attrs.frozen
+class Ack:
+    """Tells a sender that its change was stored and applied as `seq`."""
+
+    seq: int
+    op_id: Any = None
+
+    def to_wire(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"type": "ack", "seq": self.seq}
+        if self.op_id is not None:
+            message["op_id"] = self.op_id
+        return message
+
+
+@attrs.frozen
+class Error:
+    """`error`: something the client sent was not accepted."""
+
+    code: ErrorCode
+    message: str
+    ref: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.code.value, "message": self.message, "ref": self.ref}
+
+
+@attrs.frozen
+class Relay:
+    """The `command` message other members receive for a committed op."""
+
+    op: Op
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.op.relayed()
+
+
+@attrs.frozen
+class SyncState:
+    """`sync:state`: the whole document (`state` is None for a never-written one)."""
+
+    state: dict[str, Any] | None
+    version: int
+    epoch: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "sync:state",
+            "state": self.state,
+            "version": self.version,
+            "epoch": self.epoch,
+            "from_server": True,
+        }
+
+
+@attrs.frozen
+class SyncOps:
+    """`sync:ops`: the commands a resuming client missed, in seq order."""
+
+    ops: tuple[Op, ...]
+    version: int
+    epoch: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "sync:ops",
+            "ops": [op.relayed() for op in self.ops],
+            "version": self.version,
+            "epoch": self.epoch,
+        }
+
+
+@attrs.frozen
+class Forwarded:
+    """A client's message passed on as sent, plus the sender's `user_id`
+    (`cursor`, and `sync:full_state` from a member who is not the host)."""
+
+    message: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.message
+
+
+ServerMessage = (
+    ConnectionAck
+    | UserJoined
+    | UserLeft
+    | HostChanged
+    | Pong
+    | Ack
+    | Error
+    | Relay
+    | SyncState
+    | SyncOps
+    | Forwarded
+)
+
+
+def encode_message(message: ServerMessage) -> str:
+    """The text frame of one server message."""
+    return encode(message.to_wire())

@@ -1,0 +1,559 @@
+"""The rules of one session, sans-io: members, host, pending changes, ordering.
+
+`SessionCore` never awaits and does no I/O, like wsproto's connection or
+websockets' `Protocol`: frames and events go in, effects come out, and the
+trio `Session` (session.py) carries the effects out in the order given.
+
+    core.join(conn, user_id, ...)  -> [Send(ack), Broadcast(user:joined) | Close(previous)]
+    core.receive(conn, frame)      -> [Send(pong) | Send(error) | WantCommit() | ...]
+    core.take_batch()              -> Batch: the ops the runner hands to the store
+    core.committed(batch)          -> [Broadcast(relay), Send(ack), Send(sync answer), ...]
+    core.commit_failed(batch, ..)  -> [Send(error not_persisted), ...]
+    core.leave(conn, reason)       -> [Broadcast(user:left), Broadcast(host:changed)]
+
+`conn` is whatever the runner uses to tell connections apart (its
+`Connection` objects; tests pass strings). The rules that live here:
+
+- The host is the longest-connected member; a reconnecting user keeps its
+  place (and host role); the new connection replaces the old one (4001).
+- Nobody hears of a change before the store has it: a change waits in the
+  pending queue, is committed in a batch, and only then applied, relayed to
+  the others and acknowledged to its sender, in seq order.
+- An op_id already applied is only acknowledged again; one still pending is
+  acknowledged together with the first when it commits.
+- A sync:request that arrives while changes are pending is answered after
+  them, in arrival order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import attrs
+
+from .document import COMMAND, REPLACE, Op, SessionDocument, op_id_key
+from .messages import (
+    Ack,
+    ConnectionAck,
+    Error,
+    Forwarded,
+    HostChanged,
+    Pong,
+    Relay,
+    ServerMessage,
+    SyncOps,
+    SyncState,
+    UserInfo,
+    UserJoined,
+    UserLeft,
+)
+from .protocol import (
+    CloseCode,
+    Command,
+    Cursor,
+    ErrorCode,
+    FullState,
+    Ping,
+    ProtocolError,
+    SyncRequest,
+    SyncUpdate,
+    decode,
+    message_type,
+    parse_client_message,
+    utc_timestamp,
+)
+
+Conn = Hashable
+
+# -- effects -------------------------------------------------------------------
+
+
+@attrs.frozen
+class Send:
+    """Queue `message` for one connection."""
+
+    conn: Conn
+    message: ServerMessage
+
+
+@attrs.frozen
+class Broadcast:
+    """Queue `message` for every member but `exclude` (a user id), encoded once."""
+
+    message: ServerMessage
+    exclude: str | None = None
+
+
+@attrs.frozen
+class Close:
+    """Close one connection with this code."""
+
+    conn: Conn
+    code: int
+    reason: str
+
+
+@attrs.frozen
+class QueueCursor:
+    """Hand the member's latest cursor to its rate-limited cursor pump."""
+
+    conn: Conn
+    message: Forwarded
+
+
+@attrs.frozen
+class Refuse:
+    """A viewer tried to change the session (the connection counts strikes)."""
+
+    conn: Conn
+    ref: str
+
+
+@attrs.frozen
+class WantCommit:
+    """Changes are pending: the runner should take a batch when it can."""
+
+
+@attrs.frozen
+class WantSnapshot:
+    """Enough ops since the last snapshot: store this one (see snapshot_saved)."""
+
+    snapshot: dict[str, Any]
+
+
+@attrs.frozen
+class Emptied:
+    """The last member left: the session takes no more joins and can unload."""
+
+
+Effect = Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantSnapshot | Emptied
+
+
+class JoinRefused(Exception):
+    """A join that cannot happen; the connection is closed with `code`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# -- pending changes -------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Change:
+    """What every pending change has: who sent it and whom to acknowledge."""
+
+    conn: Conn
+    user_id: str
+    size: int
+    op_id: Any = None
+    # Connections that sent the same op_id again before this one committed.
+    repeats: list[Conn] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
+class PendingCommand(_Change):
+    """A `command`: applied, relayed to the others and acknowledged."""
+
+    command: dict[str, Any] = attrs.field(kw_only=True)
+
+
+@attrs.define(eq=False)
+class PendingReplace(_Change):
+    """A `sync:update`, or the host's `sync:full_state`: replaces every item.
+
+    `forward`: the full_state message to pass on (to `target_user`, or to
+    everyone when None); for a sync:update the others get sync:state instead.
+    """
+
+    items: list[dict[str, Any]] = attrs.field(kw_only=True)
+    forward: Forwarded | None = attrs.field(default=None, kw_only=True)
+    target_user: str | None = attrs.field(default=None, kw_only=True)
+
+
+@attrs.define(eq=False)
+class PendingSync:
+    """A `sync:request` that arrived behind pending changes."""
+
+    conn: Conn
+    request: SyncRequest
+
+
+Pending = PendingCommand | PendingReplace | PendingSync
+
+
+@attrs.frozen
+class Batch:
+    """Pending entries taken for one commit, and the ops of the changes among them."""
+
+    entries: tuple[Pending, ...]
+    ops: tuple[Op, ...]
+    epoch: str
+
+    @property
+    def size(self) -> int:
+        """Bytes of the changes in this batch, as received."""
+        return sum(op.size for op in self.ops)
+
+
+# -- the core --------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Member:
+    conn: Conn
+    user_id: str
+    connected_at: str
+    can_write: bool
+
+
+@attrs.define(eq=False)
+class SessionCore:
+    """Members, host, document and pending changes of one session; never awaits."""
+
+    session_id: str
+    document: SessionDocument = attrs.field(factory=SessionDocument)
+    max_users: int = 50
+    snapshot_every: int = 100
+    heartbeat_interval: float = 30.0
+    clock: Callable[[], str] = utc_timestamp
+    # Members by user id, in join order (a reconnect keeps its place).
+    _members: dict[str, _Member] = attrs.field(factory=dict)
+    host: str | None = None
+    # True once the last member left or close_all() ran: no more joins.
+    closed: bool = False
+    _pending: list[Pending] = attrs.field(factory=list)
+    _pending_op_ids: dict[tuple[str, tuple[str, str | int]], _Change] = attrs.field(factory=dict)
+    _in_flight: Batch | None = None
+    # Bytes of changes received and not yet committed (queued or in flight).
+    pending_bytes: int = 0
+    _snapshot_version: int = attrs.field(init=False)
+    _snapshotting: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self._snapshot_version = self.document.version
+
+    # -- membership ----------------------------------------------------------
+
+    def users(self) -> tuple[UserInfo, ...]:
+        """The user list, in join order."""
+        return tuple(
+            UserInfo(m.user_id, m.connected_at, m.user_id == self.host) for m in self._members.values()
+        )
+
+    def member_ids(self) -> list[str]:
+        """User ids of the members, in join order."""
+        return list(self._members)
+
+    def connections(self, exclude: str | None = None) -> list[Conn]:
+        """The members' connections, in join order, but user `exclude`'s."""
+        return [m.conn for m in self._members.values() if m.user_id != exclude]
+
+    def connection_of(self, user_id: str) -> Conn | None:
+        """The current connection of a member."""
+        member = self._members.get(user_id)
+        return None if member is None else member.conn
+
+    def is_member(self, conn: Conn, user_id: str) -> bool:
+        """True while `conn` is `user_id`'s current connection."""
+        member = self._members.get(user_id)
+        return member is not None and member.conn == conn
+
+    def join(
+        self,
+        conn: Conn,
+        user_id: str,
+        *,
+        connected_at: str,
+        can_write: bool = True,
+        resume: SyncRequest | None = None,
+    ) -> list[Effect]:
+        """Add a connection.
+
+        Raises:
+            JoinRefused: the session is closed (the caller loads a new one),
+                or full.
+        """
+        if self.closed:
+            raise JoinRefused(CloseCode.GOING_AWAY, "session closed")
+        previous = self._members.get(user_id)
+        if previous is None and len(self._members) >= self.max_users:
+            raise JoinRefused(CloseCode.SESSION_FULL, f"session full ({self.max_users} users)")
+        # Assigning to an existing key keeps its place: a reconnecting user keeps
+        # its seniority (and host role) instead of going to the back of the line.
+        self._members[user_id] = _Member(conn, user_id, connected_at, can_write)
+        if self.host is None:
+            self.host = user_id
+        effects: list[Effect] = [Send(conn, self._ack(user_id))]
+        if resume is not None:
+            effects.append(Send(conn, self._sync_answer(resume)))
+        if previous is not None:
+            effects.append(
+                Close(previous.conn, CloseCode.REPLACED, "replaced by a newer connection of the same user")
+            )
+        else:
+            effects.append(Broadcast(UserJoined(user_id, connected_at, self.users()), exclude=user_id))
+        return effects
+
+    def leave(self, conn: Conn, user_id: str, reason: str) -> list[Effect]:
+        """A connection ended; `reason` is the user:left reason."""
+        if not self.is_member(conn, user_id):
+            return []  # replaced by a newer connection, or already gone
+        del self._members[user_id]
+        effects: list[Effect] = []
+        host_left = self.host == user_id
+        if host_left:
+            # Promote first, so the user list in user:left already shows the new host.
+            self.host = next(iter(self._members), None)
+        if not self.closed:
+            now = self.clock()
+            effects.append(Broadcast(UserLeft(user_id, now, reason, self.users())))
+            if host_left and self.host is not None:
+                effects.append(Broadcast(HostChanged(self.host, now)))
+        if not self._members and not self.closed:
+            self.closed = True
+            effects.append(Emptied())
+        return effects
+
+    def close_all(self, code: int, reason: str) -> list[Effect]:
+        """Close every member with one code, without a storm of leave notices."""
+        effects: list[Effect] = [Close(m.conn, code, reason) for m in self._members.values()]
+        if not self.closed:
+            self.closed = True
+            effects.append(Emptied())
+        return effects
+
+    def _ack(self, user_id: str) -> ConnectionAck:
+        return ConnectionAck(
+            session_id=self.session_id,
+            user_id=user_id,
+            is_host=user_id == self.host,
+            users=self.users(),
+            version=self.document.version,
+            epoch=self.document.epoch,
+            heartbeat_interval_s=self.heartbeat_interval,
+            timestamp=self.clock(),
+        )
+
+    # -- messages ------------------------------------------------------------
+
+    def receive(self, conn: Conn, user_id: str, frame: str | bytes) -> list[Effect]:
+        """Handle one frame from a member: answer it, or queue the change it makes."""
+        member = self._members.get(user_id)
+        if member is None or member.conn != conn:
+            return []
+        if isinstance(frame, bytes):
+            return [
+                Send(
+                    conn,
+                    Error(
+                        ErrorCode.BINARY_NOT_SUPPORTED,
+                        "binary frames are not supported; send JSON in text frames",
+                    ),
+                )
+            ]
+        try:
+            message = parse_client_message(decode(frame))
+        except ProtocolError as exc:
+            return [Send(conn, Error(exc.code, exc.message, exc.ref))]
+        if not member.can_write and isinstance(message, (Command, SyncUpdate, FullState)):
+            return [Refuse(conn, message_type(message))]
+        size = len(frame)
+        if isinstance(message, Ping):
+            return [Send(conn, Pong(self.clock()))]
+        if isinstance(message, Command):
+            return self._queue(
+                PendingCommand(conn, user_id, size, message.op_id, command=message.command)
+            )
+        if isinstance(message, Cursor):
+            return [QueueCursor(conn, Forwarded({**message.raw, "user_id": user_id}))]
+        if isinstance(message, SyncRequest):
+            if self._pending or self._in_flight is not None:
+                # Changes sent earlier (by anyone) are not applied yet: answer
+                # in arrival order, after them.
+                self._pending.append(PendingSync(conn, message))
+                return []
+            return [Send(conn, self._sync_answer(message))]
+        if isinstance(message, SyncUpdate):
+            return self._queue(PendingReplace(conn, user_id, size, message.op_id, items=message.items))
+        assert isinstance(message, FullState)
+        return self._full_state(conn, user_id, size, message)
+
+    def _full_state(self, conn: Conn, user_id: str, size: int, message: FullState) -> list[Effect]:
+        target = message.target_user
+        if target is not None and target not in self._members:
+            error = Error(
+                ErrorCode.UNKNOWN_USER, f"target_user {target!r} is not in this session", "sync:full_state"
+            )
+            return [Send(conn, error)]
+        forwarded = Forwarded({**message.raw, "user_id": user_id})
+        if user_id != self.host:
+            # Only the host's full state becomes the session document: the host
+            # is the one Optiverse treats as the owner of the canvas.
+            return self._forward(forwarded, target, exclude=user_id)
+        return self._queue(
+            PendingReplace(conn, user_id, size, items=message.items, forward=forwarded, target_user=target)
+        )
+
+    def _forward(self, message: Forwarded, target_user: str | None, *, exclude: str) -> list[Effect]:
+        if target_user is None:
+            return [Broadcast(message, exclude=exclude)]
+        target = self._members.get(target_user)
+        return [] if target is None else [Send(target.conn, message)]
+
+    def _queue(self, change: PendingCommand | PendingReplace) -> list[Effect]:
+        if change.op_id is not None:
+            seq = self.document.seq_of(change.user_id, change.op_id)
+            if seq is not None:
+                return [Send(change.conn, Ack(seq, change.op_id))]
+            key = (change.user_id, op_id_key(change.op_id))
+            earlier = self._pending_op_ids.get(key)
+            if earlier is not None:
+                earlier.repeats.append(change.conn)
+                return []
+            self._pending_op_ids[key] = change
+        self._pending.append(change)
+        self.pending_bytes += change.size
+        return [WantCommit()]
+
+    def _sync_answer(self, request: SyncRequest) -> SyncOps | SyncState:
+        """sync:ops when the client can catch up op by op, else sync:state."""
+        document = self.document
+        if request.since is not None and request.epoch == document.epoch:
+            ops = document.ops_since(request.since)
+            if ops is not None:
+                return SyncOps(tuple(ops), document.version, document.epoch)
+        return self._sync_state()
+
+    def _sync_state(self) -> SyncState:
+        document = self.document
+        return SyncState(document.state(self.clock()), document.version, document.epoch)
+
+    # -- commits -------------------------------------------------------------
+
+    @property
+    def has_pending(self) -> bool:
+        """True when take_batch() would return a batch."""
+        return bool(self._pending)
+
+    @property
+    def committing(self) -> bool:
+        """True while a batch is with the store."""
+        return self._in_flight is not None
+
+    def take_batch(self) -> Batch | None:
+        """Everything pending, with the ops the runner must commit (maybe none).
+
+        Only one batch is out at a time; answer it with committed() or
+        commit_failed() before taking the next.
+        """
+        if not self._pending or self._in_flight is not None:
+            return None
+        entries, self._pending = tuple(self._pending), []
+        timestamp = self.clock()
+        first = self.document.version + 1
+        ops: list[Op] = []
+        for entry in entries:
+            if isinstance(entry, PendingSync):
+                continue
+            ops.append(
+                Op(
+                    seq=first + len(ops),
+                    user_id=entry.user_id,
+                    kind=COMMAND if isinstance(entry, PendingCommand) else REPLACE,
+                    timestamp=timestamp,
+                    command=entry.command if isinstance(entry, PendingCommand) else None,
+                    items=entry.items if isinstance(entry, PendingReplace) else None,
+                    op_id=entry.op_id,
+                    size=entry.size,
+                )
+            )
+        batch = Batch(entries, tuple(ops), self.document.epoch)
+        self._in_flight = batch
+        return batch
+
+    def committed(self, batch: Batch) -> list[Effect]:
+        """The store has the batch: apply each op, relay it, acknowledge it."""
+        self._finish(batch)
+        effects: list[Effect] = []
+        ops = iter(batch.ops)
+        for entry in batch.entries:
+            if isinstance(entry, PendingSync):
+                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
+                continue
+            op = next(ops)
+            self.document.apply(op)
+            if isinstance(entry, PendingCommand):
+                effects.append(Broadcast(Relay(op), exclude=op.user_id))
+            elif entry.forward is not None:
+                effects += self._forward(entry.forward, entry.target_user, exclude=op.user_id)
+            else:
+                effects.append(Broadcast(self._sync_state(), exclude=op.user_id))
+            ack = Ack(op.seq, op.op_id)
+            effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
+        if (
+            batch.ops
+            and not self._snapshotting
+            and self.document.version - self._snapshot_version >= self.snapshot_every
+        ):
+            self._snapshotting = True
+            effects.append(WantSnapshot(self.document.snapshot()))
+        if self._pending:
+            effects.append(WantCommit())
+        return effects
+
+    def commit_failed(self, batch: Batch, *, reset: bool = False) -> list[Effect]:
+        """Nothing of the batch was stored: tell each sender; nobody else hears of it.
+
+        With `reset` (an administrator deleted or replaced the session) every
+        member must reconnect to see what is stored now.
+        """
+        self._finish(batch)
+        effects: list[Effect] = []
+        for entry in batch.entries:
+            if isinstance(entry, PendingSync):
+                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
+                continue
+            ref = "command" if isinstance(entry, PendingCommand) else None
+            error = Error(
+                ErrorCode.NOT_PERSISTED,
+                "the change was not stored and not sent to anyone; try again later",
+                ref,
+            )
+            effects += [Send(conn, error) for conn in (entry.conn, *entry.repeats)]
+        if reset:
+            effects += self.close_all(
+                CloseCode.GOING_AWAY, "session was reset by an administrator; reconnect"
+            )
+        elif self._pending:
+            effects.append(WantCommit())
+        return effects
+
+    def _finish(self, batch: Batch) -> None:
+        if batch is not self._in_flight:
+            raise ValueError("not the batch in flight")
+        self._in_flight = None
+        for entry in batch.entries:
+            if isinstance(entry, PendingSync):
+                continue
+            self.pending_bytes -= entry.size
+            if entry.op_id is not None:
+                self._pending_op_ids.pop((entry.user_id, op_id_key(entry.op_id)), None)
+
+    # -- snapshots -----------------------------------------------------------
+
+    def snapshot_due(self) -> dict[str, Any] | None:
+        """A snapshot to store now (when the session unloads), or None if current."""
+        if self.document.version == self._snapshot_version or self._snapshotting:
+            return None
+        self._snapshotting = True
+        return self.document.snapshot()
+
+    def snapshot_saved(self, snapshot: dict[str, Any] | None) -> None:
+        """The snapshot from WantSnapshot/snapshot_due is stored (None: it failed)."""
+        self._snapshotting = False
+        if snapshot is not None:
+            self._snapshot_version = max(self._snapshot_version, snapshot["version"])
