@@ -1,0 +1,115 @@
+"""The trio Session around the core: back-pressure, one order, store deadlines.
+
+Whole server over in-memory WebSocket streams, virtual time. The store is a
+MemoryStore whose commits the test holds back (a gate), or never answers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+
+from collab_trio.store import MemoryStore
+
+from .conftest import Harness
+
+
+@attrs.define(eq=False)
+class GatedStore(MemoryStore):
+    """Commits wait until the test opens the gate (or for ever, if it never does)."""
+
+    gate: trio.Event = attrs.field(factory=trio.Event)
+    commits: int = 0
+
+    async def commit(self, session_id: str, epoch: str, ops: list[Any]) -> None:
+        await self.gate.wait()
+        await super().commit(session_id, epoch, ops)
+        self.commits += 1
+
+
+def add(item_id: str, op_id: int, padding: int = 0) -> dict[str, Any]:
+    return {
+        "type": "command",
+        "op_id": op_id,
+        "command": {
+            "action": "add_item",
+            "item_type": "lens",
+            "item_id": item_id,
+            "data": {"note": "x" * padding},
+        },
+    }
+
+
+async def test_a_slow_store_stops_the_readers_instead_of_growing_memory(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    store = GatedStore()
+    limit = 4000
+    harness: Harness = await start_server(_store=store, max_pending_bytes=limit)
+    async with harness.joined("s", "alice") as alice:
+        message = add("a", 0, padding=300)
+        size = len(json.dumps(message))
+        for n in range(100):
+            await alice.send(add(f"a{n}", n, padding=300))
+        await trio.testing.wait_all_tasks_blocked()
+        session = harness.registry.sessions["s"]
+        assert session.core is not None
+        # The reader stopped once the limit was reached: the rest waits in the
+        # transport, not in the server's memory.
+        assert limit <= session.core.pending_bytes < limit + size
+        held = session.core.pending_bytes
+        store.gate.set()
+        acks = [await alice.expect("ack") for _ in range(100)]
+        assert [a["op_id"] for a in acks] == list(range(100))
+        assert session.core.pending_bytes == 0
+        print(f"pending bytes held at {held} (limit {limit}, one message {size}); 100 of 100 acked")
+
+
+async def test_a_close_during_a_broadcast_is_announced_after_it(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # Join order: alice, dave, carol, bob. carol never reads, so one of the
+    # relays of alice's changes overflows her outbox in the middle of its
+    # broadcast. dave (before her) and bob (after her) must still see one order.
+    harness: Harness = await start_server(outbox_size=4)
+
+    async def observed(client: Any) -> list[tuple[str, Any]]:
+        seen: list[tuple[str, Any]] = []
+        while sum(kind == "command" for kind, _ in seen) < 8:
+            message = await client.recv()
+            seen.append((message["type"], message.get("seq", message.get("user_id"))))
+        return seen
+
+    async with harness.joined("s", "alice") as alice, harness.joined("s", "dave") as dave:
+        async with harness.client("s", "carol", lockstep=True):
+            async with harness.joined("s", "bob") as bob:
+                await alice.expect("user:joined")
+                await alice.expect("user:joined")
+                await alice.expect("user:joined")
+                await dave.expect("user:joined")
+                await dave.expect("user:joined")
+                for n in range(8):
+                    await alice.send(add(f"a{n}", n))
+                dave_saw, bob_saw = await observed(dave), await observed(bob)
+                assert ("user:left", "carol") in bob_saw
+                assert dave_saw == bob_saw
+                left = bob_saw.index(("user:left", "carol"))
+                assert bob_saw[left - 1][0] == "command"  # the relay that overflowed her
+
+
+async def test_a_store_that_never_answers_closes_the_session_after_the_deadline(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    harness: Harness = await start_server(_store=GatedStore(), commit_timeout=30)
+    async with harness.joined("s", "alice") as alice, harness.joined("other", "olga") as olga:
+        start = trio.current_time()
+        await alice.send(add("a", 1))
+        code, reason = await alice.expect_closed(timeout=60)
+        assert (code, trio.current_time() - start) == (1011, 30)
+        assert "storage" in reason
+        await olga.send({"type": "ping"})
+        await olga.expect("pong")
