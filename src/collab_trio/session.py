@@ -83,6 +83,8 @@ class Session:
     _room: trio.Event = attrs.field(factory=trio.Event)
     _effects: deque[Effect] = attrs.field(factory=deque)
     _executing: bool = False
+    # close_all() called while the document was still loading.
+    _close_requested: tuple[int, str] | None = None
 
     @property
     def document(self) -> SessionDocument:
@@ -119,6 +121,8 @@ class Session:
                 snapshot_every=self.config.snapshot_every,
                 heartbeat_interval=self.config.heartbeat_interval,
             )
+            if self._close_requested is not None:
+                self.close_all(*self._close_requested)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._guarded, self._committer, name=f"committer({self.session_id})")
@@ -175,7 +179,9 @@ class Session:
 
     def close_all(self, code: int, reason: str) -> None:
         """Close every member with the same code, without a leave notice storm."""
-        if self.core is not None:
+        if self.core is None:
+            self._close_requested = (code, reason)
+        else:
             self._execute(self.core.close_all(code, reason))
 
     # -- ConnectionOwner -----------------------------------------------------
