@@ -8,6 +8,7 @@ an ERROR, and it says what is wrong with what.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -19,6 +20,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from collab_trio.auth import TokensFileError
+from collab_trio.cli import _first_cause, build_parser, describe_failure
+from collab_trio.config import ServerConfig
+from collab_trio.store import StoreError
 from collab_trio.store.sqlite import database_path
 
 from .processes import LISTENING, START_TIMEOUT, server_process
@@ -139,3 +144,93 @@ async def test_busy_data_dir_names_the_other_server_then_frees_on_sigkill(tmp_pa
         second.process.send_signal(signal.SIGINT)
         with trio.fail_after(START_TIMEOUT):
             assert await second.process.wait() == 0, second.output
+
+
+async def run_serve_with_broken_server(tmp_path: Path, *args: str) -> tuple[int, list[str]]:
+    """`collab-trio serve` whose serve() fails with a bug (RuntimeError) before it binds."""
+    code = (
+        "import sys, collab_trio.cli as cli\n"
+        "async def broken(config, *, task_status):\n"
+        "    raise RuntimeError('a bug')\n"
+        "cli.serve = broken\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    command = [
+        sys.executable, "-c", code, "serve", "--host", "127.0.0.1", "--port", "0",
+        "--data-dir", str(tmp_path / "data"), *args,
+    ]
+    with trio.fail_after(START_TIMEOUT):
+        result = await trio.run_process(
+            command, capture_stdout=True, stderr=subprocess.STDOUT, check=False,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return result.returncode, result.stdout.decode("utf-8", "replace").splitlines()
+
+
+async def test_unexpected_error_is_one_line_and_the_traceback_only_with_debug(tmp_path: Path) -> None:
+    message = the_error_line(*await run_serve_with_broken_server(tmp_path))
+    assert message == "Stopped by an unexpected error: RuntimeError: a bug (--debug shows the traceback)"
+
+    returncode, lines = await run_serve_with_broken_server(tmp_path, "--debug")
+    output = "\n".join(lines)
+    assert returncode == 1, output
+    errors = [line for line in lines if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith("Stopped by an unexpected error: RuntimeError: a bug"), output
+    assert "Traceback (most recent call last)" in output, output
+    assert lines[-1] == "RuntimeError: a bug", output
+
+
+def test_tuning_options() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--max-pending-bytes", "256K", "--store-queue-bytes", "2M", "--fault-commit-delay", "0.2"]
+    )
+    assert (args.max_pending_bytes, args.store_queue_bytes) == (256 * 1024, 2 * 1024 * 1024)
+    assert args.fault_commit_delay == 0.2
+    defaults = build_parser().parse_args(["serve"])
+    config = ServerConfig()
+    assert (defaults.max_pending_bytes, defaults.store_queue_bytes, defaults.fault_commit_delay) == (
+        config.max_pending_bytes, config.store_queue_bytes, config.fault_commit_delay
+    )
+
+
+def test_fault_injection_is_not_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "--max-pending-bytes" in text and "--store-queue-bytes" in text
+    assert "--fault-commit-delay" not in text
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (
+            StoreError("data directory /srv/d is in use by another collab-trio server (pid 42)"),
+            "data directory /srv/d is in use by another collab-trio server (pid 42)",
+        ),
+        (StoreError("/srv/d is not a directory"), "/srv/d is not a directory"),
+        (StoreError("permission denied"), "Cannot use the data directory /srv/d: permission denied"),
+        # "/srv/dx" is another directory, not this one.
+        (StoreError("/srv/dx is not a directory"), "Cannot use the data directory /srv/d: /srv/dx is not a directory"),
+        (
+            OSError(errno.EADDRINUSE, "Address already in use"),
+            "Cannot listen on 0.0.0.0:8765: the port is already in use",
+        ),
+        (OSError(errno.EACCES, "Permission denied"), "Cannot listen on 0.0.0.0:8765: Permission denied"),
+        (TokensFileError("tokens.toml: no tokens defined"), "tokens.toml: no tokens defined"),
+        (RuntimeError("a bug"), "Stopped by an unexpected error: RuntimeError: a bug"),
+    ],
+)
+def test_the_cause_is_found_in_nested_groups(error: Exception, line: str) -> None:
+    # As trio delivers it: one group per nursery the error crossed, next to a Cancelled-free sibling.
+    group = ExceptionGroup("outer", [ExceptionGroup("inner", [error])])
+    cause, known = _first_cause(group)
+    assert cause is error
+    assert known == (not isinstance(error, RuntimeError))
+    assert describe_failure(cause, ServerConfig(data_dir="/srv/d")) == line
+
+
+def test_a_known_cause_wins_over_a_bug_next_to_it() -> None:
+    store_error = StoreError("permission denied")
+    cause, known = _first_cause(ExceptionGroup("x", [RuntimeError("later"), ExceptionGroup("y", [store_error])]))
+    assert (cause, known) == (store_error, True)
