@@ -138,14 +138,17 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
 
 async def test_restart_keeps_the_document(start_server, data_dir: Path) -> None:
     with trio.fail_after(HANG):
-        first: Harness = await start_server(store="sqlite", data_dir=str(data_dir))
+        first_store = SQLiteStore(data_dir)
+        first: Harness = await start_server(store="sqlite", data_dir=str(data_dir), _store=first_store)
         async with first.joined("lab", "alice") as alice:
             for i in range(3):
                 await alice.send(add(f"item-{i}", x_mm=float(i)))
                 assert (await alice.expect("ack"))["seq"] == i + 1
             epoch = first.registry.sessions["lab"].document.epoch
         first.server.request_shutdown()
-        await first.server.port_released.wait()
+        # One data directory, one server: the next one starts once this one's
+        # store has let go of it (the port is released earlier).
+        await first_store.stopped.wait()
 
         second: Harness = await start_server(store="sqlite", data_dir=str(data_dir))
         async with second.joined("lab", "bob") as bob:

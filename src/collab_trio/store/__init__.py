@@ -4,7 +4,9 @@ A session loads its document once, then commits every change (an `Op`)
 before anyone hears of it. `MemoryStore` keeps documents for the life of
 the process; `SQLiteStore` journals ops to disk in group-committed
 transactions from a worker thread, with snapshots, so that nothing
-acknowledged is ever lost.
+acknowledged is ever lost; its job queue is bounded in bytes and it locks
+its data directory against a second server. `Database` (database.py) is the
+synchronous sqlite3 layer the writer and the admin commands share.
 """
 
 from __future__ import annotations
@@ -20,5 +22,11 @@ __all__ = ["MemoryStore", "SQLiteStore", "SessionReset", "Store", "StoreError", 
 def make_store(config: ServerConfig) -> Store:
     """The store the settings ask for."""
     if config.store == "memory":
-        return MemoryStore(retention=config.retention)
-    return SQLiteStore(config.data_dir, fsync=config.fsync, retention=config.retention)
+        return MemoryStore(retention=config.retention, fault_commit_delay=config.fault_commit_delay)
+    return SQLiteStore(
+        config.data_dir,
+        fsync=config.fsync,
+        retention=config.retention,
+        queue_bytes=config.store_queue_bytes,
+        fault_commit_delay=config.fault_commit_delay,
+    )

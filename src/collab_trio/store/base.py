@@ -1,4 +1,4 @@
-"""The Store interface shared by every store."""
+"""The Store interface shared by every store, and the contract it keeps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from ..document import Op, SessionDocument
 
 
 class StoreError(Exception):
-    """The store could not do what was asked (disk full, locked, corrupt...)."""
+    """The store could not do what was asked (disk full, locked, corrupt...).
+
+    Its message is one line that names what is wrong with what, fit to be
+    printed as `error: <message>`.
+    """
 
 
 class SessionReset(StoreError):
@@ -18,24 +22,55 @@ class SessionReset(StoreError):
 
 
 class Store(Protocol):
-    """What serve() and sessions need from a store."""
+    """What serve() and sessions need from a store.
+
+    The contract, for every implementation:
+
+    - Every awaited call returns or raises in bounded time while run() is
+      running, and a job handed to the store always gets its outcome: no
+      caller is ever left waiting on a store that stopped.
+    - Calls made before run() started or after it ended raise StoreError
+      ("the store is closed").
+    - A call cancelled before its job was enqueued did nothing; a call
+      cancelled after may still take effect (shield it to learn its outcome).
+    """
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background work (the writer); serve() runs it and cancels it last."""
+        """Open (and lock) the store, call task_status.started() only once it is
+        usable, then do the background work until aclose() or cancellation.
+
+        Cancelling it answers every queued job with StoreError at once; a
+        transaction in flight finishes and delivers its real outcomes (for a
+        bounded time).
+
+        Raises:
+            StoreError: before started(), the one-line reason the store can't
+                be used (data directory in use, not a directory, not a database...).
+        """
 
     async def load(self, session_id: str) -> SessionDocument:
-        """The session's document; a new empty one for an unknown session."""
+        """A fresh document object for the session, sharing nothing mutable with
+        what the store keeps; a new empty one for an unknown session."""
 
     async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
         """Make these ops durable, in order, all or nothing.
 
+        May wait (cancellably, before anything is enqueued) for room in a
+        queue bounded in bytes (the ops' `size`). The store keeps its own copy
+        of the payloads: the caller's document may mutate them afterwards.
+
         Raises:
+            SessionReset: the session was deleted or replaced by an admin.
             StoreError: nothing was committed.
         """
 
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
-        """Record the document at snapshot["version"] so loading skips older ops."""
+        """Record the document at snapshot["version"] so loading skips older ops.
+
+        Raises:
+            StoreError: nothing was stored (the ops are still in the journal).
+        """
 
     async def aclose(self) -> None:
-        """Finish queued work and release resources; called once when serve() ends."""
-
+        """Finish queued work (within a deadline) and release resources; called
+        once when serve() ends, before run() is cancelled."""

@@ -2,42 +2,83 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
 import trio
 
-from ..document import DEFAULT_RETENTION, Op, SessionDocument
+from ..document import COMMAND, DEFAULT_RETENTION, REPLACE, Op, SessionDocument
+from .base import StoreError
+
+
+def _copy_op(op: Op) -> Op:
+    # A JSON round trip is the journal's own copy, and cheaper than deepcopy.
+    record = json.loads(json.dumps(op.to_record(), ensure_ascii=False, allow_nan=False))
+    return attrs.evolve(Op.from_record(record), size=op.size)
 
 
 @attrs.define(eq=False)
 class MemoryStore:
-    """Keeps each session's document object, so a session that empties and is
-    joined again finds its items; a restart loses everything."""
+    """Keeps a private copy of each session's document, so a session that empties
+    and is joined again finds its items; a restart loses everything.
+
+    Same contract as SQLiteStore: load() hands out a fresh copy, and commit()
+    applies copies of the ops to the store's own document, so nothing a live
+    session mutates later reaches what is stored.
+    """
 
     retention: int = DEFAULT_RETENTION
+    # Fault injection: seconds each commit or snapshot takes, like a slow disk.
+    fault_commit_delay: float = 0.0
     documents: dict[str, SessionDocument] = attrs.field(factory=dict)
+    _closed: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Nothing runs in the background."""
+        """Nothing runs in the background: ready at once, returns after aclose()."""
         task_status.started()
+        await self._closed.wait()
 
     async def load(self, session_id: str) -> SessionDocument:
-        """The session's document, created empty on first use."""
+        """A fresh copy of the session's document, created empty on first use."""
         await trio.lowlevel.checkpoint()
-        document = self.documents.get(session_id)
-        if document is None:
-            document = self.documents[session_id] = SessionDocument(retention=self.retention)
+        stored = self.documents.get(session_id)
+        if stored is None:
+            stored = self.documents[session_id] = SessionDocument(retention=self.retention)
+        snapshot = json.loads(json.dumps(stored.snapshot(), ensure_ascii=False, allow_nan=False))
+        document = SessionDocument.from_snapshot(snapshot, retention=self.retention)
+        for op in stored.history:
+            document.remember(_copy_op(op))
         return document
 
     async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Memory is the document itself: nothing to write."""
-        await trio.lowlevel.checkpoint()
+        """Apply copies of the ops to the stored document.
+
+        Raises:
+            StoreError: the ops don't follow what is stored (nothing applied).
+        """
+        if self.fault_commit_delay > 0:
+            await trio.sleep(self.fault_commit_delay)
+        else:
+            await trio.lowlevel.checkpoint()
+        stored = self.documents.get(session_id)
+        if stored is None or stored.epoch != epoch:
+            raise StoreError(f"session {session_id!r} is not stored in epoch {epoch}")
+        for expected, op in enumerate(ops, start=stored.version + 1):
+            if op.seq != expected or op.kind not in (COMMAND, REPLACE):
+                raise StoreError(
+                    f"session {session_id!r}: op {op.seq} ({op.kind}) does not follow stored version"
+                    f" {expected - 1}"
+                )
+        copies = [_copy_op(op) for op in ops]  # before applying any: all or nothing
+        for op in copies:
+            stored.apply(op)
 
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
-        """Nothing to write."""
+        """Nothing to write: the stored document is always current."""
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
-        """Nothing to release."""
+        """Nothing to release; run() returns."""
+        self._closed.set()
         await trio.lowlevel.checkpoint()

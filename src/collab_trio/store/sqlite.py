@@ -1,21 +1,38 @@
-"""SQLite store: a journal of ops plus snapshots, written in group commits.
+"""SQLiteStore: one Database, one data-directory lock and one writer, for a server.
 
-`Database` is plain synchronous sqlite3 (the admin commands use it directly).
-`SQLiteStore` owns one Database and one writer task: everything a session
-asks for is queued, and the writer runs all queued jobs in one transaction in
-a worker thread, so the event loop never waits on the disk and many
-commands arriving together cost one commit (group commit). WAL mode;
-`synchronous=NORMAL` survives a process crash, `FULL` also a power cut.
+Everything a session asks for becomes a job in one queue. The writer task
+takes all queued jobs at once and runs them in one transaction in a worker
+thread (group commit), so the event loop never waits on the disk and many
+changes arriving together cost one commit.
+
+The rules that keep it honest:
+
+- Every job gets exactly one outcome. The thread delivers its batch's
+  outcomes itself (`start_thread_soon` + the trio token), so a cancelled
+  writer can't lose a batch it has taken; jobs still queued when the writer
+  is cancelled fail at once with "the store is closed".
+- The queue is bounded in bytes (`queue_bytes`): a job costs the bytes of
+  the messages that carried its ops plus a small fixed overhead, counted
+  from admission until its outcome. `commit()` waits for room, first come
+  first served, before anything is enqueued; a slow disk slows the senders
+  instead of growing memory.
+- Every wait of the store's own has a deadline (`close_timeout`): a
+  transaction the thread can't be made to abandon is waited for that long
+  when the writer stops, then its jobs fail with "may or may not be stored".
+- One data directory, one server: run() holds an flock on
+  `<data_dir>/collab.lock` (holding the PID) for as long as it runs; the OS
+  drops it when the process dies, even by kill -9. Admin commands don't take it.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import logging
+import os
 import sqlite3
+import threading
+from collections import deque
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,354 +40,119 @@ import attrs
 import outcome
 import trio
 
-from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument
-from ..protocol import utc_timestamp
-from .base import SessionReset, StoreError
+from ..document import DEFAULT_RETENTION, Op, SessionDocument
+from .base import StoreError
+from .database import (
+    DATABASE_NAME,
+    SCHEMA_VERSION,
+    Database,
+    SessionInfo,
+    database_path,
+    describe_dir_error,
+)
+
+__all__ = [
+    "DATABASE_NAME",
+    "LOCK_NAME",
+    "SCHEMA_VERSION",
+    "Database",
+    "SQLiteStore",
+    "SessionInfo",
+    "database_path",
+    "job_cost",
+    "lock_data_dir",
+]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-DATABASE_NAME = "collab.sqlite3"
-SCHEMA_VERSION = 1
-FSYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    epoch      TEXT NOT NULL,
-    version    INTEGER NOT NULL,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS snapshots (
-    session_id TEXT PRIMARY KEY,
-    version    INTEGER NOT NULL,
-    written    INTEGER NOT NULL,
-    items      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS journal (
-    session_id TEXT NOT NULL,
-    seq        INTEGER NOT NULL,
-    op         TEXT NOT NULL,
-    PRIMARY KEY (session_id, seq)
-) WITHOUT ROWID;
-"""
+LOCK_NAME = "collab.lock"
+DEFAULT_QUEUE_BYTES = 32 * 1024 * 1024
+# What a queued job costs besides its messages: the job, its closure and
+# outcome, the Op objects (bytes; rough, deliberately not zero).
+JOB_BYTES = 256
+OP_BYTES = 128
+# A snapshot is encoded in the writer thread, not on the event loop, so its
+# cost is estimated per item rather than measured.
+SNAPSHOT_ITEM_BYTES = 256
+CLOSED = "the store is closed"
 
 
-def database_path(data_dir: str | Path) -> Path:
-    """Where the database file of a data directory is."""
-    return Path(data_dir) / DATABASE_NAME
+def job_cost(ops: list[Op]) -> int:
+    """Bytes a commit of these ops holds in the queue."""
+    return JOB_BYTES + sum(OP_BYTES + op.size for op in ops)
 
 
-def _op_to_json(op: Op) -> str:
-    return json.dumps(op.to_record(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+def snapshot_cost(snapshot: dict[str, Any]) -> int:
+    """Bytes a snapshot job is counted as (an estimate: nothing is encoded)."""
+    return JOB_BYTES + SNAPSHOT_ITEM_BYTES * len(snapshot.get("items", ()))
 
 
-def _op_from_json(text: str) -> Op:
-    return Op.from_record(json.loads(text))
+def lock_data_dir(data_dir: Path) -> int:
+    """Create the data directory if needed and take its server lock; the lock's fd.
+
+    Closing the fd (or the death of the process) releases the lock.
+
+    Raises:
+        StoreError: one line: not a directory, permission denied, or in use
+            by another server (with its PID).
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(describe_dir_error(data_dir, exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        by = f" (pid {holder})" if holder else ""
+        raise StoreError(f"data directory {data_dir} is in use by another collab-trio server{by}") from None
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"data directory {data_dir}: cannot lock {LOCK_NAME}: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(describe_dir_error(data_dir, exc)) from None
+    return fd
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-@attrs.frozen
-class SessionInfo:
-    """One row of `collab-trio sessions list`."""
-
-    session_id: str
-    items: int
-    version: int
-    epoch: str
-    created_at: str
-    updated_at: str
-    size_bytes: int
-
-
-class Database:
-    """One sqlite3 connection to a data directory's database; not thread-safe."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        fsync: str = "normal",
-        busy_timeout: float = 5.0,
-        retention: int = DEFAULT_RETENTION,
-        create: bool = True,
-    ) -> None:
-        self.path = Path(path)
-        self.retention = retention
-        if fsync not in FSYNC_MODES:
-            raise ValueError(f"fsync must be one of {sorted(FSYNC_MODES)}, not {fsync!r}")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        elif not self.path.exists():
-            raise StoreError(f"no collab-trio data at {self.path}")
-        try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-            self.conn = sqlite3.connect(
-                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute(f"PRAGMA synchronous={FSYNC_MODES[fsync]}")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer collab-trio (schema {version})"
-                )
-            if version < SCHEMA_VERSION:
-                self.conn.executescript(_SCHEMA)
-                self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open {self.path}: {_describe(exc)}") from exc
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.conn.close()
-
-    # -- transactions ----------------------------------------------------------
-
-    def run_jobs(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome]:
-        """Run jobs in one transaction, each in its own savepoint; one outcome each.
-
-        A job that fails is rolled back alone; a failed COMMIT fails them all.
-        """
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            error = StoreError(f"cannot start a transaction: {_describe(exc)}")
-            return [outcome.Error(error) for _ in jobs]
-        results: list[outcome.Outcome] = []
-        for job in jobs:
-            self.conn.execute("SAVEPOINT job")
-            try:
-                value = job(self)
-            except Exception as exc:  # noqa: BLE001 - any failure of one job stays that job's
-                if not self.conn.in_transaction:
-                    # SQLite rolled the whole transaction back (e.g. disk full):
-                    # earlier jobs' work is gone too.
-                    error = StoreError(f"transaction aborted: {_describe(exc)}")
-                    return [outcome.Error(error) for _ in jobs]
-                self.conn.execute("ROLLBACK TO job")
-                self.conn.execute("RELEASE job")
-                results.append(outcome.Error(exc if isinstance(exc, StoreError) else StoreError(_describe(exc))))
-            else:
-                self.conn.execute("RELEASE job")
-                results.append(outcome.Value(value))
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            error = StoreError(f"commit failed: {_describe(exc)}")
-            return [outcome.Error(error) for _ in jobs]
-        return results
-
-    def abort_transaction(self) -> None:
-        """Roll back whatever transaction is open, after an unexpected error."""
-        try:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # the connection is unusable; the next BEGIN will say so
-
-    def run(self, job: Callable[[Database], T]) -> T:
-        """Run one job in its own transaction (admin commands)."""
-        [result] = self.run_jobs([job])
-        return result.unwrap()
-
-    # -- jobs (called inside run_jobs) -------------------------------------------
-
-    def load(self, session_id: str) -> SessionDocument:
-        """Latest snapshot + later ops; creates the session row on first use."""
-        row = self.conn.execute(
-            "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
-        ).fetchone()
-        if row is None:
-            document = SessionDocument(retention=self.retention)
-            now = utc_timestamp()
-            self.conn.execute(
-                "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
-                " VALUES (?, ?, 0, ?, ?)",
-                (session_id, document.epoch, now, now),
-            )
-            return document
-        epoch, version = row
-        snapshot = self.conn.execute(
-            "SELECT version, written, items FROM snapshots WHERE session_id = ?", (session_id,)
-        ).fetchone()
-        if snapshot is None:
-            document = SessionDocument(epoch=epoch, retention=self.retention)
-        else:
-            document = SessionDocument.from_snapshot(
-                {
-                    "epoch": epoch,
-                    "version": snapshot[0],
-                    "written": bool(snapshot[1]),
-                    "items": json.loads(snapshot[2]),
-                },
-                retention=self.retention,
-            )
-        for (text,) in self.conn.execute(
-            "SELECT op FROM journal WHERE session_id = ? ORDER BY seq", (session_id,)
-        ):
-            op = _op_from_json(text)
-            if op.seq <= document.version:
-                document.remember(op)  # already in the snapshot; kept for resume
-            else:
-                document.apply(op)
-        if document.version != version:
-            raise StoreError(
-                f"session {session_id!r} is inconsistent: journal ends at {document.version},"
-                f" the session row says {version}"
-            )
-        return document
-
-    def append(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Journal ops that follow the stored version of this epoch."""
-        row = self.conn.execute(
-            "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
-        ).fetchone()
-        if row is None or row[0] != epoch:
-            raise SessionReset(f"session {session_id!r} was deleted or replaced")
-        if ops[0].seq != row[1] + 1:
-            raise StoreError(
-                f"session {session_id!r}: op {ops[0].seq} does not follow stored version {row[1]}"
-            )
-        self.conn.executemany(
-            "INSERT INTO journal (session_id, seq, op) VALUES (?, ?, ?)",
-            [(session_id, op.seq, _op_to_json(op)) for op in ops],
-        )
-        self.conn.execute(
-            "UPDATE sessions SET version = ?, updated_at = ? WHERE session_id = ?",
-            (ops[-1].seq, ops[-1].timestamp, session_id),
-        )
-
-    def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
-        """Store a snapshot (never an older one) and compact the journal behind it."""
-        row = self.conn.execute(
-            "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)
-        ).fetchone()
-        if row is None or row[0] != snapshot["epoch"]:
-            return  # deleted or replaced meanwhile: this snapshot describes nothing stored
-        self.conn.execute(
-            "INSERT INTO snapshots (session_id, version, written, items) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (session_id) DO UPDATE SET version = excluded.version,"
-            " written = excluded.written, items = excluded.items"
-            " WHERE excluded.version > snapshots.version",
-            (
-                session_id,
-                snapshot["version"],
-                int(snapshot["written"]),
-                json.dumps(snapshot["items"], ensure_ascii=False, allow_nan=False, separators=(",", ":")),
-            ),
-        )
-        # Ops older than the retention window are only needed for resume; drop them.
-        self.conn.execute(
-            "DELETE FROM journal WHERE session_id = ? AND seq <= ?",
-            (session_id, snapshot["version"] - self.retention),
-        )
-
-    # -- admin -------------------------------------------------------------------
-
-    def backup(self, target: str | Path) -> None:
-        """Copy a consistent state of the whole database into a new file."""
-        target = Path(target)
-        if target.exists():
-            raise StoreError(f"{target} already exists; choose a new file")
-        try:
-            with sqlite3.connect(target) as copy:
-                self.conn.backup(copy)
-            copy.close()
-        except sqlite3.Error as exc:
-            target.unlink(missing_ok=True)
-            raise StoreError(f"backup to {target} failed: {_describe(exc)}") from exc
-
-    def session_ids(self) -> list[str]:
-        """Every stored session id, sorted."""
-        return [r[0] for r in self.conn.execute("SELECT session_id FROM sessions ORDER BY session_id")]
-
-    def info(self, session_id: str) -> SessionInfo:
-        """Summary of one stored session.
-
-        Raises:
-            StoreError: unknown session id.
-        """
-        row = self.conn.execute(
-            "SELECT epoch, version, created_at, updated_at FROM sessions WHERE session_id = ?",
-            (session_id,),
-        ).fetchone()
-        if row is None:
-            raise StoreError(f"no session {session_id!r}")
-        document = self.load(session_id)
-        size = self.conn.execute(
-            "SELECT (SELECT COALESCE(SUM(LENGTH(op)), 0) FROM journal WHERE session_id = ?)"
-            " + (SELECT COALESCE(SUM(LENGTH(items)), 0) FROM snapshots WHERE session_id = ?)",
-            (session_id, session_id),
-        ).fetchone()[0]
-        return SessionInfo(
-            session_id=session_id,
-            items=len(document.items),
-            version=row[1],
-            epoch=row[0],
-            created_at=row[2],
-            updated_at=row[3],
-            size_bytes=int(size),
-        )
-
-    def export(self, session_id: str) -> dict[str, Any]:
-        """The session's document in the Optiverse state format."""
-        if self.conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
-            raise StoreError(f"no session {session_id!r}")
-        document = self.load(session_id)
-        return {
-            "items": list(document.items.values()),
-            "version": document.version,
-            "timestamp": utc_timestamp(),
-        }
-
-    def import_state(self, session_id: str, items: list[dict[str, Any]]) -> str:
-        """Make `items` the whole document of the session, with a new epoch; returns it."""
-        self.delete(session_id, missing_ok=True)
-        document = SessionDocument(retention=self.retention)
-        document.apply(Op(seq=1, user_id="(import)", kind=REPLACE, timestamp=utc_timestamp(), items=items))
-        now = utc_timestamp()
-        self.conn.execute(
-            "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
-            " VALUES (?, ?, 1, ?, ?)",
-            (session_id, document.epoch, now, now),
-        )
-        self.save_snapshot(session_id, document.snapshot())
-        return document.epoch
-
-    def delete(self, session_id: str, *, missing_ok: bool = False) -> None:
-        """Remove a session and its history."""
-        cursor = self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
-        if cursor.rowcount == 0 and not missing_ok:
-            raise StoreError(f"no session {session_id!r}")
-        self.conn.execute("DELETE FROM snapshots WHERE session_id = ?", (session_id,))
-        self.conn.execute("DELETE FROM journal WHERE session_id = ?", (session_id,))
-
-    def prune(self, older_than_days: float) -> list[str]:
-        """Delete sessions with no activity for this many days; returns their ids."""
-        cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat()
-        ids = [
-            r[0]
-            for r in self.conn.execute(
-                "SELECT session_id FROM sessions WHERE updated_at < ? ORDER BY session_id", (cutoff,)
-            )
-        ]
-        for session_id in ids:
-            self.delete(session_id)
-        return ids
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # empty while the holder writes it
 
 
 @attrs.define(eq=False)
 class _Job:
     fn: Callable[[Database], Any]
+    cost: int
     done: trio.Event = attrs.field(factory=trio.Event)
     result: outcome.Outcome | None = None
+
+
+@attrs.define(eq=False)
+class _Batch:
+    """Jobs taken by the writer for one transaction."""
+
+    jobs: list[_Job]
+    # Set on the event loop once the thread is done and outcomes are delivered.
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.define(eq=False)
+class _Admission:
+    """A job waiting for room in the queue."""
+
+    cost: int
+    event: trio.Event = attrs.field(factory=trio.Event)
+    admitted: bool = False
 
 
 @attrs.define(eq=False)
@@ -381,12 +163,29 @@ class SQLiteStore:
     fsync: str = "normal"
     retention: int = DEFAULT_RETENTION
     busy_timeout: float = 5.0
+    # Bytes of jobs admitted and not yet answered, all sessions together.
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
+    # Fault injection: seconds each transaction is held up in the thread.
+    fault_commit_delay: float = 0.0
+    # Longest wait, when the writer stops, for queued jobs to drain (aclose)
+    # and for an in-flight transaction or the closing of the database.
+    close_timeout: float = 10.0
     _db: Database | None = None
-    _jobs: list[_Job] = attrs.field(factory=list)
+    _lock_fd: int | None = None
+    _queue: deque[_Job] = attrs.field(factory=deque)
+    _queued_bytes: int = 0
+    _waiting: deque[_Admission] = attrs.field(factory=deque)
     _wake: trio.Event = attrs.field(factory=trio.Event)
+    _in_flight: _Batch | None = None
+    _started: bool = False
+    # No new jobs (aclose() or the writer stopped); _closed: none will run.
     _closing: bool = False
+    _closed: bool = False
     _stopped: trio.Event = attrs.field(factory=trio.Event)
-    # How many transactions and ops the writer has committed (for benchmarks).
+    _writer_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    # Held by whichever thread uses the connection: a transaction, or the close.
+    _db_lock: threading.Lock = attrs.field(factory=threading.Lock)
+    # How many transactions the writer has committed (for benchmarks).
     transactions: int = 0
 
     @property
@@ -394,85 +193,256 @@ class SQLiteStore:
         """The database file."""
         return database_path(self.data_dir)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of jobs admitted and not yet answered (at most queue_bytes, or
+        one job alone when it is larger)."""
+        return self._queued_bytes
+
+    @property
+    def stopped(self) -> trio.Event:
+        """Set once run() has ended: every job answered, the database closed,
+        the data directory released (another server may open it now)."""
+        return self._stopped
+
+    # -- the writer ---------------------------------------------------------------
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the database, then run queued jobs until aclose()."""
+        """Lock the data directory, open the database, then write until aclose().
+
+        Raises:
+            StoreError: before task_status.started(), the one-line reason the
+                store can't be used (in use, not a directory, not a database...).
+        """
+        if self._started:
+            raise RuntimeError("SQLiteStore.run() can be called once")
+        self._started = True
         try:
-            self._db = await trio.to_thread.run_sync(
-                partial(
-                    Database,
-                    self.path,
-                    fsync=self.fsync,
-                    busy_timeout=self.busy_timeout,
-                    retention=self.retention,
-                )
-            )
-            task_status.started()
-            await self._write_loop()
+            with self._writer_scope:
+                self._db, self._lock_fd = await trio.to_thread.run_sync(self._open)
+                task_status.started()
+                await self._write_loop()
         finally:
-            self._closing = True
-            for job in self._jobs:
-                job.result = outcome.Error(StoreError("the store is closed"))
-                job.done.set()
-            self._jobs.clear()
-            if self._db is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._db.close)
+            with trio.CancelScope(shield=True):
+                await self._shut_down()
             self._stopped.set()
 
+    def _open(self) -> tuple[Database, int]:
+        fd = lock_data_dir(self.data_dir)
+        try:
+            database = Database(
+                self.path,
+                fsync=self.fsync,
+                busy_timeout=self.busy_timeout,
+                retention=self.retention,
+                commit_delay=self.fault_commit_delay,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        return database, fd
+
     async def _write_loop(self) -> None:
-        assert self._db is not None
         while True:
-            if not self._jobs:
-                if self._closing:
+            while not self._queue:
+                # Admitted jobs on their way into the queue still count.
+                if self._closing and not self._waiting and self._queued_bytes == 0:
                     return
                 await self._wake.wait()
                 self._wake = trio.Event()
-                continue
-            batch, self._jobs = self._jobs, []
-            # Not cancellable: a transaction in flight always finishes, so every
-            # job gets its true outcome.
-            try:
-                results = await trio.to_thread.run_sync(self._db.run_jobs, [job.fn for job in batch])
-            except Exception as exc:
-                # A bug in run_jobs itself: fail the batch, never leave a caller waiting.
-                log.exception("Store writer error; %d job(s) failed", len(batch))
-                await trio.to_thread.run_sync(self._db.abort_transaction)
-                error = StoreError(f"internal store error: {_describe(exc)}")
-                results = [outcome.Error(error) for _ in batch]
-            self.transactions += 1
-            for job, result in zip(batch, results):
-                job.result = result
-                job.done.set()
+            batch = _Batch(list(self._queue))
+            self._queue.clear()
+            self._in_flight = batch
+            self._start_transaction(batch)
+            await batch.done.wait()
+            self._in_flight = None
 
-    async def _submit(self, fn: Callable[[Database], T]) -> T:
+    def _start_transaction(self, batch: _Batch) -> None:
+        # Synchronous on purpose: once taken, a batch is in the thread's
+        # hands, and the thread reports back whether or not anyone still waits.
+        assert self._db is not None
+        database, token = self._db, trio.lowlevel.current_trio_token()
+        jobs = [job.fn for job in batch.jobs]
+
+        def transact() -> list[outcome.Outcome]:
+            with self._db_lock:
+                try:
+                    return database.run_jobs(jobs)
+                except Exception as exc:
+                    # A bug in run_jobs itself: fail the batch, never leave a caller waiting.
+                    log.exception("Store writer error; %d job(s) failed", len(jobs))
+                    database.abort_transaction()
+                    error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
+                    return [outcome.Error(error) for _ in jobs]
+
+        def deliver(result: outcome.Outcome) -> None:
+            try:
+                token.run_sync_soon(self._finish_batch, batch, result)
+            except trio.RunFinishedError:
+                pass  # the event loop is gone, and with it everyone who waited
+
+        trio.lowlevel.start_thread_soon(transact, deliver, name="collab-trio store writer")
+
+    def _finish_batch(self, batch: _Batch, result: outcome.Outcome) -> None:
+        self.transactions += 1
+        try:
+            results = result.unwrap()
+        except BaseException as exc:  # noqa: BLE001 - reported to every job of the batch
+            error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
+            results = [outcome.Error(error) for _ in batch.jobs]
+        for job, job_result in zip(batch.jobs, results):
+            self._finish(job, job_result)
+        batch.done.set()
+
+    def _finish(self, job: _Job, result: outcome.Outcome) -> None:
+        """Give a job its outcome, once; the first one given counts."""
+        if job.result is not None:
+            return
+        job.result = result
+        job.done.set()
+        self._release(job.cost)
+
+    async def _shut_down(self) -> None:
+        """Answer every job and close; bounded by close_timeout per step (shielded)."""
+        self._closing = self._closed = True
+        closed = outcome.Error(StoreError(CLOSED))
+        queued, self._queue = self._queue, deque()
+        for job in queued:
+            self._finish(job, closed)
+        waiting, self._waiting = self._waiting, deque()
+        for admission in waiting:
+            admission.event.set()  # not admitted: its caller raises StoreError
+        batch = self._in_flight
+        if batch is not None:
+            # The thread can't be interrupted; its real outcomes are worth a wait.
+            with trio.move_on_after(self.close_timeout):
+                await batch.done.wait()
+            if not batch.done.is_set():
+                log.error(
+                    "The store's transaction did not finish within %g s; %d change(s) may or may not be stored",
+                    self.close_timeout,
+                    len(batch.jobs),
+                )
+                unknown = StoreError(
+                    f"the disk did not answer within {self.close_timeout:g} s;"
+                    " the change may or may not be stored"
+                )
+                for job in batch.jobs:
+                    self._finish(job, outcome.Error(unknown))
+        database, fd = self._db, self._lock_fd
+        self._db = self._lock_fd = None
+        if database is None and fd is None:
+            return
+        token, released = trio.lowlevel.current_trio_token(), trio.Event()
+
+        def close() -> None:
+            # Waits for a transaction still running (one we stopped waiting for).
+            with self._db_lock:
+                try:
+                    if database is not None:
+                        database.close()
+                except sqlite3.Error as exc:
+                    log.warning("Closing %s: %s", self.path, exc)
+                finally:
+                    if fd is not None:
+                        os.close(fd)  # releases the data directory
+
+        def deliver(result: outcome.Outcome) -> None:
+            try:
+                token.run_sync_soon(released.set)
+            except trio.RunFinishedError:
+                pass
+
+        trio.lowlevel.start_thread_soon(close, deliver, name="collab-trio store close")
+        with trio.move_on_after(self.close_timeout):
+            await released.wait()
+        if not released.is_set():
+            log.error("Closing the database took longer than %g s; left to finish in the background", self.close_timeout)
+
+    # -- the bounded queue ----------------------------------------------------------
+
+    def _fits(self, cost: int) -> bool:
+        return self._queued_bytes == 0 or self._queued_bytes + cost <= self.queue_bytes
+
+    def _release(self, cost: int) -> None:
+        self._queued_bytes -= cost
+        if self._closing:
+            self._wake.set()  # a draining writer may be done now
+        while self._waiting and not self._closed and self._fits(self._waiting[0].cost):
+            admission = self._waiting.popleft()
+            admission.admitted = True
+            self._queued_bytes += admission.cost
+            admission.event.set()
+
+    async def _admit(self, cost: int) -> None:
+        """Wait (cancellably) until `cost` more bytes fit; first come first served."""
+        if not self._waiting and self._fits(cost):
+            self._queued_bytes += cost
+            return
+        admission = _Admission(cost)
+        self._waiting.append(admission)
+        try:
+            await admission.event.wait()
+        except BaseException:
+            if admission.admitted:
+                self._release(cost)
+            else:
+                self._waiting.remove(admission)
+                self._release(0)  # the next one in line may fit now
+            raise
+        if not admission.admitted:
+            raise StoreError(CLOSED)
+
+    async def _submit(self, fn: Callable[[Database], T], cost: int) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller enqueues nothing
         if self._closing or self._db is None:
-            raise StoreError("the store is closed")
-        job = _Job(fn)
-        self._jobs.append(job)
+            raise StoreError(CLOSED)
+        await self._admit(cost)
+        if self._closed:
+            self._release(cost)
+            raise StoreError(CLOSED)
+        job = _Job(fn, cost)
+        self._queue.append(job)
         self._wake.set()
+        # Cancelling this wait doesn't take the job back: it still gets its
+        # outcome, and bytes are released then.
         await job.done.wait()
         assert job.result is not None
         return job.result.unwrap()
 
+    # -- the Store interface ------------------------------------------------------------
+
     async def load(self, session_id: str) -> SessionDocument:
-        """The stored document (snapshot + journal), or a new one."""
-        return await self._submit(lambda db: db.load(session_id))
+        """The stored document (snapshot + journal), or a new one; always a fresh object."""
+        return await self._submit(lambda db: db.load(session_id), JOB_BYTES)
 
     async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Journal ops in the next group commit.
+        """Journal ops in the next group commit, once they fit in the queue.
 
         Raises:
             StoreError: nothing was committed (SessionReset if an admin replaced it).
         """
-        await self._submit(lambda db: db.append(session_id, epoch, ops))
+        await self._submit(lambda db: db.append(session_id, epoch, ops), job_cost(ops))
 
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
-        """Store a snapshot in the next group commit."""
-        await self._submit(lambda db: db.save_snapshot(session_id, snapshot))
+        """Store a snapshot in the next group commit (encoded in the writer thread)."""
+        await self._submit(lambda db: db.save_snapshot(session_id, snapshot), snapshot_cost(snapshot))
 
     async def aclose(self) -> None:
-        """Let the writer finish queued jobs, then close the database."""
+        """Let the writer finish every queued job, then close the database.
+
+        Bounded: after close_timeout the writer is cancelled (queued jobs fail
+        with "the store is closed"), and that stop has its own deadlines.
+        """
         self._closing = True
         self._wake.set()
-        if self._db is not None:
+        if not self._started:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(self.close_timeout):
             await self._stopped.wait()
+        if not self._stopped.is_set():
+            log.warning("The store did not finish its queue within %g s; stopping it", self.close_timeout)
+            self._writer_scope.cancel()
+            with trio.move_on_after(3 * self.close_timeout):
+                await self._stopped.wait()

@@ -1,0 +1,578 @@
+"""The database of a data directory: plain synchronous sqlite3, no trio.
+
+`Database` is one connection; `SQLiteStore` (sqlite.py) drives one from a
+writer thread, and the admin commands use their own, beside a running
+server: WAL mode lets readers (`read()`, BEGIN DEFERRED) work without ever
+blocking the writer, and a busy timeout makes short admin writes wait their
+turn. `synchronous=NORMAL` survives a process crash, `FULL` also a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import outcome
+
+from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument
+from ..protocol import utc_timestamp
+from .base import SessionReset, StoreError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "collab.sqlite3"
+SCHEMA_VERSION = 1
+FSYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    epoch      TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    session_id TEXT PRIMARY KEY,
+    version    INTEGER NOT NULL,
+    written    INTEGER NOT NULL,
+    items      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS journal (
+    session_id TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    op         TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+def database_path(data_dir: str | Path) -> Path:
+    """Where the database file of a data directory is."""
+    return Path(data_dir) / DATABASE_NAME
+
+
+def _op_to_json(op: Op) -> str:
+    return json.dumps(op.to_record(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _op_from_json(text: str) -> Op:
+    return Op.from_record(json.loads(text))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _describe_sqlite(exc: sqlite3.Error, path: Path) -> str:
+    """Why sqlite3 could not open or set up `path`, in a few words."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_NOTADB":
+        return "file is not a database"
+    if name in ("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH") or (
+        name == "SQLITE_CANTOPEN" and _denied(path)
+    ):
+        return "permission denied"
+    return _describe(exc)
+
+
+def _denied(path: Path) -> bool:
+    directory = path.parent
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return True
+    return path.exists() and not os.access(path, os.R_OK | os.W_OK)
+
+
+def describe_dir_error(directory: Path, exc: OSError) -> str:
+    """One line for an OSError met while creating or using a data directory."""
+    if isinstance(exc, FileExistsError) or (
+        isinstance(exc, NotADirectoryError) and directory.exists()
+    ):
+        return f"data directory {directory} is not a directory"
+    if isinstance(exc, NotADirectoryError):
+        # A parent is a regular file.
+        parent = directory
+        while not parent.parent.is_dir() and parent.parent != parent:
+            parent = parent.parent
+        return f"data directory {directory}: {parent.parent} is not a directory"
+    if isinstance(exc, PermissionError):
+        return f"data directory {directory}: permission denied"
+    return f"data directory {directory}: {exc.strerror or exc}"
+
+
+@attrs.frozen
+class SessionInfo:
+    """One row of `collab-trio sessions list`.
+
+    `unreadable` says why the session's stored rows can't be read (then
+    `items` is None); the server would fail to load such a session too.
+    """
+
+    session_id: str
+    items: int | None
+    version: int
+    epoch: str
+    created_at: str
+    updated_at: str
+    size_bytes: int
+    unreadable: str | None = None
+
+
+class Database:
+    """One sqlite3 connection to a data directory's database; not thread-safe.
+
+    Raises (from the constructor):
+        StoreError: one line naming the file and the cause (not a database,
+            written by a newer collab-trio, permission denied, missing...).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fsync: str = "normal",
+        busy_timeout: float = 5.0,
+        retention: int = DEFAULT_RETENTION,
+        create: bool = True,
+        readonly: bool = False,
+        commit_delay: float = 0.0,
+    ) -> None:
+        self.path = Path(path)
+        self.retention = retention
+        self.readonly = readonly
+        # Fault injection: seconds every transaction waits before COMMIT, as
+        # on a slow disk (holding the write lock, in the caller's thread).
+        self.commit_delay = commit_delay
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {sorted(FSYNC_MODES)}, not {fsync!r}")
+        if create and not readonly:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(describe_dir_error(self.path.parent, exc)) from None
+        elif not self.path.exists():
+            raise StoreError(f"no collab-trio data at {self.path}")
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+            if readonly:
+                self.conn = sqlite3.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    timeout=busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                self.conn = sqlite3.connect(
+                    self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open {self.path}: {_describe_sqlite(exc, self.path)}") from None
+        try:
+            # The version first: nothing is changed in a file we can't read
+            # or that a newer collab-trio wrote.
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer collab-trio (schema {version})")
+            if readonly:
+                self.conn.execute("PRAGMA query_only=1")
+                if version < SCHEMA_VERSION:
+                    raise StoreError(f"no collab-trio data at {self.path}")
+            else:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute(f"PRAGMA synchronous={FSYNC_MODES[fsync]}")
+                if version < SCHEMA_VERSION:
+                    self.conn.executescript(
+                        f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                    )
+        except sqlite3.Error as exc:
+            self.conn.close()
+            raise StoreError(f"cannot open {self.path}: {_describe_sqlite(exc, self.path)}") from None
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+    # -- transactions ----------------------------------------------------------
+
+    def run_jobs(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome]:
+        """Run jobs in one transaction, each in its own savepoint; one outcome each.
+
+        A job that fails is rolled back alone; a failed COMMIT fails them all.
+        """
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            error = StoreError(f"cannot start a transaction: {_describe(exc)}")
+            return [outcome.Error(error) for _ in jobs]
+        results: list[outcome.Outcome] = []
+        for job in jobs:
+            self.conn.execute("SAVEPOINT job")
+            try:
+                value = job(self)
+            except Exception as exc:  # noqa: BLE001 - any failure of one job stays that job's
+                if not self.conn.in_transaction:
+                    # SQLite rolled the whole transaction back (e.g. disk full):
+                    # earlier jobs' work is gone too.
+                    error = StoreError(f"transaction aborted: {_describe(exc)}")
+                    return [outcome.Error(error) for _ in jobs]
+                self.conn.execute("ROLLBACK TO job")
+                self.conn.execute("RELEASE job")
+                results.append(outcome.Error(exc if isinstance(exc, StoreError) else StoreError(_describe(exc))))
+            else:
+                self.conn.execute("RELEASE job")
+                results.append(outcome.Value(value))
+        if self.commit_delay > 0:
+            time.sleep(self.commit_delay)  # fault injection: a slow disk
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            error = StoreError(f"commit failed: {_describe(exc)}")
+            return [outcome.Error(error) for _ in jobs]
+        return results
+
+    def abort_transaction(self) -> None:
+        """Roll back whatever transaction is open, after an unexpected error."""
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the connection is unusable; the next BEGIN will say so
+
+    def run(self, job: Callable[[Database], T]) -> T:
+        """Run one job in its own write transaction (admin commands)."""
+        [result] = self.run_jobs([job])
+        return result.unwrap()
+
+    def read(self, job: Callable[[Database], T]) -> T:
+        """Run a job that only reads in one read transaction (BEGIN DEFERRED).
+
+        In WAL mode a reader sees one consistent state and never blocks the
+        writer (nor waits for it), however long it takes.
+        """
+        try:
+            self.conn.execute("BEGIN DEFERRED")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot start a read transaction: {_describe(exc)}") from None
+        try:
+            return job(self)
+        except sqlite3.Error as exc:
+            raise StoreError(_describe(exc)) from None
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")  # a read transaction: nothing to write
+
+    # -- jobs (called inside run_jobs) -------------------------------------------
+
+    def load(self, session_id: str) -> SessionDocument:
+        """Latest snapshot + later ops; creates the session row on first use.
+
+        Raises:
+            StoreError: the stored rows can't be read (bad JSON, inconsistent).
+        """
+        row = self.conn.execute(
+            "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            document = SessionDocument(retention=self.retention)
+            now = utc_timestamp()
+            self.conn.execute(
+                "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
+                " VALUES (?, ?, 0, ?, ?)",
+                (session_id, document.epoch, now, now),
+            )
+            return document
+        epoch, version = row
+        snapshot = self.conn.execute(
+            "SELECT version, written, items FROM snapshots WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if snapshot is None:
+            document = SessionDocument(epoch=epoch, retention=self.retention)
+        else:
+            items = _parse_snapshot_items(session_id, snapshot[2])
+            document = SessionDocument.from_snapshot(
+                {"epoch": epoch, "version": snapshot[0], "written": bool(snapshot[1]), "items": items},
+                retention=self.retention,
+            )
+        rows = self.conn.execute(
+            "SELECT seq, op FROM journal WHERE session_id = ? ORDER BY seq", (session_id,)
+        )
+        _replay(session_id, document, rows, version)
+        return document
+
+    def append(self, session_id: str, epoch: str, ops: list[Op]) -> None:
+        """Journal ops that follow the stored version of this epoch."""
+        row = self.conn.execute(
+            "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None or row[0] != epoch:
+            raise SessionReset(f"session {session_id!r} was deleted or replaced")
+        if ops[0].seq != row[1] + 1:
+            raise StoreError(
+                f"session {session_id!r}: op {ops[0].seq} does not follow stored version {row[1]}"
+            )
+        self.conn.executemany(
+            "INSERT INTO journal (session_id, seq, op) VALUES (?, ?, ?)",
+            [(session_id, op.seq, _op_to_json(op)) for op in ops],
+        )
+        self.conn.execute(
+            "UPDATE sessions SET version = ?, updated_at = ? WHERE session_id = ?",
+            (ops[-1].seq, ops[-1].timestamp, session_id),
+        )
+
+    def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
+        """Store a snapshot (never an older one) and compact the journal behind it."""
+        row = self.conn.execute(
+            "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None or row[0] != snapshot["epoch"]:
+            return  # deleted or replaced meanwhile: this snapshot describes nothing stored
+        self.conn.execute(
+            "INSERT INTO snapshots (session_id, version, written, items) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (session_id) DO UPDATE SET version = excluded.version,"
+            " written = excluded.written, items = excluded.items"
+            " WHERE excluded.version > snapshots.version",
+            (
+                session_id,
+                snapshot["version"],
+                int(snapshot["written"]),
+                json.dumps(snapshot["items"], ensure_ascii=False, allow_nan=False, separators=(",", ":")),
+            ),
+        )
+        # Ops older than the retention window are only needed for resume; drop them.
+        self.conn.execute(
+            "DELETE FROM journal WHERE session_id = ? AND seq <= ?",
+            (session_id, snapshot["version"] - self.retention),
+        )
+
+    # -- admin -------------------------------------------------------------------
+
+    def backup(self, target: str | Path) -> None:
+        """Copy a consistent state of the whole database into a new file."""
+        target = Path(target)
+        if target.exists():
+            raise StoreError(f"{target} already exists; choose a new file")
+        try:
+            with sqlite3.connect(target) as copy:
+                self.conn.backup(copy)
+            copy.close()
+        except sqlite3.Error as exc:
+            target.unlink(missing_ok=True)
+            raise StoreError(f"backup to {target} failed: {_describe(exc)}") from exc
+
+    def session_ids(self) -> list[str]:
+        """Every stored session id, sorted."""
+        return [r[0] for r in self.conn.execute("SELECT session_id FROM sessions ORDER BY session_id")]
+
+    def info(self, session_id: str) -> SessionInfo:
+        """Summary of one stored session.
+
+        Raises:
+            StoreError: unknown session id.
+        """
+        row = self.conn.execute(
+            "SELECT epoch, version, created_at, updated_at FROM sessions WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no session {session_id!r}")
+        document = self.load(session_id)
+        size = self.conn.execute(
+            "SELECT (SELECT COALESCE(SUM(LENGTH(op)), 0) FROM journal WHERE session_id = ?)"
+            " + (SELECT COALESCE(SUM(LENGTH(items)), 0) FROM snapshots WHERE session_id = ?)",
+            (session_id, session_id),
+        ).fetchone()[0]
+        return SessionInfo(
+            session_id=session_id,
+            items=len(document.items),
+            version=row[1],
+            epoch=row[0],
+            created_at=row[2],
+            updated_at=row[3],
+            size_bytes=int(size),
+        )
+
+    def summaries(self) -> list[SessionInfo]:
+        """Every stored session's row for `sessions list`, without loading documents.
+
+        The item count comes from SQLite's JSON functions (the snapshot's
+        array length) plus a replay of only the few journal rows after the
+        snapshot, on placeholder items; sizes are SQL sums. A session whose
+        rows can't be read gets `unreadable` instead of failing the list.
+        Call it inside read() for one consistent view.
+        """
+        sessions = self.conn.execute(
+            "SELECT session_id, epoch, version, created_at, updated_at FROM sessions ORDER BY session_id"
+        ).fetchall()
+        return [self._summary(*row) for row in sessions]
+
+    def _summary(
+        self, session_id: str, epoch: str, version: int, created_at: str, updated_at: str
+    ) -> SessionInfo:
+        size = self.conn.execute(
+            "SELECT (SELECT COALESCE(SUM(LENGTH(op)), 0) FROM journal WHERE session_id = ?)"
+            " + (SELECT COALESCE(SUM(LENGTH(items)), 0) FROM snapshots WHERE session_id = ?)",
+            (session_id, session_id),
+        ).fetchone()[0]
+        info = SessionInfo(
+            session_id=session_id,
+            items=None,
+            version=version,
+            epoch=epoch,
+            created_at=created_at,
+            updated_at=updated_at,
+            size_bytes=int(size),
+        )
+        try:
+            items = self._count_items(session_id, epoch, version)
+        except StoreError as exc:
+            return attrs.evolve(info, unreadable=str(exc).removeprefix(f"session {session_id!r}: "))
+        except sqlite3.Error as exc:
+            return attrs.evolve(info, unreadable=_describe(exc))
+        return attrs.evolve(info, items=items)
+
+    def _count_items(self, session_id: str, epoch: str, version: int) -> int:
+        bad = self.conn.execute(
+            "SELECT seq FROM journal WHERE session_id = ? AND NOT json_valid(op) ORDER BY seq LIMIT 1",
+            (session_id,),
+        ).fetchone()
+        if bad is not None:
+            raise StoreError(f"session {session_id!r}: journal row {bad[0]} is not JSON")
+        snapshot = self.conn.execute(
+            "SELECT version, written FROM snapshots WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        count = 0
+        if snapshot is not None:
+            try:
+                # Parsed in SQLite's C code; nothing is built in Python.
+                (count,) = self.conn.execute(
+                    "SELECT json_array_length(items) FROM snapshots WHERE session_id = ?", (session_id,)
+                ).fetchone()
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"session {session_id!r}: the snapshot is not JSON ({exc})") from None
+            if count == 0:
+                (kind,) = self.conn.execute(
+                    "SELECT json_type(items) FROM snapshots WHERE session_id = ?", (session_id,)
+                ).fetchone()
+                if kind != "array":
+                    raise StoreError(f"session {session_id!r}: the snapshot is not a list of items")
+        after = snapshot[0] if snapshot is not None else 0
+        rows = self.conn.execute(
+            "SELECT seq, op FROM journal WHERE session_id = ? AND seq > ? ORDER BY seq",
+            (session_id, after),
+        ).fetchall()
+        if not rows:
+            if after != version:
+                raise StoreError(
+                    f"session {session_id!r} is inconsistent: journal ends at {after},"
+                    f" the session row says {version}"
+                )
+            return count
+        # Ops after the snapshot change which items exist: replay them on
+        # placeholder items (the uuids only, read by SQLite).
+        document = SessionDocument(epoch=epoch, retention=self.retention)
+        if snapshot is not None:
+            document = SessionDocument(
+                epoch=epoch, version=snapshot[0], written=bool(snapshot[1]), retention=self.retention
+            )
+            document.items = {
+                uuid: {"uuid": uuid}
+                for (uuid,) in self.conn.execute(
+                    "SELECT json_extract(value, '$.uuid') FROM snapshots, json_each(snapshots.items)"
+                    " WHERE session_id = ?",
+                    (session_id,),
+                )
+            }
+        _replay(session_id, document, rows, version)
+        return len(document.items)
+
+    def export(self, session_id: str) -> dict[str, Any]:
+        """The session's document in the Optiverse state format."""
+        if self.conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
+            raise StoreError(f"no session {session_id!r}")
+        document = self.load(session_id)
+        return {
+            "items": list(document.items.values()),
+            "version": document.version,
+            "timestamp": utc_timestamp(),
+        }
+
+    def import_state(self, session_id: str, items: list[dict[str, Any]]) -> str:
+        """Make `items` the whole document of the session, with a new epoch; returns it."""
+        self.delete(session_id, missing_ok=True)
+        document = SessionDocument(retention=self.retention)
+        document.apply(Op(seq=1, user_id="(import)", kind=REPLACE, timestamp=utc_timestamp(), items=items))
+        now = utc_timestamp()
+        self.conn.execute(
+            "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
+            " VALUES (?, ?, 1, ?, ?)",
+            (session_id, document.epoch, now, now),
+        )
+        self.save_snapshot(session_id, document.snapshot())
+        return document.epoch
+
+    def delete(self, session_id: str, *, missing_ok: bool = False) -> None:
+        """Remove a session and its history."""
+        cursor = self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+        if cursor.rowcount == 0 and not missing_ok:
+            raise StoreError(f"no session {session_id!r}")
+        self.conn.execute("DELETE FROM snapshots WHERE session_id = ?", (session_id,))
+        self.conn.execute("DELETE FROM journal WHERE session_id = ?", (session_id,))
+
+    def prune(self, older_than_days: float) -> list[str]:
+        """Delete sessions with no activity for this many days; returns their ids."""
+        cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat()
+        ids = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT session_id FROM sessions WHERE updated_at < ? ORDER BY session_id", (cutoff,)
+            )
+        ]
+        for session_id in ids:
+            self.delete(session_id)
+        return ids
+
+
+def _parse_snapshot_items(session_id: str, text: str) -> list[dict[str, Any]]:
+    try:
+        items = json.loads(text)
+    except ValueError as exc:
+        raise StoreError(f"session {session_id!r}: the snapshot is not JSON ({exc})") from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "uuid" in i for i in items):
+        raise StoreError(f"session {session_id!r}: the snapshot is not a list of items")
+    return items
+
+
+def _replay(session_id: str, document: SessionDocument, rows: Any, version: int) -> None:
+    """Apply journal rows (seq, op text) after the document's version; remember older ones."""
+    for seq, text in rows:
+        try:
+            op = _op_from_json(text)
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"session {session_id!r}: journal row {seq} is not an op ({exc})") from None
+        try:
+            if op.seq <= document.version:
+                document.remember(op)  # already in the snapshot; kept for resume
+            else:
+                document.apply(op)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise StoreError(f"session {session_id!r}: journal row {seq} can't be applied ({exc})") from None
+    if document.version != version:
+        raise StoreError(
+            f"session {session_id!r} is inconsistent: journal ends at {document.version},"
+            f" the session row says {version}"
+        )
