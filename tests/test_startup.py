@@ -175,7 +175,8 @@ async def test_unexpected_error_is_one_line_and_the_traceback_only_with_debug(tm
     output = "\n".join(lines)
     assert returncode == 1, output
     errors = [line for line in lines if " ERROR " in line]
-    assert len(errors) == 1 and errors[0].endswith("Stopped by an unexpected error: RuntimeError: a bug"), output
+    assert len(errors) == 1, output
+    assert errors[0].endswith("Stopped by an unexpected error: RuntimeError: a bug"), output
     assert "Traceback (most recent call last)" in output, output
     assert lines[-1] == "RuntimeError: a bug", output
 
@@ -211,7 +212,10 @@ def test_fault_injection_is_not_in_the_help(capsys: pytest.CaptureFixture[str]) 
         (StoreError("/srv/d is not a directory"), "/srv/d is not a directory"),
         (StoreError("permission denied"), "Cannot use the data directory /srv/d: permission denied"),
         # "/srv/dx" is another directory, not this one.
-        (StoreError("/srv/dx is not a directory"), "Cannot use the data directory /srv/d: /srv/dx is not a directory"),
+        (
+            StoreError("/srv/dx is not a directory"),
+            "Cannot use the data directory /srv/d: /srv/dx is not a directory",
+        ),
         (
             OSError(errno.EADDRINUSE, "Address already in use"),
             "Cannot listen on 0.0.0.0:8765: the port is already in use",
@@ -222,7 +226,7 @@ def test_fault_injection_is_not_in_the_help(capsys: pytest.CaptureFixture[str]) 
     ],
 )
 def test_the_cause_is_found_in_nested_groups(error: Exception, line: str) -> None:
-    # As trio delivers it: one group per nursery the error crossed, next to a Cancelled-free sibling.
+    # As trio delivers it: one group per nursery the error crossed.
     group = ExceptionGroup("outer", [ExceptionGroup("inner", [error])])
     cause, known = _first_cause(group)
     assert cause is error
@@ -232,5 +236,6 @@ def test_the_cause_is_found_in_nested_groups(error: Exception, line: str) -> Non
 
 def test_a_known_cause_wins_over_a_bug_next_to_it() -> None:
     store_error = StoreError("permission denied")
-    cause, known = _first_cause(ExceptionGroup("x", [RuntimeError("later"), ExceptionGroup("y", [store_error])]))
+    group = ExceptionGroup("x", [RuntimeError("later"), ExceptionGroup("y", [store_error])])
+    cause, known = _first_cause(group)
     assert (cause, known) == (store_error, True)
