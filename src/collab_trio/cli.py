@@ -223,12 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-pending-bytes", type=byte_size, default=defaults.max_pending_bytes, metavar="BYTES",
         help="changes a session holds while the store catches up; past it, its clients"
-        " wait (default: 8M)",
+        f" wait (default: {defaults.max_pending_bytes // MIB}M)",
     )
     limits.add_argument(
         "--store-queue-bytes", type=byte_size, default=defaults.store_queue_bytes, metavar="BYTES",
         help="changes queued for the disk, all sessions together; past it, commits"
-        " wait (default: 32M)",
+        f" wait (default: {defaults.store_queue_bytes // MIB}M)",
     )
     # Fault injection for tests and benchmarks: a disk this slow per commit.
     run.add_argument(
