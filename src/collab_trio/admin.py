@@ -1,7 +1,11 @@
 """`collab-trio sessions ...`: look after stored sessions, also while the server runs.
 
-These run plain sqlite3 against the data directory; SQLite's locking (WAL
-mode, a busy timeout) lets them work beside a running server.
+These run plain sqlite3 against the data directory, beside a running server
+(they never take its data-directory lock). list, show, export and backup use
+a read-only connection and read transactions: in WAL mode a reader never
+blocks the server's commits, however big the database. import, delete and
+prune are short write transactions that wait (busy timeout) for the
+server's current commit to end.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from .protocol import HandshakeRejected, check_id
 from .store import StoreError
-from .store.sqlite import Database, database_path
+from .store.database import Database, SessionInfo, database_path
 
 
 def _human_size(size: int) -> str:
@@ -25,8 +29,38 @@ def _human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _open(data_dir: str) -> Database:
-    return Database(database_path(data_dir), create=False)
+READS = ("list", "show", "export", "backup")
+
+
+def _open(data_dir: str, *, readonly: bool) -> Database:
+    return Database(database_path(data_dir), create=False, readonly=readonly)
+
+
+def _print_list(infos: list[SessionInfo]) -> int:
+    """The table of `sessions list`; 1 if any session was unreadable (after printing all)."""
+    rows = [("SESSION", "ITEMS", "VERSION", "LAST ACTIVITY", "SIZE")]
+    rows += [
+        (
+            i.session_id,
+            "?" if i.items is None else str(i.items),
+            str(i.version),
+            i.updated_at,
+            _human_size(i.size_bytes),
+        )
+        for i in infos
+    ]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    problems = {i.session_id: i.unreadable for i in infos if i.unreadable is not None}
+    for row in rows:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
+        if row[0] in problems and row is not rows[0]:
+            line += f"  unreadable: {problems[row[0]]}"
+        print(line.rstrip())
+    if problems:
+        sys.stdout.flush()
+        print(f"error: {len(problems)} session(s) unreadable: {', '.join(problems)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _read_state(path: str) -> list[dict[str, Any]]:
@@ -80,24 +114,17 @@ def _run(args: argparse.Namespace) -> int:
             db.close()
         print(f"Imported {len(items)} item(s) into session {session_id} (new epoch {epoch})")
         return 0
-    db = _open(args.data_dir)
+    db = _open(args.data_dir, readonly=action in READS)
     try:
         if action == "list":
-            infos = db.run(lambda d: [d.info(sid) for sid in d.session_ids()])
+            # One read transaction, no document loaded: see Database.summaries.
+            infos = db.read(lambda d: d.summaries())
             if not infos:
                 print(f"No sessions stored in {db.path}")
                 return 0
-            rows = [("SESSION", "ITEMS", "VERSION", "LAST ACTIVITY", "SIZE")]
-            rows += [
-                (i.session_id, str(i.items), str(i.version), i.updated_at, _human_size(i.size_bytes))
-                for i in infos
-            ]
-            widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-            for row in rows:
-                print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+            return _print_list(infos)
         elif action == "show":
-            info = db.run(lambda d: d.info(args.session_id))
-            state = db.run(lambda d: d.export(args.session_id))
+            info, state = db.read(lambda d: (d.info(args.session_id), d.export(args.session_id)))
             print(f"session:       {info.session_id}")
             print(f"items:         {info.items}")
             print(f"version:       {info.version}")
@@ -108,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
             for item in state["items"]:
                 print(f"  - {item.get('uuid')}  {item.get('item_type', '?')}")
         elif action == "export":
-            state = db.run(lambda d: d.export(args.session_id))
+            state = db.read(lambda d: d.export(args.session_id))
             text = json.dumps(state, ensure_ascii=False, indent=2) + "\n"
             if args.output:
                 Path(args.output).write_text(text, encoding="utf-8")
