@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -12,14 +13,15 @@ from trio_websocket import ConnectionClosed
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
+from collab_trio.testing import START_TIMEOUT, assert_port_binds_again, server_process, tcp_client
 
-from .conftest import tcp_client
-from .processes import START_TIMEOUT, assert_port_binds_again, server_process
 
-async def test_port_released_on_cancel() -> None:
+async def test_port_released_on_cancel(data_dir: Path) -> None:
+    # The default store is SQLite: its files go to this test's own directory.
+    config = ServerConfig(host="127.0.0.1", port=0, data_dir=str(data_dir))
     with trio.fail_after(START_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve, ServerConfig(host="127.0.0.1", port=0))
+            server = await nursery.start(serve, config)
             port = server.port
             async with tcp_client(port, "/ws/s/alice") as ws:
                 ack = await ws.get_message()
