@@ -491,3 +491,22 @@ def test_any_sequence_keeps_host_members_and_seq_order_consistent(actions: list[
     assert relayed == sorted(relayed) == list(range(1, len(relayed) + 1))
     for seqs in acked.values():
         assert seqs == sorted(seqs)
+
+
+def test_a_batch_holds_at_most_max_batch_ops_changes_in_arrival_order() -> None:
+    c = core(max_batch_ops=3)
+    join(c, "alice")
+    for i in range(4):
+        c.receive("alice", "alice", add(f"a{i}"))
+    c.receive("alice", "alice", '{"type":"sync:request"}')
+    c.receive("alice", "alice", add("a4"))
+    first = c.take_batch()
+    assert first is not None and [op.seq for op in first.ops] == [1, 2, 3]
+    effects = c.committed(first)
+    assert effects[-1] == WantCommit()
+    second = c.take_batch()
+    assert second is not None and [op.seq for op in second.ops] == [4, 5]
+    # The sync request between a3 and a4 is answered between their acks.
+    answers = [e.message for e in c.committed(second) if isinstance(e, Send)]
+    assert [type(m).__name__ for m in answers] == ["Ack", "SyncState", "Ack"]
+    assert answers[1].version == 4

@@ -51,10 +51,10 @@ class ServerConfig:
     retention: int = attrs.field(default=1000, validator=_positive)
     # Bytes of received changes a session holds while they wait for the store;
     # past this its members' readers stop reading until commits catch up.
-    max_pending_bytes: int = attrs.field(default=8 * MIB, validator=_positive)
+    max_pending_bytes: int = attrs.field(default=MIB, validator=_positive)
     # Bytes of jobs the store holds queued for its writer (all sessions
     # together); past this, commits wait for room.
-    store_queue_bytes: int = attrs.field(default=32 * MIB, validator=_positive)
+    store_queue_bytes: int = attrs.field(default=8 * MIB, validator=_positive)
     # Longest wait for the store's answer to one commit or snapshot; past it
     # the session can't know what is stored and closes its members with 1011.
     commit_timeout: float = attrs.field(default=30.0, validator=_positive)

@@ -120,6 +120,8 @@ class Session:
                 max_users=self.config.max_users_per_session,
                 snapshot_every=self.config.snapshot_every,
                 heartbeat_interval=self.config.heartbeat_interval,
+                # Leaves room in a member's outbox for everything else.
+                max_batch_ops=max(1, self.config.outbox_size // 2),
             )
             if self._close_requested is not None:
                 self.close_all(*self._close_requested)

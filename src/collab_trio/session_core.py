@@ -219,6 +219,9 @@ class SessionCore:
     max_users: int = 50
     snapshot_every: int = 100
     heartbeat_interval: float = 30.0
+    # Most changes in one batch: a commit releases at most this many relays to
+    # each member (and acks to one sender) at once, well inside their outboxes.
+    max_batch_ops: int = 512
     clock: Callable[[], str] = utc_timestamp
     # Members by user id, in join order (a reconnect keeps its place).
     _members: dict[str, _Member] = attrs.field(factory=dict)
@@ -445,14 +448,23 @@ class SessionCore:
         return self._in_flight is not None
 
     def take_batch(self) -> Batch | None:
-        """Everything pending, with the ops the runner must commit (maybe none).
+        """The oldest pending entries, with the ops the runner must commit (maybe none).
 
+        At most `max_batch_ops` changes, with the sync requests among them.
         Only one batch is out at a time; answer it with committed() or
         commit_failed() before taking the next.
         """
         if not self._pending or self._in_flight is not None:
             return None
-        entries, self._pending = tuple(self._pending), []
+        changes = taken = 0
+        for entry in self._pending:
+            if not isinstance(entry, PendingSync):
+                if changes == self.max_batch_ops:
+                    break
+                changes += 1
+            taken += 1
+        entries = tuple(self._pending[:taken])
+        del self._pending[:taken]
         timestamp = self.clock()
         first = self.document.version + 1
         ops: list[Op] = []
