@@ -25,12 +25,10 @@ import signal
 from typing import Any
 
 import attrs
-import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .conftest import HANG, tcp_client
-from .processes import server_process
+from collab_trio.testing import HANG, command, recv_json, server_process, sync_request, tcp_client
 
 # Override to explore: COLLAB_TRIO_CRASH_SEED=7 COLLAB_TRIO_CRASH_ROUNDS=100 pytest tests/test_crash.py
 ROUNDS = int(os.environ.get("COLLAB_TRIO_CRASH_ROUNDS", "20"))
@@ -54,12 +52,6 @@ SNAPSHOT_EVERY = (7, 100, 1000)
 SERVER_ARGS = ("--fsync", "normal", "--rate-limit", "1000000", "--rate-burst", "1000000")
 # Upper bound for one round: start, audit, stream, kill, clients gone.
 ROUND_TIMEOUT = 30
-
-
-async def recv_json(ws: WebSocketConnection) -> dict[str, Any]:
-    """The next message, decoded; fails instead of hanging."""
-    with trio.fail_after(HANG):
-        return json.loads(await ws.get_message())
 
 
 @attrs.define(eq=False)
@@ -95,8 +87,7 @@ class Streamer:
             action, item_id, x_mm = "move_item", self.rng.choice(items), float(n)
             data = {"x_mm": x_mm, "y_mm": self.rng.uniform(-50, 50), "angle_deg": float(n % 360)}
         self.sent[op_id] = (action, item_id, x_mm)
-        command = {"action": action, "item_type": "lens", "item_id": item_id, "data": data}
-        return {"type": "command", "command": command, "op_id": op_id}
+        return command(action, item_id, data, op_id=op_id)
 
     async def run(self, port: int, go: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
         """Join, wait for `go`, then stream until the server dies."""
@@ -170,7 +161,7 @@ async def audit(port: int, session: str, expected: Expectations) -> tuple[int, i
     async with tcp_client(port, f"/ws/{session}/auditor") as ws:
         ack = await recv_json(ws)
         assert ack["type"] == "connection:ack", ack
-        await ws.send_message(json.dumps({"type": "sync:request"}))
+        await ws.send_message(json.dumps(sync_request()))
         answer = await recv_json(ws)
     assert answer["type"] == "sync:state", answer
     version, epoch = answer["version"], answer["epoch"]
@@ -235,12 +226,12 @@ async def stream_then_kill(
     return streamers
 
 
-async def test_acknowledged_commands_survive_sigkill(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_acknowledged_commands_survive_sigkill() -> None:
+    # One line per round on stdout: pytest shows them with -s (or on failure).
     rng = random.Random(SEED)
     expected = {session: Expectations() for session in SESSIONS}
     last_round: tuple[int, float, int, list[Streamer]] | None = None
-    with capsys.disabled():
-        print(f"\ncrash test: {ROUNDS} rounds, seed {SEED}", end="")
+    print(f"crash test: {ROUNDS} rounds, seed {SEED}")
     for round_no in range(ROUNDS + 1):
         with trio.fail_after(ROUND_TIMEOUT):
             snapshot_every = rng.choice(SNAPSHOT_EVERY)
@@ -253,13 +244,11 @@ async def test_acknowledged_commands_survive_sigkill(capsys: pytest.CaptureFixtu
                     acked = sum(len(s.acked) for s in streamers)
                     per_client = ", ".join(f"{s.user} {len(s.acked)}" for s in streamers)
                     versions = " ".join(f"{sid} v{v} ({n} items)" for sid, (v, n) in restored.items())
-                    with capsys.disabled():
-                        print(
-                            f"\ncrash round {number:2d}/{ROUNDS}: snapshot-every {every:4d}, killed at"
-                            f" {delay * 1000:3.0f} ms, acked {acked:5d} ({per_client});"
-                            f" restored {versions}",
-                            end="",
-                        )
+                    print(
+                        f"crash round {number:2d}/{ROUNDS}: snapshot-every {every:4d}, killed at"
+                        f" {delay * 1000:3.0f} ms, acked {acked:5d} ({per_client});"
+                        f" restored {versions}"
+                    )
                 if round_no == ROUNDS:
                     server.process.send_signal(signal.SIGTERM)
                     with trio.fail_after(HANG):
@@ -274,5 +263,3 @@ async def test_acknowledged_commands_survive_sigkill(capsys: pytest.CaptureFixtu
                 assert streamer.join_epoch == expected[streamer.session].epoch
             record(streamers, expected)
             last_round = (round_no + 1, delay, snapshot_every, streamers)
-    with capsys.disabled():
-        print()

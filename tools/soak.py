@@ -4,7 +4,8 @@
     python tools/soak.py [--duration 120] [--sessions 4] [--clients 5] [--seed 1]
         [--store memory|sqlite] [--url ws://127.0.0.1:PORT [--server-pid PID]]
 
-By default this starts `python -m collab_trio serve --host 127.0.0.1 --port 0`
+By default this starts (with collab_trio.testing, so the package must be installed)
+`python -m collab_trio serve --host 127.0.0.1 --port 0`
 (the `collab-trio serve` entry point; `--store memory`, or `--store sqlite` in
 a temporary data directory) and runs every client in this process with trio
 and trio-websocket over loopback. `--url` uses a server that is already
@@ -53,15 +54,12 @@ under the limit (and the server we started exits 0 on SIGINT); 1 otherwise;
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import os
 import random
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 from collections import Counter, deque
@@ -72,13 +70,10 @@ from urllib.parse import urlsplit
 
 import attrs
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
-)
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection
+
+from collab_trio import testing
+from collab_trio.testing import HarnessError, leaf_exceptions as _leaves, recv_json as read_json
 
 LOOPBACK = "127.0.0.1"
 # Bounds on every wait on the other side (seconds).
@@ -111,7 +106,6 @@ PROGRESS_INTERVAL = 10.0
 KEPT_ERRORS = 40
 MIB = 1024 * 1024
 
-LISTENING = re.compile(r"Listening on ws://127\.0\.0\.1:(\d+)/ws/")
 JOINED = re.compile(r"User (\S+) joined session (\S+)$")
 LEFT = re.compile(r"User (\S+) left session (\S+) \(")
 CLOSED = re.compile(r"Session (\S+) closed: its last user left$")
@@ -175,8 +169,6 @@ def mib(value: int | None) -> str:
 class ServerLog:
     """What the server's log says, read line by line as it is written."""
 
-    port: int | None = None
-    port_found: trio.Event = attrs.field(factory=trio.Event)
     # Members per session (joined minus left) and each session's last lifecycle line.
     members: Counter[str] = attrs.field(factory=Counter)
     last_event: dict[str, str] = attrs.field(factory=dict)
@@ -187,10 +179,6 @@ class ServerLog:
 
     def feed(self, line: str) -> None:
         self.tail.append(line)
-        match = LISTENING.search(line)
-        if match and self.port is None:
-            self.port = int(match.group(1))
-            self.port_found.set()
         parsed = LOG_LINE.match(line)
         level, message = (parsed.group(1), parsed.group(2)) if parsed else ("", line)
         if level in ("WARNING", "ERROR", "CRITICAL") or line.startswith("Traceback"):
@@ -227,64 +215,14 @@ class ServerLog:
         return False
 
 
-# ---------------------------------------------------------------------------
-# A WebSocket client whose socket is always closed
-
-
-@attrs.define(eq=False)
-class Link:
-    """One client connection; `drop = True` before leaving cuts TCP without a close frame."""
-
-    ws: WebSocketConnection
-    drop: bool = False
-
-
 @asynccontextmanager
-async def open_link(host: str, port: int, path: str) -> AsyncIterator[Link]:
-    """Connect over loopback TCP; on exit close the WebSocket (bounded) and always the socket.
-
-    trio-websocket's open_websocket_url can leave the client socket open when
-    the server starts the close; here the stream is ours and closed last.
-
-    Raises:
-        HandshakeError: the server refused the upgrade (ConnectionRejected) or never finished it.
-        OSError: no TCP connection.
-    """
-    with trio.fail_after(CONNECT_TIMEOUT):
-        stream = await trio.open_tcp_stream(host, port)
-    refused: BaseException | None = None
-    yielded = False
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                ws = await wrap_client_stream(
-                    nursery, stream, f"{host}:{port}", path, message_queue_size=MESSAGE_QUEUE
-                )
-            link = Link(ws)
-            yielded = True
-            try:
-                yield link
-            finally:
-                if not link.drop:
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await ws.aclose()
-                nursery.cancel_scope.cancel()
-    except* (HandshakeError, ConnectionClosed, trio.TooSlowError, trio.BrokenResourceError) as group:
-        if yielded:
-            raise
-        # A refusal comes from trio-websocket's reader task, wrapped in the
-        # nursery's group: hand the caller the bare exception.
-        refused = _leaves(group)[0]
-    finally:
-        await trio.aclose_forcefully(stream)
-    if refused is not None:
-        raise refused
-
-
-async def read_json(ws: WebSocketConnection, timeout: float) -> dict[str, Any]:
-    with trio.fail_after(timeout):
-        text = await ws.get_message()
-    return json.loads(text)
+async def open_link(host: str, port: int, path: str, *, drop: bool = False) -> AsyncIterator[WebSocketConnection]:
+    """The harness's loopback client; `drop` cuts TCP on exit instead of a close handshake."""
+    async with testing.tcp_client(
+        port, path, host=host, message_queue_size=MESSAGE_QUEUE, connect_timeout=CONNECT_TIMEOUT,
+        close_timeout=CLOSE_TIMEOUT, close_handshake=not drop,
+    ) as ws:
+        yield ws
 
 
 # ---------------------------------------------------------------------------
@@ -356,13 +294,13 @@ class SoakClient:
         self.stats.connections_made += 1
         with trio.move_on_after(budget) as guard:
             try:
-                async with open_link(self.host, self.port, f"/ws/{self.session_id}/{self.user_id}") as link:
+                path = f"/ws/{self.session_id}/{self.user_id}"
+                async with open_link(self.host, self.port, path, drop=drop) as ws:
                     self.stats.connections_open += 1
                     try:
-                        await self._converse(link.ws, stay_until)
+                        await self._converse(ws, stay_until)
                     finally:
                         self.stats.connections_open -= 1
-                    link.drop = drop
             except* ConnectionClosed as group:
                 reasons = ", ".join(str(getattr(e, "reason", e)) for e in _leaves(group))
                 self.stats.error(f"{self.who}: connection closed unexpectedly: {reasons}")
@@ -414,17 +352,13 @@ class SoakClient:
                 message, op_id = self._next_command()
                 visit.inflight[op_id] = trio.current_time()
             elif kind == "cursor":
-                message = {
-                    "type": "cursor",
-                    "x": round(self.rng.uniform(-500, 500), 2),
-                    "y": round(self.rng.uniform(-300, 300), 2),
-                }
+                message = testing.cursor(round(self.rng.uniform(-500, 500), 2), round(self.rng.uniform(-300, 300), 2))
             elif kind == "ping":
                 visit.pings += 1
-                message = {"type": "ping"}
+                message = testing.ping()
             else:
                 visit.syncs_sent += 1
-                message = {"type": "sync:request", "local_version": visit.last_seq}
+                message = testing.sync_request(local_version=visit.last_seq)
             await self._send(ws, kind, message)
 
     def _next_command(self) -> tuple[dict[str, Any], int]:
@@ -459,8 +393,7 @@ class SoakClient:
                 action = "remove_item"
                 data = {"op": op_id}
                 del self.items[item_id]
-        command = {"action": action, "item_type": item_type, "item_id": item_id, "data": data}
-        return {"type": "command", "op_id": op_id, "command": command}, op_id
+        return testing.command(action, item_id, data, item_type=item_type, op_id=op_id), op_id
 
     # -- receiving -----------------------------------------------------------
 
@@ -543,9 +476,9 @@ class SoakClient:
         with trio.move_on_after(SETTLE_TIMEOUT) as scope:
             await visit.wait_for(lambda: not visit.inflight)
             visit.pings += 1
-            await self._send(ws, "ping", {"type": "ping"})
+            await self._send(ws, "ping", testing.ping())
             visit.syncs_sent += 1
-            await self._send(ws, "sync:request", {"type": "sync:request"})
+            await self._send(ws, "sync:request", testing.sync_request())
             await visit.wait_for(lambda: visit.syncs_answered >= visit.syncs_sent)
         if scope.cancelled_caught:
             self.stats.error(
@@ -570,13 +503,6 @@ class SoakClient:
             self.items = {k: dict(v) for k, v in stored.items()}
 
 
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
-
-
 # ---------------------------------------------------------------------------
 # The server
 
@@ -588,80 +514,44 @@ class Server:
     host: str
     port: int
     pid: int | None
-    process: trio.Process | None = None
+    child: testing.ServerProcess | None = None
     log: ServerLog | None = None
     exit_status: int | None = None
 
+    @property
+    def process(self) -> trio.Process | None:
+        return None if self.child is None else self.child.process
+
     async def stop(self) -> None:
         """SIGINT, then wait (bounded) for the exit; kill if it hangs."""
-        process = self.process
-        if process is None or process.returncode is not None:
-            self.exit_status = None if process is None else process.returncode
-            return
-        process.send_signal(signal.SIGINT)
-        with trio.move_on_after(STOP_TIMEOUT):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-            self.exit_status = -9
-        else:
-            self.exit_status = process.returncode
-
-
-async def _pump_log(stream: trio.abc.ReceiveStream, log: ServerLog, echo: bool) -> None:
-    buffer = b""
-    async for chunk in stream:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            line = raw.decode("utf-8", "replace")
-            log.feed(line)
-            if echo:
-                print(f"    server| {line}", flush=True)
-    if buffer:
-        log.feed(buffer.decode("utf-8", "replace"))
-
-
-def server_env() -> dict[str, str]:
-    """The child's environment: unbuffered output; src/ on the path in a checkout not installed."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if importlib.util.find_spec("collab_trio") is None:
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    return env
+        if self.child is not None:
+            self.exit_status = await self.child.stop(signal.SIGINT, STOP_TIMEOUT)
 
 
 @asynccontextmanager
 async def own_server(args: argparse.Namespace) -> AsyncIterator[Server]:
     """A `collab-trio serve` child on a free loopback port; killed on exit if still running."""
+    log = ServerLog()
+
+    def on_line(line: str) -> None:
+        log.feed(line)
+        if args.server_log:
+            print(f"    server| {line}", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="soak-data-") as data_dir:
-        command = [
-            sys.executable, "-m", "collab_trio", "serve", "--host", LOOPBACK, "--port", "0",
+        server_args = (
             "--store", args.store, "--data-dir", data_dir,
             # The capacity probe counts leftover sessions against this limit.
             "--max-sessions", str(args.sessions),
-        ]
-        env = server_env()
-        process = await trio.lowlevel.open_process(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
         )
-        log = ServerLog()
         try:
-            async with trio.open_nursery() as nursery:
-                assert process.stdout is not None
-                nursery.start_soon(_pump_log, process.stdout, log, args.server_log)
-                with trio.move_on_after(START_TIMEOUT):
-                    await log.port_found.wait()
-                if log.port is None:
-                    output = "\n".join(log.tail)
-                    raise RunBroken(f"the server did not start within {START_TIMEOUT:g} s:\n{output}")
-                yield Server(LOOPBACK, log.port, process.pid, process, log)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+            async with testing.server_process(
+                *server_args, start_timeout=START_TIMEOUT, on_line=on_line
+            ) as child:
+                yield Server(LOOPBACK, child.port, child.process.pid, child, log)
+        except* HarnessError as group:
+            # The only harness check is the listening line: the body raises none.
+            raise RunBroken(f"the server did not start: {group.exceptions[0]}") from None
 
 
 @asynccontextmanager
@@ -736,8 +626,8 @@ async def member_probe(server: Server, session_ids: list[str], stats: Stats) -> 
     lingering = []
     for session_id in session_ids:
         try:
-            async with open_link(server.host, server.port, f"/ws/{session_id}/probe") as link:
-                ack = await read_json(link.ws, CONNECT_TIMEOUT)
+            async with open_link(server.host, server.port, f"/ws/{session_id}/probe") as ws:
+                ack = await read_json(ws, CONNECT_TIMEOUT)
             users = [u.get("user_id") for u in ack.get("users", [])]
             if ack.get("type") != "connection:ack" or users != ["probe"]:
                 lingering.append(session_id)
@@ -754,14 +644,14 @@ async def capacity_probe(server: Server, prefix: str, limit: int) -> tuple[int, 
     async with AsyncExitStack() as held:
         for k in range(limit + 1):
             try:
-                link = await held.enter_async_context(
+                ws = await held.enter_async_context(
                     open_link(server.host, server.port, f"/ws/{prefix}-capacity{k}/probe")
                 )
             except ConnectionRejected as exc:
                 if exc.status_code == 503:
                     return accepted, True
                 raise
-            ack = await read_json(link.ws, CONNECT_TIMEOUT)
+            ack = await read_json(ws, CONNECT_TIMEOUT)
             if ack.get("type") == "connection:ack":
                 accepted += 1
     return accepted, False

@@ -316,10 +316,11 @@ def start_server_output(
 # WebSocket clients
 
 
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+def leaf_exceptions(group: BaseExceptionGroup) -> list[BaseException]:
+    """Every exception in `group` and its nested groups, in order."""
     leaves: list[BaseException] = []
     for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+        leaves.extend(leaf_exceptions(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return leaves
 
 
@@ -373,7 +374,7 @@ async def tcp_client(
             raise
         # A refusal comes from trio-websocket's reader task, wrapped in the
         # nursery's group: hand the caller the bare exception.
-        refused = _leaves(group)[0]
+        refused = leaf_exceptions(group)[0]
     finally:
         await trio.aclose_forcefully(stream)
     if refused is not None:
