@@ -34,16 +34,12 @@ and in order; 1 if one missed a message; 2 if the run itself went wrong.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import base64
 import json
 import math
-import os
-import re
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +49,9 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+
+from collab_trio import testing
 
 LOOPBACK = "127.0.0.1"
 SESSION = "bench"
@@ -69,7 +67,6 @@ SOCKET_QUIET = 1.0
 MAX_HANDSHAKE_BYTES = 64 * 1024
 MAX_SOCKET_BYTES = 256 * 1024 * 1024
 
-LISTENING = re.compile(r"Listening on ws://127\.0\.0\.1:(\d+)/ws/")
 EXIT_OK, EXIT_MISSED, EXIT_BROKEN = 0, 1, 2
 
 # An Optiverse lens besides its position (as in commit_throughput.py).
@@ -99,26 +96,20 @@ class Clock:
 
 
 # ---------------------------------------------------------------------------
-# The server
+# The server (a child process, run by collab_trio.testing) and the clients
 
 
 @attrs.define(eq=False)
-class ServerProcess:
-    process: trio.Process
-    port: int | None = None
-    port_found: trio.Event = attrs.field(factory=trio.Event)
+class ServerWatch:
+    """What the server's log says about the never-reading client, and anything else amiss."""
+
+    child: testing.ServerProcess | None = None
     # (perf_counter at arrival, line) of the lines about the never-reading client.
     slow_lines: list[tuple[float, str]] = attrs.field(factory=list)
     problems: list[str] = attrs.field(factory=list)
-    tail: list[str] = attrs.field(factory=list)
     exit_status: int | None = None
 
     def feed(self, line: str) -> None:
-        self.tail = [*self.tail[-30:], line]
-        match = LISTENING.search(line)
-        if match and self.port is None:
-            self.port = int(match.group(1))
-            self.port_found.set()
         if f"User {NEVER_READS} " in line and ("too slow" in line or " left " in line):
             self.slow_lines.append((time.perf_counter(), line))
         elif " WARNING " in line or " ERROR " in line or line.startswith("Traceback"):
@@ -126,89 +117,37 @@ class ServerProcess:
 
     async def stop(self) -> None:
         """SIGINT, then a bounded wait; kill if it hangs."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGINT)
-            with trio.move_on_after(STOP_TIMEOUT):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
-        self.exit_status = self.process.returncode
-
-
-async def _pump(stream: trio.abc.ReceiveStream, server: ServerProcess) -> None:
-    buffer = b""
-    async for chunk in stream:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            server.feed(raw.decode("utf-8", "replace"))
-
-
-def server_env() -> dict[str, str]:
-    """The child's environment: unbuffered output; src/ on the path in a checkout not installed."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if importlib.util.find_spec("collab_trio") is None:
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    return env
+        assert self.child is not None
+        self.exit_status = await self.child.stop(signal.SIGINT, STOP_TIMEOUT)
 
 
 @asynccontextmanager
-async def start_server(store: str) -> AsyncIterator[ServerProcess]:
+async def start_server(store: str) -> AsyncIterator[ServerWatch]:
     """The server in a child process on a free loopback port; killed on exit if still running."""
+    watch = ServerWatch()
     with tempfile.TemporaryDirectory(prefix="slow-client-") as data_dir:
-        command = [
-            sys.executable, "-m", "collab_trio", "serve", "--host", LOOPBACK, "--port", "0",
-            "--store", store, "--data-dir", data_dir,
-        ]
-        env = server_env()
-        process = await trio.lowlevel.open_process(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-        )
-        server = ServerProcess(process)
         try:
-            async with trio.open_nursery() as nursery:
-                assert process.stdout is not None
-                nursery.start_soon(_pump, process.stdout, server)
-                with trio.move_on_after(START_TIMEOUT):
-                    await server.port_found.wait()
-                if server.port is None:
-                    raise RunBroken("the server did not start:\n" + "\n".join(server.tail))
-                yield server
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-
-
-# ---------------------------------------------------------------------------
-# Clients
+            async with testing.server_process(
+                "--store", store, "--data-dir", data_dir, start_timeout=START_TIMEOUT, on_line=watch.feed
+            ) as child:
+                watch.child = child
+                yield watch
+        except* testing.HarnessError as group:
+            # The only harness check is the listening line.
+            raise RunBroken(f"the server did not start: {group.exceptions[0]}") from None
 
 
 @asynccontextmanager
 async def open_client(port: int, user: str) -> AsyncIterator[WebSocketConnection]:
     """A joined WebSocket client (connection:ack read) whose socket is always closed."""
-    with trio.fail_after(CONNECT_TIMEOUT):
-        stream = await trio.open_tcp_stream(LOOPBACK, port)
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                ws = await wrap_client_stream(
-                    nursery, stream, f"{LOOPBACK}:{port}", f"/ws/{SESSION}/{user}", message_queue_size=64
-                )
-                ack = json.loads(await ws.get_message())
-            if ack.get("type") != "connection:ack":
-                raise RunBroken(f"{user}: first message was {ack.get('type')!r}")
-            try:
-                yield ws
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
+    async with testing.tcp_client(
+        port, f"/ws/{SESSION}/{user}", message_queue_size=64,
+        connect_timeout=CONNECT_TIMEOUT, close_timeout=CLOSE_TIMEOUT,
+    ) as ws:
+        ack = await testing.recv_json(ws, CONNECT_TIMEOUT)
+        if ack.get("type") != "connection:ack":
+            raise RunBroken(f"{user}: first message was {ack.get('type')!r}")
+        yield ws
 
 
 @attrs.define(eq=False)
@@ -365,8 +304,7 @@ def command_text(n: int, sent_at: float) -> str:
         **LENS_FIELDS,
         "sent_at": sent_at,
     }
-    command = {"action": action, "item_type": "lens", "item_id": "bench-lens", "data": data}
-    return json.dumps({"type": "command", "op_id": n, "command": command}, separators=(",", ":"))
+    return json.dumps(testing.command(action, "bench-lens", data, op_id=n), separators=(",", ":"))
 
 
 @attrs.define(eq=False)
@@ -420,8 +358,8 @@ async def bench(args: argparse.Namespace) -> int:
     never = NeverReader(args.rcvbuf)
     sender = Sender(total, args.rate, clock)
     async with start_server(args.store) as server:
-        assert server.port is not None
-        port = server.port
+        assert server.child is not None
+        port = server.child.port
         try:
             async with trio.open_nursery() as nursery:
                 for reader in readers:
@@ -429,7 +367,7 @@ async def bench(args: argparse.Namespace) -> int:
                 await never.connect(port)
                 print(
                     f"server: child process `python -m collab_trio serve --store {args.store}` "
-                    f"(pid {server.process.pid}, port {port}); {args.clients} normal clients, "
+                    f"(pid {server.child.process.pid}, port {port}); {args.clients} normal clients, "
                     f"1 never-reading client (SO_RCVBUF {args.rcvbuf}) and the sender in this process",
                     flush=True,
                 )
@@ -454,7 +392,7 @@ def report(
     never: NeverReader,
     eof: bool,
     sender: Sender,
-    server: ServerProcess,
+    server: ServerWatch,
     clock: Clock,
 ) -> int:
     print()
