@@ -25,17 +25,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
-import queue
-import re
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -50,15 +45,16 @@ try:
     from PyQt6.QtCore import QCoreApplication, QObject, Qt, QTimer, QUrl
     from PyQt6.QtNetwork import QAbstractSocket
     from PyQt6.QtWebSockets import QWebSocket, QWebSocketProtocol
+
+    from collab_trio.testing import HarnessError, ProcessOutput, child_env, start_server_output
 except ImportError as exc:
-    sys.exit(f"collab_integration.py needs PyQt6 and attrs (pip install 'collab-trio[qt]'): {exc}")
+    sys.exit(f"collab_integration.py needs collab-trio installed with PyQt6 (pip install 'collab-trio[qt]'): {exc}")
 
 REPO = Path(__file__).resolve().parents[1]
 # One id per client; a space and a non-ASCII letter travel percent-encoded, as Optiverse's do.
 USER_IDS = ("ada", "grace hopper", "linus", "zoë", "edsger")
 # Sent as `user_id` by a client; the server must replace it with the true sender.
 SPOOFED_USER_ID = "mallory"
-LISTENING_RE = re.compile(r"Listening on ws://([^\s/]+):(\d+)/ws/")
 SERVER_START_TIMEOUT_S = 20.0
 SERVER_STOP_TIMEOUT_S = 10.0
 # Added to steps x timeout for the safety timer that ends a run whatever happens.
@@ -183,95 +179,22 @@ class Report:
 # The server we start (when no --url is given)
 
 
-class ServerStartError(Exception):
-    """The server did not come up."""
+def start_server(workdir: str) -> tuple[ProcessOutput, int]:
+    """`collab-trio serve` on a free loopback port, working and storing in `workdir`.
+
+    Raises:
+        HarnessError: no "Listening on" line in time, or the server exited first.
+    """
+    # A server that stores sessions on disk keeps them in ./collab-data by
+    # default: point it (and its working directory) at a throwaway directory.
+    env = child_env(COLLAB_TRIO_DATA_DIR=str(Path(workdir) / "collab-data"))
+    running = start_server_output(env=env, cwd=workdir, timeout=SERVER_START_TIMEOUT_S)
+    return running.output, running.port
 
 
-class ServerProcess:
-    """A `python -m collab_trio serve` child on a free loopback port; a thread drains its output."""
-
-    def __init__(self, workdir: str) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        args = [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0"]
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"  # the "Listening on" line must not sit in a buffer
-        # A server that stores sessions on disk keeps them in ./collab-data by
-        # default: point it (and its working directory) at a throwaway directory.
-        env["COLLAB_TRIO_DATA_DIR"] = str(Path(workdir) / "collab-data")
-        if importlib.util.find_spec("collab_trio") is None and (REPO / "src" / "collab_trio").is_dir():
-            # Run from a checkout that was not installed.
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO / "src")]))
-        self.process = subprocess.Popen(
-            args,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        # Draining continuously means a chatty server never blocks on a full pipe.
-        self._reader = threading.Thread(target=self._read, name="server-output", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        with self.process.stdout:
-            for line in self.process.stdout:
-                line = line.rstrip("\n")
-                self.lines.append(line)
-                self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for_port(self, timeout: float) -> int:
-        """The port from the "Listening on" line.
-
-        Raises:
-            ServerStartError: no such line within ``timeout`` s, or the server exited.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ServerStartError(f"no 'Listening on' line within {timeout:g}s")
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                continue  # the deadline check above ends the loop
-            if line is None:
-                status = self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-                raise ServerStartError(f"server exited with status {status} before listening")
-            match = LISTENING_RE.search(line)
-            if match:
-                return int(match.group(2))
-
-    def stop(self, timeout: float) -> tuple[int | None, str]:
-        """Stop the server: SIGTERM, then kill after ``timeout`` s. Returns (status, how)."""
-        if self.process.poll() is not None:
-            how = "had already exited"
-        else:
-            if os.name == "nt":
-                # No SIGTERM on Windows: terminate() is TerminateProcess.
-                self.process.terminate()
-                how = "terminated"
-            else:
-                self.process.send_signal(signal.SIGTERM)
-                how = "SIGTERM"
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout)
-                how = f"killed: still running {timeout:g}s after {how}"
-        self._reader.join(timeout=timeout)
-        return self.process.returncode, how
-
-    def error_lines(self) -> list[str]:
-        """Log lines that show the server hit an error or an exception."""
-        return [line for line in self.lines if " ERROR " in line or "Traceback" in line]
+def error_lines(server: ProcessOutput) -> list[str]:
+    """Log lines that show the server hit an error or an exception."""
+    return [line for line in server.lines if " ERROR " in line or "Traceback" in line]
 
 
 # ---------------------------------------------------------------------------
@@ -1190,16 +1113,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     failure: str | None = None
-    server: ServerProcess | None = None
+    server: ProcessOutput | None = None
     workdir = tempfile.TemporaryDirectory(prefix="collab-integration-")
     try:
         if own_server:
             started = time.monotonic()
             try:
-                server = ServerProcess(workdir.name)
-                port = server.wait_for_port(SERVER_START_TIMEOUT_S)
-            except (OSError, ServerStartError) as exc:
-                failure = f"start server: {exc}"
+                server, port = start_server(workdir.name)
+            except (OSError, HarnessError) as exc:
+                failure = f"start server: {str(exc).splitlines()[0]}"
                 report.add("start server", "FAIL", time.monotonic() - started, str(exc))
                 report.skip([step.name for step in steps])
             else:
@@ -1211,9 +1133,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             started = time.monotonic()
-            status, how = server.stop(SERVER_STOP_TIMEOUT_S)
+            already_exited = server.process.poll() is not None
+            status, killed = server.stop(signal.SIGTERM, SERVER_STOP_TIMEOUT_S)
+            how = "terminated" if os.name == "nt" else "SIGTERM"
+            if already_exited:
+                how = "had already exited"
+            elif killed:
+                how = f"killed: still running {SERVER_STOP_TIMEOUT_S:g}s after {how}"
             seconds = time.monotonic() - started
-            errors = server.error_lines()
+            errors = error_lines(server)
             if os.name == "nt" and how == "terminated":
                 report.add("stop server", "PASS", seconds, "terminated (exit status not checked on Windows)")
             elif status != 0 or how != "SIGTERM":
