@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -41,12 +39,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 ECHO_SERVER = REPO / "tools" / "echo_server.py"
 
-try:
-    import collab_trio  # noqa: F401
-except ImportError:  # a checkout that was not installed
-    sys.path.insert(0, str(REPO / "src"))
-
-from collab_trio.config import ServerConfig  # noqa: E402
+from collab_trio.config import ServerConfig
+from collab_trio.testing import HarnessError, ProcessOutput
 
 SECTIONS = (1, 2, 3, 4, 5, 6, 7, 9, 10)
 # Measured on a 2-core machine: 1-4, 7 and 10 take well under a second in all,
@@ -109,50 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the echo server subprocess --------------------------------------------------------
 
 
-class EchoProcess:
-    """tools/echo_server.py on a free port of 127.0.0.1, its output going to a log file."""
+def start_echo_server(max_message_size: int) -> tuple[ProcessOutput, str]:
+    """tools/echo_server.py on a free port of 127.0.0.1, and its ws:// URL.
 
-    def __init__(self, log_path: Path, max_message_size: int) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO / "src")]))
-        self.process = subprocess.Popen(
-            [sys.executable, str(ECHO_SERVER), "--host", "127.0.0.1", "--port", "0",
-             "--max-message-size", str(max_message_size)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-        )
-
-    def wait_listening(self, timeout: float) -> str:
-        """The server's ws:// URL, read from its log; RuntimeError if it doesn't start."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = LISTENING_RE.search(self.text())
-            if match:
-                return match.group(1)
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"the echo server did not start:\n{self.text()}")
-
-    def stop(self) -> int | None:
-        """SIGTERM, then kill if it lingers; the exit status of the graceful stop, or None."""
-        status: int | None = None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                status = self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-        self._log.close()
-        return status
-
-    def text(self) -> str:
-        """Everything the server logged so far."""
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+    Raises:
+        HarnessError: it did not print its listening line in time.
+    """
+    server = ProcessOutput("echo server", [
+        sys.executable, str(ECHO_SERVER), "--host", "127.0.0.1", "--port", "0",
+        "--max-message-size", str(max_message_size),
+    ])
+    try:
+        return server, server.wait_for(LISTENING_RE, SERVER_START_TIMEOUT_S).group(1)
+    except HarnessError:
+        server.stop()
+        raise
 
 
 # --- running kosoku --------------------------------------------------------------------
@@ -280,10 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     clean_report_dir(report_dir)
     oversized = oversized_cases(max_message_size)
 
-    server = EchoProcess(report_dir / "echo_server.log", max_message_size)
-    stop_status: int | None = None
     try:
-        url = server.wait_listening(SERVER_START_TIMEOUT_S)
+        server, url = start_echo_server(max_message_size)
+    except HarnessError as exc:
+        print(f"conformance run aborted: {exc}", file=sys.stderr)
+        return 2
+    try:
         print(f"echo server: {url} (max_message_size {max_message_size}); "
               f"sections {','.join(map(str, args.sections))}", flush=True)
         results, rows = asyncio.run(run_all(url, args, oversized))
@@ -291,14 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"conformance run aborted: {exc or 'timed out'}", file=sys.stderr)
         return 2
     finally:
-        stop_status = server.stop()
+        stop_status, killed = server.stop(signal.SIGTERM, SERVER_STOP_TIMEOUT_S)
+        server_log = server.text()
+        (report_dir / "echo_server.log").write_text(server_log + "\n", encoding="utf-8")
 
     write_reports(results, str(report_dir))
-    server_log = server.text()
     server_problems = []
     if "Traceback" in server_log or "Unexpected error" in server_log:
         server_problems.append("the echo server logged an error (see echo_server.log)")
-    if stop_status != 0 or "✓ Port released" not in server_log:
+    if killed or stop_status != 0 or "✓ Port released" not in server_log:
         server_problems.append(f"the echo server did not stop cleanly on SIGTERM (status {stop_status})")
     passed = all(row["passed"] for row in rows) and not server_problems
 
