@@ -25,6 +25,23 @@ from collab_trio.testing import (  # noqa: F401 - re-exported for the test modul
 )
 
 
+# Slow tests that start first, so that under xdist the other worker runs the
+# rest of the suite meanwhile.
+SLOW_FIRST = ("tests/test_soak.py::",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Hypothesis keeps its caches here, not in ./.hypothesis of the checkout."""
+    from hypothesis import configuration
+
+    configuration.set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+
+
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test, and every process it starts, works in its own temp dir.
