@@ -99,11 +99,9 @@ def describe_dir_error(directory: Path, exc: OSError) -> str:
     ):
         return f"data directory {directory} is not a directory"
     if isinstance(exc, NotADirectoryError):
-        # A parent is a regular file.
-        parent = directory
-        while not parent.parent.is_dir() and parent.parent != parent:
-            parent = parent.parent
-        return f"data directory {directory}: {parent.parent} is not a directory"
+        # A parent is a regular file: name the first one that exists.
+        parent = next((p for p in directory.parents if p.exists()), directory.parent)
+        return f"data directory {directory}: {parent} is not a directory"
     if isinstance(exc, PermissionError):
         return f"data directory {directory}: permission denied"
     return f"data directory {directory}: {exc.strerror or exc}"

@@ -133,6 +133,8 @@ def _read_pid(fd: int) -> int | None:
 class _Job:
     fn: Callable[[Database], Any]
     cost: int
+    # True once in the queue (its bytes counted); before that it waits for room.
+    admitted: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     result: outcome.Outcome | None = None
 
@@ -144,15 +146,6 @@ class _Batch:
     jobs: list[_Job]
     # Set on the event loop once the thread is done and outcomes are delivered.
     done: trio.Event = attrs.field(factory=trio.Event)
-
-
-@attrs.define(eq=False)
-class _Admission:
-    """A job waiting for room in the queue."""
-
-    cost: int
-    event: trio.Event = attrs.field(factory=trio.Event)
-    admitted: bool = False
 
 
 @attrs.define(eq=False)
@@ -174,7 +167,8 @@ class SQLiteStore:
     _lock_fd: int | None = None
     _queue: deque[_Job] = attrs.field(factory=deque)
     _queued_bytes: int = 0
-    _waiting: deque[_Admission] = attrs.field(factory=deque)
+    # Jobs waiting for room, first come first served.
+    _waiting: deque[_Job] = attrs.field(factory=deque)
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _in_flight: _Batch | None = None
     _started: bool = False
@@ -245,8 +239,7 @@ class SQLiteStore:
     async def _write_loop(self) -> None:
         while True:
             while not self._queue:
-                # Admitted jobs on their way into the queue still count.
-                if self._closing and not self._waiting and self._queued_bytes == 0:
+                if self._closing and not self._waiting:
                     return
                 await self._wake.wait()
                 self._wake = trio.Event()
@@ -300,18 +293,18 @@ class SQLiteStore:
             return
         job.result = result
         job.done.set()
-        self._release(job.cost)
+        if job.admitted:
+            self._release(job.cost)
 
     async def _shut_down(self) -> None:
         """Answer every job and close; bounded by close_timeout per step (shielded)."""
         self._closing = self._closed = True
-        closed = outcome.Error(StoreError(CLOSED))
         queued, self._queue = self._queue, deque()
         for job in queued:
-            self._finish(job, closed)
+            self._finish(job, outcome.Error(StoreError(CLOSED)))  # an outcome unwraps once
         waiting, self._waiting = self._waiting, deque()
-        for admission in waiting:
-            admission.event.set()  # not admitted: its caller raises StoreError
+        for job in waiting:
+            self._finish(job, outcome.Error(StoreError(CLOSED)))
         batch = self._in_flight
         if batch is not None:
             # The thread can't be interrupted; its real outcomes are worth a wait.
@@ -364,49 +357,39 @@ class SQLiteStore:
     def _fits(self, cost: int) -> bool:
         return self._queued_bytes == 0 or self._queued_bytes + cost <= self.queue_bytes
 
+    def _enqueue(self, job: _Job) -> None:
+        job.admitted = True
+        self._queued_bytes += job.cost
+        self._queue.append(job)
+        self._wake.set()
+
     def _release(self, cost: int) -> None:
         self._queued_bytes -= cost
         if self._closing:
             self._wake.set()  # a draining writer may be done now
+        # Enqueued here, in order: whoever is woken first can't jump the line.
         while self._waiting and not self._closed and self._fits(self._waiting[0].cost):
-            admission = self._waiting.popleft()
-            admission.admitted = True
-            self._queued_bytes += admission.cost
-            admission.event.set()
-
-    async def _admit(self, cost: int) -> None:
-        """Wait (cancellably) until `cost` more bytes fit; first come first served."""
-        if not self._waiting and self._fits(cost):
-            self._queued_bytes += cost
-            return
-        admission = _Admission(cost)
-        self._waiting.append(admission)
-        try:
-            await admission.event.wait()
-        except BaseException:
-            if admission.admitted:
-                self._release(cost)
-            else:
-                self._waiting.remove(admission)
-                self._release(0)  # the next one in line may fit now
-            raise
-        if not admission.admitted:
-            raise StoreError(CLOSED)
+            self._enqueue(self._waiting.popleft())
 
     async def _submit(self, fn: Callable[[Database], T], cost: int) -> T:
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller enqueues nothing
         if self._closing or self._db is None:
             raise StoreError(CLOSED)
-        await self._admit(cost)
-        if self._closed:
-            self._release(cost)
-            raise StoreError(CLOSED)
         job = _Job(fn, cost)
-        self._queue.append(job)
-        self._wake.set()
-        # Cancelling this wait doesn't take the job back: it still gets its
-        # outcome, and bytes are released then.
-        await job.done.wait()
+        if not self._waiting and self._fits(cost):
+            self._enqueue(job)
+        else:
+            self._waiting.append(job)
+        try:
+            await job.done.wait()
+        except BaseException:
+            if not job.admitted and job in self._waiting:
+                # Cancelled while waiting for room: nothing was enqueued.
+                self._waiting.remove(job)
+                self._release(0)  # the next one in line may fit now
+            # Else the job is queued or in flight: it still gets its outcome,
+            # and its bytes are released then.
+            raise
         assert job.result is not None
         return job.result.unwrap()
 
