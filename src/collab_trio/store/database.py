@@ -56,6 +56,13 @@ CREATE TABLE IF NOT EXISTS journal (
 """
 
 
+# Bytes of a session's rows (CAST AS BLOB: bytes, and no UTF-8 character count).
+_SIZE_QUERY = (
+    "SELECT (SELECT COALESCE(SUM(LENGTH(CAST(op AS BLOB))), 0) FROM journal WHERE session_id = ?)"
+    " + (SELECT COALESCE(SUM(LENGTH(CAST(items AS BLOB))), 0) FROM snapshots WHERE session_id = ?)"
+)
+
+
 def database_path(data_dir: str | Path) -> Path:
     """Where the database file of a data directory is."""
     return Path(data_dir) / DATABASE_NAME
@@ -390,8 +397,7 @@ class Database:
             raise StoreError(f"no session {session_id!r}")
         document = self.load(session_id)
         size = self.conn.execute(
-            "SELECT (SELECT COALESCE(SUM(LENGTH(op)), 0) FROM journal WHERE session_id = ?)"
-            " + (SELECT COALESCE(SUM(LENGTH(items)), 0) FROM snapshots WHERE session_id = ?)",
+            _SIZE_QUERY,
             (session_id, session_id),
         ).fetchone()[0]
         return SessionInfo(
@@ -422,8 +428,7 @@ class Database:
         self, session_id: str, epoch: str, version: int, created_at: str, updated_at: str
     ) -> SessionInfo:
         size = self.conn.execute(
-            "SELECT (SELECT COALESCE(SUM(LENGTH(op)), 0) FROM journal WHERE session_id = ?)"
-            " + (SELECT COALESCE(SUM(LENGTH(items)), 0) FROM snapshots WHERE session_id = ?)",
+            _SIZE_QUERY,
             (session_id, session_id),
         ).fetchone()[0]
         info = SessionInfo(
