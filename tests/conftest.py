@@ -6,6 +6,8 @@ importable from here (`from .conftest import HANG, Harness, tcp_client`).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FIRST))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def hypothesis_home(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Hypothesis keeps its caches here, not in ./.hypothesis of the checkout."""
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis keeps its caches in a temp dir, not in ./.hypothesis of the checkout.
+
+    Here rather than in a fixture: it writes them while the first tests are collected.
+    """
     from hypothesis import configuration
 
-    configuration.set_hypothesis_home_dir(tmp_path_factory.mktemp("hypothesis"))
+    home = tempfile.mkdtemp(prefix="collab-trio-hypothesis-")
+    configuration.set_hypothesis_home_dir(home)
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)
