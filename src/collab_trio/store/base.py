@@ -29,10 +29,12 @@ class Store(Protocol):
     - Every awaited call returns or raises in bounded time while run() is
       running, and a job handed to the store always gets its outcome: no
       caller is ever left waiting on a store that stopped.
-    - Calls made before run() started or after it ended raise StoreError
-      ("the store is closed").
-    - A call cancelled before its job was enqueued did nothing; a call
-      cancelled after may still take effect (shield it to learn its outcome).
+    - Calls made after run() ended (and, for SQLiteStore, before it started)
+      raise StoreError ("the store is closed").
+    - A call cancelled while waiting for room did nothing; one cancelled after
+      its job was enqueued may still take effect. The caller can't tell the
+      two apart, so a commit abandoned on a deadline has an unknown outcome
+      (shield the wait to learn it; bound it with your own deadline).
     """
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
