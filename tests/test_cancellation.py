@@ -7,6 +7,7 @@ would skip over. The disk is slowed with the store's fault-injection delay
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 import trio
@@ -18,6 +19,8 @@ from collab_trio.server import serve
 from .conftest import HANG, MemoryListener
 
 SLOW_COMMIT = 0.3
+# Changes each client sends: many batches' worth (a batch holds at most 512).
+FLOOD = 5000
 
 
 def add(item_id: str, op_id: int) -> str:
@@ -31,14 +34,20 @@ def add(item_id: str, op_id: int) -> str:
 
 
 async def flood(listener: MemoryListener, session: str, user: str, first_ack: trio.Event) -> None:
-    """Send changes without waiting for acks; note the first ack; stop when cut off."""
+    """Keep sending changes while reading answers; note the first ack; stop when cut off."""
     stream = listener.connect()
     try:
         async with trio.open_nursery() as nursery:
             ws = await wrap_client_stream(nursery, stream, "localhost", f"/ws/{session}/{user}")
+
+            async def send() -> None:
+                # Seconds of commits at 300 ms per batch: the session is never idle.
+                with contextlib.suppress(ConnectionClosed):
+                    for n in range(FLOOD):
+                        await ws.send_message(add(f"{user}-{n}", n))
+
             try:
-                for n in range(200):
-                    await ws.send_message(add(f"{user}-{n}", n))
+                nursery.start_soon(send)
                 while True:
                     message = json.loads(await ws.get_message())
                     if message["type"] == "ack":
@@ -57,6 +66,9 @@ async def test_cancelling_the_server_mid_commit_returns_within_a_second(tmp_path
         store="sqlite",
         data_dir=str(tmp_path / "data"),
         fault_commit_delay=SLOW_COMMIT,
+        # A flood, not abuse: the rate limit is not what this test is about.
+        rate_limit=1e9,
+        rate_burst=10**9,
     )
     listener = MemoryListener()
     with trio.fail_after(HANG):
