@@ -1,7 +1,6 @@
 """Fixtures: the whole server over in-memory streams, a real server process, a clean cwd.
 
-The plumbing itself lives in collab_trio.testing; the names below stay
-importable from here (`from .conftest import HANG, Harness, tcp_client`).
+The plumbing itself lives in collab_trio.testing, which tests import directly.
 """
 
 from __future__ import annotations
@@ -15,16 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from collab_trio.testing import (  # noqa: F401 - re-exported for the test modules
-    HANG,
-    Client,
-    Harness,
-    MemoryListener,
-    RunningServer,
-    start_memory_server,
-    start_server_output,
-    tcp_client,
-)
+from collab_trio.testing import Harness, RunningServer, start_memory_server, start_server_output
 
 
 # Slow tests that start first, so that under xdist the other worker runs the

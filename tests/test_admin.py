@@ -24,8 +24,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .conftest import HANG, tcp_client
-from .processes import ServerProcess, server_process
+from collab_trio.testing import HANG, ServerProcess, server_process, tcp_client
 
 # One admin process: start Python, open SQLite, print.
 ADMIN_TIMEOUT = 30

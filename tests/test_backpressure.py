@@ -29,8 +29,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .conftest import HANG, tcp_client
-from .processes import START_TIMEOUT, server_process
+from collab_trio.testing import HANG, START_TIMEOUT, server_process, tcp_client
 
 CLIENTS = 10
 FLOOD_SECONDS = float(os.environ.get("COLLAB_TRIO_FLOOD_SECONDS", "8"))
@@ -150,7 +149,7 @@ async def stored_revs(port: int, session: str) -> dict[str, int]:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
 async def test_flood_on_a_slow_disk_stays_bounded_and_loses_nothing_acknowledged(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "data"
     flooders = [
@@ -182,14 +181,14 @@ async def test_flood_on_a_slow_disk_stays_bounded_and_loses_nothing_acknowledged
             acked = sum(len(f.acked) for f in flooders)
             errors = sum(len(f.errors) for f in flooders)
             closed = {f.user: f.close_code for f in flooders if f.close_code is not None}
-            with capsys.disabled():
-                print(
-                    f"\nbackpressure: {CLIENTS} clients, {FLOOD_SECONDS:g} s flood: {sent} commands sent,"
-                    f" {acked} acked, {errors} errors, closed {closed or 'none'};"
-                    f" answered {drained:.1f} s after the flood;"
-                    f" server RSS max {max(samples):.1f} MB"
-                    f" (first {samples[0]:.1f} MB, {len(samples)} samples)"
-                )
+            # Shown with -s (or on failure).
+            print(
+                f"backpressure: {CLIENTS} clients, {FLOOD_SECONDS:g} s flood: {sent} commands sent,"
+                f" {acked} acked, {errors} errors, closed {closed or 'none'};"
+                f" answered {drained:.1f} s after the flood;"
+                f" server RSS max {max(samples):.1f} MB"
+                f" (first {samples[0]:.1f} MB, {len(samples)} samples)"
+            )
             assert max(samples) < RSS_LIMIT_MB, f"RSS samples (MB): {samples}\n{server.output}"
             assert not closed, f"clients closed by the server during the flood: {closed}\n{server.output}"
             unanswered = {f.user: len(f.sent) - len(f.acked) - len(f.errors) for f in flooders}
@@ -216,5 +215,4 @@ async def test_flood_on_a_slow_disk_stays_bounded_and_loses_nothing_acknowledged
             restarted.process.send_signal(signal.SIGINT)
             with trio.fail_after(HANG):
                 assert await restarted.process.wait() == 0, restarted.output
-    with capsys.disabled():
-        print(f"backpressure: after a restart, {stored} of {acked} acknowledged changes are in the documents")
+    print(f"backpressure: after a restart, {stored} of {acked} acknowledged changes are in the documents")

@@ -15,8 +15,7 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
-
-from .conftest import HANG, MemoryListener
+from collab_trio.testing import HANG, MemoryListener
 
 SLOW_COMMIT = 0.3
 # Changes each client sends: many batches' worth (a batch holds at most 512).

@@ -9,8 +9,7 @@ import pytest
 
 from collab_trio import __version__
 from collab_trio.cli import build_parser, main
-
-from .processes import ProcessOutput, RunningServer, child_env
+from collab_trio.testing import ProcessOutput, RunningServer, child_env
 
 
 def run_cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -14,18 +14,11 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from collab_trio.config import ServerConfig
+from collab_trio.testing import HANG, ProcessOutput, RunningServer, child_env, tcp_client
+from collab_trio.testing import START_TIMEOUT as SERVER_START_TIMEOUT_S
+from collab_trio.testing import STOP_TIMEOUT as STOP_TIMEOUT_S
 
-from .conftest import HANG, tcp_client
-from .processes import (
-    CLIENT_RUN_TIMEOUT_S,
-    SERVER_START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    ProcessOutput,
-    RunningServer,
-    child_env,
-    start_smoke_client,
-    verdict_of,
-)
+from .qt_tools import CLIENT_RUN_TIMEOUT_S, start_smoke_client, verdict_of
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"

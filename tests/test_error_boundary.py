@@ -16,8 +16,7 @@ import pytest
 import trio
 
 from collab_trio.store import MemoryStore
-
-from .conftest import Harness
+from collab_trio.testing import Harness
 
 BAD = "bad"
 

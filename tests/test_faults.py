@@ -39,9 +39,7 @@ from wsproto.events import (
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import CollabServer, serve
-
-from .conftest import HANG, Harness, MemoryListener, tcp_client
-from .processes import server_process
+from collab_trio.testing import HANG, Harness, MemoryListener, server_process, tcp_client
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2

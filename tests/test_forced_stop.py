@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -28,8 +23,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .conftest import HANG, tcp_client
-from .processes import LISTENING, START_TIMEOUT
+from collab_trio.testing import HANG, START_TIMEOUT, server_process, tcp_client
 
 ROUNDS = int(os.environ.get("COLLAB_TRIO_FORCED_STOP_ROUNDS", "20"))
 # Measured from the second SIGINT to the exit of the process.
@@ -47,77 +41,6 @@ UPGRADE = (
     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     b"Sec-WebSocket-Version: 13\r\n\r\n"
 )
-
-
-@attrs.define(eq=False)
-class WatchedServer:
-    """A `collab-trio serve` child whose output lines can be awaited."""
-
-    process: trio.Process
-    port: int = 0
-    lines: list[str] = attrs.field(factory=list)
-    _new_line: trio.Event = attrs.field(factory=trio.Event)
-    _ended: bool = False
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    async def wait_for(self, pattern: re.Pattern[str] | str, timeout: float = HANG) -> re.Match[str]:
-        """The first line (already printed or still to come) that matches."""
-        regex = re.compile(pattern)
-        seen = 0
-        with trio.fail_after(timeout):
-            while True:
-                for line in self.lines[seen:]:
-                    if match := regex.search(line):
-                        return match
-                seen = len(self.lines)
-                if self._ended:
-                    pytest.fail(f"output ended with no line matching {regex.pattern!r}:\n{self.output}")
-                await self._new_line.wait()
-
-    def _add(self, line: str) -> None:
-        self.lines.append(line)
-        self._new_line.set()
-        self._new_line = trio.Event()
-
-    async def _collect(self, stream: trio.abc.ReceiveStream) -> None:
-        buffer = b""
-        async for chunk in stream:
-            *complete, buffer = (buffer + chunk).split(b"\n")
-            for raw in complete:
-                self._add(raw.decode("utf-8", "replace"))
-        if buffer:
-            self._add(buffer.decode("utf-8", "replace"))
-        self._ended = True
-        self._new_line.set()
-
-
-@asynccontextmanager
-async def watched_server(*args: str) -> AsyncIterator[WatchedServer]:
-    """Start the server on a free port; kill it at the end if it still runs."""
-    command = [sys.executable, "-m", "collab_trio", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    )
-    server = WatchedServer(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            assert process.stdout is not None
-            nursery.start_soon(server._collect, process.stdout)
-            server.port = int((await server.wait_for(LISTENING, START_TIMEOUT)).group(1))
-            try:
-                yield server
-            finally:
-                if process.returncode is None:
-                    process.kill()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 @attrs.define(eq=False)
@@ -202,7 +125,7 @@ class Round:
 
 async def forced_stop_round(data_dir: Path) -> Round:
     """One server, flooded, stopped twice."""
-    async with watched_server(*SERVER_ARGS, "--data-dir", str(data_dir)) as server:
+    async with server_process(*SERVER_ARGS, "--data-dir", str(data_dir)) as server:
         flooders = [Flooder(session, user) for session, user in FLOODERS]
         joined = [trio.Event() for _ in range(len(flooders) + 1)]
         committed = trio.Event()
@@ -248,20 +171,16 @@ async def forced_stop_round(data_dir: Path) -> Round:
     return Round(exit_time, sum(f.sent for f in flooders), sum(f.acked for f in flooders), closed)
 
 
-async def test_second_sigint_exits_130_within_a_second_under_a_commit_flood(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_second_sigint_exits_130_within_a_second_under_a_commit_flood(tmp_path: Path) -> None:
     exit_times = []
     for round_no in range(1, ROUNDS + 1):
         with trio.fail_after(START_TIMEOUT + 3 * HANG):
             result = await forced_stop_round(tmp_path / f"round-{round_no}")
         exit_times.append(result.exit_time)
         closed = "".join(f", {n} closed with {code}" for code, n in sorted(result.closed.items()))
-        with capsys.disabled():
-            print(
-                f"\nforced stop {round_no:2d}/{ROUNDS}: exit 130 in {result.exit_time * 1000:4.0f} ms"
-                f" ({result.sent} commands sent, {result.acked} acked{closed})",
-                end="",
-            )
-    with capsys.disabled():
-        print(f"\nforced stop: max {max(exit_times) * 1000:.0f} ms over {ROUNDS} rounds")
+        # Shown with -s (or on failure).
+        print(
+            f"forced stop {round_no:2d}/{ROUNDS}: exit 130 in {result.exit_time * 1000:4.0f} ms"
+            f" ({result.sent} commands sent, {result.acked} acked{closed})"
+        )
+    print(f"forced stop: max {max(exit_times) * 1000:.0f} ms over {ROUNDS} rounds")

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from .conftest import HANG, tcp_client
-from .processes import START_TIMEOUT, server_process
+from collab_trio.testing import HANG, START_TIMEOUT, server_process, tcp_client
 
 CONNECTIONS = 200
 AT_ONCE = 20

@@ -9,13 +9,9 @@ import sys
 
 import pytest
 
-from .processes import (
-    REPO,
-    ProcessOutput,
-    RunningServer,
-    child_env,
-    verdict_of,
-)
+from collab_trio.testing import ProcessOutput, RunningServer, child_env
+
+from .qt_tools import REPO, verdict_of
 
 INTEGRATION_TOOL = REPO / "tools" / "collab_integration.py"
 RUN_TESTS_SH = REPO / "tools" / "run_tests.sh"

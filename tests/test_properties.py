@@ -45,10 +45,8 @@ from collab_trio.protocol import (
     parse_target,
 )
 from collab_trio.server import serve
-
-from .conftest import HANG, Client, Harness, MemoryListener, tcp_client
+from collab_trio.testing import Client, HANG, Harness, MemoryListener, server_process, tcp_client
 from .test_faults import OPCODE_BINARY, OPCODE_TEXT, RawClient, close_code, raw_connect
-from .processes import server_process
 
 # Deterministic: the same examples on every run and every machine, nothing replayed from disk.
 PURE = settings(derandomize=True, database=None, deadline=None, max_examples=300)

@@ -6,13 +6,9 @@ import re
 import signal
 
 
-from .processes import (
-    CLIENT_RUN_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    RunningServer,
-    start_smoke_client,
-    verdict_of,
-)
+from collab_trio.testing import RunningServer, STOP_TIMEOUT as STOP_TIMEOUT_S
+
+from .qt_tools import CLIENT_RUN_TIMEOUT_S, start_smoke_client, verdict_of
 
 def test_smoke_client_passes(server: RunningServer) -> None:
     """The 15 s run: ack, a pong every second, no drop, then a clean 1000 close."""

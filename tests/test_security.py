@@ -26,9 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
-
-from .conftest import HANG, Client, Harness, tcp_client
-from .processes import server_process
+from collab_trio.testing import Client, HANG, Harness, server_process, tcp_client
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CLIENT = REPO / "tools" / "qt_smoke_client.py"

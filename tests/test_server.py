@@ -12,8 +12,7 @@ import trio.testing
 from collab_trio import __version__
 from collab_trio.document import SessionDocument
 from collab_trio.session_core import SessionCore
-
-from .conftest import HANG, Harness
+from collab_trio.testing import HANG, Harness
 
 
 def add(item_id: str, **data: float) -> dict:

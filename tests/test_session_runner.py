@@ -14,8 +14,7 @@ import trio
 import trio.testing
 
 from collab_trio.store import MemoryStore
-
-from .conftest import Harness
+from collab_trio.testing import Harness
 
 
 @attrs.define(eq=False)

@@ -14,8 +14,7 @@ import trio
 from collab_trio.document import COMMAND, REPLACE, Op
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store.sqlite import Database, database_path
-
-from .conftest import HANG, Harness
+from collab_trio.testing import HANG, Harness
 
 
 def add(item_id: str, **data: Any) -> dict:

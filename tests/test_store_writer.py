@@ -432,14 +432,3 @@ async def test_startup_error_in_use(tmp_path: Path) -> None:
         )
     finally:
         os.close(fd)
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes any directory")
-async def test_startup_error_permission_denied(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    data_dir.chmod(0)
-    try:
-        assert await start_error(data_dir) == f"data directory {data_dir}: permission denied"
-    finally:
-        data_dir.chmod(0o700)

@@ -10,7 +10,7 @@ import re
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -403,18 +403,16 @@ def _serve(args: argparse.Namespace) -> int:
 _KNOWN_FAILURES = (TokensFileError, StoreError, OSError)
 
 
-def leaf_exceptions(exc: BaseException) -> Iterator[BaseException]:
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
     """The exceptions inside `exc` and any groups nested in it, in order."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from leaf_exceptions(inner)
-    else:
-        yield exc
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
 
 
 def _first_cause(group: BaseException) -> tuple[BaseException, bool]:
     """The leaf that explains the failure, and whether it is a known kind."""
-    leaves = list(leaf_exceptions(group))
+    leaves = leaf_exceptions(group)
     for leaf in leaves:
         if isinstance(leaf, _KNOWN_FAILURES):
             return leaf, True

@@ -38,7 +38,8 @@ from .auth import TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
 from .serving import WebSocketServer, listener_url, reject
-from .session import SessionRegistry, SessionUnavailable
+from .session import SessionRegistry
+from .session_core import JoinRefused
 from .store import Store, make_store
 
 __all__ = ["CollabServer", "listener_url", "serve", "tls_context", "tls_context_from"]
@@ -145,7 +146,7 @@ class CollabServer:
                 conn = await self.registry.join(
                     session_id, ws, target.user_id, remote=peer, can_write=access, resume=resume
                 )
-            except SessionUnavailable as exc:
+            except JoinRefused as exc:
                 log.info("Closed %s from %s: %d %s", path, peer, exc.code, exc.reason)
                 with trio.move_on_after(self.config.close_timeout):
                     await ws.aclose(exc.code, exc.reason)

@@ -47,16 +47,6 @@ from .store import SessionReset, Store, StoreError
 log = logging.getLogger(__name__)
 
 
-class SessionUnavailable(Exception):
-    """A join that cannot happen: the server is stopping, the session is full
-    or it failed to load."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 @attrs.define(eq=False)
 class Session:
     """One live session: runs its core, its committer and its connections."""
@@ -154,7 +144,7 @@ class Session:
         closed meanwhile (the caller loads a successor).
 
         Raises:
-            SessionUnavailable: the session is full.
+            JoinRefused: the session is full.
         """
         if self.core is None or self._nursery is None or self.core.closed:
             return None
@@ -165,7 +155,7 @@ class Session:
             )
         except JoinRefused as exc:
             if exc.code == CloseCode.SESSION_FULL:
-                raise SessionUnavailable(exc.code, exc.reason) from None
+                raise
             return None
         self._nursery.start_soon(conn.run, name=f"connection({user_id})")
         if any(isinstance(effect, Close) for effect in effects):
@@ -373,12 +363,12 @@ class SessionRegistry:
         """Put a client into its session, loading the session if needed.
 
         Raises:
-            SessionUnavailable: the server is stopping, the session is full or
+            JoinRefused: the server is stopping, the session is full or
                 can't load.
         """
         while True:
             if self.closing or self._nursery is None:
-                raise SessionUnavailable(CloseCode.GOING_AWAY, "server shutting down")
+                raise JoinRefused(CloseCode.GOING_AWAY, "server shutting down")
             session = self.sessions.get(session_id)
             if session is None:
                 predecessor = self.draining.get(session_id)
@@ -397,7 +387,7 @@ class SessionRegistry:
                 except Exception:
                     self.discard(session)
                     log.exception("Could not load session %s", session_id)
-                    raise SessionUnavailable(
+                    raise JoinRefused(
                         CloseCode.INTERNAL_ERROR, "could not load the session"
                     ) from None
                 except BaseException:
@@ -406,7 +396,7 @@ class SessionRegistry:
             else:
                 await session.ready.wait()
                 if session.load_failed:
-                    raise SessionUnavailable(CloseCode.INTERNAL_ERROR, "could not load the session")
+                    raise JoinRefused(CloseCode.INTERNAL_ERROR, "could not load the session")
             conn = session.try_join(ws, user_id, remote=remote, can_write=can_write, resume=resume)
             if conn is not None:
                 return conn

@@ -131,7 +131,8 @@ Effect = Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantSnap
 
 
 class JoinRefused(Exception):
-    """A join that cannot happen; the connection is closed with `code`."""
+    """A join that cannot happen (session closed or full, server stopping, load
+    failed); the connection is closed with `code`."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)

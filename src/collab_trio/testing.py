@@ -38,6 +38,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
 
+from .cli import leaf_exceptions
 from .config import ServerConfig
 
 LOOPBACK = "127.0.0.1"
@@ -314,14 +315,6 @@ def start_server_output(
 
 # ---------------------------------------------------------------------------
 # WebSocket clients
-
-
-def leaf_exceptions(group: BaseExceptionGroup) -> list[BaseException]:
-    """Every exception in `group` and its nested groups, in order."""
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(leaf_exceptions(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 @asynccontextmanager

@@ -1,7 +1,6 @@
-"""Process helpers for the tests: re-exports of collab_trio.testing, plus the Qt tools' paths.
+"""Helpers for the tests that run the Qt tools (tools/qt_smoke_client.py and friends).
 
-The code lives in collab_trio.testing (tools/ and benchmarks/ use it too);
-these names stay importable from here for the tests that import them.
+Process plumbing itself is in collab_trio.testing.
 """
 
 from __future__ import annotations
@@ -9,23 +8,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from collab_trio.testing import (  # noqa: F401 - re-exported
-    LISTENING_RE,
-    START_TIMEOUT,
-    ProcessOutput,
-    RunningServer,
-    ServerProcess,
-    assert_port_binds_again,
-    child_env,
-    server_process,
-)
-from collab_trio.testing import STOP_TIMEOUT as STOP_TIMEOUT_S
+from collab_trio.testing import ProcessOutput, RunningServer, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CLIENT = REPO / "tools" / "qt_smoke_client.py"  # a wrapper of collab_trio.qt_smoke
-# Old names of the one "Listening on" pattern and of the start deadline.
-LISTENING = LISTENING_RE
-SERVER_START_TIMEOUT_S = 20
 CLIENT_RUN_TIMEOUT_S = 60
 
 
