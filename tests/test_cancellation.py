@@ -15,21 +15,11 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
-from collab_trio.testing import HANG, MemoryListener
+from collab_trio.testing import HANG, MemoryListener, add_item
 
 SLOW_COMMIT = 0.3
 # Changes each client sends: many batches' worth (a batch holds at most 512).
 FLOOD = 5000
-
-
-def add(item_id: str, op_id: int) -> str:
-    return json.dumps(
-        {
-            "type": "command",
-            "op_id": op_id,
-            "command": {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": {}},
-        }
-    )
 
 
 async def flood(listener: MemoryListener, session: str, user: str, first_ack: trio.Event) -> None:
@@ -43,7 +33,7 @@ async def flood(listener: MemoryListener, session: str, user: str, first_ack: tr
                 # Seconds of commits at 300 ms per batch: the session is never idle.
                 with contextlib.suppress(ConnectionClosed):
                     for n in range(FLOOD):
-                        await ws.send_message(add(f"{user}-{n}", n))
+                        await ws.send_message(json.dumps(add_item(f"{user}-{n}", op_id=n)))
 
             try:
                 nursery.start_soon(send)

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from collab_trio.store import MemoryStore
-from collab_trio.testing import Harness
+from collab_trio.testing import Harness, add_item
 
 BAD = "bad"
 
@@ -45,13 +45,6 @@ class FaultyStore(MemoryStore):
         await super().save_snapshot(session_id, snapshot)
 
 
-def add(item_id: str) -> dict[str, Any]:
-    return {
-        "type": "command",
-        "command": {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": {}},
-    }
-
-
 def injected_tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.exc_info and "injected bug" in str(r.exc_info[1])]
 
@@ -60,7 +53,7 @@ async def assert_server_goes_on(harness: Harness, good: Any) -> None:
     """The other session still answers, and a new session can be opened."""
     await good.send({"type": "ping"})
     await good.expect("pong")
-    await good.send(add("still-fine"))
+    await good.send(add_item("still-fine"))
     assert (await good.expect("ack"))["seq"] >= 1
     async with harness.joined("newcomer-session", "dora") as dora:
         await dora.send({"type": "ping"})
@@ -80,7 +73,7 @@ async def test_a_bug_while_committing_or_snapshotting_closes_only_that_session(
     ):
         await alice.expect("user:joined")
         with caplog.at_level(logging.ERROR):
-            await alice.send(add("boom"))
+            await alice.send(add_item("boom"))
             alice_code, _ = await alice.expect_closed()
             bob_code, _ = await bob.expect_closed()
         assert (alice_code, bob_code) == (1011, 1011)
@@ -116,7 +109,7 @@ async def test_a_bug_while_unloading_is_logged_and_the_server_goes_on(
     async with harness.joined("good", "gus") as good:
         with caplog.at_level(logging.ERROR):
             async with harness.joined(BAD, "alice") as alice:
-                await alice.send(add("a1"))
+                await alice.send(add_item("a1"))
                 await alice.expect("ack")
                 session = harness.registry.sessions[BAD]
             with trio.fail_after(5):

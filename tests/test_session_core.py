@@ -160,7 +160,7 @@ def test_the_last_member_leaving_empties_the_session() -> None:
     c = core()
     join(c, "alice")
     effects = c.leave("alice", "alice", "disconnected")
-    assert effects[-1] == Emptied()
+    assert effects[-1] == Emptied(last_user_left=True)
     assert c.closed and c.host is None
     with pytest.raises(JoinRefused):
         join(c, "bob")
@@ -510,3 +510,33 @@ def test_a_batch_holds_at_most_max_batch_ops_changes_in_arrival_order() -> None:
     answers = [e.message for e in c.committed(second) if isinstance(e, Send)]
     assert [type(m).__name__ for m in answers] == ["Ack", "SyncState", "Ack"]
     assert answers[1].version == 4
+
+
+def test_pending_sync_requests_count_against_both_bounds_and_share_one_answer() -> None:
+    c = core(max_batch_ops=4)
+    join(c, "alice")
+    c.receive("alice", "alice", add("a1"))
+    batch = c.take_batch()
+    assert batch is not None
+    request = '{"type":"sync:request"}'
+    for _ in range(6):
+        c.receive("alice", "alice", request)
+    # Queued behind the commit in flight: they hold bytes like changes do.
+    assert c.pending_bytes == len(add("a1")) + 6 * len(request)
+    c.committed(batch)
+    answers = [e.message for e in c.committed(c.take_batch()) if isinstance(e, Send)]  # type: ignore[arg-type]
+    # A batch answers at most max_batch_ops of them, all with one message object.
+    assert len(answers) == 4 and all(a is answers[0] for a in answers)
+    rest = c.take_batch()
+    assert rest is not None and len(rest.entries) == 2
+    c.committed(rest)
+    assert c.pending_bytes == 0
+
+
+def test_pending_bytes_are_utf8_bytes() -> None:
+    c = core()
+    join(c, "alice")
+    command = {"action": "add_item", "item_type": "lens", "item_id": "λ" * 10, "data": {}}
+    text = json.dumps({"type": "command", "command": command}, ensure_ascii=False)
+    c.receive("alice", "alice", text)
+    assert c.pending_bytes == len(text.encode("utf-8")) > len(text)

@@ -7,14 +7,16 @@ MemoryStore whose commits the test holds back (a gate), or never answers.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import attrs
 import trio
 import trio.testing
 
-from collab_trio.store import MemoryStore
-from collab_trio.testing import Harness
+from collab_trio.session_core import SessionCore
+from collab_trio.store import MemoryStore, OutcomeUnknown
+from collab_trio.testing import Harness, add_item
 
 
 @attrs.define(eq=False)
@@ -31,16 +33,7 @@ class GatedStore(MemoryStore):
 
 
 def add(item_id: str, op_id: int, padding: int = 0) -> dict[str, Any]:
-    return {
-        "type": "command",
-        "op_id": op_id,
-        "command": {
-            "action": "add_item",
-            "item_type": "lens",
-            "item_id": item_id,
-            "data": {"note": "x" * padding},
-        },
-    }
+    return add_item(item_id, {"note": "x" * padding}, op_id=op_id)
 
 
 async def test_a_slow_store_stops_the_readers_instead_of_growing_memory(
@@ -112,3 +105,73 @@ async def test_a_store_that_never_answers_closes_the_session_after_the_deadline(
         assert "storage" in reason
         await olga.send({"type": "ping"})
         await olga.expect("pong")
+
+
+async def test_sync_requests_behind_a_slow_commit_hold_room_and_are_all_answered(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # sync:requests queued behind a held-back change cost room like changes
+    # do, so a client can't queue unbounded work behind a slow disk.
+    store = GatedStore()
+    request = '{"type":"sync:request"}'
+    harness: Harness = await start_server(_store=store, rate_burst=1000, max_pending_bytes=50 * len(request))
+    async with harness.joined("s", "alice") as alice:
+        await alice.send(add("a", 1))
+        for _ in range(100):
+            await alice.send(request)
+        await trio.testing.wait_all_tasks_blocked()
+        session = harness.registry.sessions["s"]
+        assert session.core is not None
+        # The reader stopped once the queued requests filled the room.
+        assert 50 * len(request) <= session.core.pending_bytes < 52 * len(request) + 200
+        store.gate.set()
+        kinds = [(await alice.recv())["type"] for _ in range(101)]
+        assert kinds == ["ack"] + ["sync:state"] * 100
+        assert session.core.pending_bytes == 0
+
+
+async def test_a_bug_in_a_leave_closes_the_session_with_1011(
+    start_server: Any, autojump_clock: trio.abc.Clock, monkeypatch: Any, caplog: Any
+) -> None:
+    real_leave = SessionCore.leave
+
+    def buggy_leave(self: SessionCore, conn: Any, user_id: str, reason: str) -> Any:
+        if user_id == "bob":
+            raise RuntimeError("injected bug in leave")
+        return real_leave(self, conn, user_id, reason)
+
+    monkeypatch.setattr(SessionCore, "leave", buggy_leave)
+    harness: Harness = await start_server()
+    async with harness.joined("other", "olga") as olga, harness.joined("s", "alice") as alice:
+        with caplog.at_level(logging.ERROR):
+            async with harness.joined("s", "bob"):
+                await alice.expect("user:joined")
+            code, _ = await alice.expect_closed()
+        assert code == 1011
+        assert len([r for r in caplog.records if r.exc_info and "injected bug" in str(r.exc_info[1])]) == 1
+        await olga.send({"type": "ping"})
+        await olga.expect("pong")
+        async with harness.joined("s", "carol") as carol:  # the session loads afresh
+            await carol.send({"type": "ping"})
+            await carol.expect("pong")
+
+
+@attrs.define(eq=False)
+class UnknownOutcomeStore(MemoryStore):
+    """Gives up on every commit as a stuck disk would: stored or not, nobody knows."""
+
+    async def commit(self, session_id: str, epoch: str, ops: list[Any]) -> None:
+        await trio.lowlevel.checkpoint()
+        raise OutcomeUnknown("the disk did not answer within 10 s; the change may or may not be stored")
+
+
+async def test_an_unknown_commit_outcome_closes_the_session_with_1011(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    harness: Harness = await start_server(_store=UnknownOutcomeStore())
+    async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
+        await alice.expect("user:joined")
+        await alice.send(add("a", 1))
+        # Not "not_persisted": that could be a lie. Everyone reloads instead.
+        assert (await alice.expect_closed())[0] == 1011
+        assert (await bob.expect_closed())[0] == 1011

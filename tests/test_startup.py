@@ -141,6 +141,17 @@ async def test_data_dir_without_permission(tmp_path: Path) -> None:
     assert message == f"data directory {data_dir}: permission denied", message
 
 
+async def test_second_server_on_the_same_port_and_data_dir_names_the_data_dir(tmp_path: Path) -> None:
+    # The usual mistake: the same command twice (same port, same directory).
+    # The data directory is checked before the port, so the message says who
+    # holds it instead of "port already in use".
+    data_dir = tmp_path / "data"
+    async with server_process("--data-dir", str(data_dir)) as first:
+        message = the_error_line(*await run_serve(data_dir, "--port", str(first.port)))
+        assert f"is in use by another collab-trio server (pid {first.process.pid})" in message, message
+        assert first.process.returncode is None
+
+
 async def test_busy_data_dir_names_the_other_server_then_frees_on_sigkill(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     async with server_process("--data-dir", str(data_dir)) as first:

@@ -11,8 +11,8 @@ runs on, and its limits and timeouts are read from `ServerConfig`, never
 repeated here, so both servers always run trio-websocket the same way:
 
     max_message_size   -> wrap_server_stream(max_message_size=...)   (larger: close 1009)
-    handshake_timeout  -> connect timeout of the HTTP upgrade
-    close_timeout      -> disconnect timeout of a close handshake
+    handshake_timeout  -> deadline for the HTTP upgrade (then the connection is dropped)
+    close_timeout      -> deadline for a close handshake
     shutdown_timeout   -> grace period on Ctrl+C / SIGTERM (clients get 1001)
 
 Ctrl+C or SIGTERM stops accepting at once (the port is free immediately),
@@ -27,31 +27,25 @@ import logging
 import sys
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import attrs
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketRequest
 
-try:
-    import collab_trio  # noqa: F401
-except ImportError:  # a checkout that was not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from collab_trio.cli import (  # noqa: E402
+from collab_trio.cli import (
     EXIT_FORCED,
     byte_size,
     configure_logging,
     port_number,
     serve_until_signalled,
 )
-from collab_trio.config import DEFAULT_PORT, ServerConfig  # noqa: E402
-from collab_trio.serving import WebSocketServer  # noqa: E402
+from collab_trio.config import DEFAULT_PORT, ServerConfig
+from collab_trio.protocol import CloseCode
+from collab_trio.serving import CLIENT_GONE, WebSocketServer, log_client_gone
 
 log = logging.getLogger("collab_trio.echo")
 
 DEFAULTS = ServerConfig()
-GOING_AWAY = 1001
 
 
 @attrs.define(eq=False)
@@ -77,7 +71,11 @@ class EchoApp:
         self._closed.set()
 
     async def handle(self, request: WebSocketRequest, peer: str) -> None:
-        ws = await request.accept()
+        try:
+            ws = await request.accept()
+        except CLIENT_GONE as exc:
+            log_client_gone(peer, exc)
+            return
         log.info("Connected: %s path %s", peer, request.path)
         closed: CloseReason | None = None
         with trio.CancelScope() as echo_scope:
@@ -94,7 +92,7 @@ class EchoApp:
                 self._echo_scopes.discard(echo_scope)
         if echo_scope.cancelled_caught:
             with trio.move_on_after(self.config.close_timeout):
-                await ws.aclose(GOING_AWAY, "server shutting down")
+                await ws.aclose(CloseCode.GOING_AWAY, "server shutting down")
         log.info("Closed: %s %s", peer, _describe(closed or ws.closed))
 
 

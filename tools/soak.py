@@ -73,7 +73,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection
 
 from collab_trio import testing
-from collab_trio.cli import leaf_exceptions as _leaves
+from collab_trio.exceptions import leaf_exceptions as _leaves
 from collab_trio.testing import HarnessError, recv_json as read_json
 
 LOOPBACK = "127.0.0.1"

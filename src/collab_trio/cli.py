@@ -20,6 +20,7 @@ from . import __version__
 from .admin import run_sessions_command
 from .auth import TokensFileError
 from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig
+from .exceptions import leaf_exceptions
 from .server import CollabServer, serve, tls_context_from
 from .store import StoreError
 from .store.sqlite import database_path
@@ -401,13 +402,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 # What a startup failure can be, besides a bug: each has its one-line explanation.
 _KNOWN_FAILURES = (TokensFileError, StoreError, OSError)
-
-
-def leaf_exceptions(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside `exc` and any groups nested in it, in order."""
-    if not isinstance(exc, BaseExceptionGroup):
-        return [exc]
-    return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
 
 
 def _first_cause(group: BaseException) -> tuple[BaseException, bool]:

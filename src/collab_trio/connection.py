@@ -172,10 +172,11 @@ class Connection:
 
     async def _reader(self) -> None:
         try:
-            with self._reader_scope:
-                await self._read_loop()
-        except ConnectionClosed as exc:
-            self._peer_closed(exc)
+            try:
+                with self._reader_scope:
+                    await self._read_loop()
+            except ConnectionClosed as exc:
+                self._peer_closed(exc)  # tells the owner, which may fail too
         except Exception:
             log.exception("Internal error while handling a message from %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")

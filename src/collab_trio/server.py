@@ -1,9 +1,11 @@
 """serve(): the root of the nursery tree: store, serving layer, sessions.
 
     trio.run
-     └─ serve() / CollabServer.run()
-         └─ store nursery            the store's writer; outlives everything below,
-             │                       so sessions commit and snapshot until their end
+     └─ serve()
+         ├─ store.run()              started first: locks the data directory, then the
+         │                           writer; outlives everything below, so sessions
+         │                           commit and snapshot until their end
+         └─ CollabServer.run()       listeners opened once the store runs
              └─ WebSocketServer.run()   server nursery (serving.py)
                  ├─ SessionRegistry.run()   sessions nursery; the sessions' error boundary
                  │   └─ Session.run()       one nursery per live session, gone when it empties
@@ -37,7 +39,8 @@ from trio_websocket import WebSocketRequest
 from .auth import TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
-from .serving import WebSocketServer, listener_url, reject
+from .connection import Connection
+from .serving import CLIENT_GONE, WebSocketServer, listener_url, log_client_gone, reject
 from .session import SessionRegistry
 from .session_core import JoinRefused
 from .store import Store, make_store
@@ -85,7 +88,10 @@ class CollabServer:
         self.web.request_shutdown()
 
     async def run(self, *, task_status: trio.TaskStatus[CollabServer]) -> None:
-        """Serve until request_shutdown(), then stop gracefully; or until cancelled."""
+        """Serve until request_shutdown(), then stop gracefully; or until cancelled.
+
+        The store must be running (serve() starts it first and closes it last).
+        """
         started = graceful = False
 
         def ready() -> None:
@@ -94,14 +100,8 @@ class CollabServer:
             task_status.started(self)
 
         try:
-            async with trio.open_nursery() as store_nursery:
-                await store_nursery.start(self.store.run)
-                try:
-                    await self.web.run(ready)
-                    graceful = True
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await self.store.aclose()
+            await self.web.run(ready)
+            graceful = True
         finally:
             # A server that never started has nothing to report closed.
             if started:
@@ -122,19 +122,29 @@ class CollabServer:
         self.registry.close_all(code, reason)
 
     async def handle(self, request: WebSocketRequest, peer: str) -> None:
+        try:
+            conn = await self._join(request, peer)
+        except CLIENT_GONE as exc:
+            log_client_gone(peer, exc)
+            return
+        if conn is not None:
+            await conn.finished.wait()
+
+    async def _join(self, request: WebSocketRequest, peer: str) -> Connection | None:
+        """Check, accept and join a handshake; the member's connection, or None if refused."""
         path = redact(request.path)  # never log a token
         try:
             target = parse_target(request.path)
         except HandshakeRejected as exc:
             log.info("Refused %s from %s: %d %s", path, peer, exc.status, exc.reason)
             await reject(request, exc.status, exc.reason)
-            return
+            return None
         access = self._check_access(request, target)
         if isinstance(access, tuple):
             status, reason = access
             log.info("Refused %s from %s: %d %s", path, peer, status, reason)
             await reject(request, status, reason)
-            return
+            return None
         session_id = target.session_id
         self._joining[session_id] = self._joining.get(session_id, 0) + 1
         try:
@@ -143,19 +153,18 @@ class CollabServer:
             if target.since is not None:
                 resume = SyncRequest(since=target.since, epoch=target.epoch)
             try:
-                conn = await self.registry.join(
+                return await self.registry.join(
                     session_id, ws, target.user_id, remote=peer, can_write=access, resume=resume
                 )
             except JoinRefused as exc:
                 log.info("Closed %s from %s: %d %s", path, peer, exc.code, exc.reason)
                 with trio.move_on_after(self.config.close_timeout):
                     await ws.aclose(exc.code, exc.reason)
-                return
+                return None
         finally:
             self._joining[session_id] -= 1
             if not self._joining[session_id]:
                 del self._joining[session_id]
-        await conn.finished.wait()
 
     def _check_access(self, request: WebSocketRequest, target: Target) -> tuple[int, str] | bool:
         """(status, reason) to refuse the handshake with, or whether the client may write."""
@@ -200,17 +209,31 @@ async def serve(
         StoreError: the store can't be opened (the message says why).
     """
     tokens = TokenTable.load(config.tokens_file) if config.tokens_file else None
-    if listeners is None:
-        if config.certfile is not None:
-            listeners = await trio.open_ssl_over_tcp_listeners(
+    if store is None:
+        store = make_store(config)
+    async with trio.open_nursery() as store_nursery:
+        # The store first: a data directory in use must be reported as such,
+        # not as the port being taken by the server that uses it. Its writer
+        # outlives everything below, so sessions commit until their very end.
+        await store_nursery.start(store.run)
+        try:
+            if listeners is None:
+                listeners = await _open_listeners(config)
+            server = CollabServer(config, store, listeners, tokens=tokens)
+            await server.run(task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+
+async def _open_listeners(config: ServerConfig) -> list[trio.abc.Listener[trio.abc.Stream]]:
+    if config.certfile is not None:
+        return list(
+            await trio.open_ssl_over_tcp_listeners(
                 config.port, tls_context(config), host=config.host or None, https_compatible=True
             )
-        else:
-            listeners = await trio.open_tcp_listeners(config.port, host=config.host or None)
-    server = CollabServer(
-        config, store if store is not None else make_store(config), listeners, tokens=tokens
-    )
-    await server.run(task_status=task_status)
+        )
+    return list(await trio.open_tcp_listeners(config.port, host=config.host or None))
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext:

@@ -97,7 +97,12 @@ async def reject(request: WebSocketRequest, status: int, reason: str) -> None:
 
 
 # What a client that went away mid-handshake makes trio-websocket raise.
-_CLIENT_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+CLIENT_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def log_client_gone(address: str, exc: BaseException) -> None:
+    """The one debug line for a client that left during the handshake."""
+    log.debug("Client %s went away during the handshake (%s)", address, _describe(exc))
 
 
 @attrs.define(eq=False)
@@ -201,10 +206,14 @@ class WebSocketServer:
         self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             async with trio.open_nursery() as ws_nursery:
+                request = None
                 try:
-                    await self._upgrade(ws_nursery, stream, address)
-                except _CLIENT_GONE as exc:
-                    log.debug("Client %s went away during the handshake (%s)", address, _describe(exc))
+                    request = await self._upgrade(ws_nursery, stream, address)
+                except CLIENT_GONE as exc:
+                    log_client_gone(address, exc)
+                if request is not None:
+                    # The app's own errors are its own: not taken for a client gone.
+                    await self.app.handle(request, peer_name(request))
                 # Stop trio-websocket's frame reader; the connection is over.
                 ws_nursery.cancel_scope.cancel()
         except Exception:
@@ -216,7 +225,10 @@ class WebSocketServer:
             # trio-websocket leaves the stream open after some closes (e.g. 1009).
             await trio.aclose_forcefully(stream)
 
-    async def _upgrade(self, ws_nursery: trio.Nursery, stream: trio.abc.Stream, address: str) -> None:
+    async def _upgrade(
+        self, ws_nursery: trio.Nursery, stream: trio.abc.Stream, address: str
+    ) -> WebSocketRequest | None:
+        """The client's upgrade request, or None when it was refused or never came."""
         request: WebSocketRequest | None = None
         with trio.move_on_after(self.config.handshake_timeout):
             request = await wrap_server_stream(
@@ -232,7 +244,8 @@ class WebSocketServer:
             log.warning("Refused %s: too many connections from this address", address)
             await reject(request, 429, "too many connections from your address")
         else:
-            await self.app.handle(request, peer_name(request))
+            return request
+        return None
 
 
 def _describe(exc: BaseException) -> str:

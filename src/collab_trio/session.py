@@ -42,7 +42,7 @@ from .session_core import (
     WantCommit,
     WantSnapshot,
 )
-from .store import SessionReset, Store, StoreError
+from .store import OutcomeUnknown, SessionReset, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ class Session:
     _executing: bool = False
     # close_all() called while the document was still loading.
     _close_requested: tuple[int, str] | None = None
+    # The last message sent to one member, and its text.
+    _last_sent: Any = None
+    _last_text: str = ""
+    # Set once a bug closed the session: a second failure only logs.
+    _closing_for_error: bool = False
 
     @property
     def document(self) -> SessionDocument:
@@ -197,7 +202,11 @@ class Session:
             conn.close_code,
         )
         host = self.core.host
-        effects = self.core.leave(conn, conn.user_id, conn.leave_reason())
+        try:
+            effects = self.core.leave(conn, conn.user_id, conn.leave_reason())
+        except Exception:
+            self._failed("a member leaving")
+            return
         if self.core.host not in (host, None) and not self.core.closed:
             log.info("User %s is now host of session %s", self.core.host, self.session_id)
         self._execute(effects)
@@ -212,22 +221,45 @@ class Session:
     # -- effects -------------------------------------------------------------
 
     def _execute(self, effects: list[Effect]) -> None:
-        """Carry out effects in order; effects raised meanwhile queue behind them."""
+        """Carry out effects in order; effects raised meanwhile queue behind them.
+
+        The error boundary of everything the session does synchronously: an
+        effect that fails is logged and the session's members are closed with
+        1011; the effects queued behind it still run.
+        """
         self._effects.extend(effects)
         if self._executing:
             return
         self._executing = True
         try:
             while self._effects:
-                self._carry_out(self._effects.popleft())
+                effect = self._effects.popleft()
+                try:
+                    self._carry_out(effect)
+                except Exception:
+                    self._failed("carrying out %s" % type(effect).__name__)
         finally:
             self._executing = False
-            self._effects.clear()
+
+    def _failed(self, doing: str) -> None:
+        """Log the exception being handled once, then close the session (1011)."""
+        log.exception(
+            "Internal error in session %s (%s); closing its connections with 1011",
+            self.session_id,
+            doing,
+        )
+        if self.core is not None and not self._closing_for_error:
+            self._closing_for_error = True
+            self._execute(self.core.close_all(CloseCode.INTERNAL_ERROR, "internal server error; reconnect"))
 
     def _carry_out(self, effect: Effect) -> None:
         assert self.core is not None
         if isinstance(effect, Send):
-            effect.conn.send(encode_message(effect.message))  # type: ignore[attr-defined]
+            message = effect.message
+            if message is not self._last_sent:
+                # The same answer to many (sync requests in one batch): encoded once.
+                self._last_sent, self._last_text = message, encode_message(message)
+            effect.conn.send(self._last_text)  # type: ignore[attr-defined]
         elif isinstance(effect, Broadcast):
             recipients = self.core.connections(exclude=effect.exclude)
             if recipients:
@@ -247,7 +279,7 @@ class Session:
             assert self._nursery is not None
             self._nursery.start_soon(self._guarded, self._save_snapshot, effect.snapshot)
         elif isinstance(effect, Emptied):
-            if not self.core.member_ids():
+            if effect.last_user_left:
                 log.info("Session %s closed: its last user left", self.session_id)
             self.on_closed(self)
             self._emptied.set()
@@ -260,10 +292,7 @@ class Session:
         try:
             await fn(*args)
         except Exception:
-            log.exception(
-                "Internal error in session %s; closing its connections with 1011", self.session_id
-            )
-            self.close_all(CloseCode.INTERNAL_ERROR, "internal server error; reconnect")
+            self._failed(getattr(fn, "__name__", "a task").lstrip("_"))
 
     # -- commits -------------------------------------------------------------
 
@@ -294,6 +323,9 @@ class Session:
             scope.deadline = trio.current_time() + self.config.commit_timeout
             try:
                 await self.store.commit(self.session_id, batch.epoch, list(batch.ops))
+            except OutcomeUnknown as exc:
+                log.error("Session %s: %s; closing it", self.session_id, exc)
+                return self._outcome_unknown()
             except SessionReset as exc:
                 log.warning("Session %s was reset by an administrator: %s", self.session_id, exc)
                 return self.core.commit_failed(batch, reset=True)
@@ -311,7 +343,11 @@ class Session:
             self.session_id,
             self.config.commit_timeout,
         )
+        return self._outcome_unknown()
+
+    def _outcome_unknown(self) -> list[Effect]:
         # Nobody can know what is stored: everyone reconnects and loads it afresh.
+        assert self.core is not None
         return self.core.close_all(CloseCode.INTERNAL_ERROR, "storage not answering; reconnect")
 
     async def _save_snapshot(self, snapshot: dict[str, Any]) -> None:
@@ -401,6 +437,8 @@ class SessionRegistry:
             if conn is not None:
                 return conn
             # The session closed while we waited: its successor loads afresh.
+            self.discard(session)
+            await trio.lowlevel.checkpoint()
 
     async def _run_session(self, session: Session, *, task_status: trio.TaskStatus[None]) -> None:
         """The error boundary of one session: what escapes it is logged, not raised."""

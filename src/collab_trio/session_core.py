@@ -124,7 +124,10 @@ class WantSnapshot:
 
 @attrs.frozen
 class Emptied:
-    """The last member left: the session takes no more joins and can unload."""
+    """The session takes no more joins and can unload: its last member left
+    (`last_user_left`), or close_all() closed everyone."""
+
+    last_user_left: bool = False
 
 
 Effect = Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantSnapshot | Emptied
@@ -177,10 +180,12 @@ class PendingReplace(_Change):
 
 @attrs.define(eq=False)
 class PendingSync:
-    """A `sync:request` that arrived behind pending changes."""
+    """A `sync:request` that arrived behind pending changes (it counts
+    against the same bounds as a change: it costs an answer)."""
 
     conn: Conn
     request: SyncRequest
+    size: int = 0
 
 
 Pending = PendingCommand | PendingReplace | PendingSync
@@ -319,7 +324,7 @@ class SessionCore:
                 effects.append(Broadcast(HostChanged(self.host, now)))
         if not self._members and not self.closed:
             self.closed = True
-            effects.append(Emptied())
+            effects.append(Emptied(last_user_left=True))
         return effects
 
     def close_all(self, code: int, reason: str) -> list[Effect]:
@@ -365,7 +370,8 @@ class SessionCore:
             return [Send(conn, Error(exc.code, exc.message, exc.ref))]
         if not member.can_write and isinstance(message, (Command, SyncUpdate, FullState)):
             return [Refuse(conn, message_type(message))]
-        size = len(frame)
+        # Bytes as on the wire (UTF-8); isascii() is O(1) for str.
+        size = len(frame) if frame.isascii() else len(frame.encode("utf-8", "surrogatepass"))
         if isinstance(message, Ping):
             return [Send(conn, Pong(self.clock()))]
         if isinstance(message, Command):
@@ -378,7 +384,8 @@ class SessionCore:
             if self._pending or self._in_flight is not None:
                 # Changes sent earlier (by anyone) are not applied yet: answer
                 # in arrival order, after them.
-                self._pending.append(PendingSync(conn, message))
+                self._pending.append(PendingSync(conn, message, size))
+                self.pending_bytes += size
                 return []
             return [Send(conn, self._sync_answer(message))]
         if isinstance(message, SyncUpdate):
@@ -432,6 +439,16 @@ class SessionCore:
                 return SyncOps(tuple(ops), document.version, document.epoch)
         return self._sync_state()
 
+    def _memo_answer(
+        self, request: SyncRequest, answers: dict[SyncRequest, SyncOps | SyncState]
+    ) -> SyncOps | SyncState:
+        """The answer to `request`; the same object for the same request while
+        the document stands still (the runner encodes it once)."""
+        answer = answers.get(request)
+        if answer is None:
+            answer = answers[request] = self._sync_answer(request)
+        return answer
+
     def _sync_state(self) -> SyncState:
         document = self.document
         return SyncState(document.state(self.clock()), document.version, document.epoch)
@@ -451,21 +468,14 @@ class SessionCore:
     def take_batch(self) -> Batch | None:
         """The oldest pending entries, with the ops the runner must commit (maybe none).
 
-        At most `max_batch_ops` changes, with the sync requests among them.
-        Only one batch is out at a time; answer it with committed() or
-        commit_failed() before taking the next.
+        At most `max_batch_ops` entries (changes and sync requests: each
+        costs one answer). Only one batch is out at a time; answer it with
+        committed() or commit_failed() before taking the next.
         """
         if not self._pending or self._in_flight is not None:
             return None
-        changes = taken = 0
-        for entry in self._pending:
-            if not isinstance(entry, PendingSync):
-                if changes == self.max_batch_ops:
-                    break
-                changes += 1
-            taken += 1
-        entries = tuple(self._pending[:taken])
-        del self._pending[:taken]
+        entries = tuple(self._pending[: self.max_batch_ops])
+        del self._pending[: self.max_batch_ops]
         timestamp = self.clock()
         first = self.document.version + 1
         ops: list[Op] = []
@@ -493,11 +503,13 @@ class SessionCore:
         self._finish(batch)
         effects: list[Effect] = []
         ops = iter(batch.ops)
+        answers: dict[SyncRequest, SyncOps | SyncState] = {}
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
-                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
+                effects.append(Send(entry.conn, self._memo_answer(entry.request, answers)))
                 continue
             op = next(ops)
+            answers.clear()  # the document moves on
             self.document.apply(op)
             if isinstance(entry, PendingCommand):
                 effects.append(Broadcast(Relay(op), exclude=op.user_id))
@@ -526,9 +538,10 @@ class SessionCore:
         """
         self._finish(batch)
         effects: list[Effect] = []
+        answers: dict[SyncRequest, SyncOps | SyncState] = {}
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
-                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
+                effects.append(Send(entry.conn, self._memo_answer(entry.request, answers)))
                 continue
             ref = "command" if isinstance(entry, PendingCommand) else None
             error = Error(
@@ -550,9 +563,9 @@ class SessionCore:
             raise ValueError("not the batch in flight")
         self._in_flight = None
         for entry in batch.entries:
+            self.pending_bytes -= entry.size
             if isinstance(entry, PendingSync):
                 continue
-            self.pending_bytes -= entry.size
             if entry.op_id is not None:
                 self._pending_op_ids.pop((entry.user_id, op_id_key(entry.op_id)), None)
 

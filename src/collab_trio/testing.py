@@ -38,8 +38,8 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
 
-from .cli import leaf_exceptions
 from .config import ServerConfig
+from .exceptions import leaf_exceptions
 
 LOOPBACK = "127.0.0.1"
 # The line `collab-trio serve` prints per listener; group 1 is the port.

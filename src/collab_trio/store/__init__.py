@@ -12,11 +12,11 @@ synchronous sqlite3 layer the writer and the admin commands share.
 from __future__ import annotations
 
 from ..config import ServerConfig
-from .base import SessionReset, Store, StoreError
+from .base import OutcomeUnknown, SessionReset, Store, StoreError
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "SQLiteStore", "SessionReset", "Store", "StoreError", "make_store"]
+__all__ = ["MemoryStore", "OutcomeUnknown", "SQLiteStore", "SessionReset", "Store", "StoreError", "make_store"]
 
 
 def make_store(config: ServerConfig) -> Store:

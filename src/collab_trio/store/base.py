@@ -21,6 +21,10 @@ class SessionReset(StoreError):
     """The session was deleted or replaced (by an admin command) under a live server."""
 
 
+class OutcomeUnknown(StoreError):
+    """The store gave up waiting for the disk: the change may or may not be stored."""
+
+
 class Store(Protocol):
     """What serve() and sessions need from a store.
 

@@ -80,6 +80,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _wrapped(exc: BaseException) -> StoreError:
+    """A StoreError for an unexpected failure of a job, keeping it (and its
+    traceback) as the cause, so that the log shows where it happened."""
+    error = StoreError(_describe(exc))
+    error.__cause__ = exc
+    return error
+
+
 def _describe_sqlite(exc: sqlite3.Error, path: Path) -> str:
     """Why sqlite3 could not open or set up `path`, in a few words."""
     name = getattr(exc, "sqlite_errorname", "")
@@ -235,7 +243,7 @@ class Database:
                     return [outcome.Error(error) for _ in jobs]
                 self.conn.execute("ROLLBACK TO job")
                 self.conn.execute("RELEASE job")
-                results.append(outcome.Error(exc if isinstance(exc, StoreError) else StoreError(_describe(exc))))
+                results.append(outcome.Error(exc if isinstance(exc, StoreError) else _wrapped(exc)))
             else:
                 self.conn.execute("RELEASE job")
                 results.append(outcome.Value(value))

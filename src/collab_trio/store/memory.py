@@ -42,6 +42,7 @@ class MemoryStore:
     async def load(self, session_id: str) -> SessionDocument:
         """A fresh copy of the session's document, created empty on first use."""
         await trio.lowlevel.checkpoint()
+        self._check_open()
         stored = self.documents.get(session_id)
         if stored is None:
             stored = self.documents[session_id] = SessionDocument(retention=self.retention)
@@ -61,6 +62,7 @@ class MemoryStore:
             await trio.sleep(self.fault_commit_delay)
         else:
             await trio.lowlevel.checkpoint()
+        self._check_open()
         stored = self.documents.get(session_id)
         if stored is None or stored.epoch != epoch:
             raise StoreError(f"session {session_id!r} is not stored in epoch {epoch}")
@@ -77,6 +79,11 @@ class MemoryStore:
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Nothing to write: the stored document is always current."""
         await trio.lowlevel.checkpoint()
+        self._check_open()
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise StoreError("the store is closed")
 
     async def aclose(self) -> None:
         """Nothing to release; run() returns."""

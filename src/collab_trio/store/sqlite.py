@@ -40,8 +40,9 @@ import attrs
 import outcome
 import trio
 
+from ..config import ServerConfig
 from ..document import DEFAULT_RETENTION, Op, SessionDocument
-from .base import StoreError
+from .base import OutcomeUnknown, StoreError
 from .database import (
     DATABASE_NAME,
     SCHEMA_VERSION,
@@ -67,7 +68,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "collab.lock"
-DEFAULT_QUEUE_BYTES = 32 * 1024 * 1024
+# The same default as ServerConfig.store_queue_bytes.
+DEFAULT_QUEUE_BYTES = ServerConfig().store_queue_bytes
 # What a queued job costs besides its messages: the job, its closure and
 # outcome, the Op objects (bytes; rough, deliberately not zero).
 JOB_BYTES = 256
@@ -316,7 +318,7 @@ class SQLiteStore:
                     self.close_timeout,
                     len(batch.jobs),
                 )
-                unknown = StoreError(
+                unknown = OutcomeUnknown(
                     f"the disk did not answer within {self.close_timeout:g} s;"
                     " the change may or may not be stored"
                 )
