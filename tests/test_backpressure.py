@@ -29,7 +29,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from collab_trio.testing import HANG, START_TIMEOUT, server_process, tcp_client
+from collab_trio.testing import HANG, START_TIMEOUT, expect_json, server_process, tcp_client
 
 CLIENTS = 10
 FLOOD_SECONDS = float(os.environ.get("COLLAB_TRIO_FLOOD_SECONDS", "8"))
@@ -80,9 +80,7 @@ class Flooder:
 
     async def run(self, port: int, joined: trio.Event, stop_at: trio.Event) -> None:
         async with tcp_client(port, f"/ws/{self.session}/{self.user}") as ws:
-            with trio.fail_after(HANG):
-                ack = json.loads(await ws.get_message())
-            assert ack["type"] == "connection:ack", ack
+            await expect_json(ws, "connection:ack")
             joined.set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive_loop, ws, nursery.cancel_scope)
@@ -137,9 +135,8 @@ async def sample_rss(pid: int, samples: list[float]) -> None:
 async def stored_revs(port: int, session: str) -> dict[str, int]:
     """item_id -> stored rev, read with sync:request by a fresh client."""
     async with tcp_client(port, f"/ws/{session}/auditor") as ws:
+        await expect_json(ws, "connection:ack")
         with trio.fail_after(HANG):
-            ack = json.loads(await ws.get_message())
-            assert ack["type"] == "connection:ack", ack
             await ws.send_message(json.dumps({"type": "sync:request"}))
             while (answer := json.loads(await ws.get_message()))["type"] != "sync:state":
                 assert answer["type"] in ("user:joined", "user:left", "host:changed"), answer

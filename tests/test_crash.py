@@ -28,7 +28,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from collab_trio.testing import HANG, command, recv_json, server_process, sync_request, tcp_client
+from collab_trio.testing import HANG, command, expect_json, recv_json, server_process, sync_request, tcp_client
 
 # Override to explore: COLLAB_TRIO_CRASH_SEED=7 COLLAB_TRIO_CRASH_ROUNDS=100 pytest tests/test_crash.py
 ROUNDS = int(os.environ.get("COLLAB_TRIO_CRASH_ROUNDS", "20"))
@@ -92,8 +92,7 @@ class Streamer:
     async def run(self, port: int, go: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
         """Join, wait for `go`, then stream until the server dies."""
         async with tcp_client(port, f"/ws/{self.session}/{self.user}") as ws:
-            ack = await recv_json(ws)
-            assert ack["type"] == "connection:ack", ack
+            ack = await expect_json(ws, "connection:ack")
             self.join_version, self.join_epoch = ack["version"], ack["epoch"]
             task_status.started()
             await go.wait()
@@ -159,8 +158,7 @@ class Expectations:
 async def audit(port: int, session: str, expected: Expectations) -> tuple[int, int]:
     """Read the session with a fresh client and check it; returns (version, items)."""
     async with tcp_client(port, f"/ws/{session}/auditor") as ws:
-        ack = await recv_json(ws)
-        assert ack["type"] == "connection:ack", ack
+        ack = await expect_json(ws, "connection:ack")
         await ws.send_message(json.dumps(sync_request()))
         answer = await recv_json(ws)
     assert answer["type"] == "sync:state", answer

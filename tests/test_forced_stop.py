@@ -23,7 +23,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from collab_trio.testing import HANG, START_TIMEOUT, server_process, tcp_client
+from collab_trio.testing import HANG, START_TIMEOUT, expect_json, server_process, tcp_client
 
 ROUNDS = int(os.environ.get("COLLAB_TRIO_FORCED_STOP_ROUNDS", "20"))
 # Measured from the second SIGINT to the exit of the process.
@@ -56,9 +56,7 @@ class Flooder:
 
     async def run(self, port: int, joined: trio.Event, committed: trio.Event) -> None:
         async with tcp_client(port, f"/ws/{self.session}/{self.user}") as ws:
-            with trio.fail_after(HANG):
-                ack = json.loads(await ws.get_message())
-            assert ack["type"] == "connection:ack", ack
+            await expect_json(ws, "connection:ack")
             joined.set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_loop, ws)

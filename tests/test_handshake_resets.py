@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from collab_trio.testing import HANG, START_TIMEOUT, server_process, tcp_client
+from collab_trio.testing import HANG, START_TIMEOUT, expect_json, server_process, tcp_client
 
 CONNECTIONS = 200
 AT_ONCE = 20
@@ -60,9 +60,8 @@ async def connect_and_reset(port: int, number: int, limiter: trio.CapacityLimite
 
 async def normal_client_works(port: int) -> None:
     async with tcp_client(port, "/ws/resets-0/normal") as ws:
+        await expect_json(ws, "connection:ack")
         with trio.fail_after(HANG):
-            ack = json.loads(await ws.get_message())
-            assert ack["type"] == "connection:ack", ack
             command = {"action": "add_item", "item_type": "lens", "item_id": "after", "data": {"x_mm": 1}}
             await ws.send_message(json.dumps({"type": "command", "command": command, "op_id": "after-1"}))
             while (message := json.loads(await ws.get_message()))["type"] != "ack":

@@ -13,8 +13,7 @@ import ssl
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
@@ -95,22 +94,6 @@ async def refusal(
     assert b"text/plain" in head.lower(), response
     assert body.endswith(b"\n") and body.count(b"\n") == 1, body
     return int(status_line.split()[1]), body.decode().rstrip("\n")
-
-
-@asynccontextmanager
-async def client_with_headers(
-    harness: Harness, path: str, headers: list[tuple[bytes, bytes]]
-) -> AsyncIterator[Client]:
-    """Like harness.client, with extra HTTP headers on the upgrade request."""
-    stream = harness.listener.connect()
-    async with trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(nursery, stream, "localhost", path, extra_headers=headers)
-        try:
-            yield Client(ws, path)
-        finally:
-            with trio.move_on_after(HANG):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
 
 
 async def read_until_closed(client: Client, limit: int = 1000) -> tuple[list[dict[str, Any]], int, str | None]:
@@ -210,7 +193,7 @@ async def test_refused_at_handshake_without_a_valid_token(
 async def test_valid_token_in_query_or_bearer_header_is_accepted(
     secured: Harness, autojump_clock: trio.abc.Clock, path: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    async with client_with_headers(secured, path, headers) as client:
+    async with secured.client(path=path, headers=headers) as client:
         ack = await client.expect("connection:ack")
         assert ack["user_id"] == "alice"
         assert ack["session_id"] == path.split("/")[2]
@@ -327,9 +310,8 @@ async def test_tokens_never_appear_in_logs(
     async with harness.joined("s", "alice", path=f"/ws/s/alice?since=0&token={EDITOR_TOKEN}") as alice:
         await alice.expect("sync:state")  # the answer to since=0
         session = harness.registry.sessions["s"]
-        async with client_with_headers(
-            harness, "/ws/s/bob", [(b"Authorization", f"Bearer {VIEWER_TOKEN}".encode())]
-        ) as bob:
+        bearer = [(b"Authorization", f"Bearer {VIEWER_TOKEN}".encode())]
+        async with harness.client(path="/ws/s/bob", headers=bearer) as bob:
             await bob.expect("connection:ack")
             await alice.expect("user:joined")
             await alice.send(add("a"))
@@ -367,7 +349,7 @@ async def test_origin_allow_list(start_server: Callable[..., Any], autojump_cloc
     )
     assert (status, reason) == (403, "origin https://evil.example is not allowed")
     assert harness.registry.sessions == {}
-    async with client_with_headers(harness, "/ws/s/web", [(b"Origin", b"https://ok.example")]) as web:
+    async with harness.client(path="/ws/s/web", headers=[(b"Origin", b"https://ok.example")]) as web:
         assert (await web.expect("connection:ack"))["user_id"] == "web"
         # Qt (Optiverse) sends no Origin header at all: never refused by the allow-list.
         async with harness.joined("s", "qt") as qt:

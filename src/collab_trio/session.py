@@ -154,6 +154,7 @@ class Session:
         if self.core is None or self._nursery is None or self.core.closed:
             return None
         conn = Connection(ws, user_id, self.config, self, remote=remote, can_write=can_write)
+        reconnect = self.core.connection_of(user_id) is not None
         try:
             effects = self.core.join(
                 conn, user_id, connected_at=conn.connected_at, can_write=can_write, resume=resume
@@ -163,7 +164,7 @@ class Session:
                 raise
             return None
         self._nursery.start_soon(conn.run, name=f"connection({user_id})")
-        if any(isinstance(effect, Close) for effect in effects):
+        if reconnect:
             log.info(
                 "User %s reconnected to session %s; previous connection replaced",
                 user_id,

@@ -380,6 +380,14 @@ async def recv_json(ws: WebSocketConnection, timeout: float = HANG) -> dict[str,
         return json.loads(await ws.get_message())
 
 
+async def expect_json(ws: WebSocketConnection, msg_type: str, timeout: float = HANG) -> dict[str, Any]:
+    """The next message of `ws`, which must be of this type (e.g. the connection:ack)."""
+    message = await recv_json(ws, timeout)
+    if message.get("type") != msg_type:
+        raise HarnessError(f"expected {msg_type}, got {message}")
+    return message
+
+
 class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     """A Listener whose connections are in-memory stream pairs made by connect()."""
 
@@ -459,19 +467,25 @@ class Harness:
 
     @property
     def registry(self):  # noqa: ANN201 - SessionRegistry
-        assert self.server.registry is not None
         return self.server.registry
 
     @asynccontextmanager
     async def client(
-        self, session: str = "s1", user: str = "alice", *, lockstep: bool = False, path: str | None = None
+        self,
+        session: str = "s1",
+        user: str = "alice",
+        *,
+        lockstep: bool = False,
+        path: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> AsyncIterator[Client]:
-        """Connect over a fresh in-memory stream; close normally on exit."""
+        """Connect over a fresh in-memory stream (extra upgrade `headers` if
+        given); close normally on exit."""
         stream = self.listener.connect(lockstep=lockstep)
         async with trio.open_nursery() as nursery:
             ws = await wrap_client_stream(
                 nursery, stream, "localhost", path or f"/ws/{session}/{user}",
-                message_queue_size=1 if lockstep else 4096,
+                extra_headers=headers, message_queue_size=1 if lockstep else 4096,
             )
             try:
                 yield Client(ws, user)
