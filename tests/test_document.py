@@ -1,12 +1,17 @@
-"""The session document: the four actions, replacement and the Optiverse state."""
+"""The session document: the four actions, replacement, the Optiverse state, and its
+size and history bounds."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from collab_trio.document import COMMAND, REPLACE, Op, SessionDocument
+from collab_trio.document import COMMAND, REPLACE, Op, SessionDocument, message_size
 from collab_trio.protocol import Command, parse_client_message
 
 
@@ -164,3 +169,161 @@ def test_snapshot_does_not_change_with_later_ops() -> None:
     doc.apply(command("add_item", item_id="b"))
     assert snapshot["items"] == [{"x_mm": 1.0, "uuid": "a", "item_type": "lens"}]
     assert snapshot["version"] == 1
+
+
+# -- sizes -----------------------------------------------------------------------------
+
+
+def items_json_size(doc: SessionDocument) -> int:
+    """The document's size the slow way: encode every item again."""
+    return len(orjson.dumps(list(doc.items.values())))
+
+
+def test_size_follows_each_action_without_encoding_the_document() -> None:
+    doc = Doc()
+    assert doc.size == items_json_size(doc) == 2
+    doc.apply(command("add_item", x_mm=1.0, focal_length_mm=100))
+    doc.apply(command("add_item", item_id="b", note="ünïcödé"))
+    assert doc.size == items_json_size(doc)
+    doc.apply(command("move_item", x_mm=12345.678, y_mm=-1, angle_deg=90))  # two new fields
+    assert doc.size == items_json_size(doc)
+    doc.apply(command("update_item", item_id="b", item_type=None, note="n" * 100))
+    assert doc.size == items_json_size(doc)
+    assert doc.item_size("b") == len(orjson.dumps(doc.items["b"]))
+    doc.apply(command("remove_item"))
+    assert doc.size == items_json_size(doc) and doc.item_size("a") is None
+    doc.replace([{"uuid": "x", "v": [1, 2, 3]}, {"item_uuid": "y"}])
+    assert doc.size == items_json_size(doc)
+
+
+def test_a_loaded_document_knows_its_size() -> None:
+    doc = Doc()
+    for i in range(5):
+        doc.apply(command("add_item", item_id=f"i{i}", note="x" * i))
+    copy = SessionDocument.from_snapshot(doc.snapshot())
+    assert copy.size == doc.size == items_json_size(copy)
+    # Assigning a whole new dict of items computes the sizes again.
+    copy.items = {"z": {"uuid": "z"}}
+    assert copy.size == items_json_size(copy)
+
+
+def test_integers_beyond_64_bits_are_sized_too() -> None:
+    doc = Doc()
+    doc.apply(command("add_item", x_mm=10**30))
+    doc.apply(command("move_item", x_mm=-(10**40)))
+    assert doc.size == len(json.dumps(list(doc.items.values()), separators=(",", ":")))
+
+
+# JSON values as a client may send them (floats finite, ints within 64 bits:
+# see test_integers_beyond_64_bits_are_sized_too for the others).
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=20)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+DATA = st.dictionaries(st.sampled_from(["x_mm", "y_mm", "angle_deg", "note", "uuid", "item_type", "ø"]), JSON_VALUES, max_size=5)
+NUMBERS = st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+MOVES = st.fixed_dictionaries({}, optional={f: NUMBERS for f in ("x_mm", "y_mm", "angle_deg")})
+ITEM_IDS = st.sampled_from(["a", "b", "c", "λ"])
+CHANGES = st.one_of(
+    st.tuples(st.just("add_item"), ITEM_IDS, DATA),
+    st.tuples(st.just("update_item"), ITEM_IDS, DATA),
+    st.tuples(st.just("move_item"), ITEM_IDS, MOVES),
+    st.tuples(st.just("remove_item"), ITEM_IDS, st.just({})),
+    st.tuples(st.just("replace"), st.just(""), st.lists(DATA, max_size=3)),
+)
+
+
+def count_floats(value: Any) -> int:
+    if isinstance(value, float):
+        return 1
+    if isinstance(value, dict):
+        return sum(count_floats(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(count_floats(v) for v in value)
+    return 0
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(CHANGES, max_size=25), st.booleans())
+def test_size_tracking_agrees_with_the_encoded_document(changes: list[Any], ascii_only: bool) -> None:
+    doc = Doc()
+    for action, item_id, data in changes:
+        before = doc.size
+        if action == "replace":
+            # As the protocol lets them through: each with a string uuid or item_uuid.
+            items = [{k: v for k, v in d.items() if k != "uuid"} for d in data]
+            items = [dict(d, uuid=f"r{i}") if i % 2 else dict(d, item_uuid=f"r{i}") for i, d in enumerate(items)]
+            bound = SessionDocument.replacement_size(items)
+            doc.replace(items)
+            assert doc.size <= bound
+        else:
+            body: dict[str, Any] = {"action": action, "item_id": item_id, "item_type": "lens", "data": data}
+            message = json.dumps({"type": "command", "command": body}, ensure_ascii=ascii_only)
+            estimate = doc.estimate_growth(body, len(message.encode("utf-8")))
+            SessionDocument.apply(doc, Op(doc.version + 1, "alice", COMMAND, "t", command=body))
+            growth = doc.size - before
+            if action in ("move_item", "remove_item"):
+                assert growth == estimate  # exact
+            else:
+                # An upper bound, but for floats that encode longer than
+                # Python spells them (at most 15 bytes each: 1e-05 is 0.00001).
+                assert growth <= estimate + 15 * count_floats(data)
+        assert doc.size == items_json_size(doc)
+
+
+# -- history bounds ----------------------------------------------------------------------
+
+
+def sized(seq: int, size: int, op_id: Any = None) -> Op:
+    return Op(seq, "alice", COMMAND, "t", command={"action": "x"}, op_id=op_id, size=size)
+
+
+def test_history_is_bounded_in_bytes_and_the_op_ids_go_with_it() -> None:
+    doc = Doc(history_bytes=1000)
+    for seq in range(1, 11):
+        SessionDocument.apply(doc, sized(seq, 300, op_id=f"o{seq}"))
+        assert doc.history_size <= 1000
+    assert [op.seq for op in doc.history] == [8, 9, 10]
+    assert doc.history_size == 900
+    assert doc.seq_of("alice", "o7") is None and doc.seq_of("alice", "o8") == 8
+    assert [op.seq for op in doc.ops_since(7)] == [8, 9, 10]
+    assert doc.ops_since(6) is None  # the client must take the whole state
+
+
+def test_the_newest_op_stays_however_large() -> None:
+    doc = Doc(history_bytes=100)
+    SessionDocument.apply(doc, sized(1, 50))
+    SessionDocument.apply(doc, sized(2, 5000, op_id="big"))
+    assert [op.seq for op in doc.history] == [2] and doc.seq_of("alice", "big") == 2
+    assert doc.ops_since(1) is not None
+
+
+def test_limit_history_trims_a_loaded_history() -> None:
+    doc = Doc()
+    for seq in range(1, 6):
+        SessionDocument.apply(doc, sized(seq, 100))
+    doc.limit_history(max_bytes=250)
+    assert [op.seq for op in doc.history] == [4, 5] and doc.history_size == 200
+
+
+def test_ops_loaded_without_a_size_get_one_when_remembered() -> None:
+    # The journal doesn't keep the size of the message an op came in.
+    command_ = {"action": "add_item", "item_type": "lens", "item_id": "a", "data": {"note": "n" * 500}}
+    loaded = Op.from_record(Op(1, "alice", COMMAND, "t", command=command_, op_id="o1").to_record())
+    assert loaded.size == 0
+    doc = Doc(history_bytes=1000)
+    doc.remember(loaded)
+    [kept] = doc.history
+    message = {"type": "command", "command": command_, "op_id": "o1"}
+    assert kept == loaded and kept.size == message_size(loaded)
+    assert abs(kept.size - len(orjson.dumps(message))) <= 4
+    doc.remember(sized(2, 600))
+    assert [op.seq for op in doc.history] == [2]  # the two together exceed 1000 bytes

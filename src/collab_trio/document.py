@@ -3,20 +3,39 @@
 Every change is an `Op` with a `seq`. Ops are what the journal stores and
 what a restart replays, so applying one must depend on nothing but the
 document and the op itself.
+
+Sizes. The document knows its size in bytes of compact UTF-8 JSON (as
+orjson spells it) without encoding itself again: each item's size is
+computed once when the item is written (an add, an update, a replacement,
+a load) and a move adjusts it by the sizes of the fields it changes, so an
+op costs time in proportion to the op, never to the document. `size` is the
+exact length of the JSON list of the items (an item holding an integer
+beyond 64 bits, which orjson can't encode, is measured with the stdlib
+encoder, whose floats may be a byte or two longer). Before a change is
+applied, `estimate_growth()` bounds what it will add from the message that
+carries it (see there).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import deque
 from typing import Any
 
 import attrs
+import orjson
 
 from .protocol import KNOWN_ACTIONS, MOVE_FIELDS
 
-# Ops kept for resume (sync:ops) and op_id de-duplication, per session.
+# Ops kept for resume (sync:ops) and op_id de-duplication, per session, and
+# the most bytes they may hold together (the newest op is always kept).
 DEFAULT_RETENTION = 1000
+DEFAULT_HISTORY_BYTES = 8 * 1024 * 1024
+# What the message carrying an op costs beyond its command (or items):
+# `{"type":"command","command":` and the closing brace. Used for ops loaded
+# from the store, which don't know the size of the message they came in.
+MESSAGE_ENVELOPE = 32
 
 COMMAND = "command"
 REPLACE = "replace"
@@ -32,6 +51,26 @@ def op_id_key(op_id: str | int) -> tuple[str, str | int]:
     return (type(op_id).__name__, op_id)
 
 
+_fallback_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encoded_size(value: Any) -> int:
+    """Bytes of `value` as compact UTF-8 JSON."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits
+        return len(_fallback_encoder.encode(value).encode("utf-8", "surrogatepass"))
+
+
+def message_size(op: Op) -> int:
+    """About the bytes of the message that carried `op`, rebuilt from the op
+    (for ops loaded from the store, whose `size` is 0)."""
+    size = MESSAGE_ENVELOPE + encoded_size(op.command if op.kind == COMMAND else op.items)
+    if op.op_id is not None:
+        size += len(',"op_id":') + encoded_size(op.op_id)
+    return size
+
+
 @attrs.frozen
 class Op:
     """One applied change: a command, or a replacement of every item."""
@@ -44,7 +83,8 @@ class Op:
     items: list[dict[str, Any]] | None = None  # kind == REPLACE
     op_id: Any = None
     # Bytes of the message that carried this change (what a queue holding it
-    # costs); not part of the record.
+    # costs); not part of the record: 0 for an op loaded from the store until
+    # a document remembers it (see message_size()).
     size: int = attrs.field(default=0, eq=False)
 
     def relayed(self) -> dict[str, Any]:
@@ -78,6 +118,13 @@ class Op:
         return cls(**record)
 
 
+def _items_assigned(document: SessionDocument, attribute: Any, items: dict[str, dict[str, Any]]) -> Any:
+    # Whoever sets `items` (a load, a replacement) gets the sizes computed once.
+    document._item_sizes = {uuid: encoded_size(item) for uuid, item in items.items()}
+    document._items_bytes = sum(document._item_sizes.values())
+    return items
+
+
 @attrs.define(eq=False)
 class SessionDocument:
     """Items of one session, in insertion order, and the version that counts edits.
@@ -85,19 +132,92 @@ class SessionDocument:
     `version` is the `seq` of the last applied op. `written` stays False
     until some change touched the items, so that a never-written session
     answers `state: null` and Optiverse keeps the host's canvas. `history`
-    holds the last `retention` ops for resume and op_id de-duplication.
+    holds the last ops for resume and op_id de-duplication: at most
+    `retention` of them, and while they hold more than `history_bytes`
+    (their messages' sizes) the oldest go, the newest one always staying.
+
+    Change `items` only through apply(), or by assigning a whole new dict
+    (which computes the item sizes again): `size` follows those.
     """
 
     epoch: str = attrs.field(factory=new_epoch)
     version: int = 0
     written: bool = False
-    items: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    items: dict[str, dict[str, Any]] = attrs.field(factory=dict, on_setattr=_items_assigned)
     retention: int = DEFAULT_RETENTION
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     history: deque[Op] = attrs.field(init=False)
+    # Sum of the sizes of the ops in `history`.
+    history_size: int = attrs.field(default=0, init=False)
     _op_seqs: dict[tuple[str, tuple[str, str | int]], int] = attrs.field(factory=dict, init=False)
+    # Encoded bytes of each item, and their sum.
+    _item_sizes: dict[str, int] = attrs.field(factory=dict, init=False)
+    _items_bytes: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.history = deque()
+        _items_assigned(self, None, self.items)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the items as a compact JSON list (`[item,item,...]`)."""
+        return 2 + self._items_bytes + max(len(self.items) - 1, 0)
+
+    def item_size(self, item_id: str) -> int | None:
+        """Bytes of one item as compact JSON, or None if there is no such item."""
+        if item_id not in self.items:
+            return None
+        return self._item_sizes.get(item_id, 0)
+
+    def estimate_growth(self, command: dict[str, Any], message_bytes: int) -> int:
+        """How many bytes applying `command` now would add to `size`, at most
+        (negative: it shrinks the document), judged from the message of
+        `message_bytes` bytes (UTF-8) that carries it.
+
+        add_item / update_item: the new item is at most as long as the
+        message (plus, for an update, the item_type the item keeps): the
+        message holds its data and its id, and the server's JSON is never
+        longer than a client's for strings, integers and whitespace. Only
+        floats a client spells in exponent form can encode longer
+        (`1e5` becomes `100000.0`), at most 15 bytes each, which the
+        message's own envelope (over 40 bytes) mostly absorbs. move_item:
+        exact. remove_item: exact (negative). Anything else: 0.
+        """
+        action = command.get("action")
+        item_id = command.get("item_id")
+        if action not in KNOWN_ACTIONS or not isinstance(item_id, str):
+            return 0
+        existing = self.items.get(item_id)
+        if existing is None:
+            if action in ("remove_item", "move_item"):
+                return 0
+            return message_bytes + (1 if self.items else 0)  # and a comma before it
+        old = self._item_sizes.get(item_id, 0)
+        if action == "remove_item":
+            return -old - (1 if len(self.items) > 1 else 0)
+        data = command.get("data")
+        data = data if isinstance(data, dict) else {}
+        if action == "move_item":
+            return _move_growth(existing, data)
+        new = message_bytes
+        if action == "update_item" and existing.get("item_type") is not None:
+            new += encoded_size(existing["item_type"])
+        return new - old
+
+    @staticmethod
+    def replacement_size(items: list[dict[str, Any]]) -> int:
+        """At most the `size` of a document replaced by these items: their
+        JSON, plus the `uuid` given to those that only have `item_uuid`."""
+        size = encoded_size(items)
+        for item in items:
+            if "uuid" not in item:
+                size += len(',"uuid":') + encoded_size(item.get("item_uuid"))
+        return size
+
+    def limit_history(self, *, max_bytes: int) -> None:
+        """Bound the history by bytes (the session's setting) and trim it now."""
+        self.history_bytes = max_bytes
+        self._trim_history()
 
     def apply(self, op: Op) -> None:
         """Apply the next op; its seq must be version + 1."""
@@ -150,28 +270,49 @@ class SessionDocument:
         }
 
     @classmethod
-    def from_snapshot(cls, snapshot: dict[str, Any], *, retention: int = DEFAULT_RETENTION) -> SessionDocument:
-        """Inverse of snapshot()."""
-        document = cls(
+    def from_snapshot(
+        cls,
+        snapshot: dict[str, Any],
+        *,
+        retention: int = DEFAULT_RETENTION,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+    ) -> SessionDocument:
+        """Inverse of snapshot(); each item's size is computed here, once."""
+        return cls(
             epoch=snapshot["epoch"],
             version=snapshot["version"],
             written=snapshot["written"],
+            items={item["uuid"]: item for item in snapshot["items"]},
             retention=retention,
+            history_bytes=history_bytes,
         )
-        document.items = {item["uuid"]: item for item in snapshot["items"]}
-        return document
 
     # -- internals -----------------------------------------------------------
 
     def remember(self, op: Op) -> None:
-        """Keep an op for resume and de-duplication (apply() does this itself)."""
+        """Keep an op for resume and de-duplication (apply() does this itself).
+
+        An op without a size (loaded from the store) is kept with the size
+        of the message it would have come in, so the history's bounds hold
+        after a restart as well.
+        """
+        if op.size <= 0:
+            op = attrs.evolve(op, size=message_size(op))
         self.history.append(op)
+        self.history_size += op.size
         if op.op_id is not None:
             self._op_seqs[(op.user_id, op_id_key(op.op_id))] = op.seq
-        while len(self.history) > self.retention:
-            old = self.history.popleft()
+        self._trim_history()
+
+    def _trim_history(self) -> None:
+        history = self.history
+        while len(history) > self.retention or (len(history) > 1 and self.history_size > self.history_bytes):
+            old = history.popleft()
+            self.history_size -= old.size
             if old.op_id is not None:
                 self._op_seqs.pop((old.user_id, op_id_key(old.op_id)), None)
+        if not history:
+            self.history_size = 0  # emptied from outside (history.clear())
 
     def _apply_command(self, command: dict[str, Any]) -> None:
         # Unknown actions are not applied but still take a seq: they are
@@ -185,19 +326,29 @@ class SessionDocument:
         data = data if isinstance(data, dict) else {}
         existing = self.items.get(item_id)
         if action == "add_item":
-            self.items[item_id] = _make_item(item_id, command.get("item_type"), data)
+            self._store_item(item_id, _make_item(item_id, command.get("item_type"), data))
         elif action == "update_item":
             # Replace the data but keep identity; an update of an item this
             # server never saw (a host canvas shared before joining) adds it.
             item_type = existing.get("item_type") if existing else None
-            self.items[item_id] = _make_item(item_id, item_type or command.get("item_type"), data)
+            self._store_item(item_id, _make_item(item_id, item_type or command.get("item_type"), data))
         elif action == "move_item":
             if existing is not None:
+                growth = _move_growth(existing, data)
+                self._items_bytes += growth
+                self._item_sizes[item_id] = self._item_sizes.get(item_id, 0) + growth
                 for field in MOVE_FIELDS:
                     if field in data:
                         existing[field] = data[field]
         else:  # remove_item
-            self.items.pop(item_id, None)
+            if self.items.pop(item_id, None) is not None:
+                self._items_bytes -= self._item_sizes.pop(item_id, 0)
+
+    def _store_item(self, item_id: str, item: dict[str, Any]) -> None:
+        size = encoded_size(item)
+        self._items_bytes += size - self._item_sizes.get(item_id, 0)
+        self._item_sizes[item_id] = size
+        self.items[item_id] = item
 
     def _replace(self, items: list[dict[str, Any]]) -> None:
         replaced: dict[str, dict[str, Any]] = {}
@@ -208,6 +359,19 @@ class SessionDocument:
             replaced[uuid] = stored
         self.items = replaced
         self.written = True
+
+
+def _move_growth(item: dict[str, Any], data: dict[str, Any]) -> int:
+    """Bytes a move of `data` adds to `item`'s JSON (fields are set, never removed)."""
+    growth = 0
+    for field in MOVE_FIELDS:
+        if field in data:
+            new = encoded_size(data[field])
+            if field in item:
+                growth += new - encoded_size(item[field])
+            else:
+                growth += len(field) + 4 + new  # ,"field":value
+    return growth
 
 
 def _make_item(item_id: str, item_type: Any, data: dict[str, Any]) -> dict[str, Any]:

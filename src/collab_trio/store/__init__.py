@@ -22,7 +22,11 @@ __all__ = ["MemoryStore", "OutcomeUnknown", "SQLiteStore", "SessionReset", "Stor
 def make_store(config: ServerConfig) -> Store:
     """The store the settings ask for."""
     if config.store == "memory":
-        return MemoryStore(retention=config.retention, fault_commit_delay=config.fault_commit_delay)
+        return MemoryStore(
+            retention=config.retention,
+            history_bytes=config.history_bytes,
+            fault_commit_delay=config.fault_commit_delay,
+        )
     return SQLiteStore(
         config.data_dir,
         fsync=config.fsync,

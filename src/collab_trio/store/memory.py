@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..document import COMMAND, DEFAULT_RETENTION, REPLACE, Op, SessionDocument
+from ..document import COMMAND, DEFAULT_HISTORY_BYTES, DEFAULT_RETENTION, REPLACE, Op, SessionDocument
 from .base import StoreError
 
 
@@ -29,6 +29,7 @@ class MemoryStore:
     """
 
     retention: int = DEFAULT_RETENTION
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     # Fault injection: seconds each commit or snapshot takes, like a slow disk.
     fault_commit_delay: float = 0.0
     documents: dict[str, SessionDocument] = attrs.field(factory=dict)
@@ -45,9 +46,13 @@ class MemoryStore:
         self._check_open()
         stored = self.documents.get(session_id)
         if stored is None:
-            stored = self.documents[session_id] = SessionDocument(retention=self.retention)
+            stored = self.documents[session_id] = SessionDocument(
+                retention=self.retention, history_bytes=self.history_bytes
+            )
         snapshot = json.loads(json.dumps(stored.snapshot(), ensure_ascii=False, allow_nan=False))
-        document = SessionDocument.from_snapshot(snapshot, retention=self.retention)
+        document = SessionDocument.from_snapshot(
+            snapshot, retention=self.retention, history_bytes=self.history_bytes
+        )
         for op in stored.history:
             document.remember(_copy_op(op))
         return document
