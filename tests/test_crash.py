@@ -45,8 +45,9 @@ ADDS_PER_ROUND = max(2, min(25, 1000 // ROUNDS))
 # (session, user) of the streaming clients.
 CLIENTS = (("crash-a", "alice"), ("crash-a", "bob"), ("crash-b", "carol"))
 SESSIONS = tuple(sorted({session for session, _ in CLIENTS}))
-# --snapshot-every per round: snapshots and journal compaction at every pace.
-SNAPSHOT_EVERY = (7, 100, 1000)
+# --snapshot-bytes per round: snapshots and journal compaction at every pace
+# (a move is ~150 bytes; 1K: as often as the document's own size allows).
+SNAPSHOT_BYTES = ("1K", "16K", "160K")
 # The per-connection rate limit (200/s by default) would drop most of the
 # stream: this test is about durability under load, not about flood control.
 SERVER_ARGS = ("--fsync", "normal", "--rate-limit", "1000000", "--rate-burst", "1000000")
@@ -228,12 +229,12 @@ async def test_acknowledged_commands_survive_sigkill() -> None:
     # One line per round on stdout: pytest shows them with -s (or on failure).
     rng = random.Random(SEED)
     expected = {session: Expectations() for session in SESSIONS}
-    last_round: tuple[int, float, int, list[Streamer]] | None = None
+    last_round: tuple[int, float, str, list[Streamer]] | None = None
     print(f"crash test: {ROUNDS} rounds, seed {SEED}")
     for round_no in range(ROUNDS + 1):
         with trio.fail_after(ROUND_TIMEOUT):
-            snapshot_every = rng.choice(SNAPSHOT_EVERY)
-            async with server_process(*SERVER_ARGS, "--snapshot-every", str(snapshot_every)) as server:
+            snapshot_bytes = rng.choice(SNAPSHOT_BYTES)
+            async with server_process(*SERVER_ARGS, "--snapshot-bytes", snapshot_bytes) as server:
                 restored = {
                     session: await audit(server.port, session, expected[session]) for session in SESSIONS
                 }
@@ -243,7 +244,7 @@ async def test_acknowledged_commands_survive_sigkill() -> None:
                     per_client = ", ".join(f"{s.user} {len(s.acked)}" for s in streamers)
                     versions = " ".join(f"{sid} v{v} ({n} items)" for sid, (v, n) in restored.items())
                     print(
-                        f"crash round {number:2d}/{ROUNDS}: snapshot-every {every:4d}, killed at"
+                        f"crash round {number:2d}/{ROUNDS}: snapshot-bytes {every:>4}, killed at"
                         f" {delay * 1000:3.0f} ms, acked {acked:5d} ({per_client});"
                         f" restored {versions}"
                     )
@@ -260,4 +261,4 @@ async def test_acknowledged_commands_survive_sigkill() -> None:
                 assert streamer.join_version >= expected[streamer.session].min_version
                 assert streamer.join_epoch == expected[streamer.session].epoch
             record(streamers, expected)
-            last_round = (round_no + 1, delay, snapshot_every, streamers)
+            last_round = (round_no + 1, delay, snapshot_bytes, streamers)

@@ -65,7 +65,7 @@ async def test_a_bug_while_committing_or_snapshotting_closes_only_that_session(
     start_server: Any, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture, fail_in: str
 ) -> None:
     store = FaultyStore(fail_in=fail_in)
-    harness: Harness = await start_server(_store=store, snapshot_every=1)
+    harness: Harness = await start_server(_store=store, snapshot_bytes=1)
     async with (
         harness.joined("good", "gus") as good,
         harness.joined(BAD, "alice") as alice,
@@ -104,8 +104,10 @@ async def test_a_bug_while_loading_closes_the_joiner_with_1011(
 async def test_a_bug_while_unloading_is_logged_and_the_server_goes_on(
     start_server: Any, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # snapshot_every is high: the only snapshot is the one written on unload.
-    harness: Harness = await start_server(_store=FaultyStore(fail_in="save_snapshot"), snapshot_every=1000)
+    # snapshot_bytes is high: the only snapshot is the one written on unload.
+    harness: Harness = await start_server(
+        _store=FaultyStore(fail_in="save_snapshot"), snapshot_bytes=1 << 30
+    )
     async with harness.joined("good", "gus") as good:
         with caplog.at_level(logging.ERROR):
             async with harness.joined(BAD, "alice") as alice:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collab_trio.document import SessionDocument
+from collab_trio.document import COMMAND, Op, SessionDocument
 from collab_trio.messages import (
     Ack,
     ConnectionAck,
@@ -27,6 +27,7 @@ from collab_trio.messages import (
     SyncState,
     UserJoined,
     UserLeft,
+    encode_message,
 )
 from collab_trio.protocol import CloseCode, ErrorCode, SyncRequest
 from collab_trio.session_core import (
@@ -428,11 +429,13 @@ def test_pending_bytes_count_what_waits_for_the_store() -> None:
     assert c.pending_bytes == 0
 
 
-def test_a_snapshot_is_wanted_every_n_ops_and_one_at_a_time() -> None:
-    c = core(snapshot_every=2)
+def test_a_snapshot_is_wanted_once_snapshot_bytes_are_journaled_and_one_at_a_time() -> None:
+    size = len(add("a1"))  # every add below has this size
+    c = core(snapshot_bytes=2 * size)
     join(c, "alice")
     c.receive("alice", "alice", add("a1"))
     assert not any(isinstance(e, WantSnapshot) for e in commit_all(c))
+    assert c.journal_bytes == size
     c.receive("alice", "alice", add("a2"))
     [want] = [e for e in commit_all(c) if isinstance(e, WantSnapshot)]
     assert want.snapshot["version"] == 2
@@ -440,7 +443,22 @@ def test_a_snapshot_is_wanted_every_n_ops_and_one_at_a_time() -> None:
         c.receive("alice", "alice", add(f"a{i}"))
         assert not any(isinstance(e, WantSnapshot) for e in commit_all(c))  # one is out
     c.snapshot_saved(want.snapshot)
+    # What was committed while the snapshot was written counts for the next one.
+    assert c.journal_bytes == 3 * size
     assert c.snapshot_due() is not None  # unload: versions 3..5 are not in a snapshot
+
+
+def test_a_failed_snapshot_is_asked_for_again_at_the_next_commit() -> None:
+    c = core(snapshot_bytes=1)
+    join(c, "alice")
+    c.receive("alice", "alice", add("a1"))
+    [want] = [e for e in commit_all(c) if isinstance(e, WantSnapshot)]
+    c.snapshot_saved(None)
+    c.receive("alice", "alice", add("a2"))
+    [again] = [e for e in commit_all(c) if isinstance(e, WantSnapshot)]
+    assert again.snapshot["version"] == 2
+    c.snapshot_saved(again.snapshot)
+    assert c.journal_bytes == 0 and c.snapshot_due() is None
 
 
 def test_snapshot_due_is_none_when_the_last_snapshot_is_current() -> None:
@@ -514,13 +532,15 @@ def test_a_batch_holds_at_most_max_batch_ops_changes_in_arrival_order() -> None:
 
 def test_pending_sync_requests_count_against_both_bounds_and_share_one_answer() -> None:
     c = core(max_batch_ops=4)
-    join(c, "alice")
-    c.receive("alice", "alice", add("a1"))
+    users = [f"u{i}" for i in range(6)]
+    for user in users:
+        join(c, user)
+    c.receive("u0", "u0", add("a1"))
     batch = c.take_batch()
     assert batch is not None
     request = '{"type":"sync:request"}'
-    for _ in range(6):
-        c.receive("alice", "alice", request)
+    for user in users:
+        c.receive(user, user, request)
     # Queued behind the commit in flight: they hold bytes like changes do.
     assert c.pending_bytes == len(add("a1")) + 6 * len(request)
     c.committed(batch)
@@ -531,6 +551,161 @@ def test_pending_sync_requests_count_against_both_bounds_and_share_one_answer() 
     assert rest is not None and len(rest.entries) == 2
     c.committed(rest)
     assert c.pending_bytes == 0
+
+
+# -- sync answers: shared, coalesced, bounded ------------------------------------------
+
+REQUEST = '{"type":"sync:request"}'
+
+
+def resume_request(since: int, epoch: str) -> str:
+    return frame({"type": "sync:request", "since": since, "epoch": epoch})
+
+
+def test_every_sync_state_at_one_version_is_one_object_and_a_change_makes_a_new_one() -> None:
+    c = core()
+    join(c, "alice")
+    join(c, "bob")
+    [first] = sends(c.receive("alice", "alice", REQUEST), "alice")
+    [again] = sends(c.receive("bob", "bob", REQUEST), "bob")
+    resumed = sends(join(c, "carol", resume=SyncRequest(since=0, epoch="another epoch")), "carol")[1]
+    assert isinstance(first, SyncState) and first is again is resumed
+    c.receive("alice", "alice", add("a1"))
+    commit_all(c)
+    [after] = sends(c.receive("bob", "bob", REQUEST), "bob")
+    assert after is not first and after.version == 1
+    assert [i["uuid"] for i in after.state["items"]] == ["a1"]
+    # The state broadcast after a sync:update is the answer at its version too.
+    c.receive("alice", "alice", frame({"type": "sync:update", "state": {"items": [{"uuid": "z"}]}}))
+    [broadcast] = broadcasts(commit_all(c))
+    [answer] = sends(c.receive("bob", "bob", REQUEST), "bob")
+    assert broadcast.message is answer and answer.version == 2
+
+
+def test_the_same_resume_at_one_version_shares_one_sync_ops_object() -> None:
+    c = core()
+    join(c, "alice")
+    for i in range(3):
+        c.receive("alice", "alice", add(f"a{i}"))
+    commit_all(c)
+    epoch = c.document.epoch
+    join(c, "bob")
+    [first] = sends(c.receive("bob", "bob", resume_request(1, epoch)), "bob")
+    [again] = sends(c.receive("alice", "alice", resume_request(1, epoch)), "alice")
+    [other] = sends(c.receive("alice", "alice", resume_request(2, epoch)), "alice")
+    assert isinstance(first, SyncOps) and first is again
+    assert [op.seq for op in other.ops] == [3]
+
+
+def test_sync_requests_of_one_connection_behind_a_change_leave_one_entry_and_one_answer() -> None:
+    c = core()
+    join(c, "alice")
+    join(c, "bob")  # reads nothing, asks again and again
+    c.receive("alice", "alice", add("a1"))
+    epoch = c.document.epoch
+    for _ in range(149):
+        assert c.receive("bob", "bob", REQUEST) == []
+    # The latest request is what bob wants now: a resume.
+    assert c.receive("bob", "bob", resume_request(0, epoch)) == []
+    assert c.pending_bytes == len(add("a1")) + len(resume_request(0, epoch))
+    batch = c.take_batch()
+    assert batch is not None and len(batch.entries) == 2
+    effects = c.committed(batch)
+    [answer] = sends(effects, "bob")
+    assert isinstance(answer, SyncOps) and [op.seq for op in answer.ops] == [1]
+    assert c.pending_bytes == 0 and not c.has_pending
+
+
+def test_a_sync_request_while_its_predecessor_is_in_a_batch_queues_one_more() -> None:
+    c = core()
+    join(c, "alice")
+    join(c, "bob")
+    c.receive("alice", "alice", add("a1"))
+    c.receive("bob", "bob", REQUEST)
+    batch = c.take_batch()  # bob's first request is in it
+    assert batch is not None
+    for _ in range(10):
+        c.receive("bob", "bob", REQUEST)
+    [first] = sends(c.committed(batch), "bob")
+    second = c.take_batch()
+    assert second is not None and len(second.entries) == 1
+    [answer] = sends(c.committed(second), "bob")
+    assert answer is first  # nothing changed in between: the same state
+    assert c.take_batch() is None and c.pending_bytes == 0
+
+
+def test_requests_of_different_connections_are_not_coalesced() -> None:
+    c = core()
+    for user in ("alice", "bob", "carol"):
+        join(c, user)
+    c.receive("alice", "alice", add("a1"))
+    c.receive("bob", "bob", REQUEST)
+    c.receive("carol", "carol", REQUEST)
+    c.receive("bob", "bob", REQUEST)
+    effects = commit_all(c)
+    assert len(sends(effects, "bob")) == 1 and len(sends(effects, "carol")) == 1
+
+
+def big_add(item_id: str, size: int) -> str:
+    message = {
+        "type": "command",
+        "command": {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": {"note": "n" * size}},
+    }
+    return frame(message)
+
+
+def test_sync_ops_larger_than_max_message_size_fall_back_to_sync_state() -> None:
+    c = core(max_message_size=4000)
+    join(c, "alice")
+    for i in range(10):
+        c.receive("alice", "alice", big_add(f"a{i}", 500))
+    commit_all(c)
+    epoch = c.document.epoch
+    # Ten ~600-byte relays are more than 4000 bytes: the whole state instead.
+    answer = sends(join(c, "bob", resume=SyncRequest(since=0, epoch=epoch)), "bob")[1]
+    assert isinstance(answer, SyncState) and answer.version == 10
+    # The last three fit.
+    [answer] = sends(c.receive("bob", "bob", resume_request(7, epoch)), "bob")
+    assert isinstance(answer, SyncOps) and [op.seq for op in answer.ops] == [8, 9, 10]
+    assert len(encode_message(answer).encode()) <= 4000
+
+
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 400), min_size=1, max_size=12),
+    max_message_size=st.integers(200, 3000),
+    user=st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1, max_size=64),
+    data=st.data(),
+)
+def test_a_sync_ops_answer_always_fits_in_max_message_size(
+    sizes: list[int], max_message_size: int, user: str, data: st.DataObject
+) -> None:
+    user = user.replace("/", "_")
+    c = core(max_message_size=max_message_size)
+    join(c, user)
+    for i, size in enumerate(sizes):
+        c.receive(user, user, big_add(f"a{i}", size))
+    commit_all(c)
+    since = data.draw(st.integers(0, len(sizes)))
+    [answer] = sends(c.receive(user, user, resume_request(since, c.document.epoch)), user)
+    if isinstance(answer, SyncOps):
+        assert [op.seq for op in answer.ops] == list(range(since + 1, len(sizes) + 1))
+        assert len(encode_message(answer).encode()) <= max_message_size
+    else:
+        assert isinstance(answer, SyncState) and since < len(sizes)
+
+
+def test_ops_loaded_from_the_store_count_their_size_for_the_fallback() -> None:
+    # A restart: the ops come back from the journal without the size of the
+    # message they came in; the document gives them one.
+    document = SessionDocument()
+    for seq in range(1, 11):
+        command = json.loads(big_add(f"a{seq}", 500))["command"]
+        document.apply(Op(seq, "alice", COMMAND, NOW, command=command))
+    assert all(op.size > 500 for op in document.history)
+    c = core(document=document, max_message_size=4000)
+    answer = sends(join(c, "bob", resume=SyncRequest(since=0, epoch=document.epoch)), "bob")[1]
+    assert isinstance(answer, SyncState)
 
 
 def test_pending_bytes_are_utf8_bytes() -> None:

@@ -22,7 +22,16 @@ trio `Session` (session.py) carries the effects out in the order given.
 - An op_id already applied is only acknowledged again; one still pending is
   acknowledged together with the first when it commits.
 - A sync:request that arrives while changes are pending is answered after
-  them, in arrival order.
+  them, in arrival order; a connection has at most one such request waiting
+  (a later one takes its place), and every answer at one version of the
+  document is the same `SyncState` object (the runner encodes it once).
+- A `sync:ops` answer that would be larger than `max_message_size` is a
+  `sync:state` instead.
+- Budgets: a change that would make the document larger than
+  `max_document_size` is refused (`document_too_large`), counting the
+  changes still pending; removes, and moves of ordinary coordinates, always
+  pass. A snapshot is asked for once the changes journaled since the last
+  one reach `max(snapshot_bytes, document size)` bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from typing import Any
 
 import attrs
 
+from .config import MIB
 from .document import COMMAND, REPLACE, Op, SessionDocument, op_id_key
 from .messages import (
     Ack,
@@ -65,6 +75,16 @@ from .protocol import (
 )
 
 Conn = Hashable
+
+# What relaying an op adds to the message that carried it: `user_id` (up to
+# 64 ASCII characters), `timestamp` and `seq`; an over-estimate, used to
+# tell whether a sync:ops answer fits in one message.
+RELAY_OVERHEAD = 160
+# The sync:ops message around its ops: type, version, epoch.
+SYNC_OPS_ENVELOPE = 96
+# The most a move of float coordinates can add to an item (three new fields
+# of 24-character floats): such moves pass even at the size limit.
+MOVE_ALLOWANCE = 128
 
 # -- effects -------------------------------------------------------------------
 
@@ -156,6 +176,9 @@ class _Change:
     op_id: Any = None
     # Connections that sent the same op_id again before this one committed.
     repeats: list[Conn] = attrs.field(factory=list)
+    # Bytes this change is expected to add to the document (an upper bound;
+    # negative only for a replacement that makes it smaller).
+    growth: int = attrs.field(default=0, kw_only=True)
 
 
 @attrs.define(eq=False)
@@ -181,7 +204,9 @@ class PendingReplace(_Change):
 @attrs.define(eq=False)
 class PendingSync:
     """A `sync:request` that arrived behind pending changes (it counts
-    against the same bounds as a change: it costs an answer)."""
+    against the same bounds as a change: it costs an answer). While it waits
+    to be taken into a batch, a later request of the same connection replaces
+    `request` (and `size`) instead of queueing another answer."""
 
     conn: Conn
     request: SyncRequest
@@ -223,11 +248,19 @@ class SessionCore:
     session_id: str
     document: SessionDocument = attrs.field(factory=SessionDocument)
     max_users: int = 50
-    snapshot_every: int = 100
     heartbeat_interval: float = 30.0
     # Most changes in one batch: a commit releases at most this many relays to
     # each member (and acks to one sender) at once, well inside their outboxes.
     max_batch_ops: int = 512
+    # Ask for a snapshot once this many bytes of changes (or the document's
+    # size, if larger) were committed since the last one.
+    snapshot_bytes: int = MIB
+    # Bytes of ops the document keeps for resume (set on the document).
+    history_bytes: int = 8 * MIB
+    # Largest document, in bytes of JSON (see SessionDocument.size).
+    max_document_size: int = 16 * MIB
+    # Largest message: a sync:ops answer above it is a sync:state instead.
+    max_message_size: int = MIB
     clock: Callable[[], str] = utc_timestamp
     # Members by user id, in join order (a reconnect keeps its place).
     _members: dict[str, _Member] = attrs.field(factory=dict)
@@ -236,14 +269,26 @@ class SessionCore:
     closed: bool = False
     _pending: list[Pending] = attrs.field(factory=list)
     _pending_op_ids: dict[tuple[str, tuple[str, str | int]], _Change] = attrs.field(factory=dict)
+    # The PendingSync of each connection still in _pending (not yet in a batch).
+    _waiting_syncs: dict[Conn, PendingSync] = attrs.field(factory=dict)
     _in_flight: Batch | None = None
     # Bytes of changes received and not yet committed (queued or in flight).
     pending_bytes: int = 0
+    # Sum of the `growth` of the changes queued or in flight.
+    pending_growth: int = 0
     _snapshot_version: int = attrs.field(init=False)
     _snapshotting: bool = False
+    # Bytes of changes committed since the last stored snapshot, and how many
+    # of them the snapshot being written covers.
+    journal_bytes: int = 0
+    _snapshot_covers: int = 0
+    # The last sync answers given, reused while the document stands still.
+    _state_answer: SyncState | None = None
+    _ops_answer: tuple[tuple[str, int, int], SyncOps] | None = None
 
     def __attrs_post_init__(self) -> None:
         self._snapshot_version = self.document.version
+        self.document.limit_history(max_bytes=self.history_bytes)
 
     # -- membership ----------------------------------------------------------
 
@@ -375,8 +420,8 @@ class SessionCore:
         if isinstance(message, Ping):
             return [Send(conn, Pong(self.clock()))]
         if isinstance(message, Command):
-            return self._queue(
-                PendingCommand(conn, user_id, size, message.op_id, command=message.command)
+            return self._queue_command(
+                PendingCommand(conn, user_id, size, message.op_id, command=message.command), message.action
             )
         if isinstance(message, Cursor):
             return [QueueCursor(conn, Forwarded({**message.raw, "user_id": user_id}))]
@@ -384,12 +429,12 @@ class SessionCore:
             if self._pending or self._in_flight is not None:
                 # Changes sent earlier (by anyone) are not applied yet: answer
                 # in arrival order, after them.
-                self._pending.append(PendingSync(conn, message, size))
-                self.pending_bytes += size
+                self._queue_sync(conn, message, size)
                 return []
             return [Send(conn, self._sync_answer(message))]
         if isinstance(message, SyncUpdate):
-            return self._queue(PendingReplace(conn, user_id, size, message.op_id, items=message.items))
+            change = PendingReplace(conn, user_id, size, message.op_id, items=message.items)
+            return self._queue_replace(change, "sync:update")
         assert isinstance(message, FullState)
         return self._full_state(conn, user_id, size, message)
 
@@ -405,9 +450,8 @@ class SessionCore:
             # Only the host's full state becomes the session document: the host
             # is the one Optiverse treats as the owner of the canvas.
             return self._forward(forwarded, target, exclude=user_id)
-        return self._queue(
-            PendingReplace(conn, user_id, size, items=message.items, forward=forwarded, target_user=target)
-        )
+        change = PendingReplace(conn, user_id, size, items=message.items, forward=forwarded, target_user=target)
+        return self._queue_replace(change, "sync:full_state")
 
     def _forward(self, message: Forwarded, target_user: str | None, *, exclude: str) -> list[Effect]:
         if target_user is None:
@@ -415,43 +459,117 @@ class SessionCore:
         target = self._members.get(target_user)
         return [] if target is None else [Send(target.conn, message)]
 
+    @property
+    def projected_size(self) -> int:
+        """About the document's size once every pending change is applied (at most)."""
+        return self.document.size + self.pending_growth
+
+    def _queue_command(self, change: PendingCommand, action: str) -> list[Effect]:
+        repeated = self._repeated(change)
+        if repeated is not None:
+            return repeated
+        growth = self.document.estimate_growth(change.command, change.size)
+        # Removes always pass (growth <= 0); so do moves of float coordinates.
+        allowance = MOVE_ALLOWANCE if action == "move_item" else 0
+        if growth > allowance and self.projected_size + growth > self.max_document_size:
+            error = Error(
+                ErrorCode.DOCUMENT_TOO_LARGE,
+                "the session document would grow beyond its limit of"
+                f" {_describe_bytes(self.max_document_size)}; the change was not applied"
+                " (remove items or make them smaller)",
+                "command",
+            )
+            return [Send(change.conn, error)]
+        # A shrinking change counts as 0 until it is applied: two of them can't
+        # make room for one burst twice.
+        change.growth = max(growth, 0)
+        return self._queue(change)
+
+    def _queue_replace(self, change: PendingReplace, ref: str) -> list[Effect]:
+        repeated = self._repeated(change)
+        if repeated is not None:
+            return repeated
+        new_size = SessionDocument.replacement_size(change.items)
+        if new_size > self.max_document_size:
+            error = Error(
+                ErrorCode.DOCUMENT_TOO_LARGE,
+                f"this state is {_describe_bytes(new_size)} of JSON, more than the session"
+                f" document's limit of {_describe_bytes(self.max_document_size)}; it was not applied",
+                ref,
+            )
+            return [Send(change.conn, error)]
+        # What follows it builds on this size, whatever was pending before.
+        change.growth = new_size - self.projected_size
+        return self._queue(change)
+
+    def _repeated(self, change: PendingCommand | PendingReplace) -> list[Effect] | None:
+        """The effects of a change whose op_id is applied or pending already, else None."""
+        if change.op_id is None:
+            return None
+        seq = self.document.seq_of(change.user_id, change.op_id)
+        if seq is not None:
+            return [Send(change.conn, Ack(seq, change.op_id))]
+        earlier = self._pending_op_ids.get((change.user_id, op_id_key(change.op_id)))
+        if earlier is not None:
+            earlier.repeats.append(change.conn)
+            return []
+        return None
+
     def _queue(self, change: PendingCommand | PendingReplace) -> list[Effect]:
         if change.op_id is not None:
-            seq = self.document.seq_of(change.user_id, change.op_id)
-            if seq is not None:
-                return [Send(change.conn, Ack(seq, change.op_id))]
-            key = (change.user_id, op_id_key(change.op_id))
-            earlier = self._pending_op_ids.get(key)
-            if earlier is not None:
-                earlier.repeats.append(change.conn)
-                return []
-            self._pending_op_ids[key] = change
+            self._pending_op_ids[(change.user_id, op_id_key(change.op_id))] = change
         self._pending.append(change)
         self.pending_bytes += change.size
+        self.pending_growth += change.growth
         return [WantCommit()]
 
+    def _queue_sync(self, conn: Conn, request: SyncRequest, size: int) -> None:
+        waiting = self._waiting_syncs.get(conn)
+        if waiting is not None:
+            # One answer per connection at a time: the latest request is what
+            # the client wants now, answered where the first one waits (it
+            # still follows every change sent before the first; later changes
+            # reach the client as relays after it).
+            self.pending_bytes += size - waiting.size
+            waiting.request, waiting.size = request, size
+            return
+        entry = self._waiting_syncs[conn] = PendingSync(conn, request, size)
+        self._pending.append(entry)
+        self.pending_bytes += size
+
     def _sync_answer(self, request: SyncRequest) -> SyncOps | SyncState:
-        """sync:ops when the client can catch up op by op, else sync:state."""
+        """sync:ops when the client can catch up op by op in one message, else
+        sync:state. Either is the same object for the same question while the
+        document stands still (the runner encodes it once)."""
         document = self.document
         if request.since is not None and request.epoch == document.epoch:
+            key = (document.epoch, document.version, request.since)
+            if self._ops_answer is not None and self._ops_answer[0] == key:
+                return self._ops_answer[1]
             ops = document.ops_since(request.since)
-            if ops is not None:
-                return SyncOps(tuple(ops), document.version, document.epoch)
+            if ops is not None and self._fits_one_message(ops):
+                answer = SyncOps(tuple(ops), document.version, document.epoch)
+                self._ops_answer = (key, answer)
+                return answer
         return self._sync_state()
 
-    def _memo_answer(
-        self, request: SyncRequest, answers: dict[SyncRequest, SyncOps | SyncState]
-    ) -> SyncOps | SyncState:
-        """The answer to `request`; the same object for the same request while
-        the document stands still (the runner encodes it once)."""
-        answer = answers.get(request)
-        if answer is None:
-            answer = answers[request] = self._sync_answer(request)
-        return answer
+    def _fits_one_message(self, ops: list[Op]) -> bool:
+        size = SYNC_OPS_ENVELOPE
+        for op in ops:
+            size += op.size + RELAY_OVERHEAD
+            if size > self.max_message_size:
+                return False
+        return True
 
     def _sync_state(self) -> SyncState:
+        """The whole document: one object per (epoch, version)."""
         document = self.document
-        return SyncState(document.state(self.clock()), document.version, document.epoch)
+        answer = self._state_answer
+        if answer is None or answer.version != document.version or answer.epoch != document.epoch:
+            answer = self._state_answer = SyncState(
+                document.state(self.clock()), document.version, document.epoch
+            )
+        return answer
 
     # -- commits -------------------------------------------------------------
 
@@ -481,6 +599,9 @@ class SessionCore:
         ops: list[Op] = []
         for entry in entries:
             if isinstance(entry, PendingSync):
+                # Taken: a further request of this connection queues anew.
+                if self._waiting_syncs.get(entry.conn) is entry:
+                    del self._waiting_syncs[entry.conn]
                 continue
             ops.append(
                 Op(
@@ -503,13 +624,11 @@ class SessionCore:
         self._finish(batch)
         effects: list[Effect] = []
         ops = iter(batch.ops)
-        answers: dict[SyncRequest, SyncOps | SyncState] = {}
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
-                effects.append(Send(entry.conn, self._memo_answer(entry.request, answers)))
+                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
                 continue
             op = next(ops)
-            answers.clear()  # the document moves on
             self.document.apply(op)
             if isinstance(entry, PendingCommand):
                 effects.append(Broadcast(Relay(op), exclude=op.user_id))
@@ -519,13 +638,16 @@ class SessionCore:
                 effects.append(Broadcast(self._sync_state(), exclude=op.user_id))
             ack = Ack(op.seq, op.op_id)
             effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
+        # Snapshots by the bytes journaled since the last one, and never more
+        # often than the document's own size: disk writes stay proportional
+        # to the changes, however large the document.
+        self.journal_bytes += batch.size
         if (
             batch.ops
             and not self._snapshotting
-            and self.document.version - self._snapshot_version >= self.snapshot_every
+            and self.journal_bytes >= max(self.snapshot_bytes, self.document.size)
         ):
-            self._snapshotting = True
-            effects.append(WantSnapshot(self.document.snapshot()))
+            effects.append(WantSnapshot(self._take_snapshot()))
         if self._pending:
             effects.append(WantCommit())
         return effects
@@ -538,10 +660,9 @@ class SessionCore:
         """
         self._finish(batch)
         effects: list[Effect] = []
-        answers: dict[SyncRequest, SyncOps | SyncState] = {}
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
-                effects.append(Send(entry.conn, self._memo_answer(entry.request, answers)))
+                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
                 continue
             ref = "command" if isinstance(entry, PendingCommand) else None
             error = Error(
@@ -566,6 +687,7 @@ class SessionCore:
             self.pending_bytes -= entry.size
             if isinstance(entry, PendingSync):
                 continue
+            self.pending_growth -= entry.growth
             if entry.op_id is not None:
                 self._pending_op_ids.pop((entry.user_id, op_id_key(entry.op_id)), None)
 
@@ -575,7 +697,11 @@ class SessionCore:
         """A snapshot to store now (when the session unloads), or None if current."""
         if self.document.version == self._snapshot_version or self._snapshotting:
             return None
+        return self._take_snapshot()
+
+    def _take_snapshot(self) -> dict[str, Any]:
         self._snapshotting = True
+        self._snapshot_covers = self.journal_bytes
         return self.document.snapshot()
 
     def snapshot_saved(self, snapshot: dict[str, Any] | None) -> None:
@@ -583,3 +709,14 @@ class SessionCore:
         self._snapshotting = False
         if snapshot is not None:
             self._snapshot_version = max(self._snapshot_version, snapshot["version"])
+            # What was committed while it was written still counts for the next.
+            self.journal_bytes -= self._snapshot_covers
+        self._snapshot_covers = 0
+
+
+def _describe_bytes(size: int) -> str:
+    """`16 MiB (16777216 bytes)`, `512 bytes`: a size for an error message."""
+    for unit, factor in (("MiB", MIB), ("KiB", 1024)):
+        if size >= factor:
+            return f"{size / factor:.4g} {unit} ({size} bytes)"
+    return f"{size} bytes"
