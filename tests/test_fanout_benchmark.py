@@ -1,0 +1,91 @@
+"""benchmarks/fanout.py --short, run as CI runs it: it runs, prints every table, and the reference relay loses nothing.
+
+Nothing about speed is asserted. The script bounds every wait itself; the
+timeout here only stops a hung run, and kills its whole process group
+(the servers and the generator processes too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from collab_trio.testing import child_env
+
+REPO = Path(__file__).resolve().parents[1]
+FANOUT = REPO / "benchmarks" / "fanout.py"
+TIMEOUT = 120
+SERVERS = ("reference", "collab-trio")
+
+
+def run_short() -> tuple[int, str, str]:
+    process = subprocess.Popen(
+        [sys.executable, str(FANOUT), "--short"], cwd=REPO, env=child_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"fanout.py --short ran over {TIMEOUT} s:\n{stdout}\n{stderr}") from None
+    return process.returncode, stdout, stderr
+
+
+def tables(stdout: str) -> dict[str, dict[str, dict[str, str]]]:
+    """{scenario title: {row label: {column: cell}}} of every `== title` table."""
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    lines = stdout.splitlines()
+    for index, line in enumerate(lines):
+        if not line.startswith("== "):
+            continue
+        columns = re.split(r"\s{2,}", lines[index + 1].strip())
+        rows: dict[str, dict[str, str]] = {}
+        for row in lines[index + 3:]:  # the header, then a line of dashes
+            if not row.startswith("  ") or row.startswith("  note") or ": could not run" in row:
+                break
+            label, *cells = re.split(r"\s{2,}", row.strip())
+            rows[label] = dict(zip(columns, cells))
+        out[line[3:]] = rows
+    return out
+
+
+def test_short_run_prints_every_table() -> None:
+    returncode, stdout, stderr = run_short()
+    output = f"{stdout}\n--- stderr ---\n{stderr}"
+    assert returncode == 0, output
+    assert stdout.startswith("command: ") and "fanout.py --short" in stdout.splitlines()[0], output
+    assert re.search(r"^all 6 runs ran$", stdout, re.M), output
+
+    found = tables(stdout)
+    by_kind = {title.split(",")[0]: rows for title, rows in found.items()}
+    assert set(by_kind) == {"saturated", "fixed rate", "lab"}, output
+    for rows in by_kind.values():
+        for row in rows.values():
+            assert set(SERVERS) <= set(row), (row, output)
+            assert "could not run" not in row.values(), output
+
+    saturated, fixed, lab = by_kind["saturated"], by_kind["fixed rate"], by_kind["lab"]
+    for label in ("deliveries/s", "server CPU us/delivery", "every receiver got every command", "disconnects (close codes)"):
+        assert label in saturated, (label, output)
+    for label in ("latency p50 ms", "latency p99 ms", "server CPU us/delivery"):
+        assert label in fixed, (label, output)
+    for label in ("command latency p50 ms", "command latency p99 ms", "server CPU us/delivery (cmd+cursor)", "converged"):
+        assert label in lab, (label, output)
+    # Numbers, not dashes, for both servers.
+    for rows, label in ((saturated, "deliveries/s"), (fixed, "latency p99 ms"), (lab, "command latency p99 ms")):
+        for server in SERVERS:
+            assert re.fullmatch(r"[\d,]+(\.\d+)?", rows[label][server]), (label, server, output)
+
+    # The reference relay has no limits and no coalescing: every command reaches every receiver.
+    assert saturated["every receiver got every command"]["reference"] == "yes", output
+    assert fixed["every receiver got every command"]["reference"] == "yes", output
+    assert saturated["disconnects (close codes)"]["reference"] == "0", output
+    assert lab["missed commands (not moves)"]["reference"] == "0", output
+    assert lab["moves coalesced by the server"]["reference"] == "0", output
+    assert lab["disconnects (close codes)"]["reference"] == "0", output
+    assert re.fullmatch(r"yes \((\d+) of \1\)", lab["converged"]["reference"]), output
