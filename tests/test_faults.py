@@ -17,111 +17,30 @@ import resource
 import signal
 import socket
 import struct
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import Any
 
-import attrs
 import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    CloseConnection,
-    Event,
-    Request,
-    TextMessage,
-)
+from wsproto.events import CloseConnection
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import CollabServer, serve
-from collab_trio.testing import HANG, Harness, MemoryListener, server_process, tcp_client
-
-OPCODE_TEXT = 0x1
-OPCODE_BINARY = 0x2
-
-
-# -- a client that reads and writes only when told to ---------------------------
-
-
-def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """One masked client frame, made by hand (cut it short to leave a frame unfinished)."""
-    length = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if length < 126:
-        head += bytes([0x80 | length])
-    elif length < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-    mask = b"\x1f\x2e\x3d\x4c"
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-@attrs.define(eq=False)
-class RawClient:
-    """A WebSocket client over any stream, driven by wsproto: no background reader.
-
-    Nothing is read unless the test asks, and nothing is answered (not even a
-    close) unless the test says so: the tool for deaf, mute and slow peers.
-    """
-
-    stream: trio.abc.Stream
-    ws: WSConnection = attrs.field(factory=lambda: WSConnection(ConnectionType.CLIENT))
-    eof: bool = False
-    _events: deque[Event] = attrs.field(factory=deque)
-
-    async def upgrade(self, path: str) -> None:
-        """Send the HTTP upgrade and read the 101 (and nothing after it)."""
-        await self.stream.send_all(self.ws.send(Request(host="localhost", target=path)))
-        event = await self.next_event()
-        assert isinstance(event, AcceptConnection), event
-
-    async def next_event(self) -> Event | None:
-        """The next wsproto event, or None once the server closed the transport."""
-        while not self._events:
-            if self.eof:
-                return None
-            data = await self.stream.receive_some(65536)
-            if not data:
-                self.eof = True
-                continue
-            self.ws.receive_data(data)
-            self._events.extend(self.ws.events())
-        return self._events.popleft()
-
-    async def next_message(self) -> dict[str, Any] | CloseConnection | None:
-        """The next whole JSON message, the server's close frame, or None at EOF."""
-        parts: list[str] = []
-        while True:
-            event = await self.next_event()
-            if event is None or isinstance(event, CloseConnection):
-                return event
-            if isinstance(event, TextMessage):
-                parts.append(event.data)
-                if event.message_finished:
-                    return json.loads("".join(parts))
-
-    async def expect(self, msg_type: str) -> dict[str, Any]:
-        """The next message, which must be of this type."""
-        with trio.fail_after(HANG):
-            message = await self.next_message()
-        assert isinstance(message, dict) and message["type"] == msg_type, message
-        return message
-
-    async def send_json(self, message: dict[str, Any]) -> None:
-        await self.send_frame(OPCODE_TEXT, json.dumps(message).encode())
-
-    async def send_frame(self, opcode: int, payload: bytes) -> None:
-        await self.stream.send_all(client_frame(opcode, payload))
-
-    async def answer_close(self, close: CloseConnection) -> None:
-        await self.stream.send_all(self.ws.send(close.response()))
-
+from collab_trio.testing import (
+    HANG,
+    OPCODE_TEXT,
+    Harness,
+    MemoryListener,
+    RawClient,
+    client_frame,
+    raw_connect,
+    server_process,
+    tcp_client,
+)
 
 async def record_until_eof(client: RawClient, log: list[tuple[float, Any]]) -> None:
     """Read passively (a memory stream never pushes back), noting when each thing arrives."""
@@ -140,15 +59,6 @@ def assert_no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
 
 def close_code(item: Any) -> int | None:
     return item.code if isinstance(item, CloseConnection) else None
-
-
-async def raw_connect(harness: Harness, path: str, *, lockstep: bool = False) -> RawClient:
-    """A RawClient over a fresh in-memory stream, upgraded and past its connection:ack."""
-    client = RawClient(harness.listener.connect(lockstep=lockstep))
-    with trio.fail_after(HANG):
-        await client.upgrade(path)
-    await client.expect("connection:ack")
-    return client
 
 
 async def settle_until(condition: Callable[[], bool], *, timeout: float, rounds: int = 2000) -> None:
@@ -192,7 +102,7 @@ def command(sender: str, i: int, pad: str = "") -> dict[str, Any]:
 async def test_never_reading_client_is_closed_1013_and_others_lose_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    outbox_size = 16
+    queue_bytes = 16 * 32_768  # 16 commands queued beyond what the kernel holds
     pad = "p" * 32_768  # 32 KiB a command: kernel buffers fill after a few dozen
     per_sender_cap = 300  # bound: stop even if the kernel could swallow more
     after_close = 20  # keep broadcasting this long after the 1013, to see nothing is lost
@@ -201,7 +111,7 @@ async def test_never_reading_client_is_closed_1013_and_others_lose_nothing(
     acked: dict[str, trio.MemorySendChannel[int]] = {}
 
     with trio.fail_after(60):
-        async with loopback_server(outbox_size=outbox_size, close_timeout=HANG) as server:
+        async with loopback_server(max_queue_bytes=queue_bytes, close_timeout=HANG) as server:
             registry = server.registry
             assert registry is not None
             port = server.port
@@ -315,7 +225,9 @@ async def test_silent_client_closed_at_idle_timeout_then_given_up_after_close_ti
     # "buffered": the server's close frame lands in a buffer nobody answers from;
     # "lockstep": the peer reads nothing, so even the close frame can't be sent.
     idle_timeout, close_timeout = 10, 3
-    harness = await start_server(idle_timeout=idle_timeout, close_timeout=close_timeout)
+    # The write timeout is longer: this is about the idle limit (see
+    # test_outbound.py for a socket that takes nothing).
+    harness = await start_server(idle_timeout=idle_timeout, close_timeout=close_timeout, write_timeout=60)
     start = trio.current_time()
     mute = await raw_connect(harness, "/ws/s/mute", lockstep=transport == "lockstep")
     session = harness.registry.sessions["s"]

@@ -46,7 +46,9 @@ from collab_trio.protocol import (
 )
 from collab_trio.server import serve
 from collab_trio.testing import Client, HANG, Harness, MemoryListener, server_process, tcp_client
-from .test_faults import OPCODE_BINARY, OPCODE_TEXT, RawClient, close_code, raw_connect
+from collab_trio.testing import OPCODE_BINARY, OPCODE_TEXT, RawClient, raw_connect
+
+from .test_faults import close_code
 
 # Deterministic: the same examples on every run and every machine, nothing replayed from disk.
 PURE = settings(derandomize=True, database=None, deadline=None, max_examples=300)

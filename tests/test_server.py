@@ -478,7 +478,7 @@ async def test_bad_path_refused_at_handshake(
 async def test_slow_consumer_closed_1013_others_get_everything(start_server) -> None:
     # Real time here: the slow client's transport blocks, and under autojump the
     # close deadline would pass before the client gets a chance to read.
-    harness = await start_server(outbox_size=8, close_timeout=HANG)
+    harness = await start_server(max_queue_bytes=1200, close_timeout=HANG)
     async with harness.joined("s", "sender") as sender, harness.joined("s", "fast") as fast:
         await sender.expect("user:joined")
         async with harness.client("s", "slow", lockstep=True) as slow:

@@ -179,12 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="normal: survives a crash of the process (default); full: also a power cut",
     )
     run.add_argument(
-        "--snapshot-every", type=_count, default=defaults.snapshot_every, metavar="OPS",
-        help="snapshot a session after this many changes (default: %(default)s)",
+        "--snapshot-bytes", type=byte_size, default=defaults.snapshot_bytes, metavar="BYTES",
+        help="snapshot a session once this many bytes of changes, or its document's size"
+        f" if larger, went to the journal (default: {defaults.snapshot_bytes // MIB}M)",
     )
     run.add_argument(
         "--retention", type=_count, default=defaults.retention, metavar="OPS",
         help="changes kept per session for resume and op_id de-duplication (default: %(default)s)",
+    )
+    run.add_argument(
+        "--history-bytes", type=byte_size, default=defaults.history_bytes, metavar="BYTES",
+        help=f"at most this many bytes of those changes (default: {defaults.history_bytes // MIB}M)",
     )
     security = run.add_argument_group("access control (off unless set)")
     security.add_argument(
@@ -230,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--store-queue-bytes", type=byte_size, default=defaults.store_queue_bytes, metavar="BYTES",
         help="changes queued for the disk, all sessions together; past it, commits"
         f" wait (default: {defaults.store_queue_bytes // MIB}M)",
+    )
+    limits.add_argument(
+        "--max-document-size", type=byte_size, default=defaults.max_document_size, metavar="BYTES",
+        help="largest session document; changes beyond it get error document_too_large"
+        f" (default: {defaults.max_document_size // MIB}M)",
+    )
+    limits.add_argument(
+        "--max-queue-bytes", type=byte_size, default=defaults.max_queue_bytes, metavar="BYTES",
+        help="bytes queued for one client (beyond what later messages replace) before it is"
+        f" closed with 1013 (default: {defaults.max_queue_bytes // MIB}M)",
+    )
+    limits.add_argument(
+        "--write-timeout", type=_seconds, default=defaults.write_timeout, metavar="SECONDS",
+        help="close a client (1013) whose socket accepts no bytes for this long (default: %(default)g)",
+    )
+    limits.add_argument(
+        "--max-fragments", type=_count, default=defaults.max_fragments, metavar="N",
+        help="frames one message may be split into; more close with 1009 (default: %(default)s)",
     )
     # Fault injection for tests and benchmarks: a disk this slow per commit.
     run.add_argument(
@@ -360,8 +383,13 @@ def _serve(args: argparse.Namespace) -> int:
         store=args.store,
         data_dir=args.data_dir,
         fsync=args.fsync,
-        snapshot_every=args.snapshot_every,
+        snapshot_bytes=args.snapshot_bytes,
         retention=args.retention,
+        history_bytes=args.history_bytes,
+        max_document_size=args.max_document_size,
+        max_queue_bytes=args.max_queue_bytes,
+        write_timeout=args.write_timeout,
+        max_fragments=args.max_fragments,
         tokens_file=args.tokens,
         allowed_origins=tuple(args.allowed_origin),
         certfile=args.certfile,

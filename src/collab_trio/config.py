@@ -36,8 +36,18 @@ class ServerConfig:
     # Seconds to wait for a client's close handshake (and pending sends) when
     # the server closes one connection.
     close_timeout: float = attrs.field(default=5.0, validator=_positive)
-    # Messages queued for one client before it counts as too slow (1013).
-    outbox_size: int = attrs.field(default=1024, validator=_positive)
+    # Bytes queued for one client that no later message replaces (relays,
+    # acks, notices) before it counts as too slow (1013). Cursors, moves of
+    # the same item and sync:state answers replace their queued predecessor.
+    max_queue_bytes: int = attrs.field(default=4 * MIB, validator=_positive)
+    # Seconds a client's socket may accept no bytes at all while some are
+    # queued for it before it counts as too slow (1013).
+    write_timeout: float = attrs.field(default=10.0, validator=_positive)
+    # Most changes in one commit batch (a commit releases at most this many
+    # relays at once).
+    max_batch_ops: int = attrs.field(default=512, validator=_positive)
+    # Frames one message may be split into; more close the connection (1009).
+    max_fragments: int = attrs.field(default=256, validator=_positive)
     # Cursor messages forwarded per second per user; the latest one wins.
     cursor_rate: float = attrs.field(default=20.0, validator=_positive)
     # Where documents live: "sqlite" (durable, in data_dir) or "memory".
@@ -45,10 +55,17 @@ class ServerConfig:
     data_dir: str = "collab-data"
     # "normal": survives a process crash; "full": also a power cut (fsync per commit).
     fsync: str = attrs.field(default="normal", validator=attrs.validators.in_(FSYNC_MODES))
-    # Snapshot a session's document after this many ops (and when it unloads).
-    snapshot_every: int = attrs.field(default=100, validator=_positive)
-    # Ops kept per session for resume (sync:ops) and op_id de-duplication.
+    # Snapshot a session's document once this many bytes of changes (or the
+    # document's own size, if larger) went to the journal since the last
+    # snapshot, and when it unloads: disk writes stay proportional to changes.
+    snapshot_bytes: int = attrs.field(default=MIB, validator=_positive)
+    # Ops kept per session for resume (sync:ops) and op_id de-duplication,
+    # bounded by count and by their bytes.
     retention: int = attrs.field(default=1000, validator=_positive)
+    history_bytes: int = attrs.field(default=8 * MIB, validator=_positive)
+    # Largest session document, in bytes of JSON; changes that would make it
+    # larger are refused with error document_too_large.
+    max_document_size: int = attrs.field(default=16 * MIB, validator=_positive)
     # Bytes of received changes a session holds while they wait for the store;
     # past this its members' readers stop reading until commits catch up.
     max_pending_bytes: int = attrs.field(default=MIB, validator=_positive)

@@ -1,20 +1,30 @@
 """One client's tasks: reader, writer and cursor pump, under the connection's own nursery.
 
     Connection.run()       in its session's nursery
-     ├─ reader             websocket -> owner.frame_received(), with the idle deadline
-     ├─ writer             bounded outbox channel -> websocket, then the close handshake
+     ├─ reader             websocket -> owner.frame_received(), within the idle deadline
+     ├─ writer             the client's byte queue (wire.py) -> socket, then the close handshake
      └─ cursor             the latest cursor of this user, at most `cursor_rate` a second
 
 A connection knows nothing of sessions: it is given an owner (anything with
 the `ConnectionOwner` methods) when it is built. Fan-out never awaits: the
-owner puts text into the outbox with `send()`; when it is full this
-connection is closed with 1013 and nobody else waits.
+owner hands it framed bytes with `send_frame()`, which go straight to the
+socket when nothing is queued, else into the client's queue, where a later
+cursor, move of the same item or sync:state replaces a waiting one. Only a
+client whose queue holds more than `max_queue_bytes` that nothing can
+replace, or whose socket takes no bytes for `write_timeout` seconds, is
+closed with 1013; nobody else waits for it.
+
+Every incoming frame (pings and continuation frames too) takes a token from
+the rate limit; a message split into more than `max_fragments` frames
+closes the connection with 1009.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
+from collections.abc import Hashable
 from typing import Protocol
 
 import attrs
@@ -23,13 +33,17 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .config import ServerConfig
 from .limits import Strikes, TokenBucket
-from .messages import Error, Forwarded, encode_message
+from .messages import Error, Forwarded, ServerMessage, encode_message_bytes
 from .protocol import CloseCode, ErrorCode, utc_timestamp
+from .wire import CLOSE, CONTINUATION, PING, WireStream, WriteTimeout, text_frame
 
 log = logging.getLogger(__name__)
 
 # Seconds over which refusals are counted before a connection is closed.
 STRIKE_WINDOW = 10.0
+
+# The close code of a connection that ended without a close frame (RFC 6455).
+ABNORMAL_CLOSURE = 1006
 
 # user:left `reason` for each way a connection can end.
 LEAVE_REASONS = {
@@ -63,9 +77,10 @@ class ConnectionOwner(Protocol):
 
 @attrs.define(eq=False)
 class Connection:
-    """A joined client: its websocket, its outbox and the state of its close."""
+    """A joined client: its websocket, its byte queue and the state of its close."""
 
     ws: WebSocketConnection
+    wire: WireStream
     user_id: str
     config: ServerConfig
     owner: ConnectionOwner
@@ -78,25 +93,33 @@ class Connection:
     close_reason: str | None = None
     # Set when run() has returned: reader, writer and cursor pump are done.
     finished: trio.Event = attrs.field(factory=trio.Event)
-    _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
-    _outbox_recv: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _writer_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _cursor_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    # Set by close(): the writer writes what is left, then closes.
+    _flushed: trio.Event = attrs.field(factory=trio.Event)
     _pending_cursor: Forwarded | None = None
     _cursor_ready: trio.Event = attrs.field(factory=trio.Event)
     _bucket: TokenBucket = attrs.field(init=False)
     _rate_strikes: Strikes = attrs.field(init=False)
     _forbidden_strikes: Strikes = attrs.field(init=False)
     _last_rate_error: float = -math.inf
+    # Frames of the data message arriving now, and whether all got a token.
+    _fragments: int = 0
+    _message_allowed: bool = True
+    # One verdict per complete incoming message, in order: within the rate?
+    _verdicts: deque[bool] = attrs.field(factory=deque)
 
     def __attrs_post_init__(self) -> None:
-        self._outbox_send, self._outbox_recv = trio.open_memory_channel[str](
-            self.config.outbox_size
-        )
         self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
         self._rate_strikes = Strikes(self.config.rate_strikes, STRIKE_WINDOW)
         self._forbidden_strikes = Strikes(self.config.forbidden_strikes, STRIKE_WINDOW)
+        self.wire.write_timeout = self.config.write_timeout
+        # From now on the session's writes queue for this connection's writer.
+        self.wire.attach()
+        earlier = self.wire.claim(self._frames_arrived)
+        if earlier:
+            self._frames_arrived(earlier)
 
     @property
     def closing(self) -> bool:
@@ -115,31 +138,39 @@ class Connection:
 
     # -- called by the owner (never awaits) ----------------------------------
 
-    def send(self, text: str) -> None:
-        """Queue one encoded message; close with 1013 if the client can't keep up."""
-        try:
-            self._outbox_send.send_nowait(text)
-        except trio.WouldBlock:
+    def send_frame(self, frame: bytes, key: Hashable | None = None, *, notice: bool = False) -> None:
+        """Queue one framed message; close with 1013 if the client can't keep up.
+
+        A queued message with the same `key` is replaced by this one. A
+        `notice` (someone joined or left) never tips a client over its budget:
+        a close for slowness must not cascade through the session.
+        """
+        if self.close_code is not None or not self.wire.write(frame, key):
+            return  # closing: the message is not for this connection any more
+        if not notice and self.wire.backlog > self.config.max_queue_bytes:
             log.warning(
-                "User %s is too slow (%d messages queued); closing with 1013",
+                "User %s is too slow (%d bytes queued); closing with 1013",
                 self.user_id,
-                self.config.outbox_size,
+                self.wire.backlog,
             )
             self.close(CloseCode.TOO_SLOW, "too slow: outbound queue overflowed", discard=True)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # already closing: the message is not for this connection any more
+
+    def send_message(self, message: ServerMessage) -> None:
+        """Encode, frame and queue one message for this client only."""
+        self.send_frame(text_frame(encode_message_bytes(message)))
 
     def queue_cursor(self, message: Forwarded) -> None:
         """Remember the latest cursor; the pump forwards it when the rate allows."""
         self._pending_cursor = message
         self._cursor_ready.set()
 
-    def close(self, code: int, reason: str, *, discard: bool = False) -> None:
+    def close(self, code: int, reason: str, *, discard: bool = False, peer_closed: bool = False) -> None:
         """Start closing: stop reading, let the writer flush then close the socket.
 
         With `discard`, queued messages are dropped (the client is too slow to
-        take them anyway). Either way the writer has `close_timeout` seconds
-        for what is left, including the close handshake.
+        take them anyway). Our close frame goes last (unless the client closed
+        first: trio-websocket has answered it). Either way the writer has
+        `close_timeout` seconds for what is left and the client's close frame.
         """
         if self.close_code is not None:
             return
@@ -147,13 +178,19 @@ class Connection:
         self._reader_scope.cancel()
         self._cursor_scope.cancel()
         if discard:
-            self._outbox_recv.close()
-        else:
-            self._outbox_send.close()
+            self.wire.discard()
+        if not peer_closed:
+            self.wire.write_close(self.close_code, reason)
+        self._flushed.set()
+        self.wire.wake()
         self._writer_scope.deadline = min(
             self._writer_scope.deadline, trio.current_time() + self.config.close_timeout
         )
         self.owner.connection_closed(self)
+
+    def abandon(self) -> None:
+        """This connection never ran (its join was refused): release the wire."""
+        self.wire.detach()
 
     def leave_reason(self) -> str:
         """The `reason` of the user:left notice for this connection's close."""
@@ -166,7 +203,43 @@ class Connection:
         if self._forbidden_strikes.add(trio.current_time()):
             self.close(CloseCode.FORBIDDEN, "forbidden: this token may only view")
             return
-        self.send(encode_message(Error(ErrorCode.FORBIDDEN, "your token may only view this session", ref)))
+        self.send_message(Error(ErrorCode.FORBIDDEN, "your token may only view this session", ref))
+
+    # -- incoming frames (called by the wire as bytes arrive) ----------------
+
+    def _frames_arrived(self, frames: list[tuple[int, bool]]) -> None:
+        if self.close_code is not None:
+            return
+        now = trio.current_time()
+        for opcode, fin in frames:
+            if opcode == CLOSE:
+                continue
+            allowed = self._bucket.allow(now)
+            if opcode >= PING:  # ping or pong: answered by trio-websocket, counted here
+                if not allowed:
+                    self._rate_limited()
+                    if self.close_code is not None:
+                        return
+                continue
+            if opcode != CONTINUATION:
+                self._fragments, self._message_allowed = 0, True
+            self._fragments += 1
+            self._message_allowed = self._message_allowed and allowed
+            if self._fragments > self.config.max_fragments:
+                log.warning(
+                    "User %s split a message into more than %d frames; closing with 1009",
+                    self.user_id,
+                    self.config.max_fragments,
+                )
+                self.close(
+                    CloseCode.MESSAGE_TOO_BIG,
+                    f"message split into more than {self.config.max_fragments} frames",
+                )
+                return
+            if fin:
+                self._verdicts.append(self._message_allowed)
+            if self.close_code is not None:
+                return
 
     # -- tasks ---------------------------------------------------------------
 
@@ -183,25 +256,29 @@ class Connection:
 
     async def _read_loop(self) -> None:
         idle_timeout = self.config.idle_timeout
-        while True:
-            # Outside the idle deadline: waiting for the store is not the client's silence.
-            await self.owner.wait_for_room()
-            message: str | bytes | None = None
-            with trio.move_on_after(idle_timeout):
-                message = await self.ws.get_message()
-            if message is None:
-                log.info(
-                    "User %s sent nothing for %g s; closing with 4000", self.user_id, idle_timeout
-                )
-                self.close(
-                    CloseCode.IDLE_TIMEOUT,
-                    f"heartbeat timeout: nothing received for {idle_timeout:g} s",
-                )
-                return
-            if self._bucket.allow(trio.current_time()):
-                self.owner.frame_received(self, message)
-            else:
-                self._rate_limited()
+        owner, ws, verdicts = self.owner, self.ws, self._verdicts
+        # One deadline for the whole connection, moved on by every message.
+        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+            while True:
+                # Waiting for the store is not the client's silence.
+                deadline, idle.deadline = idle.deadline, math.inf
+                await owner.wait_for_room()
+                idle.deadline = deadline
+                message = await ws.get_message()
+                now = trio.current_time()
+                idle.deadline = now + idle_timeout
+                if verdicts.popleft() if verdicts else self._bucket.allow(now):
+                    owner.frame_received(self, message)
+                else:
+                    self._rate_limited()
+                if self.close_code is not None:
+                    return
+        if idle.cancelled_caught:
+            log.info("User %s sent nothing for %g s; closing with 4000", self.user_id, idle_timeout)
+            self.close(
+                CloseCode.IDLE_TIMEOUT,
+                f"heartbeat timeout: nothing received for {idle_timeout:g} s",
+            )
 
     def _rate_limited(self) -> None:
         now = trio.current_time()
@@ -217,14 +294,14 @@ class Connection:
                 ErrorCode.RATE_LIMITED,
                 f"too many messages (limit {self.config.rate_limit:g}/s); messages were dropped",
             )
-            self.send(encode_message(error))
+            self.send_message(error)
 
     def _peer_closed(self, exc: ConnectionClosed) -> None:
         reason = exc.reason
-        code = reason.code if reason is not None else 1006
+        code = reason.code if reason is not None else ABNORMAL_CLOSURE
         text = (reason.reason if reason is not None else None) or ""
         if self.close_code is None:
-            self.close(code, text)
+            self.close(code, text, peer_closed=True)
 
     async def _writer(self) -> None:
         ws = self.ws
@@ -232,22 +309,34 @@ class Connection:
         try:
             with self._writer_scope:
                 try:
-                    async for text in self._outbox_recv:
-                        await ws.send_message(text)
-                except trio.ClosedResourceError:
-                    pass  # close(discard=True): queued messages dropped
-                except ConnectionClosed as exc:
-                    self._peer_closed(exc)
+                    # Until close(): then what is left, and our close frame last.
+                    await self.wire.run_writer(self._flushed)
+                except WriteTimeout:
+                    log.warning(
+                        "User %s took no bytes for %g s; closing with 1013",
+                        self.user_id,
+                        self.config.write_timeout,
+                    )
+                    self.close(CloseCode.TOO_SLOW, "too slow: nothing received for too long", discard=True)
+                    return  # its socket takes nothing: no close handshake either
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    # The connection is gone (reset, or closed under us).
+                    self.close(ABNORMAL_CLOSURE, "connection lost", peer_closed=True)
+                    return
                 if self.close_code is None:
-                    # The outbox can only end through close(); keep the invariant anyway.
-                    self.close(CloseCode.INTERNAL_ERROR, "outbox closed unexpectedly")
-                await ws.aclose(self.close_code or CloseCode.NORMAL, self.close_reason)
-                graceful = True
+                    # The writer only ends through close(); keep the invariant anyway.
+                    self.close(CloseCode.INTERNAL_ERROR, "writer ended unexpectedly")
+                # The close handshake: read (and drop) until the client's close
+                # frame; trio-websocket then closes the TCP connection.
+                try:
+                    while True:
+                        await ws.get_message()
+                except ConnectionClosed:
+                    graceful = True
         except Exception:
             log.exception("Internal error while sending to %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
         finally:
-            self._outbox_recv.close()
             self._reader_scope.cancel()
             if not graceful:
                 # Deadline passed or error: drop the transport without a handshake.

@@ -6,13 +6,14 @@ it once however many members it goes to.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import attrs
 
 from . import __version__
 from .document import Op
-from .protocol import PROTOCOL_VERSION, ErrorCode, encode
+from .protocol import MOVE_FIELDS, PROTOCOL_VERSION, ErrorCode, encode
 
 SERVER_INFO = {"name": "collab-trio", "version": __version__, "protocol": PROTOCOL_VERSION}
 
@@ -218,3 +219,36 @@ ServerMessage = (
 def encode_message(message: ServerMessage) -> str:
     """The text frame of one server message."""
     return encode(message.to_wire())
+
+
+def encode_message_bytes(message: ServerMessage) -> bytes:
+    """The UTF-8 payload of one server message's text frame."""
+    return encode(message.to_wire()).encode("utf-8")
+
+
+# Notices of who is in the session: small, and never the reason a client is cut.
+NOTICES = (UserJoined, UserLeft, HostChanged)
+
+
+def replace_key(message: ServerMessage) -> Hashable | None:
+    """What a later message must share with a queued one to make it obsolete.
+
+    - a cursor: the same user's next cursor;
+    - a relayed move_item: the next move of the same item that sets the same
+      fields (moves only set those fields, so the later values win whatever
+      came in between);
+    - a sync:state: the next sync:state (it holds everything).
+    Everything else is delivered, in order.
+    """
+    if isinstance(message, Relay):
+        command = message.op.command
+        if command is not None and command.get("action") == "move_item":
+            data = command.get("data")
+            if isinstance(data, dict):
+                return ("move", command.get("item_id"), tuple(f for f in MOVE_FIELDS if f in data))
+        return None
+    if isinstance(message, SyncState):
+        return ("sync:state",)
+    if isinstance(message, Forwarded) and message.message.get("type") == "cursor":
+        return ("cursor", message.message.get("user_id"))
+    return None

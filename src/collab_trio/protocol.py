@@ -57,6 +57,7 @@ class ErrorCode(str, enum.Enum):
     NOT_PERSISTED = "not_persisted"
     RATE_LIMITED = "rate_limited"
     FORBIDDEN = "forbidden"
+    DOCUMENT_TOO_LARGE = "document_too_large"
 
 
 class ProtocolError(Exception):

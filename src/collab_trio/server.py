@@ -44,6 +44,7 @@ from .serving import CLIENT_GONE, WebSocketServer, listener_url, log_client_gone
 from .session import SessionRegistry
 from .session_core import JoinRefused
 from .store import Store, make_store
+from .wire import WireStream
 
 __all__ = ["CollabServer", "listener_url", "serve", "tls_context", "tls_context_from"]
 
@@ -121,16 +122,16 @@ class CollabServer:
     def close_all(self, code: int, reason: str) -> None:
         self.registry.close_all(code, reason)
 
-    async def handle(self, request: WebSocketRequest, peer: str) -> None:
+    async def handle(self, request: WebSocketRequest, peer: str, wire: WireStream) -> None:
         try:
-            conn = await self._join(request, peer)
+            conn = await self._join(request, peer, wire)
         except CLIENT_GONE as exc:
             log_client_gone(peer, exc)
             return
         if conn is not None:
             await conn.finished.wait()
 
-    async def _join(self, request: WebSocketRequest, peer: str) -> Connection | None:
+    async def _join(self, request: WebSocketRequest, peer: str, wire: WireStream) -> Connection | None:
         """Check, accept and join a handshake; the member's connection, or None if refused."""
         path = redact(request.path)  # never log a token
         try:
@@ -154,7 +155,7 @@ class CollabServer:
                 resume = SyncRequest(since=target.since, epoch=target.epoch)
             try:
                 return await self.registry.join(
-                    session_id, ws, target.user_id, remote=peer, can_write=access, resume=resume
+                    session_id, ws, wire, target.user_id, remote=peer, can_write=access, resume=resume
                 )
             except JoinRefused as exc:
                 log.info("Closed %s from %s: %d %s", path, peer, exc.code, exc.reason)

@@ -23,9 +23,11 @@ from typing import Protocol
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+from wsproto.utilities import LocalProtocolError
 
 from .config import ServerConfig
 from .protocol import ENDPOINT_TEMPLATE, CloseCode
+from .wire import WireStream
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,11 @@ class WebSocketApp(Protocol):
     async def run_app(self, *, task_status: trio.TaskStatus[None]) -> None:
         """The app's own tasks; started before accepting, and must return after close_all()."""
 
-    async def handle(self, request: WebSocketRequest, peer: str) -> None:
-        """Accept or reject one handshake, then serve the connection until it ends."""
+    async def handle(self, request: WebSocketRequest, peer: str, wire: WireStream) -> None:
+        """Accept or reject one handshake, then serve the connection until it ends.
+
+        `wire` is the stream under the websocket: its write queue and frame
+        counter (wire.py)."""
 
     def connection_count(self) -> int:
         """Connections that a graceful stop will close."""
@@ -75,15 +80,16 @@ def stream_address(stream: trio.abc.Stream) -> str:
         return "unknown"  # already reset by the peer
 
 
-def peer_name(request: WebSocketRequest) -> str:
+def peer_name(stream: trio.abc.Stream) -> str:
     """`host:port` of the client, or a description for non-socket streams."""
+    transport = getattr(stream, "transport_stream", stream)  # unwrap TLS
+    socket = getattr(transport, "socket", None)
+    if socket is None:
+        return repr(stream)
     try:
-        remote = request.remote
+        address, port = socket.getpeername()[:2]
     except OSError:
         return "unknown"  # the client reset the connection during the upgrade
-    address, port = getattr(remote, "address", None), getattr(remote, "port", None)
-    if address is None:
-        return str(remote)
     return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
 
 
@@ -95,6 +101,10 @@ async def reject(request: WebSocketRequest, status: int, reason: str) -> None:
         body=(reason + "\n").encode("utf-8"),
     )
 
+
+# Bytes trio-websocket asks for per read (its default is 4 KiB): a 1 MiB
+# message then takes 16 reads, not 256.
+RECEIVE_BUFFER_SIZE = 64 * 1024
 
 # What a client that went away mid-handshake makes trio-websocket raise.
 CLIENT_GONE = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -204,18 +214,24 @@ class WebSocketServer:
     async def _handshake(self, stream: trio.abc.Stream) -> None:
         address = stream_address(stream)
         self._per_address[address] = self._per_address.get(address, 0) + 1
+        wire = WireStream(stream, write_timeout=self.config.write_timeout)
         try:
-            async with trio.open_nursery() as ws_nursery:
-                request = None
-                try:
-                    request = await self._upgrade(ws_nursery, stream, address)
-                except CLIENT_GONE as exc:
-                    log_client_gone(address, exc)
-                if request is not None:
-                    # The app's own errors are its own: not taken for a client gone.
-                    await self.app.handle(request, peer_name(request))
-                # Stop trio-websocket's frame reader; the connection is over.
-                ws_nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as ws_nursery:
+                    request = None
+                    try:
+                        request = await self._upgrade(ws_nursery, wire, address)
+                    except CLIENT_GONE as exc:
+                        log_client_gone(address, exc)
+                    if request is not None:
+                        # The app's own errors are its own: not taken for a client gone.
+                        await self.app.handle(request, peer_name(stream), wire)
+                    # Stop trio-websocket's frame reader; the connection is over.
+                    ws_nursery.cancel_scope.cancel()
+            except* LocalProtocolError as group:
+                # trio-websocket answers a ping that arrives after our close
+                # frame, which wsproto refuses (trio-websocket issue #184).
+                log.debug("Client %s pinged during the close handshake (%s)", address, group.exceptions[0])
         except Exception:
             log.exception("Unexpected error in a connection handler")
         finally:
@@ -226,13 +242,16 @@ class WebSocketServer:
             await trio.aclose_forcefully(stream)
 
     async def _upgrade(
-        self, ws_nursery: trio.Nursery, stream: trio.abc.Stream, address: str
+        self, ws_nursery: trio.Nursery, stream: WireStream, address: str
     ) -> WebSocketRequest | None:
         """The client's upgrade request, or None when it was refused or never came."""
         request: WebSocketRequest | None = None
         with trio.move_on_after(self.config.handshake_timeout):
             request = await wrap_server_stream(
-                ws_nursery, stream, max_message_size=self.config.max_message_size
+                ws_nursery,
+                stream,
+                max_message_size=self.config.max_message_size,
+                receive_buffer_size=RECEIVE_BUFFER_SIZE,
             )
         if request is None:
             log.debug(

@@ -26,7 +26,7 @@ from trio_websocket import WebSocketConnection
 from .config import ServerConfig
 from .connection import Connection
 from .document import SessionDocument
-from .messages import Forwarded, encode_message
+from .messages import NOTICES, Forwarded, ServerMessage, encode_message_bytes, replace_key
 from .protocol import CloseCode, SyncRequest
 from .session_core import (
     Batch,
@@ -43,6 +43,7 @@ from .session_core import (
     WantSnapshot,
 )
 from .store import OutcomeUnknown, SessionReset, Store, StoreError
+from .wire import WireStream, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,10 @@ class Session:
     _executing: bool = False
     # close_all() called while the document was still loading.
     _close_requested: tuple[int, str] | None = None
-    # The last message sent to one member, and its text.
+    # The last message sent to one member, and its frame: the same answer to
+    # many (sync requests at one version) is framed once.
     _last_sent: Any = None
-    _last_text: str = ""
+    _last_frame: bytes = b""
     # Set once a bug closed the session: a second failure only logs.
     _closing_for_error: bool = False
 
@@ -113,10 +115,12 @@ class Session:
                 self.session_id,
                 document,
                 max_users=self.config.max_users_per_session,
-                snapshot_every=self.config.snapshot_every,
                 heartbeat_interval=self.config.heartbeat_interval,
-                # Leaves room in a member's outbox for everything else.
-                max_batch_ops=max(1, self.config.outbox_size // 2),
+                max_batch_ops=self.config.max_batch_ops,
+                snapshot_bytes=self.config.snapshot_bytes,
+                history_bytes=self.config.history_bytes,
+                max_document_size=self.config.max_document_size,
+                max_message_size=self.config.max_message_size,
             )
             if self._close_requested is not None:
                 self.close_all(*self._close_requested)
@@ -139,6 +143,7 @@ class Session:
     def try_join(
         self,
         ws: WebSocketConnection,
+        wire: WireStream,
         user_id: str,
         *,
         remote: str = "?",
@@ -153,13 +158,14 @@ class Session:
         """
         if self.core is None or self._nursery is None or self.core.closed:
             return None
-        conn = Connection(ws, user_id, self.config, self, remote=remote, can_write=can_write)
+        conn = Connection(ws, wire, user_id, self.config, self, remote=remote, can_write=can_write)
         reconnect = self.core.connection_of(user_id) is not None
         try:
             effects = self.core.join(
                 conn, user_id, connected_at=conn.connected_at, can_write=can_write, resume=resume
             )
         except JoinRefused as exc:
+            conn.abandon()
             if exc.code == CloseCode.SESSION_FULL:
                 raise
             return None
@@ -258,15 +264,17 @@ class Session:
         if isinstance(effect, Send):
             message = effect.message
             if message is not self._last_sent:
-                # The same answer to many (sync requests in one batch): encoded once.
-                self._last_sent, self._last_text = message, encode_message(message)
-            effect.conn.send(self._last_text)  # type: ignore[attr-defined]
+                self._last_sent, self._last_frame = message, _frame(message)
+            effect.conn.send_frame(self._last_frame, replace_key(message))  # type: ignore[attr-defined]
         elif isinstance(effect, Broadcast):
             recipients = self.core.connections(exclude=effect.exclude)
             if recipients:
-                text = encode_message(effect.message)
+                # Encoded and framed once: every member gets the same bytes.
+                message = effect.message
+                frame, key = _frame(message), replace_key(message)
+                notice = isinstance(message, NOTICES)
                 for conn in recipients:
-                    conn.send(text)  # type: ignore[attr-defined]
+                    conn.send_frame(frame, key, notice=notice)  # type: ignore[attr-defined]
         elif isinstance(effect, Close):
             effect.conn.close(effect.code, effect.reason)  # type: ignore[attr-defined]
         elif isinstance(effect, QueueCursor):
@@ -367,6 +375,10 @@ class Session:
             self.core.snapshot_saved(saved)
 
 
+def _frame(message: ServerMessage) -> bytes:
+    return text_frame(encode_message_bytes(message))
+
+
 @attrs.define(eq=False)
 class SessionRegistry:
     """The live sessions of one server, by id; owns the nursery they run in."""
@@ -391,6 +403,7 @@ class SessionRegistry:
         self,
         session_id: str,
         ws: WebSocketConnection,
+        wire: WireStream,
         user_id: str,
         *,
         remote: str = "?",
@@ -434,7 +447,7 @@ class SessionRegistry:
                 await session.ready.wait()
                 if session.load_failed:
                     raise JoinRefused(CloseCode.INTERNAL_ERROR, "could not load the session")
-            conn = session.try_join(ws, user_id, remote=remote, can_write=can_write, resume=resume)
+            conn = session.try_join(ws, wire, user_id, remote=remote, can_write=can_write, resume=resume)
             if conn is not None:
                 return conn
             # The session closed while we waited: its successor loads afresh.

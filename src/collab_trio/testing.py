@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+from collections import deque
 import os
 import queue
 import re
@@ -37,6 +39,8 @@ import attrs
 import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Event, Request, TextMessage
 
 from .config import ServerConfig
 from .exceptions import leaf_exceptions
@@ -585,3 +589,93 @@ def sync_full_state(items: list[dict[str, Any]], *, target_user: str | None = No
     if target_user is not None:
         message["target_user"] = target_user
     return message
+
+
+# -- a client that reads and writes only when told to ---------------------------
+
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One masked client frame, made by hand (cut it short to leave a frame unfinished)."""
+    length = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if length < 126:
+        head += bytes([0x80 | length])
+    elif length < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
+    mask = b"\x1f\x2e\x3d\x4c"
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@attrs.define(eq=False)
+class RawClient:
+    """A WebSocket client over any stream, driven by wsproto: no background reader.
+
+    Nothing is read unless the test asks, and nothing is answered (not even a
+    close) unless the test says so: the tool for deaf, mute and slow peers.
+    """
+
+    stream: trio.abc.Stream
+    ws: WSConnection = attrs.field(factory=lambda: WSConnection(ConnectionType.CLIENT))
+    eof: bool = False
+    _events: deque[Event] = attrs.field(factory=deque)
+
+    async def upgrade(self, path: str) -> None:
+        """Send the HTTP upgrade and read the 101 (and nothing after it)."""
+        await self.stream.send_all(self.ws.send(Request(host="localhost", target=path)))
+        event = await self.next_event()
+        assert isinstance(event, AcceptConnection), event
+
+    async def next_event(self) -> Event | None:
+        """The next wsproto event, or None once the server closed the transport."""
+        while not self._events:
+            if self.eof:
+                return None
+            data = await self.stream.receive_some(65536)
+            if not data:
+                self.eof = True
+                continue
+            self.ws.receive_data(data)
+            self._events.extend(self.ws.events())
+        return self._events.popleft()
+
+    async def next_message(self) -> dict[str, Any] | CloseConnection | None:
+        """The next whole JSON message, the server's close frame, or None at EOF."""
+        parts: list[str] = []
+        while True:
+            event = await self.next_event()
+            if event is None or isinstance(event, CloseConnection):
+                return event
+            if isinstance(event, TextMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    return json.loads("".join(parts))
+
+    async def expect(self, msg_type: str) -> dict[str, Any]:
+        """The next message, which must be of this type."""
+        with trio.fail_after(HANG):
+            message = await self.next_message()
+        assert isinstance(message, dict) and message["type"] == msg_type, message
+        return message
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self.send_frame(OPCODE_TEXT, json.dumps(message).encode())
+
+    async def send_frame(self, opcode: int, payload: bytes) -> None:
+        await self.stream.send_all(client_frame(opcode, payload))
+
+    async def answer_close(self, close: CloseConnection) -> None:
+        await self.stream.send_all(self.ws.send(close.response()))
+
+
+async def raw_connect(harness: Harness, path: str, *, lockstep: bool = False) -> RawClient:
+    """A RawClient over a fresh in-memory stream, upgraded and past its connection:ack."""
+    client = RawClient(harness.listener.connect(lockstep=lockstep))
+    with trio.fail_after(HANG):
+        await client.upgrade(path)
+    await client.expect("connection:ack")
+    return client

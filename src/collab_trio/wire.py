@@ -1,0 +1,412 @@
+"""The bytes under trio-websocket: one ordered, byte-counted outgoing queue
+per client, and a frame counter on what comes in.
+
+trio-websocket takes any `trio.abc.Stream` (`wrap_server_stream`, public
+API); the serving layer hands it a `WireStream` around the client's socket.
+Everything the server sends to that client then goes through one FIFO:
+
+- the session's messages, framed once (`text_frame`: a server frame is not
+  masked, so every member gets the same bytes) and queued without awaiting
+  by `write()`. When nothing is queued and the socket takes the bytes at
+  once they are written on the spot: no task switch, no extra copy;
+- trio-websocket's own writes (handshake answer, pongs, the close frame),
+  which arrive through `send_all()` and wait their turn.
+
+One writer task per client (`run_writer()`) drains whatever is queued with
+one write. A queued message written with a `key` (a cursor of one user, a
+move of one item, a sync:state) is replaced by the next message with the
+same key while it still waits: a client that falls behind gets the latest
+state, not the whole backlog. The connection reads `backlog` (bytes waiting
+that no later message can replace) to decide when a client is too slow.
+
+Incoming bytes pass through a `FrameCounter`, which reads only frame
+headers; the connection gets every frame's opcode and FIN bit (`on_frames`),
+so pings, continuation frames and fragments count toward its rate limit.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import trio
+
+# Opcodes (RFC 6455 section 5.2).
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+# Bytes handed to one write of a stream that is not a plain socket (TLS,
+# memory): the write timeout applies to each piece, so it measures progress.
+WRITE_CHUNK = 64 * 1024
+# Frames kept while no connection claims them yet (between the upgrade and
+# the join); beyond this they are only counted.
+UNCLAIMED_FRAMES = 1024
+
+_LENGTH_16 = struct.Struct("!BBH")
+_LENGTH_64 = struct.Struct("!BBQ")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented text frame carrying UTF-8 `payload`."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x80 | TEXT, length)) + payload
+    if length < 1 << 16:
+        return _LENGTH_16.pack(0x80 | TEXT, 126, length) + payload
+    return _LENGTH_64.pack(0x80 | TEXT, 127, length) + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """An unmasked close frame; the reason is cut to fit a control frame (125 bytes)."""
+    payload = code.to_bytes(2, "big") + reason.encode("utf-8")[:123]
+    # Never cut a character in half: the peer must be able to decode the reason.
+    payload = payload[:2] + payload[2:].decode("utf-8", "ignore").encode("utf-8")
+    return bytes((0x80 | CLOSE, len(payload))) + payload
+
+
+class WriteTimeout(Exception):
+    """The client's socket accepted no bytes for the write timeout."""
+
+
+class FrameCounter:
+    """Finds the frame headers in a client's byte stream, after its HTTP upgrade.
+
+    Pure: feed it the bytes as they arrive, it returns (opcode, fin) for
+    every frame whose header completed. Payloads are skipped, not copied.
+    """
+
+    def __init__(self) -> None:
+        self._in_http = True
+        self._http_tail = b""
+        self._header = b""
+        self._skip = 0  # payload bytes of the current frame still to come
+
+    def feed(self, data: bytes) -> list[tuple[int, bool]]:
+        frames: list[tuple[int, bool]] = []
+        view = memoryview(data)
+        if self._in_http:
+            # The upgrade request has no body: frames start after its blank line.
+            seen = self._http_tail + bytes(view)
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                self._http_tail = seen[-3:]
+                return frames
+            view = view[end + 4 - len(self._http_tail) :]
+            self._in_http = False
+            self._http_tail = b""
+        position, size = 0, len(view)
+        while position < size:
+            if self._skip:
+                step = min(self._skip, size - position)
+                self._skip -= step
+                position += step
+                continue
+            # A header is 2 to 14 bytes; it may be split between reads.
+            needed = self._header_length(view, position, size)
+            available = len(self._header) + size - position
+            if needed is None or available < needed:
+                self._header += bytes(view[position:])
+                break
+            take = needed - len(self._header)
+            header = self._header + bytes(view[position : position + take])
+            self._header = b""
+            position += take
+            first, second = header[0], header[1]
+            length = second & 0x7F
+            if length == 126:
+                length = int.from_bytes(header[2:4], "big")
+            elif length == 127:
+                length = int.from_bytes(header[2:10], "big")
+            self._skip = length
+            frames.append((first & 0x0F, bool(first & 0x80)))
+        return frames
+
+    def _header_length(self, view: memoryview, position: int, size: int) -> int | None:
+        """Bytes of the header starting here, or None if its second byte hasn't come."""
+        pending = self._header
+        if len(pending) >= 2:
+            second = pending[1]
+        elif len(pending) == 1:
+            if position >= size:
+                return None
+            second = view[position]
+        elif position + 1 < size:
+            second = view[position + 1]
+        else:
+            return None
+        length = second & 0x7F
+        extra = 2 if length == 126 else 8 if length == 127 else 0
+        return 2 + extra + (4 if second & 0x80 else 0)
+
+
+class _Entry:
+    """One queued write: its bytes, the key that may replace it, its size."""
+
+    __slots__ = ("data", "key", "size", "started")
+
+    def __init__(self, data: bytes | None, key: Hashable | None, *, started: bool = False) -> None:
+        self.data = data
+        self.key = key
+        self.size = 0 if data is None else len(data)
+        # The rest of a frame the socket took part of: in flight, like a batch
+        # the writer holds, so not backlog (one message may be big).
+        self.started = started
+
+
+class WireStream(trio.abc.Stream):
+    """A client's stream as trio-websocket sees it; see the module docstring."""
+
+    def __init__(self, raw: trio.abc.Stream, *, write_timeout: float = 10.0) -> None:
+        self.raw = raw
+        self.write_timeout = write_timeout
+        # Called with the (opcode, fin) of incoming frames once claimed.
+        self.on_frames: Callable[[list[tuple[int, bool]]], None] | None = None
+        self.unclaimed: list[tuple[int, bool]] = []
+        self.unclaimed_dropped = 0
+        self._counter = FrameCounter()
+        self._queue: deque[_Entry] = deque()
+        self._keyed: dict[Hashable, _Entry] = {}
+        self._queued_bytes = 0
+        self._replaceable_bytes = 0
+        self._started_bytes = 0
+        # A writer task is draining the queue (between attach() and detach()).
+        self._attached = False
+        self._writing = False
+        self._wakeup = trio.Event()
+        self._progress = trio.Event()
+        self._written = 0  # entries written so far (send_all waits on this)
+        self._enqueued = 0
+        self._broken: BaseException | None = None
+        self._closed = False
+        # Our close frame is queued: later writes are dropped.
+        self._write_closed = False
+        self._send_lock = trio.StrictFIFOLock()
+        socket = raw.socket if isinstance(raw, trio.SocketStream) else None
+        # Writing to the file descriptor without awaiting: only for plain
+        # sockets on POSIX (TLS needs its stream, Windows can't write() a socket).
+        self._socket: Any = socket if os.name == "posix" else None
+
+    # -- what the session sees -------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued that no later message replaces (what a slow client costs)."""
+        return self._queued_bytes - self._replaceable_bytes - self._started_bytes
+
+    @property
+    def queued_bytes(self) -> int:
+        """Every byte queued and not yet handed to the socket."""
+        return self._queued_bytes
+
+    def claim(self, on_frames: Callable[[list[tuple[int, bool]]], None]) -> list[tuple[int, bool]]:
+        """Route incoming frame headers to `on_frames`; returns those seen so far."""
+        self.on_frames = on_frames
+        earlier, self.unclaimed = self.unclaimed, []
+        return earlier
+
+    def write(self, data: bytes, key: Hashable | None = None) -> bool:
+        """Queue bytes (whole frames) without awaiting; False once the writer is gone.
+
+        A queued entry with the same `key` is dropped: this one supersedes it.
+        """
+        if not self._attached or self._broken is not None or self._write_closed:
+            return False
+        started = False
+        if not self._queue and not self._writing and self._socket is not None:
+            sent = self._write_now(data)
+            if sent == len(data):
+                return True
+            if sent:
+                # The rest goes to the writer; a half-written frame can't be replaced.
+                data, key, started = data[sent:], None, True
+        if key is not None:
+            old = self._keyed.get(key)
+            if old is not None and old.data is not None:
+                self._queued_bytes -= old.size
+                self._replaceable_bytes -= old.size
+                old.data = None
+        entry = _Entry(data, key, started=started)
+        self._queue.append(entry)
+        self._queued_bytes += entry.size
+        if key is not None:
+            self._keyed[key] = entry
+            self._replaceable_bytes += entry.size
+        elif started:
+            self._started_bytes = entry.size
+        self._enqueued += 1
+        self._wakeup.set()
+        return True
+
+    def write_close(self, code: int, reason: str) -> None:
+        """Queue our close frame last: nothing written after it reaches the client.
+
+        trio-websocket never sees this close, so it goes on answering pings
+        (wsproto would refuse a pong after a close it sent: trio-websocket
+        issue #184); those answers, and its reply to the client's close, are
+        dropped here instead.
+        """
+        if self._attached and not self._write_closed:
+            self.write(close_frame(code, reason))
+            self._write_closed = True
+
+    def discard(self) -> None:
+        """Drop everything queued (a client too slow to take it anyway)."""
+        self._queue.clear()
+        self._keyed.clear()
+        self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
+
+    def attach(self) -> None:
+        """A writer task will run: writes queue from now on."""
+        self._attached = True
+
+    def detach(self) -> None:
+        """No writer will run after all: drop what was queued, write directly again."""
+        self.discard()
+        self._attached = False
+        self.on_frames = None
+
+    async def run_writer(self, until: trio.Event) -> None:
+        """Write what is queued until `until` is set and the queue is empty.
+
+        Raises:
+            WriteTimeout: the socket took no bytes for `write_timeout` seconds.
+            trio.BrokenResourceError: the connection broke.
+        """
+        self._attached = True
+        try:
+            while True:
+                if not self._queue:
+                    if until.is_set():
+                        return
+                    self._wakeup = trio.Event()
+                    if not self._queue and not until.is_set():
+                        await self._wakeup.wait()
+                    continue
+                data, count = self._take()
+                self._writing = True
+                try:
+                    await self._write_all(data)
+                finally:
+                    self._writing = False
+                self._written += count
+                self._progress.set()
+                self._progress = trio.Event()
+        except BaseException as exc:
+            if self._broken is None:
+                self._broken = exc
+            raise
+        finally:
+            self._attached = False
+            self._progress.set()
+
+    def wake(self) -> None:
+        """Make the writer look at `until` again."""
+        self._wakeup.set()
+
+    # -- trio.abc.Stream (what trio-websocket calls) ----------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError("the writer stopped") from None
+        if self._write_closed:
+            await trio.lowlevel.checkpoint()
+            return  # after our close frame: see write_close()
+        if not self._attached:
+            # No writer (during the upgrade, and after the last flush before
+            # the close handshake): an ordinary write.
+            async with self._send_lock:
+                await self._send_to_raw(bytes(data))
+            return
+        if not self.write(bytes(data)):
+            raise trio.BrokenResourceError("the writer stopped")
+        mine = self._enqueued
+        while self._written < mine and self._attached and self._broken is None:
+            await self._progress.wait()
+        if self._broken is not None and self._written < mine:
+            raise trio.BrokenResourceError("the writer stopped") from None
+        # Otherwise written, or dropped with the rest of a too-slow client's queue.
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.raw.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.raw.receive_some(max_bytes)
+        if data:
+            frames = self._counter.feed(data)
+            if frames:
+                if self.on_frames is not None:
+                    self.on_frames(frames)
+                elif len(self.unclaimed) < UNCLAIMED_FRAMES:
+                    self.unclaimed.extend(frames)
+                else:
+                    self.unclaimed_dropped += len(frames)
+        return data
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._attached = False
+        self._progress.set()
+        await self.raw.aclose()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _take(self) -> tuple[bytes, int]:
+        """Everything queued, joined for one write, and how many entries it was."""
+        entries = self._queue
+        count = len(entries)
+        if count == 1:
+            data = entries[0].data or b""
+        else:
+            data = b"".join([e.data for e in entries if e.data is not None])
+        self._queue = deque()
+        self._keyed.clear()
+        self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
+        return data, count
+
+    def _write_now(self, data: bytes) -> int:
+        """Write what the socket takes at once; 0 if it takes nothing or broke."""
+        fd = self._socket.fileno()
+        if fd < 0:
+            return 0  # closed: the writer reports it
+        try:
+            return os.write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            return 0  # reset or broken pipe: the writer's own write reports it
+
+    async def _write_all(self, data: bytes) -> None:
+        if self._socket is None:
+            for start in range(0, len(data), WRITE_CHUNK):
+                with trio.move_on_after(self.write_timeout) as scope:
+                    await self._send_to_raw(data[start : start + WRITE_CHUNK])
+                if scope.cancelled_caught:
+                    raise WriteTimeout(f"no bytes accepted for {self.write_timeout:g} s")
+            return
+        view = memoryview(data)
+        while view:
+            fd = self._socket.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("socket closed")
+            try:
+                sent = os.write(fd, view)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+            view = view[sent:]
+            if view:
+                with trio.move_on_after(self.write_timeout) as scope:
+                    await trio.lowlevel.wait_writable(self._socket)
+                if scope.cancelled_caught:
+                    raise WriteTimeout(f"no bytes accepted for {self.write_timeout:g} s")
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_to_raw(self, data: bytes) -> None:
+        await self.raw.send_all(data)

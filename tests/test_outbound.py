@@ -1,0 +1,421 @@
+"""The outgoing path (wire.py, connection.py): frames made once, a byte-bounded
+queue per client in which later cursors, moves and states replace waiting
+ones, 1013 by bytes and by write timeout, and the frame-level rate limit.
+
+Real WebSocket frames over in-memory streams, under the autojump clock;
+lockstep streams are clients that read only when the test says so.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import wsproto
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto.events import CloseConnection, Message, Ping, TextMessage
+from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from collab_trio.testing import (
+    HANG,
+    OPCODE_TEXT,
+    Harness,
+    RawClient,
+    add_item,
+    client_frame,
+    cursor,
+    move_item,
+    raw_connect,
+    sync_request,
+)
+from collab_trio.wire import FrameCounter, WireStream, close_frame, text_frame
+
+# -- frames --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 1 << 20])
+def test_text_frame_is_byte_for_byte_what_wsproto_sends(size: int) -> None:
+    # Fails loudly if wsproto (trio-websocket's framing) ever frames differently.
+    payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
+    server = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    server.initiate_upgrade_connection(
+        [(b"Host", b"x"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
+         (b"Sec-WebSocket-Version", b"13"), (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ==")],
+        "/",
+    )
+    server.send(wsproto.events.AcceptConnection())
+    assert server.send(TextMessage(payload.decode())) == text_frame(payload)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"), [(1000, ""), (1013, "too slow"), (4002, "é" * 100), (1001, "x" * 200)]
+)
+def test_close_frame_is_what_wsproto_sends_cut_on_a_character(code: int, reason: str) -> None:
+    frame = close_frame(code, reason)
+    assert len(frame) <= 127 and frame[0] == 0x88
+    client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    client.send(wsproto.events.Request(host="x", target="/"))
+    # Parse it the way a client does.
+    from wsproto.frame_protocol import FrameProtocol as Parser
+
+    parser = Parser(client=True, extensions=[])
+    parser.receive_bytes(frame)
+    [parsed] = list(parser.received_frames())
+    assert parsed.opcode == Opcode.CLOSE
+    assert parsed.payload[0] == code
+    assert reason.startswith(parsed.payload[1])
+
+
+def _client_frames(frames: list[tuple[int, bytes, bool]]) -> list[bytes]:
+    """Each frame as a client sends it (masked), by wsproto."""
+    protocol = FrameProtocol(client=True, extensions=[])
+    return [protocol._serialize_frame(Opcode(opcode), payload, fin=fin) for opcode, payload, fin in frames]
+
+
+frame_strategy = st.lists(
+    st.tuples(
+        st.sampled_from([0x0, 0x1, 0x2, 0x9, 0xA]),
+        st.binary(max_size=70000).filter(lambda b: True) | st.binary(max_size=200),
+        st.booleans(),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(frames=frame_strategy, cuts=st.lists(st.integers(min_value=0, max_value=1 << 18), max_size=8))
+def test_frame_counter_finds_every_header_however_the_bytes_are_split(
+    frames: list[tuple[int, bytes, bool]], cuts: list[int]
+) -> None:
+    # Control frames carry at most 125 bytes and are never fragmented.
+    frames = [(op, p[:125] if op >= 8 else p, True if op >= 8 else fin) for op, p, fin in frames]
+    request = b"GET /ws/s/u HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = request + b"".join(_client_frames(frames))
+    counter = FrameCounter()
+    seen: list[tuple[int, bool]] = []
+    start = 0
+    for cut in sorted({min(c, len(data)) for c in cuts}) + [len(data)]:
+        seen += counter.feed(data[start:cut])
+        start = cut
+    assert seen == [(op, fin) for op, _, fin in frames]
+
+
+def test_frame_counter_sees_nothing_before_the_upgrade_ends() -> None:
+    counter = FrameCounter()
+    assert counter.feed(b"GET / HTTP/1.1\r\nHost: x\r") == []
+    # The blank line split across reads, a ping right behind it.
+    assert counter.feed(b"\n\r\n" + client_frame(0x9, b"hi")) == [(0x9, True)]
+
+
+# -- the queue: replacement and budgets -------------------------------------------
+
+
+async def _read_all(client: RawClient, *, until: int, cursor_x: float) -> list[dict[str, Any]]:
+    """Messages until both the command `until` and a cursor at `cursor_x` came."""
+    seen: list[dict[str, Any]] = []
+    got_command = got_cursor = False
+    with trio.fail_after(HANG):
+        while not (got_command and got_cursor):
+            message = await client.next_message()
+            assert isinstance(message, dict), message
+            seen.append(message)
+            got_command |= message["type"] == "command" and message["seq"] >= until
+            got_cursor |= message["type"] == "cursor" and message["x"] == cursor_x
+    return seen
+
+
+def _apply(items: dict[str, dict[str, Any]], message: dict[str, Any]) -> None:
+    """What Optiverse does with a relayed command (seq ignored)."""
+    if message["type"] != "command":
+        return
+    command = message["command"]
+    item_id, data = command["item_id"], command.get("data") or {}
+    if command["action"] == "add_item":
+        items[item_id] = dict(data)
+    elif command["action"] == "move_item" and item_id in items:
+        items[item_id].update({k: v for k, v in data.items() if k in ("x_mm", "y_mm", "angle_deg")})
+
+
+async def test_a_slow_reader_gets_the_latest_moves_and_cursors_and_ends_where_the_others_are(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # slow reads nothing for 15 s: more than the default write timeout.
+    harness: Harness = await start_server(write_timeout=1000)
+    async with harness.joined("s", "alice") as alice:
+        slow = await raw_connect(harness, "/ws/s/slow", lockstep=True)
+        await alice.expect("user:joined")
+        async with harness.joined("s", "fast") as fast:
+            await alice.expect("user:joined")
+            await alice.send(add_item("lens", {"x_mm": 0.0}))
+            await alice.send(add_item("mirror", {"x_mm": 0.0}))
+            for _ in range(2):
+                await alice.expect("ack")
+            # slow reads nothing while alice drags both items and moves her cursor.
+            moves = 300
+            for n in range(1, moves + 1):
+                await alice.send(move_item("lens", {"x_mm": float(n), "y_mm": -float(n), "angle_deg": 0.5}))
+                await alice.send(move_item("mirror", {"x_mm": float(2 * n), "y_mm": 0.0, "angle_deg": 0.0}))
+                await alice.send(cursor(float(n), float(n)))
+                await alice.expect("ack")
+                await alice.expect("ack")
+                await trio.sleep(0.05)  # the cursor rate (20/s) lets one through each time
+            last_seq = 2 + 2 * moves
+            conn = harness.registry.sessions["s"].members["slow"]
+            queued = conn.wire.queued_bytes
+            assert not conn.closing
+            # Now slow catches up.
+            seen = await _read_all(slow, until=last_seq, cursor_x=float(moves))
+            fast_seen = await _read_all_ws(fast, until=last_seq)
+    commands = [m for m in seen if m["type"] == "command"]
+    cursors = [m for m in seen if m["type"] == "cursor"]
+    # Superseded moves and cursors were replaced while slow lagged...
+    assert len(commands) < 2 + 2 * moves
+    assert len(cursors) < moves
+    # ...in order, and slow ends with exactly the positions everyone else has.
+    seqs = [m["seq"] for m in commands]
+    assert seqs == sorted(seqs)
+    slow_items: dict[str, dict[str, Any]] = {}
+    fast_items: dict[str, dict[str, Any]] = {}
+    for m in seen:
+        _apply(slow_items, m)
+    for m in fast_seen:
+        _apply(fast_items, m)
+    assert slow_items == fast_items
+    assert slow_items["lens"] == {"x_mm": float(moves), "y_mm": -float(moves), "angle_deg": 0.5}
+    assert slow_items["mirror"]["x_mm"] == float(2 * moves)
+    assert cursors[-1]["x"] == float(moves)
+    print(f"slow got {len(commands)} of {2 + 2 * moves} commands, {len(cursors)} cursors; {queued} bytes queued")
+
+
+async def _read_all_ws(client: Any, *, until: int) -> list[dict[str, Any]]:
+    seen = []
+    with trio.fail_after(HANG):
+        while True:
+            message = await client.recv()
+            seen.append(message)
+            if message["type"] == "command" and message["seq"] >= until:
+                return seen
+
+
+async def test_only_bytes_nothing_can_replace_count_toward_1013(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    budget = 20_000
+    harness: Harness = await start_server(
+        max_queue_bytes=budget, close_timeout=HANG, rate_limit=1e6, rate_burst=10**6
+    )
+    async with harness.joined("s", "alice") as alice:
+        slow = await raw_connect(harness, "/ws/s/slow", lockstep=True)
+        await alice.expect("user:joined")
+        await alice.send(add_item("lens"))
+        await alice.expect("ack")
+        conn = harness.registry.sessions["s"].members["slow"]
+        # A thousand moves of one item: ~100 KB sent, one move queued at a time.
+        for n in range(1000):
+            await alice.send(move_item("lens", {"x_mm": float(n), "y_mm": 0.0, "angle_deg": 0.0}))
+            await alice.expect("ack")
+        assert not conn.closing
+        assert conn.wire.backlog < budget
+        # Adds can't be replaced: they fill the budget and slow is closed.
+        pad = "p" * 1000
+        n = 0
+        while not conn.closing:
+            await alice.send(add_item(f"item-{n}", {"note": pad}))
+            await alice.expect("ack")
+            n += 1
+            assert n < 100
+    assert conn.close_code == 1013
+    assert 15 <= n <= 25  # ~1.1 KB each against a 20 KB budget
+    # When slow reads at last: what was already written, then the close frame.
+    with trio.fail_after(HANG):
+        while (message := await slow.next_message()) is not None:
+            if isinstance(message, CloseConnection):
+                assert message.code == 1013
+                break
+
+
+async def test_a_socket_that_takes_nothing_is_closed_1013_after_the_write_timeout(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    harness: Harness = await start_server(write_timeout=7, idle_timeout=1000)
+    async with harness.joined("s", "alice") as alice:
+        await raw_connect(harness, "/ws/s/deaf", lockstep=True)
+        await alice.expect("user:joined")
+        conn = harness.registry.sessions["s"].members["deaf"]
+        start = trio.current_time()
+        await alice.send(add_item("lens"))  # deaf's writer blocks on this relay
+        await alice.expect("ack")
+        with trio.fail_after(HANG):
+            await conn.finished.wait()
+        assert (conn.close_code, trio.current_time() - start) == (1013, 7)
+        left = await alice.expect("user:left")
+        assert (left["user_id"], left["reason"]) == ("deaf", "too_slow")
+
+
+async def test_a_slow_client_that_keeps_taking_bytes_is_not_cut_by_the_write_timeout(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    harness: Harness = await start_server(write_timeout=5, idle_timeout=1000)
+    async with harness.joined("s", "alice") as alice:
+        slow = await raw_connect(harness, "/ws/s/slow", lockstep=True)
+        await alice.expect("user:joined")
+        for n in range(20):
+            await alice.send(add_item(f"i{n}", {"note": "x" * 30_000}))
+            await alice.expect("ack")
+        conn = harness.registry.sessions["s"].members["slow"]
+        # One message a second: the socket takes 64 KiB every 2-3 s, within the
+        # write timeout, and all 20 x 30 KB arrive.
+        got = 0
+        with trio.fail_after(200):
+            while got < 20:
+                await trio.sleep(1)
+                message = await slow.next_message()
+                assert isinstance(message, dict)
+                got += message["type"] == "command"
+        assert not conn.closing
+
+
+async def test_150_sync_requests_from_a_non_reader_keep_one_state_queued(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    async with harness.joined("s", "alice") as alice:
+        for n in range(50):
+            await alice.send(add_item(f"i{n}", {"note": "x" * 2000}))
+            await alice.expect("ack")
+        greedy = await raw_connect(harness, "/ws/s/greedy", lockstep=True)
+        await alice.expect("user:joined")
+        conn = harness.registry.sessions["s"].members["greedy"]
+        for _ in range(150):
+            await greedy.send_json(sync_request())
+        await trio.testing.wait_all_tasks_blocked()
+        state_size = len(json.dumps({"items": [{"note": "x" * 2000}] * 50}))
+        # At most one answer waits (the writer holds at most one more in hand).
+        assert conn.wire.queued_bytes < 1.2 * state_size
+        assert not conn.closing
+
+
+# -- rate limit per frame, fragments -----------------------------------------------
+
+
+async def test_a_ping_flood_is_cut_by_the_rate_limit(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    harness: Harness = await start_server(rate_limit=10, rate_burst=20, rate_strikes=30)
+    flood = await raw_connect(harness, "/ws/s/flood")
+    codes = []
+    with trio.fail_after(HANG):
+        for n in range(500):
+            try:
+                await flood.stream.send_all(client_frame(0x9, b"p"))
+            except trio.BrokenResourceError:
+                break
+        while (event := await flood.next_event()) is not None:
+            if isinstance(event, CloseConnection):
+                codes.append(event.code)
+                break
+    assert codes == [4002]
+
+
+async def test_empty_continuation_frames_count_and_too_many_fragments_close_1009(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    harness: Harness = await start_server(max_fragments=50)
+    client = await raw_connect(harness, "/ws/s/frag")
+    with trio.fail_after(HANG):
+        await client.stream.send_all(client_frame(OPCODE_TEXT, b'{"type":', fin=False))
+        for _ in range(60):
+            await client.stream.send_all(client_frame(0x0, b"", fin=False))
+        while (event := await client.next_event()) is not None:
+            if isinstance(event, CloseConnection):
+                break
+    assert isinstance(event, CloseConnection) and event.code == 1009
+    assert "50 frames" in event.reason
+
+
+async def test_a_message_in_a_few_fragments_is_accepted(harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    client = await raw_connect(harness, "/ws/s/frag")
+    text = json.dumps({"type": "ping"}).encode()
+    pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
+    frames = [client_frame(OPCODE_TEXT if i == 0 else 0x0, p, fin=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    await client.stream.send_all(b"".join(frames))
+    await client.expect("pong")
+
+
+async def test_fragmented_messages_over_the_rate_are_dropped_like_whole_ones(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # 10 tokens: a 4-fragment ping costs 4, so only two get through at once.
+    harness: Harness = await start_server(rate_limit=0.001, rate_burst=10, rate_strikes=100)
+    client = await raw_connect(harness, "/ws/s/frag")
+    text = b'{"type":"ping"}'
+    pieces = [text[:4], text[4:8], text[8:12], text[12:]]
+    message = b"".join(
+        client_frame(OPCODE_TEXT if i == 0 else 0x0, p, fin=i == 3) for i, p in enumerate(pieces)
+    )
+    await client.stream.send_all(message * 4)
+    seen = [(await client.next_message())["type"] for _ in range(3)]
+    assert seen == ["pong", "pong", "error"]
+
+
+# -- notices don't cascade -------------------------------------------------------
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.closed: list[Any] = []
+
+    def frame_received(self, conn: Any, frame: Any) -> None: ...
+
+    def cursor_due(self, conn: Any, message: Any) -> None: ...
+
+    def connection_closed(self, conn: Any) -> None:
+        self.closed.append(conn)
+
+    async def wait_for_room(self) -> None: ...
+
+
+async def test_a_notice_never_tips_a_client_over_its_budget(autojump_clock: trio.abc.Clock) -> None:
+    from collab_trio.config import ServerConfig
+    from collab_trio.connection import Connection
+
+    _, server_side = trio.testing.lockstep_stream_pair()
+    wire = WireStream(server_side)
+    owner = _Owner()
+    conn = Connection(None, wire, "u", ServerConfig(max_queue_bytes=1000), owner)  # type: ignore[arg-type]
+    conn.send_frame(text_frame(b"x" * 990))
+    conn.send_frame(text_frame(b"y" * 100), notice=True)
+    assert not conn.closing and wire.backlog > 1000
+    conn.send_frame(text_frame(b"z"))
+    assert conn.close_code == 1013 and owner.closed == [conn]
+    # Everything queued was dropped; only the close frame waits.
+    assert wire.queued_bytes == len(close_frame(1013, "too slow: outbound queue overflowed"))
+
+
+async def test_wire_send_all_waits_its_turn_behind_queued_frames(autojump_clock: trio.abc.Clock) -> None:
+    client_side, server_side = trio.testing.memory_stream_pair()
+    wire = WireStream(server_side)
+    wire.attach()
+    done = trio.Event()
+    wire.write(b"one")
+    wire.write(b"two", key="k")
+    wire.write(b"TWO", key="k")  # replaces "two"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wire.run_writer, done)
+
+        async def pong() -> None:
+            await wire.send_all(b"pong")
+
+        nursery.start_soon(pong)
+        await trio.testing.wait_all_tasks_blocked()
+        wire.write(b"three")
+        await trio.testing.wait_all_tasks_blocked()
+        done.set()
+        wire.wake()
+    received = b""
+    while len(received) < len(b"oneTWOpongthree"):
+        received += await client_side.receive_some()
+    assert received == b"oneTWOpongthree"
