@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from collab_trio.config import ServerConfig
 from collab_trio.protocol import (
     KNOWN_ACTIONS,
+    MAX_DEPTH,
     MAX_ID_LENGTH,
     Command,
     Cursor,
@@ -295,8 +296,12 @@ MOVE_X = '{{"type": "command", "command": {{"action": "move_item", "item_id": "a
 
 
 def overflows_float(literal: str) -> bool:
-    """An integer literal beyond float range: the known OverflowError (see the last section)."""
-    return literal.lstrip("-").isdigit() and abs(int(literal)) > 2**1023
+    """An integer literal beyond float range, which math.isfinite() below can't take.
+
+    (By length first: int() refuses more than 4300 digits.)
+    """
+    digits = literal.lstrip("-")
+    return digits.isdigit() and (len(digits) > 309 or int(digits) > 2**1023)
 
 
 @PURE
@@ -321,6 +326,218 @@ def test_huge_numbers_parse_or_are_refused(literal: str, frame: str) -> None:
 )
 def test_invalid_utf8_parses_or_is_refused(raw: bytes) -> None:
     assert_parses_or_refuses(raw.decode("utf-8", errors="surrogateescape"))
+
+
+# -- decode agrees with the stdlib decoder it replaced -------------------------------------
+#
+# The reference is the decoder before orjson, with its checks made complete:
+# the stdlib's json (exact integers; NaN, Infinity and numbers out of float
+# range refused by hooks), then a walk of the value for nesting beyond
+# MAX_DEPTH and for strings UTF-8 can't carry (lone surrogates). The new
+# decode must accept exactly what it accepts, with the same values and the
+# same error codes.
+
+
+def _reference_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _reference_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("out of range")
+    return value
+
+
+_reference_decoder = json.JSONDecoder(parse_constant=_reference_constant, parse_float=_reference_float)
+
+
+def _utf8_safe(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def reference_decode(text: str) -> tuple[str, Any]:
+    """("ok", message) or ("error", code) as the stdlib-based decoder gives them."""
+    try:
+        value = _reference_decoder.decode(text)
+    except (ValueError, RecursionError):
+        return ("error", "invalid_json")
+    if not _utf8_safe(text):
+        return ("error", "invalid_json")
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str) and not _utf8_safe(node):
+            return ("error", "invalid_json")
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                return ("error", "invalid_json")
+            if isinstance(node, dict):
+                stack.extend((key, depth + 1) for key in node)
+                stack.extend((child, depth + 1) for child in node.values())
+            else:
+                stack.extend((child, depth + 1) for child in node)
+    if not isinstance(value, dict):
+        return ("error", "invalid_message")
+    if not isinstance(value.get("type"), str):
+        return ("error", "missing_type")
+    return ("ok", value)
+
+
+def new_decode(text: str) -> tuple[str, Any]:
+    try:
+        return ("ok", decode(text))
+    except ProtocolError as exc:
+        assert isinstance(exc.message, str) and exc.message and "\n" not in exc.message
+        return ("error", exc.code.value)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (1 is not 1.0, -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same_json(a[k], b[k]) for k in a)
+    return a == b
+
+
+def assert_decodes_like_the_reference(text: str) -> None:
+    expected, got = reference_decode(text), new_decode(text)
+    assert expected[0] == got[0], (expected, got, text[:200])
+    if expected[0] == "ok":
+        assert same_json(expected[1], got[1]), text[:200]
+        event("accepted")
+    else:
+        assert expected[1] == got[1], text[:200]
+        event(f"refused {got[1]}")
+
+
+# Numbers of every kind: small, 64-bit edges, beyond 64 bits, beyond float range.
+any_integers = (
+    st.integers(-(2**70), 2**70)
+    | st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**18, 10**19])
+    | st.integers(min_value=1, max_value=1200).map(lambda n: int("7" * n))
+)
+any_floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, -0.0, 0.1, 1e22, 1e23]
+)
+# Strings with escapes, surrogate pairs, lone surrogates (refused), brackets and quotes.
+escape_pieces = st.sampled_from(
+    [
+        "a", "é", "😀", "[", "]", "{", "}", '"', "\\", "\\\\", '\\"', "\\n", "\\/", "\\u00e9",
+        "\\ud83d\\ude00", "\\uD83D\\uDE00", "\\ud800", "\\udc00", "\\udbff\\udfff", "\\\\ud800",
+        "\\ude00\\ud83d", "\\u0000", "1234567890123456789", "\\u005c",
+    ]
+)  # fmt: skip
+string_literals = st.lists(escape_pieces, max_size=8).map(lambda parts: '"' + "".join(parts) + '"')
+number_texts = st.one_of(
+    any_integers.map(str),
+    any_floats.map(repr),
+    number_literals,
+    st.builds(
+        lambda m, f, e: f"{m}{f}{e}",
+        st.sampled_from(["0", "-0", "1", "-1", "9" * 19, "1" * 320, "12345678901234567890"]),
+        st.sampled_from(["", ".5", "." + "0" * 30 + "1", "." + "9" * 400]),
+        st.sampled_from(["", "e5", "e-5", "E+308", "e309", "e-400", "e-" + "0" * 25 + "3", "e" + "1" * 20]),
+    ),
+)
+
+
+def json_texts(leaf: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """JSON texts (and near-JSON: `leaf` may be anything) built from `leaf` values."""
+    return st.recursive(
+        leaf,
+        lambda children: st.lists(children, max_size=4).map(lambda xs: "[" + ", ".join(xs) + "]")
+        | st.lists(st.tuples(string_literals, children), max_size=4).map(
+            lambda kvs: "{" + ",".join(f"{k}:{v}" for k, v in kvs) + "}"
+        ),
+        max_leaves=12,
+    )
+
+
+json_leaves = st.one_of(
+    number_texts,
+    string_literals,
+    st.sampled_from(["null", "true", "false", "NaN", "Infinity", "-Infinity", "[]", "{}"]),
+)
+# Frames: a value as a message field, or as the whole frame.
+frames_to_decode = st.one_of(
+    json_texts(json_leaves).map(lambda v: '{"type": "x", "v": ' + v + "}"),
+    st.builds(lambda t, v: '{"type": ' + t + ', "v": ' + v + "}", string_literals, json_texts(json_leaves)),
+    json_texts(json_leaves),
+)
+
+
+@PURE
+@given(frames_to_decode)
+@example('{"type": "x", "v": "\\ud800"}')
+@example('{"type": "x", "v": "\\udc00"}')
+@example('{"type": "x", "v": "\\\\ud800"}')
+@example('{"type": "x", "v": "\\ud83d\\\\ude00"}')
+@example('{"type": "x", "v": ' + "9" * 400 + "}")
+@example('{"type": "x", "v": ' + "1" * 400 + ".5}")
+@example('{"type": "x", "v": ' + "1" * 400 + "e-395}")
+@example('{"type": "x", "v": 1e-' + "0" * 400 + "5}")
+@example('{"type": "x", "v": [0.' + "9" * 400 + ', "' + "1" * 300 + '"]}')
+def test_decode_agrees_with_the_stdlib_reference(text: str) -> None:
+    assert_decodes_like_the_reference(text)
+
+
+@PURE
+@given(st.recursive(
+    st.none() | st.booleans() | any_integers | any_floats | any_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
+    max_leaves=20,
+), st.booleans())
+def test_decode_agrees_with_the_reference_on_stdlib_written_json(value: Any, ascii_only: bool) -> None:
+    # json.dumps writes lone surrogates as escapes (ensure_ascii) or raw (not).
+    assert_decodes_like_the_reference(json.dumps({"type": "x", "v": value}, ensure_ascii=ascii_only))
+
+
+# Nesting around the limit, with brackets and escaped quotes in strings beside it.
+bracket_strings = st.lists(
+    st.sampled_from(["[", "]", "{", "}", '\\"', "\\\\", "a", ",", ":"]), max_size=6
+).map(lambda parts: '"' + "".join(parts) + '"')
+
+
+@st.composite
+def nested_frames(draw: st.DrawFn) -> tuple[str, int]:
+    """A frame nested exactly `depth` levels (the message object is level 1)."""
+    depth = draw(st.integers(min_value=MAX_DEPTH - 4, max_value=MAX_DEPTH + 6))
+    text = draw(st.sampled_from(["1", "[]", "{}", '"x"']))
+    inner_depth = 0 if text in ("1", '"x"') else 1
+    for level in range(inner_depth, depth - 1):
+        # Siblings two levels deep only where the value beside them is as deep.
+        shallow = bracket_strings | st.just("12345678901234567890")
+        deep = shallow | st.sampled_from(["[[1]]", '{"k": []}'])
+        siblings = draw(st.lists(deep if level >= 2 else shallow, max_size=2))
+        if draw(st.booleans()):
+            text = "[" + ", ".join([*siblings, text]) + "]"
+        else:
+            key = draw(bracket_strings)
+            fields = [f"{draw(bracket_strings)}: {sib}" for sib in siblings]
+            text = "{" + ", ".join([*fields, f"{key}: {text}"]) + "}"
+    return '{"type": "x", "v": ' + text + "}", depth
+
+
+@settings(PURE, max_examples=100)  # each example draws some 70 levels
+@given(nested_frames())
+def test_nesting_depth_is_counted_exactly(frame: tuple[str, int]) -> None:
+    text, depth = frame
+    result = new_decode(text)
+    if depth <= MAX_DEPTH:
+        assert result[0] == "ok", (depth, text)
+    else:
+        assert result == ("error", "invalid_json"), (depth, text)
+    assert_decodes_like_the_reference(text)
 
 
 # -- handshake paths: a Target or HandshakeRejected ----------------------------------------
@@ -377,9 +594,17 @@ def test_shaped_paths_give_a_target_or_are_rejected(
     assert_target_or_rejected(f"{prefix}{session}/{user}{mid}?{query}")
 
 
+# Ids that draw what they are: no controls, format characters (zero-width,
+# bidi), separators other than spaces, marks (a variation selector must follow
+# something drawn), nor the Hangul fillers; not only spaces.
 ids = st.text(
-    st.characters(exclude_categories=("Cc", "Cs"), exclude_characters="/"), min_size=1, max_size=MAX_ID_LENGTH
-)
+    st.characters(
+        exclude_categories=("Cc", "Cs", "Cf", "Zl", "Zp", "Mn", "Mc", "Me", "Co", "Cn"),
+        exclude_characters="/\u115f\u1160\u3164\uffa0",
+    ),
+    min_size=1,
+    max_size=MAX_ID_LENGTH,
+).filter(lambda s: not s.isspace())
 
 
 @PURE

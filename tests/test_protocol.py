@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import unicodedata
+from typing import Any
+from urllib.parse import quote
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from collab_trio import protocol
 from collab_trio.protocol import (
+    MAX_DEPTH,
+    MAX_ID_LENGTH,
     Command,
     Cursor,
     ErrorCode,
@@ -16,11 +25,17 @@ from collab_trio.protocol import (
     ProtocolError,
     SyncRequest,
     SyncUpdate,
+    check_id,
     decode,
     encode,
+    encode_bytes,
+    nested_deeper_than,
     parse_client_message,
+    parse_json,
     parse_target,
 )
+
+PURE = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 
 
 @pytest.mark.parametrize(
@@ -165,10 +180,214 @@ def test_unknown_action_is_well_formed() -> None:
 def test_encode_round_trip_keeps_unicode_and_is_compact() -> None:
     message = {"type": "user:joined", "user_id": "Björk ✓", "users": []}
     text = encode(message)
-    assert "Björk ✓" in text and ": " not in text
+    assert "Björk ✓" in text and ": " not in text and ", " not in text
     assert json.loads(text) == message
+    assert encode_bytes(message) == text.encode("utf-8")
 
 
-def test_encode_refuses_nan() -> None:
-    with pytest.raises(ValueError):
-        encode({"type": "x", "v": float("nan")})
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "x", "n": 2**64},  # beyond orjson's integers: the stdlib encoder
+        {"type": "x", "n": -(10**400)},
+        {"type": "x", "v": {1: "a"}},  # a non-string key (the stdlib writes "1")
+        {"type": "x", "v": [[[[]]]], "s": "\u2028\x00\"\\é😀"},
+    ],
+)
+def test_encode_writes_what_the_stdlib_would_read_back(message: dict) -> None:
+    text = encode(message)
+    assert json.loads(text) == json.loads(json.dumps(message))
+    assert encode_bytes(message) == text.encode("utf-8")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_encode_never_writes_nan_or_infinity(value: float) -> None:
+    # A non-finite float can't reach encode (decode and the store refuse
+    # them); if one did, the frame is still strict JSON that Qt accepts.
+    text = encode({"type": "x", "v": value})
+    assert text == '{"type":"x","v":null}'
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"wrote {name}"))
+
+
+# -- decode: orjson, with every guarantee the stdlib-based decoder gave --------------------
+
+
+def nest(depth: int, inner: str = "0") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+def in_message(value: str) -> str:
+    return '{"type": "x", "v": ' + value + "}"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "NaN",
+        "-NaN",
+        "Infinity",
+        "-Infinity",
+        "1e400",
+        "-1e400",
+        "1E+400",
+        "1.8e308",
+        "9" * 309 + ".0",
+        "9" * 400 + "e0",
+        "1e" + "9" * 400,
+        # Lone surrogates: a high one alone or last, a low one alone or first.
+        r'"\ud800"',
+        r'"\uDBFF x"',
+        r'"\udc00"',
+        r'"\uDFFF"',
+        r'"\ude00\ud83d"',
+        r'"\ud83d\ud83d"',
+        r'"\ud83d\\ude00"',  # an escaped backslash splits the pair
+        r'"\\\ud800"',  # an escaped backslash, then a lone escape
+        r'{"\ud800": 1}',
+        '"\ud800"',  # not escaped: a Python str can hold one
+        # Numbers JSON does not have.
+        "01",
+        "-",
+        "1.",
+        ".5",
+        "+1",
+        "0x10",
+        "1_000",
+    ],
+)
+def test_decode_refuses_what_no_strict_peer_reads(value: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(in_message(value))
+    assert info.value.code == ErrorCode.INVALID_JSON
+    assert info.value.message.startswith("message ")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (r'"\\ud800"', "\\ud800"),  # an escaped backslash: plain text
+        (r'"\\\\ud800"', "\\\\ud800"),
+        (r'"\ud83d\ude00"', "😀"),
+        (r'"\uD83D\uDE00 \u00e9"', "😀 é"),
+        ('"😀"', "😀"),
+        (r'"\u0000"', "\x00"),
+        ("1e-400", 0.0),
+        ("-0", 0),
+        ("-0.0", -0.0),
+        ("1.7976931348623157e308", 1.7976931348623157e308),
+        ("18446744073709551615", 2**64 - 1),
+        ("18446744073709551616", 2**64),
+        ("-9223372036854775808", -(2**63)),
+        ("-9223372036854775809", -(2**63) - 1),
+        ("9" * 400, int("9" * 400)),
+        ("-" + "1" * 4300, -int("1" * 4300)),
+        ("[" + ",".join(["123456789012345678901234567890"] * 3) + ", 1.5]", [123456789012345678901234567890] * 3 + [1.5]),
+        ("0.1234567890123456789012", 0.1234567890123456789012),
+        ("1" * 400 + "e-395", float("1" * 400 + "e-395")),
+        ('{"big": ' + "7" * 350 + ', "s": "' + "1" * 350 + '"}', {"big": int("7" * 350), "s": "1" * 350}),
+    ],
+)
+def test_decode_keeps_values_exact(value: str, expected: Any) -> None:
+    decoded = decode(in_message(value))["v"]
+    assert decoded == expected
+    assert type(decoded) is type(expected)
+    if isinstance(expected, float):
+        assert math.copysign(1, decoded) == math.copysign(1, expected)
+
+
+def test_decode_refuses_integers_beyond_pythons_conversion_limit() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(in_message("9" * 5000))
+    assert info.value.code == ErrorCode.INVALID_JSON
+
+
+def test_decode_takes_utf8_bytes_too() -> None:
+    assert decode('{"type": "ping", "n": "é"}'.encode()) == {"type": "ping", "n": "é"}
+    assert decode(b'{"type": "ping", "n": 123456789012345678901}')["n"] == 123456789012345678901
+    for raw in (b'{"type": "\xff"}', b'{"type": "\xed\xa0\x80"}', b"\xef\xbb\xbf{}"):
+        with pytest.raises(ProtocolError) as info:
+            decode(raw)
+        assert info.value.code == ErrorCode.INVALID_JSON
+
+
+def deep_variants(depth: int) -> list[str]:
+    """Values nested exactly `depth` levels inside the message object."""
+    inner = depth - 1  # the message object is the first level
+    return [
+        nest(inner),
+        '{"a": ' * inner + "1" + "}" * inner,
+        '[{"a": ' * (inner // 2) + ("[]" if inner % 2 else "1") + "}]" * (inner // 2),
+        # Brackets and escaped quotes inside strings don't count.
+        "[" * inner + r'"]]]\"[[[{{{\\"' + "]" * inner,
+        "[" * (inner - 1) + '["[", "]", "\\"]"]' + "]" * (inner - 1),
+        # Many shallow groups beside one deep one.
+        "[" + ",".join([nest(3)] * 50 + [nest(inner - 1)]) + "]",
+    ]
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, MAX_DEPTH + 2, 1025, 100_000])
+def test_nesting_is_counted_exactly(depth: int) -> None:
+    for value in deep_variants(depth):
+        if depth <= MAX_DEPTH:
+            decode(in_message(value))
+        else:
+            with pytest.raises(ProtocolError) as info:
+                decode(in_message(value))
+            assert info.value.code == ErrorCode.INVALID_JSON
+            assert info.value.message == f"message is nested deeper than {MAX_DEPTH} levels"
+
+
+def test_nesting_is_counted_on_the_exact_path_too() -> None:
+    # A 20-digit integer takes the stdlib path; the depth is checked all the same.
+    big = "12345678901234567890"
+    assert decode(in_message(nest(MAX_DEPTH - 1, big)))["v"] is not None
+    for inner in (big, "9" * 400, "1" * 400 + ".5"):
+        with pytest.raises(ProtocolError) as info:
+            decode(in_message(nest(MAX_DEPTH, inner)))
+        assert info.value.message == f"message is nested deeper than {MAX_DEPTH} levels"
+
+
+def test_orjson_depth_limit_is_measured() -> None:
+    # The padding relies on it; without one, nested_deeper_than is used instead.
+    assert protocol._ORJSON_DEPTH is not None and protocol._ORJSON_DEPTH > MAX_DEPTH
+
+
+def test_without_an_orjson_depth_limit_the_byte_check_gives_the_same_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(protocol, "_ORJSON_DEPTH", None)
+    for depth in (MAX_DEPTH, MAX_DEPTH + 1):
+        for value in deep_variants(depth):
+            if depth <= MAX_DEPTH:
+                decode(in_message(value))
+            else:
+                with pytest.raises(ProtocolError):
+                    decode(in_message(value))
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        ("0", 0),
+        ("[]", 1),
+        ("{}", 1),
+        ('{"a": [1, {"b": []}]}', 4),
+        ('["[[[[", "\\"[[[["]', 1),
+        ('[[], [[]], [[[]]], []]', 4),
+        ('[{"]": "}"}, [{}]]', 3),
+        (nest(200), 200),
+        ("[" + ",".join([nest(64)] * 100) + "]", 65),
+    ],
+)
+def test_nested_deeper_than(text: str, depth: int) -> None:
+    data = text.encode()
+    assert nested_deeper_than(data, depth) is False
+    if depth:
+        assert nested_deeper_than(data, depth - 1) is True
+
+
+def test_parse_json_takes_any_value() -> None:
+    assert parse_json("[1, 2]") == [1, 2]
+    assert parse_json('"x"') == "x"
+    with pytest.raises(ProtocolError):
+        parse_json("[NaN]")

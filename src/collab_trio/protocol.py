@@ -7,8 +7,10 @@ See PROTOCOL.md for the contract this module implements.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
+import operator
 import re
 import unicodedata
 from datetime import datetime, timezone
@@ -16,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import attrs
+import orjson
 
 PROTOCOL_VERSION = 1
 MAX_ID_LENGTH = 64
@@ -81,6 +84,24 @@ class HandshakeRejected(Exception):
 
 # ---------------------------------------------------------------------------
 # JSON
+#
+# Every frame is decoded and validated at C speed: orjson parses, and the
+# guarantees orjson does not give are added with byte operations that never
+# walk the parsed value (a 1 MiB frame of small values costs milliseconds):
+#
+# - nesting: orjson refuses input nested deeper than its own fixed limit
+#   (1024, measured at import). A frame with more than MAX_DEPTH brackets is
+#   parsed inside `limit - MAX_DEPTH` extra arrays, so orjson's limit is ours;
+# - exact integers: orjson reads integers beyond 64 bits as floats. A frame
+#   with a run of 19 or more digits (anywhere, strings included) takes its
+#   values from the stdlib decoder, after orjson has checked it;
+# - orjson already refuses NaN, Infinity, numbers beyond float range (1e400)
+#   and lone surrogates, escaped ("\ud800", "\udc00") or not.
+
+# Deepest nesting of arrays and objects accepted. Optiverse items are a few
+# levels deep; the limit keeps every accepted message far from Python's
+# recursion limit when it is encoded again for relaying and storing.
+MAX_DEPTH = 64
 
 
 def _reject_constant(name: str) -> Any:
@@ -96,70 +117,237 @@ def _parse_float(text: str) -> float:
     return value
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
-# Deepest nesting of arrays and objects accepted. Optiverse items are a few
-# levels deep; the limit keeps every accepted message far from Python's
-# recursion limit when it is encoded again for relaying and storing.
-MAX_DEPTH = 64
-# A JSON escape of a UTF-16 surrogate; only these can produce a lone one.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# The stdlib decoders, for frames with long digit runs only: exact integers.
+# Floats as checked by orjson need no hook; `_checked_decoder` is for frames
+# whose huge numbers orjson could not read (see _validate).
+_exact_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_checked_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+_stdlib_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+# Byte masks, made with one bytes.translate: digits become "0", all else " ".
+_DIGIT_MASK = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+# 19 digits can exceed a signed 64-bit integer (orjson would give a float).
+_LONG_DIGITS = b"0" * 19
+# From about 309 digits a number is beyond float range, which orjson refuses
+# even for an integer (the stdlib reads it exactly); such runs are shortened
+# before orjson checks the frame.
+_HUGE_DIGITS = b"0" * 300
+_KEPT_DIGITS = 18
 
 
-def _check_structure(value: Any, text: str) -> None:
-    """Refuse nesting beyond MAX_DEPTH and lone surrogates (UTF-8 can't carry them)."""
-    # Cheap tests first: most messages have few brackets and no surrogate escapes.
-    deep = text.count("[") + text.count("{") > MAX_DEPTH
-    surrogates = _SURROGATE_ESCAPE.search(text) is not None
-    if not deep and not surrogates:
-        return
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Any = node.items()
-        elif isinstance(node, list):
-            children = ((None, item) for item in node)
+def _orjson_depth_limit() -> tuple[int | None, str | None]:
+    """The deepest nesting orjson.loads accepts (None if it has no usable
+    limit), and how its error message for deeper input begins."""
+
+    def error(depth: int) -> str | None:
+        try:
+            orjson.loads(b"[" * depth + b"]" * depth)
+        except orjson.JSONDecodeError as exc:
+            return str(exc)
+        return None
+
+    low, high = MAX_DEPTH, 1 << 16  # low must parse, high must not
+    refusal = error(high)
+    if error(low) is not None or refusal is None:
+        return None, None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if error(middle) is None:
+            low = middle
         else:
-            continue
-        if depth > MAX_DEPTH:
-            raise ProtocolError(
-                ErrorCode.INVALID_JSON, f"message is nested deeper than {MAX_DEPTH} levels"
-            )
-        for key, child in children:
-            for string in (key, child):
-                if surrogates and isinstance(string, str) and not _utf8_safe(string):
-                    raise ProtocolError(
-                        ErrorCode.INVALID_JSON, "message contains a lone UTF-16 surrogate escape"
-                    )
-            stack.append((child, depth + 1))
+            high = middle
+    # "depth limit exceeded: line 1 column 1026 (char 1025)": the part before the position.
+    return low, refusal.partition(":")[0]
 
 
-def _utf8_safe(text: str) -> bool:
+_ORJSON_DEPTH, _ORJSON_TOO_DEEP = _orjson_depth_limit()
+# Arrays around a frame so that orjson refuses exactly what is deeper than MAX_DEPTH.
+_PADDING = 0 if _ORJSON_DEPTH is None else _ORJSON_DEPTH - MAX_DEPTH
+_PAD_OPEN, _PAD_CLOSE, _UNPAD = b"[" * _PADDING, b"]" * _PADDING, (0,) * _PADDING
+
+_TOO_DEEP = f"message is nested deeper than {MAX_DEPTH} levels"
+
+
+def _invalid(reason: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_JSON, reason)
+
+
+def _not_json(exc: Exception) -> ProtocolError:
+    return _invalid(f"message is not valid JSON: {exc}")
+
+
+def _validate(data: bytes, deep: bool) -> Any:
+    """orjson's parse of `data` (nesting checked when `deep`), or ProtocolError."""
+    if not deep:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise _not_json(exc) from None
+    if _ORJSON_DEPTH is None:
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise _not_json(exc) from None
+        if nested_deeper_than(data, MAX_DEPTH):
+            raise _invalid(_TOO_DEEP)
+        return value
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        padded = orjson.loads(_PAD_OPEN + data + _PAD_CLOSE)
+    except orjson.JSONDecodeError:
+        # The frame alone says what is wrong; if it parses, only the depth was.
+        try:
+            orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            if str(exc).startswith(_ORJSON_TOO_DEEP):
+                raise _invalid(_TOO_DEEP) from None  # deeper than orjson's limit too
+            raise _not_json(exc) from None
+        raise _invalid(_TOO_DEEP) from None
+    return functools.reduce(operator.getitem, _UNPAD, padded)
+
+
+def _shorten_huge_numbers(data: bytes, mask: bytes) -> tuple[bytes, bool]:
+    """`data` with every run of _HUGE_DIGITS or more digits cut to its first 18,
+    and whether any such run may belong to a float literal.
+
+    The result is valid JSON exactly when `data` is (a leading zero stays
+    first, fractions and exponents keep digits), with the same nesting and
+    strings that differ only in digits; no number in it is beyond float
+    range unless the same number in `data` is. A run next to ".", "e" or
+    "E" (or "e+", "e-") may be part of a float, which the stdlib then has to
+    check for range itself (a run in a string may be taken for one: slower,
+    never wrong).
+    """
+    parts = []
+    start = 0
+    in_float = False
+    run = mask.find(_HUGE_DIGITS)
+    while run != -1:
+        end = mask.find(b" ", run)
+        if end == -1:
+            end = len(mask)
+        before = data[max(run - 2, 0) : run]
+        in_float = (
+            in_float
+            or data[end : end + 1] in _FLOAT_AFTER
+            or before[-1:] in _FLOAT_BEFORE
+            or before in _EXPONENT_SIGNS
+        )
+        parts.append(data[start : run + _KEPT_DIGITS])
+        start = end
+        run = mask.find(_HUGE_DIGITS, end)
+    parts.append(data[start:])
+    return b"".join(parts), in_float
+
+
+# What may surround the digits of a float literal.
+_FLOAT_AFTER = (b".", b"e", b"E")
+_FLOAT_BEFORE = (b".", b"e", b"E")
+_EXPONENT_SIGNS = (b"e+", b"e-", b"E+", b"E-")
+
+
+_STRING_LITERAL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+
+
+def nested_deeper_than(data: bytes, limit: int) -> bool:
+    """Whether valid JSON `data` nests arrays and objects deeper than `limit`.
+
+    Byte operations only (no parsed value): strings dropped, brackets kept,
+    then innermost pairs removed `limit` times. Used only when orjson has
+    no depth limit of its own: much slower than the padding in the worst
+    case (about 0.1 s of CPU for a 1 MiB frame of depth-64 groups).
+    """
+    brackets = _STRING_LITERAL.sub(b"", data).translate(_SQUARE, _NOT_BRACKETS)
+    if b"[" * (limit + 1) in brackets:
+        return True
+    for done in range(limit):
+        # What is left is at most len/2 deep (and `done` levels are gone).
+        if len(brackets) // 2 + done <= limit:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
+
+
+def _utf8(text: str | bytes) -> bytes:
+    if isinstance(text, str):
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Only a Python str can hold one (a text frame is valid UTF-8).
+            raise _invalid("message contains a lone UTF-16 surrogate") from None
+    return bytes(text)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """Decode one JSON text as decode() does, without the message checks.
+
+    Exact integers, finite numbers only, no lone surrogates, at most
+    MAX_DEPTH levels of nesting.
+
+    Raises:
+        ProtocolError: INVALID_JSON, with a one-line reason.
+    """
+    data = _utf8(text)
+    deep = data.count(b"[") + data.count(b"{") > MAX_DEPTH
+    mask = data.translate(_DIGIT_MASK)
+    if _LONG_DIGITS not in mask:
+        return _validate(data, deep)
+    # A number may need more than 64 bits: orjson checks, the stdlib reads.
+    decoder = _exact_decoder
+    try:
+        _validate(data, deep)
+    except ProtocolError:
+        if _HUGE_DIGITS not in mask:
+            raise
+        # orjson can't read a number beyond float range, even an integer.
+        shortened, in_float = _shorten_huge_numbers(data, mask)
+        _validate(shortened, deep)
+        if in_float:
+            decoder = _checked_decoder  # a float orjson did not see whole
+    try:
+        return decoder.decode(text if isinstance(text, str) else data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        # ValueError: a float out of range, or an integer beyond Python's
+        # 4300-digit conversion limit.
+        raise _not_json(exc) from None
+
+
+def encode_bytes(message: dict[str, Any]) -> bytes:
+    """Encode one server message as the UTF-8 payload of a text frame.
+
+    Compact, non-ASCII characters as themselves. orjson writes a non-finite
+    float as null, so the output is always strict JSON; none can reach here
+    anyway (decode() and the store refuse them). Integers beyond 64 bits,
+    and anything else orjson can't write (non-string keys, nesting beyond
+    its limit), go through the stdlib encoder.
+
+    Raises:
+        TypeError: a value that is not JSON data.
+        ValueError: a lone surrogate, or a non-finite float where the stdlib
+            encoder was needed.
+    """
+    try:
+        return orjson.dumps(message)
+    except orjson.JSONEncodeError:
+        return _stdlib_encoder.encode(message).encode("utf-8")
 
 
 def encode(message: dict[str, Any]) -> str:
-    """Encode one server message as the text of a text frame."""
-    return _encoder.encode(message)
+    """Encode one server message as the text of a text frame (see encode_bytes)."""
+    try:
+        return orjson.dumps(message).decode("utf-8")
+    except orjson.JSONEncodeError:
+        return _stdlib_encoder.encode(message)
 
 
-def decode(text: str) -> dict[str, Any]:
-    """Decode a text frame into a message object with a string `type`.
+def decode(text: str | bytes) -> dict[str, Any]:
+    """Decode a text frame (str, or its UTF-8 bytes) into a message object with a string `type`.
 
     Raises:
-        ProtocolError: for invalid JSON, a non-object, or a missing `type`.
+        ProtocolError: for invalid JSON (see parse_json), a non-object, or a missing `type`.
     """
-    try:
-        value = _decoder.decode(text)
-    except (ValueError, RecursionError) as exc:
-        # RecursionError: deeply nested arrays; ValueError covers JSONDecodeError.
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"message is not valid JSON: {exc}") from None
-    _check_structure(value, text)
+    value = parse_json(text)
     if not isinstance(value, dict):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
