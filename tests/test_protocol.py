@@ -391,3 +391,136 @@ def test_parse_json_takes_any_value() -> None:
     assert parse_json('"x"') == "x"
     with pytest.raises(ProtocolError):
         parse_json("[NaN]")
+
+
+# -- ids ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        "Ada Lovelace",
+        "  padded  ",  # spaces are kept as typed (Optiverse sends what the user typed)
+        "Björk",
+        "équipe-2.0_test",
+        "山田\u3000太郎",  # an ideographic space, as Japanese keyboards type it
+        "Ελένη",
+        "Сергей",
+        "محمد",
+        "שלום",
+        "नमस्ते",
+        "김철수",
+        "O'Brien (lab #3)",
+        "x" * MAX_ID_LENGTH,
+        "❤️",  # a variation selector after its heart
+        "1️⃣",
+        "👍🏽",  # a skin tone
+        "👩‍💻",  # zero-width joiners between emoji
+        "🏳️‍🌈",
+        "🧑🏽‍🚀",
+        "🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f",  # the flag of Scotland
+        "e\u0301",  # a combining accent
+    ],
+)
+def test_ids_typed_by_people_are_valid(user: str) -> None:
+    assert check_id(user, "user id") == user
+    assert parse_target(f"/ws/lab/{quote(user)}").user_id == user
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("a\u200bb", "U+200B ZERO WIDTH SPACE at position 2"),
+        ("a\u200cb", "U+200C ZERO WIDTH NON-JOINER"),
+        ("a\u200db", "U+200D ZERO WIDTH JOINER"),
+        ("\u200d👩", "U+200D ZERO WIDTH JOINER at position 1"),
+        ("👩\u200d", "U+200D ZERO WIDTH JOINER at position 2"),
+        ("a\u2060b", "U+2060 WORD JOINER"),
+        ("\ufeffalice", "U+FEFF ZERO WIDTH NO-BREAK SPACE at position 1"),
+        ("alice\u200e", "U+200E LEFT-TO-RIGHT MARK"),
+        ("alice\u200f", "U+200F RIGHT-TO-LEFT MARK"),
+        ("evil\u202egpj.exe", "U+202E RIGHT-TO-LEFT OVERRIDE at position 5"),
+        ("a\u202ab", "U+202A LEFT-TO-RIGHT EMBEDDING"),
+        ("a\u202bb", "U+202B"),
+        ("a\u202cb", "U+202C POP DIRECTIONAL FORMATTING"),
+        ("a\u202db", "U+202D"),
+        ("a\u2066b", "U+2066 LEFT-TO-RIGHT ISOLATE"),
+        ("a\u2067b", "U+2067"),
+        ("a\u2068b", "U+2068"),
+        ("a\u2069b", "U+2069 POP DIRECTIONAL ISOLATE"),
+        ("a\u061cb", "U+061C ARABIC LETTER MARK"),
+        ("a\u00adb", "U+00AD SOFT HYPHEN"),
+        ("a\u2028b", "U+2028 LINE SEPARATOR"),
+        ("a\u2029b", "U+2029 PARAGRAPH SEPARATOR"),
+        ("a\u180eb", "U+180E MONGOLIAN VOWEL SEPARATOR"),
+        ("\u3164", "U+3164 HANGUL FILLER"),
+        ("a\u034fb", "U+034F COMBINING GRAPHEME JOINER"),
+        ("\ufe0falice", "U+FE0F VARIATION SELECTOR-16 at position 1"),
+        ("a \ufe0f", "U+FE0F VARIATION SELECTOR-16 at position 3"),
+        ("alice\U000e0041\U000e0042", "U+E0041 TAG LATIN CAPITAL LETTER A"),  # hidden text
+        ("🏴\U000e0067\U000e0062", "U+E0067 TAG LATIN SMALL LETTER G at position 2"),  # no cancel tag
+    ],
+)
+def test_invisible_characters_in_ids_are_refused(value: str, shown: str) -> None:
+    for what in ("session id", "user id"):
+        with pytest.raises(HandshakeRejected) as info:
+            check_id(value, what)
+        assert info.value.status == 400
+        reason = info.value.reason
+        assert reason.startswith(f"{what} must not contain invisible or formatting characters (")
+        assert shown in reason and "\n" not in reason
+    # The same through a handshake path, percent-encoded as Qt sends it.
+    with pytest.raises(HandshakeRejected) as info:
+        parse_target(f"/ws/{quote(value)}/bob")
+    assert info.value.status == 400 and info.value.reason.startswith("session id must not contain")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (" ", "user id is only spaces"),
+        ("\u3000\u00a0", "user id is only spaces"),
+        ("a\x7fb", "user id must not contain control characters"),
+        ("é\x85", "user id must not contain control characters"),
+        ("é\udcff", "user id is not valid Unicode (a lone surrogate)"),
+    ],
+)
+def test_other_ids_refused(value: str, reason: str) -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        check_id(value, "user id")
+    assert info.value.reason == reason
+
+
+VISIBLE_CATEGORIES = (
+    "Lu", "Ll", "Lt", "Lm", "Lo", "Nd", "Nl", "No",
+    "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk", "So", "Zs",
+)  # fmt: skip
+# Letters (Lo) that draw nothing: Hangul fillers.
+FILLERS = "\u115f\u1160\u3164\uffa0"
+visible_ids = st.text(
+    st.characters(categories=VISIBLE_CATEGORIES, exclude_characters="/" + FILLERS),
+    min_size=1,
+    max_size=MAX_ID_LENGTH - 1,
+).filter(lambda s: not s.isspace())
+ZERO_WIDTH_JOINER = "\u200d"
+invisible_characters = st.sampled_from(
+    "\u200b\u200c\u2060\ufeff\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\u2028\u2029"
+) | st.characters(categories=("Cf", "Zl", "Zp")).filter(lambda c: c != ZERO_WIDTH_JOINER)
+
+
+@PURE
+@given(visible_ids)
+@example("Ada Lovelace")
+def test_ids_of_visible_characters_are_valid(value: str) -> None:
+    assert check_id(value, "user id") == value
+
+
+@PURE
+@given(visible_ids, invisible_characters, st.integers(min_value=0))
+def test_an_invisible_character_anywhere_makes_an_id_invalid(value: str, ch: str, at: int) -> None:
+    at %= len(value) + 1
+    with pytest.raises(HandshakeRejected) as info:
+        check_id(value[:at] + ch + value[at:], "user id")
+    assert info.value.status == 400
+    assert f"U+{ord(ch):04X}" in info.value.reason
+    assert unicodedata.category(ch) != "Cc"

@@ -395,8 +395,89 @@ def validate_id(raw: str, what: str) -> str:
     return check_id(value, what)
 
 
+# Characters an id must not contain besides controls (Cc), format characters
+# (Cf: zero-width, bidi controls, BOM, tags...), line and paragraph separators
+# (Zl, Zp) and surrogates (Cs): the rest of Unicode's default-ignorable code
+# points, which render as nothing (fillers, variation selectors out of place).
+_INVISIBLE = frozenset(
+    {0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180E, 0x180F, 0x3164, 0xFFA0}
+    | set(range(0x2060, 0x2070))
+    | set(range(0xFFF0, 0xFFF9))
+    | set(range(0xE0000, 0xE1000))
+)
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+ZERO_WIDTH_JOINER = "\u200d"
+# Emoji tag sequences (the flags of England, Scotland, Wales): a black flag,
+# tag letters or digits, a cancel tag.
+_BLACK_FLAG = "\U0001f3f4"
+_TAG_CHARACTERS = frozenset(chr(c) for c in (*range(0xE0030, 0xE003A), *range(0xE0061, 0xE007B)))
+_CANCEL_TAG = "\U000e007f"
+
+
+def _variation_selector(ch: str) -> bool:
+    return "\ufe00" <= ch <= "\ufe0f" or "\U000e0100" <= ch <= "\U000e01ef"
+
+
+def _skin_tone(ch: str) -> bool:
+    return "\U0001f3fb" <= ch <= "\U0001f3ff"
+
+
+def _emoji_before(value: str, index: int) -> bool:
+    """Whether an emoji (a symbol, with its variation selector or skin tone) ends before `index`."""
+    index -= 1
+    while index >= 0 and (_variation_selector(value[index]) or _skin_tone(value[index])):
+        index -= 1
+    return index >= 0 and unicodedata.category(value[index]) == "So"
+
+
+def _invisible_at(value: str) -> int | None:
+    """Index of the first character that makes `value` look like another id, or None.
+
+    Refused: controls, format characters (zero-width spaces and joiners,
+    bidi controls, the BOM...), line and paragraph separators, surrogates
+    and the other default-ignorable code points. Allowed where they are part
+    of what is drawn: a variation selector after a visible character (❤️,
+    1️⃣), a zero-width joiner between emoji (👩‍💻, 🏳️‍🌈), tags in a
+    flag tag sequence (🏴󠁧󠁢󠁳󠁣󠁴󠁿).
+    """
+    index = 0
+    length = len(value)
+    while index < length:
+        ch = value[index]
+        code = ord(ch)
+        if _variation_selector(ch):
+            # After something drawn, not after a space or another selector.
+            # (Whatever came before is already known not to be invisible.)
+            if index == 0 or value[index - 1].isspace() or _variation_selector(value[index - 1]):
+                return index
+        elif ch == ZERO_WIDTH_JOINER:
+            following = value[index + 1 : index + 2]
+            if not (_emoji_before(value, index) and following and unicodedata.category(following) == "So"):
+                return index
+        elif ch == _BLACK_FLAG and value[index + 1 : index + 2] in _TAG_CHARACTERS:
+            end = index + 1
+            while end < length and value[end] in _TAG_CHARACTERS:
+                end += 1
+            if value[end : end + 1] != _CANCEL_TAG:
+                return index + 1  # tags that are not a flag: hidden text
+            index = end  # the cancel tag is skipped below
+        elif code in _INVISIBLE or unicodedata.category(ch) in _REFUSED_CATEGORIES:
+            return index
+        index += 1
+    return None
+
+
+def _describe_character(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    return f"U+{ord(ch):04X} {name}".rstrip()
+
+
 def check_id(value: str, what: str) -> str:
     """Check an already decoded session or user id.
+
+    Valid: 1-64 characters, not only spaces, no "/", nothing invisible that
+    would make two ids look the same (see _invisible_at). Letters of any
+    script, digits, punctuation, symbols, emoji and spaces are fine.
 
     Raises:
         HandshakeRejected: 400 with the reason when the id is not valid.
@@ -409,8 +490,25 @@ def check_id(value: str, what: str) -> str:
         )
     if "/" in value:
         raise HandshakeRejected(400, f"{what} must not contain '/'")
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
-        raise HandshakeRejected(400, f"{what} must not contain control characters")
+    if value.isascii():
+        if not value.isprintable():
+            raise HandshakeRejected(400, f"{what} must not contain control characters")
+    else:
+        index = _invisible_at(value)
+        if index is not None:
+            ch = value[index]
+            category = unicodedata.category(ch)
+            if category == "Cc":
+                raise HandshakeRejected(400, f"{what} must not contain control characters")
+            if category == "Cs":
+                raise HandshakeRejected(400, f"{what} is not valid Unicode (a lone surrogate)")
+            raise HandshakeRejected(
+                400,
+                f"{what} must not contain invisible or formatting characters"
+                f" ({_describe_character(ch)} at position {index + 1})",
+            )
+    if value.isspace():
+        raise HandshakeRejected(400, f"{what} is only spaces")
     return value
 
 
