@@ -524,3 +524,33 @@ def test_an_invisible_character_anywhere_makes_an_id_invalid(value: str, ch: str
     assert info.value.status == 400
     assert f"U+{ord(ch):04X}" in info.value.reason
     assert unicodedata.category(ch) != "Cc"
+
+
+# -- sync:full_state target_user ------------------------------------------------------------
+
+
+def test_an_empty_target_user_names_nobody() -> None:
+    # Not "everyone": "" is kept, and the session answers unknown_user.
+    full = parse_client_message({"type": "sync:full_state", "state": {"items": []}, "target_user": ""})
+    assert isinstance(full, FullState) and full.target_user == ""
+    everyone = parse_client_message({"type": "sync:full_state", "state": {"items": []}})
+    assert isinstance(everyone, FullState) and everyone.target_user is None
+    assert parse_client_message(
+        {"type": "sync:full_state", "state": {"items": []}, "target_user": None}
+    ) == FullState(raw={"type": "sync:full_state", "state": {"items": []}, "target_user": None}, items=[])
+
+
+def test_an_empty_target_user_is_answered_unknown_user_by_the_session() -> None:
+    # The session core is sans-io: plain calls, no trio.
+    from collab_trio.session_core import Send, SessionCore
+
+    now = "2026-12-02T10:00:00.000+00:00"
+    core = SessionCore("lab", clock=lambda: now)
+    core.join("host-conn", "host", connected_at=now)
+    core.join("bob-conn", "bob", connected_at=now)
+    frame = json.dumps({"type": "sync:full_state", "state": {"items": [{"uuid": "a"}]}, "target_user": ""})
+    effects = core.receive("host-conn", "host", frame)
+    assert all(isinstance(effect, Send) and effect.conn == "host-conn" for effect in effects), effects
+    [answer] = [effect.message for effect in effects]
+    assert (answer.code, answer.ref) == (ErrorCode.UNKNOWN_USER, "sync:full_state")
+    assert core.document.version == 0  # nothing replaced, nothing forwarded

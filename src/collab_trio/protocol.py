@@ -590,7 +590,8 @@ class SyncUpdate:
 
 @attrs.frozen
 class FullState:
-    """`sync:full_state`: a host's full state, forwarded (to `target_user` if given)."""
+    """`sync:full_state`: a host's full state, forwarded (to `target_user` if given,
+    None meaning everyone; "" is kept, and names no user)."""
 
     raw: dict[str, Any]
     items: list[dict[str, Any]]
@@ -729,8 +730,10 @@ def _parse_sync_request(message: dict[str, Any]) -> SyncRequest:
 def _parse_full_state(message: dict[str, Any]) -> FullState:
     ref = "sync:full_state"
     items = _parse_state_items(message, ref)
+    # "" names nobody (no user id is empty): the session answers unknown_user,
+    # rather than sending the state to everyone.
     target = _optional_str(message, "target_user", ErrorCode.INVALID_MESSAGE, ref)
-    return FullState(raw=message, items=items, target_user=target or None)
+    return FullState(raw=message, items=items, target_user=target)
 
 
 def parse_client_message(message: dict[str, Any]) -> ClientMessage:
