@@ -3,6 +3,7 @@ server on top of it (restart, resume, op_id de-duplication, store failures)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,12 @@ from typing import Any
 import outcome
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collab_trio.document import COMMAND, REPLACE, Op
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
+from collab_trio.store.database import SNAPSHOT_LINE_BYTES, _parse_array_stepwise, decode_items, encode_items
 from collab_trio.store.sqlite import Database, database_path
 from collab_trio.testing import HANG, Harness
 
@@ -342,3 +346,111 @@ async def test_sync_request_right_after_a_command_includes_it(
             state = await alice.expect("sync:state")
             assert state["version"] == 1
             assert [i["uuid"] for i in state["state"]["items"]] == ["a"]
+
+
+# -- what is stored: JSON text, written and read by orjson, readable as before --------------
+
+
+ODD_ITEMS = [
+    {"uuid": "big", "n": 2**64 + 1, "m": -(10**40), "f": 0.1, "z": -0.0},
+    {"uuid": "text", "s": "line\nbreak \u2028 \"quoted\" \\ é 😀 \x00", "nested": {"a": [1, [2, [3]]]}},
+    {"uuid": "digits", "s": "1234567890123456789012345", "id": 12345678901234567890},
+    {"uuid": "nulls", "label": None, "flag": True},
+]
+
+
+@pytest.mark.parametrize("count", [0, 1, 4, 5000])
+def test_snapshot_items_round_trip_exactly(count: int) -> None:
+    items = [dict(ODD_ITEMS[i % len(ODD_ITEMS)], uuid=f"item-{i}") for i in range(count)]
+    text = encode_items(items)
+    assert isinstance(text, str)
+    assert decode_items(text) == items
+    assert json.loads(text) == items  # plain JSON: what earlier versions read
+    decoded = decode_items(text)
+    for original, loaded in zip(items, decoded):
+        assert [type(v) for v in loaded.values()] == [type(v) for v in original.values()]
+
+
+def test_large_snapshots_are_stored_in_lines_parsed_one_at_a_time() -> None:
+    items = [{"uuid": f"item-{i}", "item_type": "lens", "x_mm": i * 1.5, "name": "Lens é"} for i in range(20_000)]
+    text = encode_items(items)
+    lines = text.split("\n")
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) > 4
+    # Each line is one bounded parse (the GIL is free between them).
+    assert max(len(line.encode()) for line in lines) < 2 * SNAPSHOT_LINE_BYTES
+    assert decode_items(text) == items
+
+
+def test_rows_written_by_the_stdlib_still_load(db: Database, data_dir: Path) -> None:
+    # What earlier versions stored: compact stdlib JSON, big integers exact.
+    items = [dict(item, item_type="lens") for item in ODD_ITEMS]
+    db.conn.execute(
+        "INSERT INTO sessions VALUES ('old', 'e1', 2, '2025-01-01T00:00:00', '2025-01-01T00:00:00')"
+    )
+    db.conn.execute(
+        "INSERT INTO snapshots VALUES ('old', 1, 1, ?)",
+        (json.dumps(items, ensure_ascii=False, allow_nan=False, separators=(",", ":")),),
+    )
+    command = {"action": "add_item", "item_type": "lens", "item_id": "late", "data": {"n": 10**30}}
+    record = Op(2, "alice", COMMAND, "t", command=command).to_record()
+    db.conn.execute(
+        "INSERT INTO journal VALUES ('old', 2, ?)",
+        (json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":")),),
+    )
+    document = db.read(lambda d: d.load("old"))
+    assert list(document.items) == ["big", "text", "digits", "nulls", "late"]
+    assert document.items["big"]["n"] == 2**64 + 1 and document.items["late"]["n"] == 10**30
+    assert document.items["text"] == items[1]
+    [info] = db.read(lambda d: d.summaries())
+    assert (info.items, info.unreadable) == (5, None)
+
+
+def test_what_is_stored_now_is_plain_json_for_sqlite_and_the_admin_commands(db: Database) -> None:
+    epoch = db.run(lambda d: d.load("s")).epoch
+    items = [dict(ODD_ITEMS[i % 4], uuid=f"i{i}") for i in range(3000)]
+    db.run(lambda d: d.append("s", epoch, [Op(1, "alice", REPLACE, "t", items=items)]))
+    document = db.run(lambda d: d.load("s"))
+    db.run(lambda d: d.save_snapshot("s", document.snapshot()))
+    assert db.conn.execute("SELECT typeof(items), json_array_length(items) FROM snapshots").fetchone() == ("text", 3000)
+    assert db.conn.execute("SELECT typeof(op), json_valid(op) FROM journal").fetchone() == ("text", 1)
+    [info] = db.read(lambda d: d.summaries())
+    assert info.items == 3000
+    exported = db.read(lambda d: d.export("s"))
+    assert exported["items"] == items
+    assert db.run(lambda d: d.load("s")).items["i0"]["n"] == 2**64 + 1
+
+
+def test_a_large_snapshot_an_earlier_version_wrote_loads_item_by_item() -> None:
+    items = [dict(ODD_ITEMS[i % 4], uuid=f"i{i}") for i in range(8000)]
+    text = json.dumps(items, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    assert len(text) > SNAPSHOT_LINE_BYTES and "\n" not in text
+    assert decode_items(text) == items
+    for broken in (text[:-1], text + "]", text.replace("},{", "} {", 1), "[" + text):
+        with pytest.raises(ValueError):
+            decode_items(broken)
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3), max_leaves=10
+)
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=200)
+@given(
+    st.lists(json_values, max_size=6),
+    st.sampled_from([(",", ":"), (", ", ": ")]),
+    st.sampled_from(["", " ", "\t\r\n "]),
+    st.sampled_from(["", "]", ",", " x", "[", ",]", "1"]),
+)
+def test_item_by_item_parsing_agrees_with_json_loads(items: list, separators: tuple, pad: str, junk: str) -> None:
+    text = pad + json.dumps(items, separators=separators) + pad + junk
+    try:
+        expected: Any = ("ok", json.loads(text))
+    except ValueError:
+        expected = ("error",)
+    try:
+        got: Any = ("ok", _parse_array_stepwise(text))
+    except ValueError:
+        got = ("error",)
+    assert repr(got) == repr(expected)
