@@ -18,7 +18,7 @@ from collab_trio.document import COMMAND, REPLACE, Op
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store.database import SNAPSHOT_LINE_BYTES, _parse_array_stepwise, decode_items, encode_items
 from collab_trio.store.sqlite import Database, database_path
-from collab_trio.testing import HANG, Harness
+from collab_trio.testing import HANG, Harness, start_memory_server
 
 
 def add(item_id: str, **data: Any) -> dict:
@@ -43,12 +43,103 @@ def db(data_dir: Path) -> Database:
 # -- Database --------------------------------------------------------------------
 
 
-def test_load_creates_a_session_with_a_stable_epoch(db: Database) -> None:
+def session_rows(data_dir: Path) -> list[str]:
+    """The session ids `collab-trio sessions list` would show (a read-only connection)."""
+    reader = Database(database_path(data_dir), create=False, readonly=True)
+    try:
+        return [info.session_id for info in reader.read(lambda d: d.summaries())]
+    finally:
+        reader.close()
+
+
+def test_loading_an_unknown_session_writes_nothing(db: Database, data_dir: Path) -> None:
     first = db.run(lambda d: d.load("s"))
     again = db.run(lambda d: d.load("s"))
     assert first.version == again.version == 0
-    assert first.epoch == again.epoch
-    assert first.state("t") is None
+    assert first.state("t") is None and again.state("t") is None
+    # No row: each load may have a new epoch, which no client can hold with a version > 0.
+    assert session_rows(data_dir) == [] and db.session_ids() == []
+    with pytest.raises(StoreError, match="no session 's'"):
+        db.read(lambda d: d.info("s"))
+    # Nor does a snapshot of the never-written document store anything.
+    db.run(lambda d: d.save_snapshot("s", again.snapshot()))
+    assert session_rows(data_dir) == []
+    assert db.conn.execute("SELECT COUNT(*) FROM snapshots").fetchone() == (0,)
+    # The first change stores the session, with the epoch of the document it changed.
+    db.run(lambda d: d.append("s", again.epoch, [op(1, "a")]))
+    assert session_rows(data_dir) == ["s"]
+    db.close()
+    reopened = Database(database_path(data_dir), retention=5)
+    try:
+        for _ in range(2):
+            document = reopened.run(lambda d: d.load("s"))
+            assert (document.epoch, document.version, list(document.items)) == (again.epoch, 1, ["a"])
+    finally:
+        reopened.close()
+
+
+def test_a_session_visited_on_the_server_is_stored_only_once_changed(data_dir: Path) -> None:
+    async def visit(*, change: bool) -> str:
+        """One server run: join, ask, maybe change; the session's epoch as served."""
+        store = SQLiteStore(data_dir)
+        async with trio.open_nursery() as nursery:
+            harness = await start_memory_server(nursery, store="sqlite", data_dir=str(data_dir), _store=store)
+            async with harness.joined("visited", "alice") as alice:
+                await alice.send({"type": "ping"})
+                await alice.expect("pong")
+                await alice.send({"type": "sync:request"})
+                state = await alice.expect("sync:state")
+                if change:
+                    await alice.send(add("a"))
+                    assert (await alice.expect("ack"))["seq"] == 1
+            harness.server.request_shutdown()
+        assert store.stopped.is_set()
+        return state["epoch"]
+
+    async def main() -> None:
+        with trio.fail_after(HANG):
+            await visit(change=False)
+            assert session_rows(data_dir) == []
+            await visit(change=False)
+            assert session_rows(data_dir) == []
+            epoch = await visit(change=True)
+            assert session_rows(data_dir) == ["visited"]
+            # Once written, the epoch survives restarts.
+            assert await visit(change=False) == epoch
+            assert session_rows(data_dir) == ["visited"]
+
+    trio.run(main)
+
+
+def test_rows_of_sessions_an_earlier_version_created_on_load_are_removed(data_dir: Path) -> None:
+    database = Database(database_path(data_dir))
+    try:
+        epoch = database.run(lambda d: d.load("kept")).epoch
+        database.run(lambda d: d.append("kept", epoch, [op(1, "a")]))
+        for legacy in ("visited-1", "visited-2"):
+            database.conn.execute(
+                "INSERT INTO sessions VALUES (?, 'e0', 0, '2025-01-01T00:00:00', '2025-01-01T00:00:00')", (legacy,)
+            )
+        database.conn.execute("INSERT INTO snapshots VALUES ('visited-1', 0, 0, '[]')")
+    finally:
+        database.close()
+    assert session_rows(data_dir) == ["kept", "visited-1", "visited-2"]
+
+    async def start_and_stop() -> None:
+        store = SQLiteStore(data_dir)
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store.run)
+                await store.aclose()
+
+    trio.run(start_and_stop)
+    assert session_rows(data_dir) == ["kept"]
+    reader = Database(database_path(data_dir), create=False, readonly=True)
+    try:
+        assert reader.conn.execute("SELECT session_id FROM snapshots").fetchall() == []
+        assert reader.read(lambda d: d.load("kept")).epoch == epoch
+    finally:
+        reader.close()
 
 
 def test_journal_replays_after_reopen(db: Database, data_dir: Path) -> None:
@@ -69,12 +160,16 @@ def test_journal_replays_after_reopen(db: Database, data_dir: Path) -> None:
 
 def test_append_refuses_gaps_and_stale_epochs(db: Database) -> None:
     epoch = db.run(lambda d: d.load("s")).epoch
-    with pytest.raises(StoreError, match="does not follow"):
-        db.run(lambda d: d.append("s", epoch, [op(2, "a")]))
+    # No row and not the first change: the session was deleted under the live one.
     with pytest.raises(SessionReset):
-        db.run(lambda d: d.append("s", "another-epoch", [op(1, "a")]))
+        db.run(lambda d: d.append("s", epoch, [op(2, "a")]))
+    db.run(lambda d: d.append("s", epoch, [op(1, "a")]))
+    with pytest.raises(StoreError, match="does not follow"):
+        db.run(lambda d: d.append("s", epoch, [op(3, "c")]))
+    with pytest.raises(SessionReset):
+        db.run(lambda d: d.append("s", "another-epoch", [op(2, "b")]))
     # Nothing was written by the failed jobs.
-    assert db.run(lambda d: d.load("s")).version == 0
+    assert db.run(lambda d: d.load("s")).version == 1
 
 
 def test_snapshot_then_compaction(db: Database) -> None:

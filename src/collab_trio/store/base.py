@@ -56,10 +56,13 @@ class Store(Protocol):
 
     async def load(self, session_id: str) -> SessionDocument:
         """A fresh document object for the session, sharing nothing mutable with
-        what the store keeps; a new empty one for an unknown session."""
+        what the store keeps; a new empty one for an unknown session. Loading
+        need not store anything (SQLiteStore writes nothing: a session is stored
+        from its first commit, and until then each load may give a new epoch)."""
 
     async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Make these ops durable, in order, all or nothing.
+        """Make these ops durable, in order, all or nothing. The first commit of
+        an unknown session (ops from seq 1) stores it, with this epoch.
 
         May wait (cancellably, before anything is enqueued) for room in a
         queue bounded in bytes (the ops' `size`). The store keeps its own copy

@@ -416,7 +416,12 @@ class Database:
     # -- jobs (called inside run_jobs) -------------------------------------------
 
     def load(self, session_id: str) -> SessionDocument:
-        """Latest snapshot + later ops; creates the session row on first use.
+        """Latest snapshot + later ops; writes nothing.
+
+        An unknown session gets a new empty document with a new epoch, and
+        no row: its row appears with its first change (append). Until then
+        each load gives another epoch, which no client can have stored with
+        a version above 0: resuming with it gets the (null) state.
 
         Raises:
             StoreError: the stored rows can't be read (bad JSON, inconsistent).
@@ -425,14 +430,7 @@ class Database:
             "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
         if row is None:
-            document = SessionDocument(retention=self.retention)
-            now = utc_timestamp()
-            self.conn.execute(
-                "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
-                " VALUES (?, ?, 0, ?, ?)",
-                (session_id, document.epoch, now, now),
-            )
-            return document
+            return SessionDocument(retention=self.retention)
         epoch, version = row
         snapshot = self.conn.execute(
             "SELECT version, written, items FROM snapshots WHERE session_id = ?", (session_id,)
@@ -452,11 +450,24 @@ class Database:
         return document
 
     def append(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Journal ops that follow the stored version of this epoch."""
+        """Journal ops that follow the stored version of this epoch.
+
+        The first change of a session (seq 1, no row yet) creates its row,
+        with the epoch the loaded document got.
+        """
         row = self.conn.execute(
             "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
+        if row is None and ops[0].seq == 1:
+            now = utc_timestamp()
+            self.conn.execute(
+                "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
+                " VALUES (?, ?, 0, ?, ?)",
+                (session_id, epoch, now, now),
+            )
+            row = (epoch, 0)
         if row is None or row[0] != epoch:
+            # No row past seq 1: it was deleted under the live session.
             raise SessionReset(f"session {session_id!r} was deleted or replaced")
         if ops[0].seq != row[1] + 1:
             raise StoreError(
@@ -477,7 +488,9 @@ class Database:
             "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
         if row is None or row[0] != snapshot["epoch"]:
-            return  # deleted or replaced meanwhile: this snapshot describes nothing stored
+            # Never written (nothing to keep), or deleted or replaced meanwhile:
+            # this snapshot describes nothing stored.
+            return
         self.conn.execute(
             "INSERT INTO snapshots (session_id, version, written, items) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (session_id) DO UPDATE SET version = excluded.version,"
@@ -495,6 +508,19 @@ class Database:
             "DELETE FROM journal WHERE session_id = ? AND seq <= ?",
             (session_id, snapshot["version"] - self.retention),
         )
+
+    def forget_unwritten(self) -> int:
+        """Delete the rows of sessions that were only ever visited (version 0,
+        no journal), which earlier versions created on every load; returns
+        how many. Such a session has nothing to keep: loading it again gives
+        the same empty document (with a new epoch, as for any unknown session).
+        """
+        unwritten = (
+            "SELECT session_id FROM sessions WHERE version = 0"
+            " AND NOT EXISTS (SELECT 1 FROM journal WHERE journal.session_id = sessions.session_id)"
+        )
+        self.conn.execute(f"DELETE FROM snapshots WHERE session_id IN ({unwritten})")
+        return self.conn.execute(f"DELETE FROM sessions WHERE session_id IN ({unwritten})").rowcount
 
     # -- admin -------------------------------------------------------------------
 

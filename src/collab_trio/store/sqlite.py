@@ -236,6 +236,14 @@ class SQLiteStore:
         except BaseException:
             os.close(fd)
             raise
+        try:
+            # Rows an earlier version left for sessions that were only visited.
+            forgotten = database.run(lambda db: db.forget_unwritten())
+        except StoreError as exc:
+            log.warning("Could not remove never-written sessions from %s: %s", self.path, exc)
+        else:
+            if forgotten:
+                log.info("Removed %d stored session(s) that were visited but never written", forgotten)
         return database, fd
 
     async def _write_loop(self) -> None:
@@ -398,7 +406,8 @@ class SQLiteStore:
     # -- the Store interface ------------------------------------------------------------
 
     async def load(self, session_id: str) -> SessionDocument:
-        """The stored document (snapshot + journal), or a new one; always a fresh object."""
+        """The stored document (snapshot + journal), or a new one; always a fresh
+        object. Writes nothing: an unknown session is stored from its first commit."""
         return await self._submit(lambda db: db.load(session_id), JOB_BYTES)
 
     async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
