@@ -17,7 +17,7 @@ import trio.testing
 import wsproto
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wsproto.events import CloseConnection, Message, Ping, TextMessage
+from wsproto.events import CloseConnection, TextMessage
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from collab_trio.testing import (
@@ -229,7 +229,8 @@ async def test_only_bytes_nothing_can_replace_count_toward_1013(
             n += 1
             assert n < 100
     assert conn.close_code == 1013
-    assert 15 <= n <= 25  # ~1.1 KB each against a 20 KB budget
+    # ~1.1 KB each, sent at once (no time passes): closed past twice the 20 KB budget.
+    assert 33 <= n <= 40
     # When slow reads at last: what was already written, then the close frame.
     with trio.fail_after(HANG):
         while (message := await slow.next_message()) is not None:
@@ -378,6 +379,25 @@ class _Owner:
     async def wait_for_room(self) -> None: ...
 
 
+async def test_a_client_over_its_budget_for_a_moment_is_kept_but_not_for_a_second(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from collab_trio.config import ServerConfig
+    from collab_trio.connection import Connection
+
+    _, server_side = trio.testing.lockstep_stream_pair()
+    wire = WireStream(server_side)
+    conn = Connection(None, wire, "u", ServerConfig(max_queue_bytes=1000), _Owner())  # type: ignore[arg-type]
+    conn.send_frame(text_frame(b"x" * 1200))
+    assert not conn.closing  # over, but only just now
+    await trio.sleep(0.5)
+    conn.send_frame(text_frame(b"x"))
+    assert not conn.closing
+    await trio.sleep(0.5)
+    conn.send_frame(text_frame(b"x"))
+    assert conn.close_code == 1013  # still over a second later
+
+
 async def test_a_notice_never_tips_a_client_over_its_budget(autojump_clock: trio.abc.Clock) -> None:
     from collab_trio.config import ServerConfig
     from collab_trio.connection import Connection
@@ -387,8 +407,8 @@ async def test_a_notice_never_tips_a_client_over_its_budget(autojump_clock: trio
     owner = _Owner()
     conn = Connection(None, wire, "u", ServerConfig(max_queue_bytes=1000), owner)  # type: ignore[arg-type]
     conn.send_frame(text_frame(b"x" * 990))
-    conn.send_frame(text_frame(b"y" * 100), notice=True)
-    assert not conn.closing and wire.backlog > 1000
+    conn.send_frame(text_frame(b"y" * 1500), notice=True)
+    assert not conn.closing and wire.backlog > 2000
     conn.send_frame(text_frame(b"z"))
     assert conn.close_code == 1013 and owner.closed == [conn]
     # Everything queued was dropped; only the close frame waits.

@@ -715,3 +715,23 @@ def test_pending_bytes_are_utf8_bytes() -> None:
     text = json.dumps({"type": "command", "command": command}, ensure_ascii=False)
     c.receive("alice", "alice", text)
     assert c.pending_bytes == len(text.encode("utf-8")) > len(text)
+
+
+def test_a_batch_holds_at_most_max_batch_bytes_but_always_one_change() -> None:
+    c = core(max_batch_bytes=1000)
+    join(c, "alice", "a")
+
+    def padded(item_id: str, pad: int) -> str:
+        command = {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": {"pad": "p" * pad}}
+        return frame({"type": "command", "command": command})
+
+    big = padded("x", 2000)
+    small = [padded(f"s{n}", 300) for n in range(5)]
+    for text in [big, *small]:
+        c.receive("a", "alice", text)
+    sizes = []
+    while (batch := c.take_batch()) is not None:
+        sizes.append(len(batch.entries))
+        assert len(batch.entries) == 1 or batch.size <= 1000
+        c.committed(batch)
+    assert sizes == [1, 2, 2, 1]

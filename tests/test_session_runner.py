@@ -71,7 +71,7 @@ async def test_a_close_during_a_broadcast_is_announced_after_it(
 
     async def observed(client: Any) -> list[tuple[str, Any]]:
         seen: list[tuple[str, Any]] = []
-        while sum(kind == "command" for kind, _ in seen) < 8:
+        while sum(kind == "command" for kind, _ in seen) < 16:
             message = await client.recv()
             seen.append((message["type"], message.get("seq", message.get("user_id"))))
         return seen
@@ -84,7 +84,8 @@ async def test_a_close_during_a_broadcast_is_announced_after_it(
                 await alice.expect("user:joined")
                 await dave.expect("user:joined")
                 await dave.expect("user:joined")
-                for n in range(8):
+                # carol's queue passes twice its budget (16 x ~150 bytes > 1200).
+                for n in range(16):
                     await alice.send(add(f"a{n}", n))
                 dave_saw, bob_saw = await observed(dave), await observed(bob)
                 assert ("user:left", "carol") in bob_saw

@@ -12,7 +12,8 @@ socket when nothing is queued, else into the client's queue, where a later
 cursor, move of the same item or sync:state replaces a waiting one. Only a
 client whose queue holds more than `max_queue_bytes` that nothing can
 replace, or whose socket takes no bytes for `write_timeout` seconds, is
-closed with 1013; nobody else waits for it.
+closed with 1013 (at once beyond twice that, else after a second over
+it); nobody else waits for it.
 
 Every incoming frame (pings and continuation frames too) takes a token from
 the rate limit; a message split into more than `max_fragments` frames
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # Seconds over which refusals are counted before a connection is closed.
 STRIKE_WINDOW = 10.0
+
+# Seconds a client may stay over its queue budget (up to twice it) before 1013.
+OVER_BUDGET_GRACE = 1.0
 
 # The close code of a connection that ended without a close frame (RFC 6455).
 ABNORMAL_CLOSURE = 1006
@@ -109,6 +113,12 @@ class Connection:
     _message_allowed: bool = True
     # One verdict per complete incoming message, in order: within the rate?
     _verdicts: deque[bool] = attrs.field(factory=deque)
+    # In its session's cork list (send_frame); and whether what waits there
+    # counts toward the budget (anything but notices).
+    _in_cork: bool = False
+    _cork_counts: bool = False
+    # When the backlog went over max_queue_bytes (None: within it).
+    _over_budget_since: float | None = None
 
     def __attrs_post_init__(self) -> None:
         self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
@@ -138,20 +148,58 @@ class Connection:
 
     # -- called by the owner (never awaits) ----------------------------------
 
-    def send_frame(self, frame: bytes, key: Hashable | None = None, *, notice: bool = False) -> None:
+    def send_frame(
+        self,
+        frame: bytes,
+        key: Hashable | None = None,
+        *,
+        notice: bool = False,
+        cork: list[Connection] | None = None,
+    ) -> None:
         """Queue one framed message; close with 1013 if the client can't keep up.
 
         A queued message with the same `key` is replaced by this one. A
         `notice` (someone joined or left) never tips a client over its budget:
-        a close for slowness must not cascade through the session.
+        a close for slowness must not cascade through the session. With
+        `cork`, the frame waits for flush() (this connection joins the list):
+        what one batch of changes sends a client goes out in one write, and
+        the budget is checked then.
         """
-        if self.close_code is not None or not self.wire.write(frame, key):
+        if self.close_code is not None or not self.wire.write(frame, key, corked=cork is not None):
             return  # closing: the message is not for this connection any more
-        if not notice and self.wire.backlog > self.config.max_queue_bytes:
+        if cork is not None:
+            if not self._in_cork:
+                self._in_cork = True
+                cork.append(self)
+            self._cork_counts = self._cork_counts or not notice
+        elif not notice:
+            self._check_budget()
+
+    def flush(self) -> None:
+        """Write what was corked (see send_frame), then check the budget."""
+        self._in_cork = False
+        counts, self._cork_counts = self._cork_counts, False
+        self.wire.flush()
+        if counts and self.close_code is None:
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        """1013 for a client that stays over its budget, or goes far over it.
+
+        A healthy client may be over for a moment (a commit's relays land
+        while its socket buffer is full); one that is still over a second
+        later, or holds twice the budget, is not keeping up.
+        """
+        backlog, budget = self.wire.backlog, self.config.max_queue_bytes
+        if backlog <= budget:
+            self._over_budget_since = None
+            return
+        now = trio.current_time()
+        if self._over_budget_since is None:
+            self._over_budget_since = now
+        if backlog > 2 * budget or now - self._over_budget_since >= OVER_BUDGET_GRACE:
             log.warning(
-                "User %s is too slow (%d bytes queued); closing with 1013",
-                self.user_id,
-                self.wire.backlog,
+                "User %s is too slow (%d bytes queued); closing with 1013", self.user_id, backlog
             )
             self.close(CloseCode.TOO_SLOW, "too slow: outbound queue overflowed", discard=True)
 

@@ -82,6 +82,8 @@ class Session:
     _last_frame: bytes = b""
     # Set once a bug closed the session: a second failure only logs.
     _closing_for_error: bool = False
+    # Members written to while effects run; flushed when they are done.
+    _corked: list[Connection] = attrs.field(factory=list)
 
     @property
     def document(self) -> SessionDocument:
@@ -117,6 +119,8 @@ class Session:
                 max_users=self.config.max_users_per_session,
                 heartbeat_interval=self.config.heartbeat_interval,
                 max_batch_ops=self.config.max_batch_ops,
+                # What one commit sends a member fits in half its queue budget.
+                max_batch_bytes=max(1, self.config.max_queue_bytes // 2),
                 snapshot_bytes=self.config.snapshot_bytes,
                 history_bytes=self.config.history_bytes,
                 max_document_size=self.config.max_document_size,
@@ -247,6 +251,10 @@ class Session:
                     self._failed("carrying out %s" % type(effect).__name__)
         finally:
             self._executing = False
+            # Everything these effects sent a member goes out in one write.
+            corked, self._corked = self._corked, []
+            for conn in corked:
+                conn.flush()
 
     def _failed(self, doing: str) -> None:
         """Log the exception being handled once, then close the session (1011)."""
@@ -265,7 +273,9 @@ class Session:
             message = effect.message
             if message is not self._last_sent:
                 self._last_sent, self._last_frame = message, _frame(message)
-            effect.conn.send_frame(self._last_frame, replace_key(message))  # type: ignore[attr-defined]
+            effect.conn.send_frame(  # type: ignore[attr-defined]
+                self._last_frame, replace_key(message), cork=self._corked
+            )
         elif isinstance(effect, Broadcast):
             recipients = self.core.connections(exclude=effect.exclude)
             if recipients:
@@ -273,8 +283,9 @@ class Session:
                 message = effect.message
                 frame, key = _frame(message), replace_key(message)
                 notice = isinstance(message, NOTICES)
+                corked = self._corked
                 for conn in recipients:
-                    conn.send_frame(frame, key, notice=notice)  # type: ignore[attr-defined]
+                    conn.send_frame(frame, key, notice=notice, cork=corked)  # type: ignore[attr-defined]
         elif isinstance(effect, Close):
             effect.conn.close(effect.code, effect.reason)  # type: ignore[attr-defined]
         elif isinstance(effect, QueueCursor):

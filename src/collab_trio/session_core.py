@@ -252,6 +252,9 @@ class SessionCore:
     # Most changes in one batch: a commit releases at most this many relays to
     # each member (and acks to one sender) at once, well inside their outboxes.
     max_batch_ops: int = 512
+    # Most bytes of changes in one batch (at least one change): what a commit
+    # releases to each member at once stays well inside their queue budget.
+    max_batch_bytes: int = 2 * 1024 * 1024
     # Ask for a snapshot once this many bytes of changes (or the document's
     # size, if larger) were committed since the last one.
     snapshot_bytes: int = MIB
@@ -587,13 +590,20 @@ class SessionCore:
         """The oldest pending entries, with the ops the runner must commit (maybe none).
 
         At most `max_batch_ops` entries (changes and sync requests: each
-        costs one answer). Only one batch is out at a time; answer it with
-        committed() or commit_failed() before taking the next.
+        costs one answer) and `max_batch_bytes` of them (but at least one).
+        Only one batch is out at a time; answer it with committed() or
+        commit_failed() before taking the next.
         """
         if not self._pending or self._in_flight is not None:
             return None
-        entries = tuple(self._pending[: self.max_batch_ops])
-        del self._pending[: self.max_batch_ops]
+        count, size = 0, 0
+        for entry in self._pending[: self.max_batch_ops]:
+            if count and size + entry.size > self.max_batch_bytes:
+                break
+            count += 1
+            size += entry.size
+        entries = tuple(self._pending[:count])
+        del self._pending[:count]
         timestamp = self.clock()
         first = self.document.version + 1
         ops: list[Op] = []

@@ -206,21 +206,29 @@ class WireStream(trio.abc.Stream):
         earlier, self.unclaimed = self.unclaimed, []
         return earlier
 
-    def write(self, data: bytes, key: Hashable | None = None) -> bool:
+    def write(self, data: bytes, key: Hashable | None = None, *, corked: bool = False) -> bool:
         """Queue bytes (whole frames) without awaiting; False once the writer is gone.
 
         A queued entry with the same `key` is dropped: this one supersedes it.
+        `corked`: nothing is written until flush(), so that what one batch of
+        changes sends this client goes out in one write.
         """
         if not self._attached or self._broken is not None or self._write_closed:
             return False
         started = False
-        if not self._queue and not self._writing and self._socket is not None:
+        if not corked and not self._queue and not self._writing and self._socket is not None:
             sent = self._write_now(data)
             if sent == len(data):
                 return True
             if sent:
                 # The rest goes to the writer; a half-written frame can't be replaced.
                 data, key, started = data[sent:], None, True
+        self._append(data, key, started)
+        if not corked:
+            self._wakeup.set()
+        return True
+
+    def _append(self, data: bytes, key: Hashable | None, started: bool) -> None:
         if key is not None:
             old = self._keyed.get(key)
             if old is not None and old.data is not None:
@@ -236,8 +244,26 @@ class WireStream(trio.abc.Stream):
         elif started:
             self._started_bytes = entry.size
         self._enqueued += 1
-        self._wakeup.set()
-        return True
+
+    def flush(self) -> None:
+        """Write what was corked: at once if the socket takes it, else via the writer."""
+        if not self._queue:
+            return
+        if self._writing or self._socket is None or not self._attached:
+            self._wakeup.set()
+            return
+        data, count = self._take()
+        sent = self._write_now(data)
+        if sent == len(data):
+            self._written += count
+        else:
+            # The rest stands for the last entry: the writer finishes it.
+            self._written += count - 1
+            self._enqueued -= 1
+            self._append(data[sent:], None, started=sent > 0)
+            self._wakeup.set()
+        self._progress.set()
+        self._progress = trio.Event()
 
     def write_close(self, code: int, reason: str) -> None:
         """Queue our close frame last: nothing written after it reaches the client.
