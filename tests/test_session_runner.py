@@ -177,3 +177,27 @@ async def test_an_unknown_commit_outcome_closes_the_session_with_1011(
         # Not "not_persisted": that could be a lie. Everyone reloads instead.
         assert (await alice.expect_closed())[0] == 1011
         assert (await bob.expect_closed())[0] == 1011
+
+
+async def test_an_unloaded_session_is_freed_without_waiting_for_the_garbage_collector(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    # A reference cycle through a finished connection would keep the whole
+    # document alive until a full collection (RSS grew with every reload).
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        async with harness.joined("s", "alice") as alice:
+            await alice.send(add("a", 1))
+            await alice.expect("ack")
+            document = weakref.ref(harness.registry.sessions["s"].document)
+        with trio.fail_after(10):
+            while "s" in harness.registry.sessions or harness.registry.draining:
+                await trio.sleep(0.1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert document() is None
+    finally:
+        gc.enable()

@@ -144,6 +144,10 @@ class Connection:
                 nursery.start_soon(self._writer, name=f"writer({self.user_id})")
                 nursery.start_soon(self._cursor_pump, name=f"cursor({self.user_id})")
         finally:
+            # Break the wire -> connection -> session cycle at once, so a
+            # session's document is freed when it unloads, not at the next
+            # full garbage collection.
+            self.wire.on_frames = None
             self.finished.set()
 
     # -- called by the owner (never awaits) ----------------------------------
