@@ -439,3 +439,50 @@ async def test_wire_send_all_waits_its_turn_behind_queued_frames(autojump_clock:
     while len(received) < len(b"oneTWOpongthree"):
         received += await client_side.receive_some()
     assert received == b"oneTWOpongthree"
+
+
+async def test_a_flood_before_the_join_closes_a_member_not_a_ghost(harness: Harness, autojump_clock: trio.abc.Clock) -> None:
+    # The upgrade and 600 pings in one write: the frames are counted at the
+    # join, the rate limit closes the client, and it leaves like any member.
+    async with harness.joined("lab", "bob") as bob:
+        stream = harness.listener.connect()
+        client = RawClient(stream)
+        request = client.ws.send(wsproto.events.Request(host="localhost", target="/ws/lab/ghost"))
+        await stream.send_all(request + client_frame(0x9, b"p") * 600)
+        await bob.expect("user:joined")
+        left = await bob.expect("user:left")
+        assert (left["user_id"], left["reason"]) == ("ghost", "rate_limited")
+        assert [u["user_id"] for u in left["users"]] == ["bob"]
+        assert list(harness.registry.sessions["lab"].members) == ["bob"]
+
+
+def test_moves_replace_each_other_only_with_the_same_fields_in_data() -> None:
+    from collab_trio.document import COMMAND, Op
+    from collab_trio.messages import Relay, replace_key
+
+    def move(data: dict[str, Any]) -> Relay:
+        command = {"action": "move_item", "item_id": "lens", "item_type": "lens", "data": data}
+        return Relay(Op(seq=1, user_id="u", kind=COMMAND, timestamp="t", command=command))
+
+    xy = {"x_mm": 1.0, "y_mm": 2.0}
+    assert replace_key(move(xy)) == replace_key(move({"x_mm": 5.0, "y_mm": 6.0}))
+    assert replace_key(move(xy)) != replace_key(move({"x_mm": 5.0}))
+    assert replace_key(move(xy)) != replace_key(move({**xy, "label": "L1"}))
+
+
+async def test_a_wait_for_room_does_not_count_as_the_clients_silence(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    from tests.test_session_runner import GatedStore
+
+    store = GatedStore()
+    harness: Harness = await start_server(
+        _store=store, idle_timeout=10, max_pending_bytes=10, commit_timeout=100
+    )
+    async with harness.joined("s", "alice") as alice:
+        await alice.send(add_item("a"))  # held by the store: alice's reader waits for room
+        await trio.sleep(30)  # three idle limits
+        store.gate.set()
+        await alice.expect("ack")
+        await alice.send({"type": "ping"})
+        await alice.expect("pong")  # still connected

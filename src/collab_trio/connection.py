@@ -119,6 +119,7 @@ class Connection:
     _cork_counts: bool = False
     # When the backlog went over max_queue_bytes (None: within it).
     _over_budget_since: float | None = None
+    _drains_then: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
@@ -127,6 +128,13 @@ class Connection:
         self.wire.write_timeout = self.config.write_timeout
         # From now on the session's writes queue for this connection's writer.
         self.wire.attach()
+
+    def claim_frames(self) -> None:
+        """Count incoming frames from now on, those seen since the upgrade first.
+
+        Called once the owner has made this connection a member: a close
+        these frames cause (a flood before the join) is then a member's leave.
+        """
         earlier = self.wire.claim(self._frames_arrived)
         if earlier:
             self._frames_arrived(earlier)
@@ -194,14 +202,23 @@ class Connection:
         while its socket buffer is full); one that is still over a second
         later, or holds twice the budget, is not keeping up.
         """
-        backlog, budget = self.wire.backlog, self.config.max_queue_bytes
+        wire, budget = self.wire, self.config.max_queue_bytes
+        backlog = wire.backlog
         if backlog <= budget:
             self._over_budget_since = None
             return
         now = trio.current_time()
-        if self._over_budget_since is None:
-            self._over_budget_since = now
-        if backlog > 2 * budget or now - self._over_budget_since >= OVER_BUDGET_GRACE:
+        if self._over_budget_since is None or wire.drains != self._drains_then:
+            # Over now; or over again after the queue was empty meanwhile.
+            self._over_budget_since, self._drains_then = now, wire.drains
+        # Everything queued, replaceable or not, is bounded too: moves of
+        # ever new item ids never replace each other.
+        hard_cap = 2 * budget + self.config.max_document_size
+        if (
+            backlog > 2 * budget
+            or wire.queued_bytes > hard_cap
+            or now - self._over_budget_since >= OVER_BUDGET_GRACE
+        ):
             log.warning(
                 "User %s is too slow (%d bytes queued); closing with 1013", self.user_id, backlog
             )
@@ -260,6 +277,14 @@ class Connection:
     # -- incoming frames (called by the wire as bytes arrive) ----------------
 
     def _frames_arrived(self, frames: list[tuple[int, bool]]) -> None:
+        # Runs in trio-websocket's reader task: nothing may escape into it.
+        try:
+            self._count_frames(frames)
+        except Exception:
+            log.exception("Internal error while counting the frames of %s", self.user_id)
+            self.close(CloseCode.INTERNAL_ERROR, "internal server error")
+
+    def _count_frames(self, frames: list[tuple[int, bool]]) -> None:
         if self.close_code is not None:
             return
         now = trio.current_time()
@@ -314,8 +339,10 @@ class Connection:
             while True:
                 # Waiting for the store is not the client's silence.
                 deadline, idle.deadline = idle.deadline, math.inf
+                before = trio.current_time()
                 await owner.wait_for_room()
-                idle.deadline = deadline
+                # The wait was not the client's silence: it gets that time back.
+                idle.deadline = deadline + (trio.current_time() - before)
                 message = await ws.get_message()
                 now = trio.current_time()
                 idle.deadline = now + idle_timeout

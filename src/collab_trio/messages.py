@@ -13,7 +13,7 @@ import attrs
 
 from . import __version__
 from .document import Op
-from .protocol import MOVE_FIELDS, PROTOCOL_VERSION, ErrorCode, encode
+from .protocol import PROTOCOL_VERSION, ErrorCode, encode
 
 SERVER_INFO = {"name": "collab-trio", "version": __version__, "protocol": PROTOCOL_VERSION}
 
@@ -234,9 +234,9 @@ def replace_key(message: ServerMessage) -> Hashable | None:
     """What a later message must share with a queued one to make it obsolete.
 
     - a cursor: the same user's next cursor;
-    - a relayed move_item: the next move of the same item that sets the same
-      fields (moves only set those fields, so the later values win whatever
-      came in between);
+    - a relayed move_item: the next move of the same item with the same
+      fields in `data` (moves only set coordinates, so the later values win
+      whatever came in between);
     - a sync:state: the next sync:state (it holds everything).
     Everything else is delivered, in order.
     """
@@ -245,7 +245,9 @@ def replace_key(message: ServerMessage) -> Hashable | None:
         if command is not None and command.get("action") == "move_item":
             data = command.get("data")
             if isinstance(data, dict):
-                return ("move", command.get("item_id"), tuple(f for f in MOVE_FIELDS if f in data))
+                # Same item, same fields (coordinates and anything else sent
+                # along): the later move holds every value the earlier one had.
+                return ("move", command.get("item_id"), command.get("item_type"), tuple(sorted(data)))
         return None
     if isinstance(message, SyncState):
         return ("sync:state",)

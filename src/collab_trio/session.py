@@ -168,11 +168,11 @@ class Session:
             effects = self.core.join(
                 conn, user_id, connected_at=conn.connected_at, can_write=can_write, resume=resume
             )
-        except JoinRefused as exc:
+        except BaseException as exc:
             conn.abandon()
-            if exc.code == CloseCode.SESSION_FULL:
-                raise
-            return None
+            if isinstance(exc, JoinRefused) and exc.code != CloseCode.SESSION_FULL:
+                return None
+            raise
         self._nursery.start_soon(conn.run, name=f"connection({user_id})")
         if reconnect:
             log.info(
@@ -183,6 +183,8 @@ class Session:
         else:
             log.info("User %s joined session %s", user_id, self.session_id)
         self._execute(effects)
+        # Frames that came before the join count now: a flood closes a member.
+        conn.claim_frames()
         return conn
 
     def close_all(self, code: int, reason: str) -> None:
@@ -254,7 +256,10 @@ class Session:
             # Everything these effects sent a member goes out in one write.
             corked, self._corked = self._corked, []
             for conn in corked:
-                conn.flush()
+                try:
+                    conn.flush()
+                except Exception:
+                    self._failed("writing to %s" % conn.user_id)
 
     def _failed(self, doing: str) -> None:
         """Log the exception being handled once, then close the session (1011)."""

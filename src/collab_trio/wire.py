@@ -182,6 +182,9 @@ class WireStream(trio.abc.Stream):
         self._closed = False
         # Our close frame is queued: later writes are dropped.
         self._write_closed = False
+        # Times the queue was emptied (taken for writing): the connection
+        # tells a client that stays over its budget from one over it again.
+        self.drains = 0
         self._send_lock = trio.StrictFIFOLock()
         socket = raw.socket if isinstance(raw, trio.SocketStream) else None
         # Writing to the file descriptor without awaiting: only for plain
@@ -278,10 +281,13 @@ class WireStream(trio.abc.Stream):
             self._write_closed = True
 
     def discard(self) -> None:
-        """Drop everything queued (a client too slow to take it anyway)."""
-        self._queue.clear()
+        """Drop everything queued (a client too slow to take it anyway), but
+        the rest of a frame the socket already took part of."""
+        started = [e for e in self._queue if e.started and e.data is not None]
+        self._queue = deque(started)
         self._keyed.clear()
-        self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
+        self._queued_bytes = self._started_bytes = sum(e.size for e in started)
+        self._replaceable_bytes = 0
 
     def attach(self) -> None:
         """A writer task will run: writes queue from now on."""
@@ -292,6 +298,7 @@ class WireStream(trio.abc.Stream):
         self.discard()
         self._attached = False
         self.on_frames = None
+        self._progress.set()
 
     async def run_writer(self, until: trio.Event) -> None:
         """Write what is queued until `until` is set and the queue is empty.
@@ -347,8 +354,13 @@ class WireStream(trio.abc.Stream):
             async with self._send_lock:
                 await self._send_to_raw(bytes(data))
             return
-        if not self.write(bytes(data)):
+        data = bytes(data)
+        if not self.write(data):
             raise trio.BrokenResourceError("the writer stopped")
+        if data and data[0] & 0x0F == CLOSE:
+            # trio-websocket's close frame (its reply to the client's, or on a
+            # protocol error): nothing may follow it.
+            self._write_closed = True
         mine = self._enqueued
         while self._written < mine and self._attached and self._broken is None:
             await self._progress.wait()
@@ -392,6 +404,7 @@ class WireStream(trio.abc.Stream):
         self._queue = deque()
         self._keyed.clear()
         self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
+        self.drains += 1
         return data, count
 
     def _write_now(self, data: bytes) -> int:
