@@ -492,16 +492,6 @@ def verdicts(results: list[Result]) -> list[tuple[bool | None, str]]:
 # Command line
 
 
-def parse_sessions(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not counts or any(n < 1 or n > 100 for n in counts):
-        raise argparse.ArgumentTypeError("session counts must be between 1 and 100")
-    return counts
-
-
 def parse_stores(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [n for n in names if n not in STORE_CONFIGS]
@@ -527,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=positive(float, 120), default=5.0, help="measured seconds per run (5)")
     parser.add_argument("--warmup", type=positive(float, 60), default=2.0, help="warm-up seconds per run (2)")
     parser.add_argument("--window", type=positive(int, 1000), default=64, help="commands in flight per connection (64)")
-    parser.add_argument("--sessions", type=parse_sessions, default=[1, 10], help="session counts (1,10)")
+    parser.add_argument("--sessions", type=testing.counts_argument("session counts", 1, 100), default=[1, 10], help="session counts (1,10)")
     parser.add_argument("--clients-per-session", type=positive(int, 20), default=1, help="connections per session (1)")
     parser.add_argument("--items", type=positive(int, 10_000), default=50, help="items per connection (50)")
     parser.add_argument(

@@ -1351,16 +1351,6 @@ def run_all(args: argparse.Namespace) -> list[RunResult]:
 # Command line
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values or any(not 2 <= v <= 100 for v in values):
-        raise argparse.ArgumentTypeError("user counts must be between 2 and 100")
-    return values
-
-
 def name_list(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [part.strip() for part in text.split(",") if part.strip()]
@@ -1396,7 +1386,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--generators", type=bounded(int, 1, 16), default=2, help="receiver processes besides the sender's (2)")
     add("--scenarios", type=name_list(SCENARIOS), default=list(SCENARIOS), help="saturated,fixed,lab (all)")
     add("--servers", type=name_list(SERVERS), default=list(SERVERS), help="reference,collab-trio (both)")
-    add("--users", type=int_list, default=None, help="saturated: users per session (10,30,50)")
+    add("--users", type=testing.counts_argument("user counts", 2, 100), default=None, help="saturated: users per session (10,30,50)")
     add("--commands", type=bounded(int, 1, 1_000_000), default=None, help="saturated: commands sent (2000)")
     add("--fixed-users", type=bounded(int, 2, 100), default=10, help="fixed rate: users (10)")
     add("--fixed-rate", type=bounded(float, 1, 100_000), default=300.0, help="fixed rate: commands/s (300)")

@@ -17,6 +17,7 @@ HarnessError (an AssertionError, so pytest reports it as a failed test).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import struct
@@ -679,3 +680,21 @@ async def raw_connect(harness: Harness, path: str, *, lockstep: bool = False) ->
         await client.upgrade(path)
     await client.expect("connection:ack")
     return client
+
+
+# -- command lines of the benchmarks and tools ---------------------------------
+
+
+def counts_argument(what: str, low: int, high: int) -> Callable[[str], list[int]]:
+    """An argparse type: a comma-separated list of whole numbers in [low, high]."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+        if not values or any(not low <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}")
+        return values
+
+    return parse
