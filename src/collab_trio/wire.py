@@ -41,7 +41,7 @@ CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 # memory): the write timeout applies to each piece, so it measures progress.
 WRITE_CHUNK = 64 * 1024
 # Frames kept while no connection claims them yet (between the upgrade and
-# the join); beyond this they are only counted.
+# the join); beyond this they are not counted.
 UNCLAIMED_FRAMES = 1024
 
 _LENGTH_16 = struct.Struct("!BBH")
@@ -164,7 +164,6 @@ class WireStream(trio.abc.Stream):
         # Called with the (opcode, fin) of incoming frames once claimed.
         self.on_frames: Callable[[list[tuple[int, bool]]], None] | None = None
         self.unclaimed: list[tuple[int, bool]] = []
-        self.unclaimed_dropped = 0
         self._counter = FrameCounter()
         self._queue: deque[_Entry] = deque()
         self._keyed: dict[Hashable, _Entry] = {}
@@ -185,7 +184,6 @@ class WireStream(trio.abc.Stream):
         # Times the queue was emptied (taken for writing): the connection
         # tells a client that stays over its budget from one over it again.
         self.drains = 0
-        self._send_lock = trio.StrictFIFOLock()
         socket = raw.socket if isinstance(raw, trio.SocketStream) else None
         # Writing to the file descriptor without awaiting: only for plain
         # sockets on POSIX (TLS needs its stream, Windows can't write() a socket).
@@ -218,17 +216,9 @@ class WireStream(trio.abc.Stream):
         """
         if not self._attached or self._broken is not None or self._write_closed:
             return False
-        started = False
-        if not corked and not self._queue and not self._writing and self._socket is not None:
-            sent = self._write_now(data)
-            if sent == len(data):
-                return True
-            if sent:
-                # The rest goes to the writer; a half-written frame can't be replaced.
-                data, key, started = data[sent:], None, True
-        self._append(data, key, started)
+        self._append(data, key, started=False)
         if not corked:
-            self._wakeup.set()
+            self.flush()
         return True
 
     def _append(self, data: bytes, key: Hashable | None, started: bool) -> None:
@@ -350,9 +340,9 @@ class WireStream(trio.abc.Stream):
             return  # after our close frame: see write_close()
         if not self._attached:
             # No writer (during the upgrade, and after the last flush before
-            # the close handshake): an ordinary write.
-            async with self._send_lock:
-                await self._send_to_raw(bytes(data))
+            # the close handshake): an ordinary write (trio-websocket sends
+            # one at a time under its own lock).
+            await self.raw.send_all(data)
             return
         data = bytes(data)
         if not self.write(data):
@@ -381,8 +371,6 @@ class WireStream(trio.abc.Stream):
                     self.on_frames(frames)
                 elif len(self.unclaimed) < UNCLAIMED_FRAMES:
                     self.unclaimed.extend(frames)
-                else:
-                    self.unclaimed_dropped += len(frames)
         return data
 
     async def aclose(self) -> None:
@@ -423,7 +411,7 @@ class WireStream(trio.abc.Stream):
         if self._socket is None:
             for start in range(0, len(data), WRITE_CHUNK):
                 with trio.move_on_after(self.write_timeout) as scope:
-                    await self._send_to_raw(data[start : start + WRITE_CHUNK])
+                    await self.raw.send_all(data[start : start + WRITE_CHUNK])
                 if scope.cancelled_caught:
                     raise WriteTimeout(f"no bytes accepted for {self.write_timeout:g} s")
             return
@@ -446,6 +434,3 @@ class WireStream(trio.abc.Stream):
                     raise WriteTimeout(f"no bytes accepted for {self.write_timeout:g} s")
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _send_to_raw(self, data: bytes) -> None:
-        await self.raw.send_all(data)
