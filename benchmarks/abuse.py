@@ -26,9 +26,11 @@ Scenarios (--only takes these names):
   resume_large  100 update_item of one item with ~900 KB data, then resumes
                 (?since=0&epoch=E on the URL, and a sync:request since=V-3):
                 the largest message the resuming client receives.
-  small_values  1 MiB messages of ~350k tiny values (a command, a ping with a
-                pad, an unknown type): server CPU per message, and the pong
-                delay of a client in another session meanwhile.
+  small_values  1 MiB messages of many tiny values (a command holding as many
+                empty arrays as the server accepts; a command, a ping with a
+                pad and an unknown type of ~350k {}, which it refuses): server
+                CPU per message, and the pong delay of a client in another
+                session meanwhile.
   floods        with the default rate limit: a WebSocket ping flood, one
                 message in endless empty continuation frames, and messages of
                 200 frames at 100 messages/s: the close code and when it came,
@@ -76,6 +78,7 @@ import attrs
 import trio
 
 from collab_trio import testing
+from collab_trio.protocol import CONTAINER_BYTES, MAX_CONTAINERS_FREE
 
 try:
     import orjson
@@ -1137,10 +1140,25 @@ def padded(prefix: str, suffix: str, size: int, value: str = "{}") -> bytes:
     return (prefix + ",".join([value] * n) + suffix).encode()
 
 
+def densest(prefix: str, suffix: str, size: int) -> bytes:
+    """About `size` bytes holding as many empty arrays as the server accepts
+    (see collab_trio.protocol.MAX_CONTAINERS_FREE), padded with zeros."""
+    arrays = MAX_CONTAINERS_FREE + size // CONTAINER_BYTES - prefix.count("{") - prefix.count("[") - 8
+    body = ",".join(["[]"] * arrays)
+    zeros = max(0, (size - len(prefix) - len(suffix) - len(body)) // 2)
+    return (prefix + body + ",0" * zeros + suffix).encode()
+
+
 async def scenario_small_values(report: Report, scale: Scale) -> None:
     size = MAX_MESSAGE_SIZE - 200
     count = scale.values_count
     kinds: list[tuple[str, str, list[bytes], tuple[str, ...]]] = [
+        ("densest command", "1 MiB command, as many [] as accepted", [
+            text_frame(densest(
+                '{"type":"command","op_id":%d,"command":{"action":"add_item","item_type":"lens",'
+                '"item_id":"dense-%d","data":{"v":[' % (k, k), "]}}}", size))
+            for k in range(count)
+        ], ("ack", "error")),
         ("command", "1 MiB command, data of ~350k {}", [
             text_frame(padded(
                 '{"type":"command","op_id":%d,"command":{"action":"add_item","item_type":"lens",'

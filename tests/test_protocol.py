@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from collab_trio import protocol
 from collab_trio.protocol import (
+    CONTAINER_BYTES,
+    MAX_CONTAINERS_FREE,
     MAX_DEPTH,
     MAX_ID_LENGTH,
     Command,
@@ -325,7 +327,7 @@ def deep_variants(depth: int) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, MAX_DEPTH + 2, 1025, 100_000])
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, MAX_DEPTH + 2, 1025, 4000])
 def test_nesting_is_counted_exactly(depth: int) -> None:
     for value in deep_variants(depth):
         if depth <= MAX_DEPTH:
@@ -335,6 +337,32 @@ def test_nesting_is_counted_exactly(depth: int) -> None:
                 decode(in_message(value))
             assert info.value.code == ErrorCode.INVALID_JSON
             assert info.value.message == f"message is nested deeper than {MAX_DEPTH} levels"
+
+
+def _with_arrays(arrays: int, size: int) -> str:
+    """A ping of `size` characters holding `arrays` empty arrays (plus the
+    message object itself), padded with zeros."""
+    head, body = '{"type":"ping","pad":[', ",".join(["[]"] * arrays)
+    zeros = (size - len(head) - len(body) - 2) // 2
+    text = head + body + ",0" * zeros + "]}"
+    return text + " " * (size - len(text))
+
+
+def test_arrays_and_objects_are_bounded_by_size() -> None:
+    size = 160_000
+    limit = MAX_CONTAINERS_FREE + size // CONTAINER_BYTES  # the message and its pad count too
+    assert decode(_with_arrays(limit - 2, size))["type"] == "ping"
+    with pytest.raises(ProtocolError) as info:
+        decode(_with_arrays(limit - 1, size))
+    assert info.value.code == ErrorCode.INVALID_JSON
+    assert info.value.message.startswith(f"message has more than {limit} arrays and objects")
+    # Brackets inside strings are text, not arrays.
+    text = '{"type":"ping","name":"' + "[{" * 100_000 + '"}'
+    assert decode(text)["name"].startswith("[{[{")
+    # A deep message is refused, by one bound or the other.
+    with pytest.raises(ProtocolError) as info:
+        decode("[" * 100_000 + "]" * 100_000)
+    assert info.value.code == ErrorCode.INVALID_JSON
 
 
 def test_nesting_is_counted_on_the_exact_path_too() -> None:

@@ -24,7 +24,7 @@ import trio.testing
 from collab_trio.config import ServerConfig
 from collab_trio.document import COMMAND, Op
 from collab_trio.store import MemoryStore, SQLiteStore, StoreError, make_store
-from collab_trio.store.sqlite import LOCK_NAME, Database, database_path, job_cost
+from collab_trio.store.sqlite import CHECKPOINT_EVERY, LOCK_NAME, Database, database_path, job_cost
 
 # Generous bound for waits that involve a real thread and a real disk.
 HANG = 10
@@ -300,6 +300,68 @@ def attrs_evolve(config: ServerConfig, **changes: Any) -> ServerConfig:
     import attrs
 
     return attrs.evolve(config, **changes)
+
+
+# -- small commits on an idle writer run at once ------------------------------------------------
+
+
+async def test_a_small_commit_on_an_idle_writer_never_waits_for_another_connection(tmp_path: Path) -> None:
+    """A commit that runs on the event loop must not wait for SQLite's lock:
+    while another connection writes, it goes to the thread, and the loop runs on."""
+    store = SQLiteStore(tmp_path / "data")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.01)
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            before = store.transactions
+            await store.commit("s", epoch, [op(1, "a")])  # idle writer: runs at once
+            assert store.transactions == before + 1 and stored_version(tmp_path / "data", "s") == 1
+            # An admin command holds the write lock for 0.3 s.
+            other = sqlite3.connect(database_path(tmp_path / "data"), isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            nursery.start_soon(ticker)
+            started = trio.current_time()
+            release = trio.Event()
+
+            async def unlock_later() -> None:
+                await trio.sleep(0.3)
+                other.execute("COMMIT")
+                release.set()
+
+            nursery.start_soon(unlock_later)
+            await store.commit("s", epoch, [op(2, "b")])
+            assert release.is_set() and trio.current_time() - started >= 0.3
+            assert ticks >= 10  # the event loop ran while the commit waited
+            assert store.transactions == before + 2 and stored_version(tmp_path / "data", "s") == 2
+            other.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_commits_on_the_event_loop_keep_the_wal_bounded(tmp_path: Path) -> None:
+    """Checkpoints are the writer thread's: after CHECKPOINT_EVERY commits one
+    goes through the thread, which copies the WAL back into the database."""
+    store = SQLiteStore(tmp_path / "data")
+    wal = Path(str(database_path(tmp_path / "data")) + "-wal")
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            sizes = []
+            for seq in range(1, 3 * CHECKPOINT_EVERY + 1):
+                await store.commit("s", epoch, [op(seq, f"i{seq}", size=200)])
+                sizes.append(wal.stat().st_size)
+            nursery.cancel_scope.cancel()
+    assert stored_version(tmp_path / "data", "s") == 3 * CHECKPOINT_EVERY
+    # A checkpoint lets the WAL start over from its beginning: it stops growing.
+    assert max(sizes) == max(sizes[: 2 * CHECKPOINT_EVERY])
 
 
 # -- MemoryStore keeps its own copy ------------------------------------------------------------

@@ -25,7 +25,7 @@ import orjson
 import outcome
 
 from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument
-from ..protocol import utc_timestamp
+from ..protocol import loads, utc_timestamp
 from .base import SessionReset, StoreError
 
 T = TypeVar("T")
@@ -104,7 +104,7 @@ def _loads(text: str) -> Any:
     if _LONG_DIGITS in text.encode("utf-8", "surrogatepass").translate(_DIGIT_MASK):
         return json.loads(text)
     try:
-        return orjson.loads(text)
+        return loads(text)
     except orjson.JSONDecodeError:
         return json.loads(text)  # what orjson refuses and the stdlib read (or its own error)
 
@@ -282,8 +282,13 @@ class Database:
         create: bool = True,
         readonly: bool = False,
         commit_delay: float = 0.0,
+        manual_checkpoints: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        # Transactions committed since the WAL was last checkpointed (with
+        # manual_checkpoints, the caller checkpoints with checkpoint()).
+        self.since_checkpoint = 0
         self.retention = retention
         self.readonly = readonly
         # Fault injection: seconds every transaction waits before COMMIT, as
@@ -327,6 +332,11 @@ class Database:
             else:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute(f"PRAGMA synchronous={FSYNC_MODES[fsync]}")
+                if manual_checkpoints:
+                    # A checkpoint copies the WAL into the database file and
+                    # syncs it: the server does that in its worker thread,
+                    # never inside a commit run on the event loop.
+                    self.conn.execute("PRAGMA wal_autocheckpoint=0")
                 if version < SCHEMA_VERSION:
                     self.conn.executescript(
                         f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
@@ -354,6 +364,29 @@ class Database:
         except sqlite3.Error as exc:
             error = StoreError(f"cannot start a transaction: {_describe(exc)}")
             return [outcome.Error(error) for _ in jobs]
+        return self._run_in_transaction(jobs)
+
+    def run_jobs_now(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome] | None:
+        """run_jobs(), or None at once (nothing done) if another connection
+        holds the write lock: never waits for the busy timeout."""
+        self.conn.execute("PRAGMA busy_timeout=0")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return None
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        return self._run_in_transaction(jobs)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (PASSIVE: never waits for readers)."""
+        self.since_checkpoint = 0
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("Checkpoint of %s failed: %s", self.path, _describe(exc))
+
+    def _run_in_transaction(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome]:
         results: list[outcome.Outcome] = []
         for job in jobs:
             self.conn.execute("SAVEPOINT job")
@@ -380,6 +413,7 @@ class Database:
                 self.conn.execute("ROLLBACK")
             error = StoreError(f"commit failed: {_describe(exc)}")
             return [outcome.Error(error) for _ in jobs]
+        self.since_checkpoint += 1
         return results
 
     def abort_transaction(self) -> None:
