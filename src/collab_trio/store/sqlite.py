@@ -427,7 +427,10 @@ class SQLiteStore:
         """Journal ops in the next group commit, once they fit in the queue.
 
         A small commit that finds the writer idle runs at once on the event
-        loop (see _commit_now); everything else goes through the writer.
+        loop (see _commit_now); everything else goes through the writer. The
+        first is a cancellation point but not a schedule point: the caller
+        (a session's committer) yields before its next batch anyway, and the
+        task switch would cost as much as the commit.
 
         Raises:
             StoreError: nothing was committed (SessionReset if an admin replaced it).
@@ -439,9 +442,6 @@ class SQLiteStore:
         if result is None:
             await self._submit(job, cost)
             return
-        # A schedule point that can't be cancelled: a committed change is
-        # never reported as lost.
-        await trio.lowlevel.cancel_shielded_checkpoint()
         result.unwrap()
 
     def _commit_now(self, job: Callable[[Database], Any], cost: int) -> outcome.Outcome | None:
