@@ -24,7 +24,7 @@ import trio.testing
 from collab_trio.config import ServerConfig
 from collab_trio.document import COMMAND, Op
 from collab_trio.store import MemoryStore, SQLiteStore, StoreError, make_store
-from collab_trio.store.sqlite import CHECKPOINT_EVERY, LOCK_NAME, Database, database_path, job_cost
+from collab_trio.store.sqlite import CHECKPOINT_EVERY, INLINE_AFTER_IDLE, LOCK_NAME, Database, database_path, job_cost
 
 # Generous bound for waits that involve a real thread and a real disk.
 HANG = 10
@@ -322,8 +322,17 @@ async def test_a_small_commit_on_an_idle_writer_never_waits_for_another_connecti
             await nursery.start(store.run)
             epoch = (await store.load("s")).epoch
             before = store.transactions
+            switched = False
+
+            async def mark() -> None:
+                nonlocal switched
+                switched = True
+
+            nursery.start_soon(mark)
             await store.commit("s", epoch, [op(1, "a")])  # idle writer: runs at once
+            assert not switched  # no thread round trip: no other task ran meanwhile
             assert store.transactions == before + 1 and stored_version(tmp_path / "data", "s") == 1
+            await trio.sleep(2 * INLINE_AFTER_IDLE)  # commits back to back go to the thread
             # An admin command holds the write lock for 0.3 s.
             other = sqlite3.connect(database_path(tmp_path / "data"), isolation_level=None)
             other.execute("BEGIN IMMEDIATE")
@@ -356,6 +365,7 @@ async def test_commits_on_the_event_loop_keep_the_wal_bounded(tmp_path: Path) ->
             epoch = (await store.load("s")).epoch
             sizes = []
             for seq in range(1, 3 * CHECKPOINT_EVERY + 1):
+                await trio.sleep(INLINE_AFTER_IDLE)  # each one after a pause: at once
                 await store.commit("s", epoch, [op(seq, f"i{seq}", size=200)])
                 sizes.append(wal.stat().st_size)
             nursery.cancel_scope.cancel()

@@ -334,30 +334,39 @@ class Connection:
     async def _read_loop(self) -> None:
         idle_timeout = self.config.idle_timeout
         owner, ws, verdicts = self.owner, self.ws, self._verdicts
-        # One deadline for the whole connection, moved on by every message.
-        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
-            while True:
-                # Waiting for the store is not the client's silence.
-                deadline, idle.deadline = idle.deadline, math.inf
-                before = trio.current_time()
-                await owner.wait_for_room()
-                # The wait was not the client's silence: it gets that time back.
-                idle.deadline = deadline + (trio.current_time() - before)
-                message = await ws.get_message()
-                now = trio.current_time()
-                idle.deadline = now + idle_timeout
-                if verdicts.popleft() if verdicts else self._bucket.allow(now):
-                    owner.frame_received(self, message)
-                else:
-                    self._rate_limited()
-                if self.close_code is not None:
-                    return
-        if idle.cancelled_caught:
+        # The idle deadline without a deadline change per message (each one
+        # costs a heap update): every message moves `heard` on, and the scope
+        # is armed for `heard + idle_timeout` only when it ends, which is
+        # exact (a client is closed idle_timeout after its last message) at
+        # one scope per idle_timeout.
+        heard = trio.current_time()
+        while True:
+            waiting = False
+            with trio.CancelScope(deadline=heard + idle_timeout):
+                while True:
+                    waiting = True
+                    await owner.wait_for_room()
+                    waiting = False
+                    message = await ws.get_message()
+                    heard = now = trio.current_time()
+                    if verdicts.popleft() if verdicts else self._bucket.allow(now):
+                        owner.frame_received(self, message)
+                    else:
+                        self._rate_limited()
+                    if self.close_code is not None:
+                        return
+            now = trio.current_time()
+            if waiting:
+                heard = now  # waiting for the store is not the client's silence
+                continue
+            if now < heard + idle_timeout:
+                continue  # a message came since the scope was armed
             log.info("User %s sent nothing for %g s; closing with 4000", self.user_id, idle_timeout)
             self.close(
                 CloseCode.IDLE_TIMEOUT,
                 f"heartbeat timeout: nothing received for {idle_timeout:g} s",
             )
+            return
 
     def _rate_limited(self) -> None:
         now = trio.current_time()

@@ -118,13 +118,6 @@ class Op:
         return cls(**record)
 
 
-def _items_assigned(document: SessionDocument, attribute: Any, items: dict[str, dict[str, Any]]) -> Any:
-    # Whoever sets `items` (a load, a replacement) gets the sizes computed once.
-    document._item_sizes = {uuid: encoded_size(item) for uuid, item in items.items()}
-    document._items_bytes = sum(document._item_sizes.values())
-    return items
-
-
 @attrs.define(eq=False)
 class SessionDocument:
     """Items of one session, in insertion order, and the version that counts edits.
@@ -143,7 +136,10 @@ class SessionDocument:
     epoch: str = attrs.field(factory=new_epoch)
     version: int = 0
     written: bool = False
-    items: dict[str, dict[str, Any]] = attrs.field(factory=dict, on_setattr=_items_assigned)
+    # `items` (a property: assigning it computes the sizes once). Not an
+    # on_setattr hook: that would make every attribute assignment of the
+    # class go through a Python-level __setattr__, several per change.
+    _items: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     retention: int = DEFAULT_RETENTION
     history_bytes: int = DEFAULT_HISTORY_BYTES
     history: deque[Op] = attrs.field(init=False)
@@ -156,7 +152,19 @@ class SessionDocument:
 
     def __attrs_post_init__(self) -> None:
         self.history = deque()
-        _items_assigned(self, None, self.items)
+        self.items = self._items
+
+    @property
+    def items(self) -> dict[str, dict[str, Any]]:
+        """The items by uuid, in insertion order."""
+        return self._items
+
+    @items.setter
+    def items(self, items: dict[str, dict[str, Any]]) -> None:
+        # Whoever sets `items` (a load, a replacement) gets the sizes computed once.
+        self._items = items
+        self._item_sizes = {uuid: encoded_size(item) for uuid, item in items.items()}
+        self._items_bytes = sum(self._item_sizes.values())
 
     @property
     def size(self) -> int:

@@ -165,7 +165,9 @@ class WireStream(trio.abc.Stream):
         self.on_frames: Callable[[list[tuple[int, bool]]], None] | None = None
         self.unclaimed: list[tuple[int, bool]] = []
         self._counter = FrameCounter()
-        self._queue: deque[_Entry] = deque()
+        # Plain bytes, or an _Entry for what a key may replace or a partly
+        # written frame (most writes are neither: no object per write).
+        self._queue: deque[bytes | _Entry] = deque()
         self._keyed: dict[Hashable, _Entry] = {}
         self._queued_bytes = 0
         self._replaceable_bytes = 0
@@ -216,12 +218,22 @@ class WireStream(trio.abc.Stream):
         """
         if not self._attached or self._broken is not None or self._write_closed:
             return False
-        self._append(data, key, started=False)
+        if key is None:  # _append's common case, inline: this runs per recipient
+            self._queue.append(data)
+            self._queued_bytes += len(data)
+            self._enqueued += 1
+        else:
+            self._append(data, key, started=False)
         if not corked:
             self.flush()
         return True
 
     def _append(self, data: bytes, key: Hashable | None, started: bool) -> None:
+        if key is None and not started:
+            self._queue.append(data)
+            self._queued_bytes += len(data)
+            self._enqueued += 1
+            return
         if key is not None:
             old = self._keyed.get(key)
             if old is not None and old.data is not None:
@@ -273,7 +285,7 @@ class WireStream(trio.abc.Stream):
     def discard(self) -> None:
         """Drop everything queued (a client too slow to take it anyway), but
         the rest of a frame the socket already took part of."""
-        started = [e for e in self._queue if e.started and e.data is not None]
+        started = [e for e in self._queue if type(e) is _Entry and e.started and e.data is not None]
         self._queue = deque(started)
         self._keyed.clear()
         self._queued_bytes = self._started_bytes = sum(e.size for e in started)
@@ -386,9 +398,10 @@ class WireStream(trio.abc.Stream):
         entries = self._queue
         count = len(entries)
         if count == 1:
-            data = entries[0].data or b""
+            first = entries[0]
+            data = first if type(first) is bytes else first.data or b""
         else:
-            data = b"".join([e.data for e in entries if e.data is not None])
+            data = b"".join([e if type(e) is bytes else e.data or b"" for e in entries])
         self._queue = deque()
         self._keyed.clear()
         self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0

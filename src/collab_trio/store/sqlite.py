@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -78,8 +79,10 @@ DEFAULT_QUEUE_BYTES = ServerConfig().store_queue_bytes
 # What a queued job costs besides its messages: the job, its closure and
 # outcome, the Op objects (bytes; rough, deliberately not zero).
 JOB_BYTES = 256
-# Commits of at most this many bytes may run on the event loop (SQLiteStore._commit_now).
+# Commits of at most this many bytes may run on the event loop, when the last
+# commit ended at least INLINE_AFTER_IDLE seconds ago (SQLiteStore._commit_now).
 INLINE_COMMIT_BYTES = 64 * 1024
+INLINE_AFTER_IDLE = 0.002
 # The writer thread checkpoints the WAL after this many transactions.
 CHECKPOINT_EVERY = 200
 OP_BYTES = 128
@@ -159,7 +162,9 @@ class _Batch:
     done: trio.Event = attrs.field(factory=trio.Event)
 
 
-@attrs.define(eq=False)
+# NO_OP: data_dir's converter runs in __init__ only, so attribute assignments
+# (several per commit) stay plain, not a Python-level __setattr__.
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class SQLiteStore:
     """The durable store: a Database driven by one writer task (see module doc)."""
 
@@ -192,6 +197,8 @@ class SQLiteStore:
     _db_lock: threading.Lock = attrs.field(factory=threading.Lock)
     # How many transactions the writer has committed (for benchmarks).
     transactions: int = 0
+    # When the last commit() ended (see _commit_now).
+    _last_commit: float = -math.inf
 
     @property
     def path(self) -> Path:
@@ -301,6 +308,8 @@ class SQLiteStore:
 
     def _finish_batch(self, batch: _Batch, result: outcome.Outcome) -> None:
         self.transactions += 1
+        if self._in_flight is batch:
+            self._in_flight = None  # at once: a caller woken next may commit at once
         try:
             results = result.unwrap()
         except BaseException as exc:  # noqa: BLE001 - reported to every job of the batch
@@ -439,10 +448,13 @@ class SQLiteStore:
         job = lambda db: db.append(session_id, epoch, ops)  # noqa: E731
         await trio.lowlevel.checkpoint_if_cancelled()
         result = self._commit_now(job, cost)
-        if result is None:
-            await self._submit(job, cost)
-            return
-        result.unwrap()
+        try:
+            if result is None:
+                await self._submit(job, cost)
+                return
+            result.unwrap()
+        finally:
+            self._last_commit = trio.current_time()
 
     def _commit_now(self, job: Callable[[Database], Any], cost: int) -> outcome.Outcome | None:
         """Run one small job on the event loop, if that is cheap and safe now.
@@ -453,10 +465,17 @@ class SQLiteStore:
         is kept), the job is small, COMMIT doesn't fsync, no other connection
         holds the write lock (never waits for it) and no checkpoint is due
         (those run in the thread), the job runs here. None: use the writer.
+
+        Only after a pause in commits, though: commits back to back mean busy
+        sessions, where the thread pays for itself. It runs the transaction
+        beside the event loop while the next batch grows, and big batches
+        mean few writes to each member; inline, batches stay small (measured:
+        14 against 18 us of server CPU per delivery, 10 users saturated).
         """
         database = self._db
         if (
-            database is None
+            trio.current_time() - self._last_commit < INLINE_AFTER_IDLE
+            or database is None
             or self._closing
             or self._in_flight is not None
             or self._queue
