@@ -75,8 +75,9 @@ class ConnectionOwner(Protocol):
     def connection_closed(self, conn: Connection) -> None:
         """close() ran: the connection reads and queues nothing more."""
 
-    async def wait_for_room(self) -> None:
-        """Return when the owner can take another frame (back-pressure)."""
+    async def wait_for_room(self) -> bool | None:
+        """Return when the owner can take another frame (back-pressure);
+        true if that meant waiting."""
 
 
 @attrs.define(eq=False)
@@ -345,7 +346,8 @@ class Connection:
             with trio.CancelScope(deadline=heard + idle_timeout):
                 while True:
                     waiting = True
-                    await owner.wait_for_room()
+                    if await owner.wait_for_room():
+                        heard = trio.current_time()  # the wait was not silence either
                     waiting = False
                     message = await ws.get_message()
                     heard = now = trio.current_time()

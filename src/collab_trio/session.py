@@ -224,12 +224,15 @@ class Session:
             log.info("User %s is now host of session %s", self.core.host, self.session_id)
         self._execute(effects)
 
-    async def wait_for_room(self) -> None:
+    async def wait_for_room(self) -> bool:
         assert self.core is not None
+        waited = False
         while self.core.pending_bytes >= self.config.max_pending_bytes:
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()
+            waited = True
+        return waited
 
     # -- effects -------------------------------------------------------------
 

@@ -31,6 +31,10 @@ from .base import SessionReset, StoreError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# Bytes of WAL after which the server checkpoints (SQLite's own default is
+# 1000 pages, ~4 MiB), and the size the file is cut back to after that.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
 DATABASE_NAME = "collab.sqlite3"
 SCHEMA_VERSION = 1
 FSYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
@@ -289,6 +293,9 @@ class Database:
         # Transactions committed since the WAL was last checkpointed (with
         # manual_checkpoints, the caller checkpoints with checkpoint()).
         self.since_checkpoint = 0
+        # A checkpoint copied the whole WAL: the next write starts it over,
+        # which syncs the WAL header (even with synchronous=NORMAL).
+        self.wal_restart_pending = False
         self.retention = retention
         self.readonly = readonly
         # Fault injection: seconds every transaction waits before COMMIT, as
@@ -335,8 +342,10 @@ class Database:
                 if manual_checkpoints:
                     # A checkpoint copies the WAL into the database file and
                     # syncs it: the server does that in its worker thread,
-                    # never inside a commit run on the event loop.
+                    # never inside a commit run on the event loop; the file
+                    # is cut back to WAL_SIZE_LIMIT when the WAL starts over.
                     self.conn.execute("PRAGMA wal_autocheckpoint=0")
+                    self.conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
                 if version < SCHEMA_VERSION:
                     self.conn.executescript(
                         f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
@@ -378,13 +387,26 @@ class Database:
             self.conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return self._run_in_transaction(jobs)
 
+    def checkpoint_due(self, every: int) -> bool:
+        """Whether `every` transactions or WAL_SIZE_LIMIT bytes of WAL have
+        accumulated since the last checkpoint()."""
+        if self.since_checkpoint >= every:
+            return True
+        try:
+            return os.path.getsize(f"{self.path}-wal") >= WAL_SIZE_LIMIT
+        except OSError:
+            return False
+
     def checkpoint(self) -> None:
         """Copy the WAL into the database file (PASSIVE: never waits for readers)."""
         self.since_checkpoint = 0
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             log.warning("Checkpoint of %s failed: %s", self.path, _describe(exc))
+            return
+        if not busy and frames == copied:
+            self.wal_restart_pending = True
 
     def _run_in_transaction(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome]:
         results: list[outcome.Outcome] = []
@@ -414,6 +436,7 @@ class Database:
             error = StoreError(f"commit failed: {_describe(exc)}")
             return [outcome.Error(error) for _ in jobs]
         self.since_checkpoint += 1
+        self.wal_restart_pending = False
         return results
 
     def abort_transaction(self) -> None:

@@ -6,7 +6,8 @@ thread (group commit), so the event loop never waits on the disk and many
 changes arriving together cost one commit. One exception: a small commit
 that finds the writer idle runs at once on the event loop, when that can't
 wait on the disk or on a lock (WAL with synchronous=NORMAL doesn't fsync at
-COMMIT; checkpoints, which do, are left to the thread; a write lock held by
+COMMIT; checkpoints, and the first write after one (which starts the WAL
+over and syncs its header), are left to the thread; a write lock held by
 another connection sends the commit to the thread instead). A thread round
 trip costs five times such a transaction.
 
@@ -83,7 +84,8 @@ JOB_BYTES = 256
 # commit ended at least INLINE_AFTER_IDLE seconds ago (SQLiteStore._commit_now).
 INLINE_COMMIT_BYTES = 64 * 1024
 INLINE_AFTER_IDLE = 0.002
-# The writer thread checkpoints the WAL after this many transactions.
+# The writer thread checkpoints the WAL after this many transactions (or
+# database.WAL_SIZE_LIMIT bytes of it, whichever comes first).
 CHECKPOINT_EVERY = 200
 OP_BYTES = 128
 # A snapshot is encoded in the writer thread, not on the event loop, so its
@@ -294,7 +296,7 @@ class SQLiteStore:
                     database.abort_transaction()
                     error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
                     return [outcome.Error(error) for _ in jobs]
-                if database.since_checkpoint >= CHECKPOINT_EVERY:
+                if database.checkpoint_due(CHECKPOINT_EVERY):
                     database.checkpoint()  # here, off the event loop
                 return results
 
@@ -463,8 +465,10 @@ class SQLiteStore:
         times a small SQLite transaction in WAL mode with synchronous=NORMAL
         (no fsync at COMMIT). So when nothing is queued or in flight (order
         is kept), the job is small, COMMIT doesn't fsync, no other connection
-        holds the write lock (never waits for it) and no checkpoint is due
-        (those run in the thread), the job runs here. None: use the writer.
+        holds the write lock (never waits for it), no checkpoint is due and
+        the WAL does not start over (both sync the disk: the thread does
+        them), the job runs here. It still reads and writes pages (write(),
+        no sync): the OS page cache's business. None: use the writer.
 
         Only after a pause in commits, though: commits back to back mean busy
         sessions, where the thread pays for itself. It runs the transaction
@@ -483,17 +487,20 @@ class SQLiteStore:
             or cost > INLINE_COMMIT_BYTES
             or self.fsync != "normal"
             or self.fault_commit_delay > 0
-            or database.since_checkpoint >= CHECKPOINT_EVERY
+            or database.wal_restart_pending
+            or database.checkpoint_due(CHECKPOINT_EVERY)
             or not self._db_lock.acquire(blocking=False)
         ):
             return None
         try:
             try:
                 results = database.run_jobs_now([job])
-            except Exception as exc:
+            except BaseException as exc:
+                database.abort_transaction()  # never leave the write lock held
+                if not isinstance(exc, Exception):
+                    raise
                 log.exception("Store error in a commit")
-                database.abort_transaction()
-                return outcome.Error(StoreError(f"internal store error: {type(exc).__name__}: {exc}"))
+                results = [outcome.Error(StoreError(f"internal store error: {type(exc).__name__}: {exc}"))]
         finally:
             self._db_lock.release()
         if results is None:
