@@ -229,11 +229,8 @@ class WireStream(trio.abc.Stream):
         return True
 
     def _append(self, data: bytes, key: Hashable | None, started: bool) -> None:
-        if key is None and not started:
-            self._queue.append(data)
-            self._queued_bytes += len(data)
-            self._enqueued += 1
-            return
+        # write() queues plain bytes itself; this is for the rest: keyed, or
+        # what is left of a frame after a short write.
         if key is not None:
             old = self._keyed.get(key)
             if old is not None and old.data is not None:
