@@ -15,10 +15,8 @@ import pytest
 import trio
 import trio.testing
 import wsproto
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from wsproto.events import CloseConnection, TextMessage
-from wsproto.frame_protocol import FrameProtocol, Opcode
+from wsproto.frame_protocol import Opcode
 
 from collab_trio.testing import (
     HANG,
@@ -32,7 +30,7 @@ from collab_trio.testing import (
     raw_connect,
     sync_request,
 )
-from collab_trio.wire import FrameCounter, WireStream, close_frame, text_frame
+from collab_trio.wire import WireStream, close_frame, text_frame
 
 # -- frames --------------------------------------------------------------------
 
@@ -68,47 +66,6 @@ def test_close_frame_is_what_wsproto_sends_cut_on_a_character(code: int, reason:
     assert parsed.opcode == Opcode.CLOSE
     assert parsed.payload[0] == code
     assert reason.startswith(parsed.payload[1])
-
-
-def _client_frames(frames: list[tuple[int, bytes, bool]]) -> list[bytes]:
-    """Each frame as a client sends it (masked), by wsproto."""
-    protocol = FrameProtocol(client=True, extensions=[])
-    return [protocol._serialize_frame(Opcode(opcode), payload, fin=fin) for opcode, payload, fin in frames]
-
-
-frame_strategy = st.lists(
-    st.tuples(
-        st.sampled_from([0x0, 0x1, 0x2, 0x9, 0xA]),
-        st.binary(max_size=70000).filter(lambda b: True) | st.binary(max_size=200),
-        st.booleans(),
-    ),
-    max_size=12,
-)
-
-
-@settings(max_examples=60, deadline=None)
-@given(frames=frame_strategy, cuts=st.lists(st.integers(min_value=0, max_value=1 << 18), max_size=8))
-def test_frame_counter_finds_every_header_however_the_bytes_are_split(
-    frames: list[tuple[int, bytes, bool]], cuts: list[int]
-) -> None:
-    # Control frames carry at most 125 bytes and are never fragmented.
-    frames = [(op, p[:125] if op >= 8 else p, True if op >= 8 else fin) for op, p, fin in frames]
-    request = b"GET /ws/s/u HTTP/1.1\r\nHost: x\r\n\r\n"
-    data = request + b"".join(_client_frames(frames))
-    counter = FrameCounter()
-    seen: list[tuple[int, bool]] = []
-    start = 0
-    for cut in sorted({min(c, len(data)) for c in cuts}) + [len(data)]:
-        seen += counter.feed(data[start:cut])
-        start = cut
-    assert seen == [(op, fin) for op, _, fin in frames]
-
-
-def test_frame_counter_sees_nothing_before_the_upgrade_ends() -> None:
-    counter = FrameCounter()
-    assert counter.feed(b"GET / HTTP/1.1\r\nHost: x\r") == []
-    # The blank line split across reads, a ping right behind it.
-    assert counter.feed(b"\n\r\n" + client_frame(0x9, b"hi")) == [(0x9, True)]
 
 
 # -- the queue: replacement and budgets -------------------------------------------

@@ -25,6 +25,7 @@ import argparse
 import errno
 import logging
 import sys
+from collections import deque
 from collections.abc import Sequence
 from functools import partial
 
@@ -40,8 +41,10 @@ from collab_trio.cli import (
     serve_until_signalled,
 )
 from collab_trio.config import DEFAULT_PORT, ServerConfig
+from collab_trio.inbound import Event
 from collab_trio.protocol import CloseCode
 from collab_trio.serving import CLIENT_GONE, WebSocketServer, log_client_gone
+from collab_trio.wire import WireStream
 
 log = logging.getLogger("collab_trio.echo")
 
@@ -70,32 +73,83 @@ class EchoApp:
             scope.cancel()
         self._closed.set()
 
-    async def handle(self, request: WebSocketRequest, peer: str, wire: object) -> None:
-        # `wire` (the write queue under the websocket) is unused: echoes go
-        # through trio-websocket's own send path, written as they are sent.
+    async def handle(self, request: WebSocketRequest, peer: str, wire: WireStream) -> None:
         try:
             ws = await request.accept()
         except CLIENT_GONE as exc:
             log_client_gone(peer, exc)
             return
         log.info("Connected: %s path %s", peer, request.path)
+        # Messages come as collab-trio's do: whole text messages taken by the
+        # wire (inbound.py), the rest through trio-websocket, so the
+        # conformance suite tests both paths. Echoes go through
+        # trio-websocket's own send path, written as they are sent.
+        inbox = Inbox()
+        wire.claim(inbox.frames_arrived)
+        wire.before_read = inbox.wait_for_room
+        wire.taking = True
+
+        async def pump() -> None:
+            while True:
+                await inbox.wait_for_room()
+                message = await ws.get_message()
+                wire.consumed += 1
+                inbox.put(message)
+
         closed: CloseReason | None = None
         with trio.CancelScope() as echo_scope:
             self._echo_scopes.add(echo_scope)
             if self._closed.is_set():
                 echo_scope.cancel()
             try:
-                while True:
-                    message = await ws.get_message()
-                    await ws.send_message(message)  # str -> text frame, bytes -> binary
-            except ConnectionClosed as exc:
-                closed = exc.reason
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump)
+                    while True:
+                        message = await inbox.get()
+                        await ws.send_message(message)  # str -> text frame, bytes -> binary
+            except* ConnectionClosed as group:
+                closed = group.exceptions[0].reason  # type: ignore[attr-defined]
             finally:
+                wire.taking = False
                 self._echo_scopes.discard(echo_scope)
         if echo_scope.cancelled_caught:
             with trio.move_on_after(self.config.close_timeout):
                 await ws.aclose(CloseCode.GOING_AWAY, "server shutting down")
         log.info("Closed: %s %s", peer, _describe(closed or ws.closed))
+
+
+# Messages an echo connection holds before it stops reading.
+INBOX_LIMIT = 16
+
+
+@attrs.define(eq=False)
+class Inbox:
+    """One connection's incoming messages from both of the wire's paths, in order."""
+
+    messages: deque[str | bytes] = attrs.field(factory=deque)
+    _arrived: trio.Event = attrs.field(factory=trio.Event)
+    _room: trio.Event = attrs.field(factory=trio.Event)
+
+    def frames_arrived(self, events: list[Event]) -> None:
+        for event in events:
+            if type(event) is str:
+                self.put(event)
+
+    def put(self, message: str | bytes) -> None:
+        self.messages.append(message)
+        self._arrived.set()
+
+    async def get(self) -> str | bytes:
+        while not self.messages:
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        self._room.set()
+        return self.messages.popleft()
+
+    async def wait_for_room(self) -> None:
+        while len(self.messages) >= INBOX_LIMIT:
+            self._room = trio.Event()
+            await self._room.wait()
 
 
 def _describe(reason: CloseReason | None) -> str:

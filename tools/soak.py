@@ -28,7 +28,10 @@ Checked along the way, each mismatch counted as one error:
   move of the same item replaced in a backed-up queue (by design; counted
   apart); relays must name their true sender;
 - `sync:state` answers carry exactly the last seq seen on that connection, and
-  before leaving the client's own items in the state equal what it sent;
+  before leaving the client's own items in the state equal what it sent (a
+  client sends a sync:request only when its last one was answered, as
+  Optiverse does: the server coalesces requests that wait together, by
+  design, into one answer);
 - every ping gets its pong; no `error` message, no unexpected close.
 
 At the end, after every client left: sessions still in the server's registry.
@@ -372,6 +375,8 @@ class SoakClient:
                 return
             await trio.sleep(min(self.rng.uniform(*GAP), stay_until - now))
             kind = self.rng.choices(ACTIONS, WEIGHTS)[0]
+            if kind == "sync:request" and visit.syncs_answered < visit.syncs_sent:
+                kind = "ping"  # one request at a time (see the module docstring)
             if kind == "command":
                 message, op_id = self._next_command()
                 visit.inflight[op_id] = trio.current_time()
@@ -511,6 +516,7 @@ class SoakClient:
             await visit.wait_for(lambda: not visit.inflight)
             visit.pings += 1
             await self._send(ws, "ping", testing.ping())
+            await visit.wait_for(lambda: visit.syncs_answered >= visit.syncs_sent)
             visit.syncs_sent += 1
             await self._send(ws, "sync:request", testing.sync_request())
             await visit.wait_for(lambda: visit.syncs_answered >= visit.syncs_sent)
@@ -520,6 +526,8 @@ class SoakClient:
                 f"{visit.syncs_sent - visit.syncs_answered} sync:request(s) unanswered"
             )
             return
+        if visit.syncs_answered > visit.syncs_sent:
+            self.stats.error(f"{self.who}: {visit.syncs_answered} sync:state for {visit.syncs_sent} request(s)")
         if visit.pongs != visit.pings:
             self.stats.error(f"{self.who}: {visit.pings} ping(s) but {visit.pongs} pong(s)")
         self._check_items(visit.last_state)

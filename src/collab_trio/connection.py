@@ -2,6 +2,8 @@
 
     Connection.run()       in its session's nursery
      ├─ reader             websocket -> owner.frame_received(), within the idle deadline
+     │                     (most messages arrive in trio-websocket's reader task instead,
+     │                     taken out of the byte stream by the wire: see inbound.py)
      ├─ writer             the client's byte queue (wire.py) -> socket, then the close handshake
      └─ cursor             the latest cursor of this user, at most `cursor_rate` a second
 
@@ -36,7 +38,8 @@ from .config import ServerConfig
 from .limits import Strikes, TokenBucket
 from .messages import Error, Forwarded, ServerMessage, encode_message_bytes
 from .protocol import CloseCode, ErrorCode, utc_timestamp
-from .wire import CLOSE, CONTINUATION, PING, WireStream, WriteTimeout, text_frame
+from .inbound import CLOSE, CONTINUATION, PING, Event
+from .wire import WireStream, WriteTimeout, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,10 @@ class Connection:
     # When the backlog went over max_queue_bytes (None: within it).
     _over_budget_since: float | None = None
     _drains_then: int = 0
+    # When the client was last heard from (the idle deadline counts from it),
+    # and the waits for the owner's room under way (they are not silence).
+    _heard: float = attrs.field(factory=trio.current_time)
+    _waiting_room: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
@@ -136,9 +143,15 @@ class Connection:
         Called once the owner has made this connection a member: a close
         these frames cause (a flood before the join) is then a member's leave.
         """
-        earlier = self.wire.claim(self._frames_arrived)
+        wire = self.wire
+        earlier = wire.claim(self._frames_arrived)
         if earlier:
             self._frames_arrived(earlier)
+        # From now on whole text messages come in trio-websocket's reader
+        # task, through _frames_arrived, once the reader below has read what
+        # trio-websocket holds: one task switch and wsproto's parse less each.
+        wire.before_read = self._wait_for_room
+        wire.taking = self.close_code is None
 
     @property
     def closing(self) -> bool:
@@ -156,7 +169,9 @@ class Connection:
             # Break the wire -> connection -> session cycle at once, so a
             # session's document is freed when it unloads, not at the next
             # full garbage collection.
-            self.wire.on_frames = None
+            wire = self.wire
+            wire.on_frames = wire.before_read = None
+            wire.taking = False
             self.finished.set()
 
     # -- called by the owner (never awaits) ----------------------------------
@@ -245,6 +260,7 @@ class Connection:
         if self.close_code is not None:
             return
         self.close_code, self.close_reason = int(code), reason
+        self.wire.taking = False
         self._reader_scope.cancel()
         self._cursor_scope.cancel()
         if discard:
@@ -277,19 +293,27 @@ class Connection:
 
     # -- incoming frames (called by the wire as bytes arrive) ----------------
 
-    def _frames_arrived(self, frames: list[tuple[int, bool]]) -> None:
+    def _frames_arrived(self, events: list[Event]) -> None:
         # Runs in trio-websocket's reader task: nothing may escape into it.
         try:
-            self._count_frames(frames)
+            self._count_frames(events)
         except Exception:
-            log.exception("Internal error while counting the frames of %s", self.user_id)
+            log.exception("Internal error while handling a message from %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
-    def _count_frames(self, frames: list[tuple[int, bool]]) -> None:
+    def _count_frames(self, events: list[Event]) -> None:
         if self.close_code is not None:
             return
         now = trio.current_time()
-        for opcode, fin in frames:
+        for event in events:
+            if type(event) is str:
+                # A whole message the wire took (its frame was counted just before).
+                self._heard = now
+                self._deliver(event, now)
+                if self.close_code is not None:
+                    return
+                continue
+            opcode, fin = event
             if opcode == CLOSE:
                 continue
             allowed = self._bucket.allow(now)
@@ -332,36 +356,50 @@ class Connection:
             log.exception("Internal error while handling a message from %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
+    def _deliver(self, message: str | bytes, now: float) -> None:
+        """One whole message, from either path: to the owner if within the rate."""
+        verdicts = self._verdicts
+        if verdicts.popleft() if verdicts else self._bucket.allow(now):
+            self.owner.frame_received(self, message)
+        else:
+            self._rate_limited()
+
+    async def _wait_for_room(self) -> None:
+        """The owner's back-pressure, before the wire reads more (see claim_frames)."""
+        self._waiting_room += 1
+        try:
+            if await self.owner.wait_for_room():
+                self._heard = trio.current_time()  # the wait was not silence
+        finally:
+            self._waiting_room -= 1
+
     async def _read_loop(self) -> None:
         idle_timeout = self.config.idle_timeout
-        owner, ws, verdicts = self.owner, self.ws, self._verdicts
+        ws, wire = self.ws, self.wire
         # The idle deadline without a deadline change per message (each one
-        # costs a heap update): every message moves `heard` on, and the scope
-        # is armed for `heard + idle_timeout` only when it ends, which is
-        # exact (a client is closed idle_timeout after its last message) at
-        # one scope per idle_timeout.
-        heard = trio.current_time()
+        # costs a heap update): every message moves `_heard` on, and the
+        # scope is armed for `_heard + idle_timeout` only when it ends, which
+        # is exact (a client is closed idle_timeout after its last message)
+        # at one scope per idle_timeout.
+        self._heard = trio.current_time()
         while True:
             waiting = False
-            with trio.CancelScope(deadline=heard + idle_timeout):
+            with trio.CancelScope(deadline=self._heard + idle_timeout):
                 while True:
                     waiting = True
-                    if await owner.wait_for_room():
-                        heard = trio.current_time()  # the wait was not silence either
+                    await self._wait_for_room()
                     waiting = False
                     message = await ws.get_message()
-                    heard = now = trio.current_time()
-                    if verdicts.popleft() if verdicts else self._bucket.allow(now):
-                        owner.frame_received(self, message)
-                    else:
-                        self._rate_limited()
+                    wire.consumed += 1
+                    self._heard = now = trio.current_time()
+                    self._deliver(message, now)
                     if self.close_code is not None:
                         return
             now = trio.current_time()
-            if waiting:
-                heard = now  # waiting for the store is not the client's silence
+            if waiting or self._waiting_room:
+                self._heard = now  # waiting for the store is not the client's silence
                 continue
-            if now < heard + idle_timeout:
+            if now < self._heard + idle_timeout:
                 continue  # a message came since the scope was armed
             log.info("User %s sent nothing for %g s; closing with 4000", self.user_id, idle_timeout)
             self.close(

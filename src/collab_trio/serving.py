@@ -214,7 +214,11 @@ class WebSocketServer:
     async def _handshake(self, stream: trio.abc.Stream) -> None:
         address = stream_address(stream)
         self._per_address[address] = self._per_address.get(address, 0) + 1
-        wire = WireStream(stream, write_timeout=self.config.write_timeout)
+        wire = WireStream(
+            stream,
+            write_timeout=self.config.write_timeout,
+            max_message_size=self.config.max_message_size,
+        )
         try:
             try:
                 async with trio.open_nursery() as ws_nursery:

@@ -19,9 +19,11 @@ same key while it still waits: a client that falls behind gets the latest
 state, not the whole backlog. The connection reads `backlog` (bytes waiting
 that no later message can replace) to decide when a client is too slow.
 
-Incoming bytes pass through a `FrameCounter`, which reads only frame
-headers; the connection gets every frame's opcode and FIN bit (`on_frames`),
-so pings, continuation frames and fragments count toward its rate limit.
+Incoming bytes pass through a `FrameReader` (inbound.py): the connection
+gets every frame's opcode and FIN bit (`on_frames`), so pings, continuation
+frames and fragments count toward its rate limit; and, once it sets
+`taking`, the whole text messages the reader took out of the stream, in the
+same call, in order (trio-websocket gets the rest).
 """
 
 from __future__ import annotations
@@ -29,13 +31,12 @@ from __future__ import annotations
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import trio
 
-# Opcodes (RFC 6455 section 5.2).
-CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+from .inbound import CLOSE, TEXT, Event, FrameReader
 
 # Bytes handed to one write of a stream that is not a plain socket (TLS,
 # memory): the write timeout applies to each piece, so it measures progress.
@@ -70,77 +71,6 @@ class WriteTimeout(Exception):
     """The client's socket accepted no bytes for the write timeout."""
 
 
-class FrameCounter:
-    """Finds the frame headers in a client's byte stream, after its HTTP upgrade.
-
-    Pure: feed it the bytes as they arrive, it returns (opcode, fin) for
-    every frame whose header completed. Payloads are skipped, not copied.
-    """
-
-    def __init__(self) -> None:
-        self._in_http = True
-        self._http_tail = b""
-        self._header = b""
-        self._skip = 0  # payload bytes of the current frame still to come
-
-    def feed(self, data: bytes) -> list[tuple[int, bool]]:
-        frames: list[tuple[int, bool]] = []
-        view = memoryview(data)
-        if self._in_http:
-            # The upgrade request has no body: frames start after its blank line.
-            seen = self._http_tail + bytes(view)
-            end = seen.find(b"\r\n\r\n")
-            if end < 0:
-                self._http_tail = seen[-3:]
-                return frames
-            view = view[end + 4 - len(self._http_tail) :]
-            self._in_http = False
-            self._http_tail = b""
-        position, size = 0, len(view)
-        while position < size:
-            if self._skip:
-                step = min(self._skip, size - position)
-                self._skip -= step
-                position += step
-                continue
-            # A header is 2 to 14 bytes; it may be split between reads.
-            needed = self._header_length(view, position, size)
-            available = len(self._header) + size - position
-            if needed is None or available < needed:
-                self._header += bytes(view[position:])
-                break
-            take = needed - len(self._header)
-            header = self._header + bytes(view[position : position + take])
-            self._header = b""
-            position += take
-            first, second = header[0], header[1]
-            length = second & 0x7F
-            if length == 126:
-                length = int.from_bytes(header[2:4], "big")
-            elif length == 127:
-                length = int.from_bytes(header[2:10], "big")
-            self._skip = length
-            frames.append((first & 0x0F, bool(first & 0x80)))
-        return frames
-
-    def _header_length(self, view: memoryview, position: int, size: int) -> int | None:
-        """Bytes of the header starting here, or None if its second byte hasn't come."""
-        pending = self._header
-        if len(pending) >= 2:
-            second = pending[1]
-        elif len(pending) == 1:
-            if position >= size:
-                return None
-            second = view[position]
-        elif position + 1 < size:
-            second = view[position + 1]
-        else:
-            return None
-        length = second & 0x7F
-        extra = 2 if length == 126 else 8 if length == 127 else 0
-        return 2 + extra + (4 if second & 0x80 else 0)
-
-
 class _Entry:
     """One queued write: its bytes, the key that may replace it, its size."""
 
@@ -158,13 +88,23 @@ class _Entry:
 class WireStream(trio.abc.Stream):
     """A client's stream as trio-websocket sees it; see the module docstring."""
 
-    def __init__(self, raw: trio.abc.Stream, *, write_timeout: float = 10.0) -> None:
+    def __init__(
+        self, raw: trio.abc.Stream, *, write_timeout: float = 10.0, max_message_size: int = 1 << 20
+    ) -> None:
         self.raw = raw
         self.write_timeout = write_timeout
-        # Called with the (opcode, fin) of incoming frames once claimed.
-        self.on_frames: Callable[[list[tuple[int, bool]]], None] | None = None
-        self.unclaimed: list[tuple[int, bool]] = []
-        self._counter = FrameCounter()
+        # Called with the incoming frames' (opcode, fin), and the messages
+        # taken, once claimed.
+        self.on_frames: Callable[[list[Event]], None] | None = None
+        self.unclaimed: list[Event] = []
+        # Take whole text messages out of the stream (see inbound.py); the
+        # claimant counts in `consumed` every message it read from trio-websocket.
+        self.taking = False
+        self.consumed = 0
+        # Awaited before reading more when everything read so far was taken
+        # (the claimant's back-pressure).
+        self.before_read: Callable[[], Awaitable[object]] | None = None
+        self._reader = FrameReader(max_message_size)
         # Plain bytes, or an _Entry for what a key may replace or a partly
         # written frame (most writes are neither: no object per write).
         self._queue: deque[bytes | _Entry] = deque()
@@ -203,7 +143,7 @@ class WireStream(trio.abc.Stream):
         """Every byte queued and not yet handed to the socket."""
         return self._queued_bytes
 
-    def claim(self, on_frames: Callable[[list[tuple[int, bool]]], None]) -> list[tuple[int, bool]]:
+    def claim(self, on_frames: Callable[[list[Event]], None]) -> list[Event]:
         """Route incoming frame headers to `on_frames`; returns those seen so far."""
         self.on_frames = on_frames
         earlier, self.unclaimed = self.unclaimed, []
@@ -296,7 +236,8 @@ class WireStream(trio.abc.Stream):
         """No writer will run after all: drop what was queued, write directly again."""
         self.discard()
         self._attached = False
-        self.on_frames = None
+        self.on_frames = self.before_read = None
+        self.taking = False
         self._progress.set()
 
     async def run_writer(self, until: trio.Event) -> None:
@@ -372,15 +313,26 @@ class WireStream(trio.abc.Stream):
         await self.raw.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.raw.receive_some(max_bytes)
-        if data:
-            frames = self._counter.feed(data)
-            if frames:
+        """The next bytes for trio-websocket: what the frame reader did not take.
+
+        Never empty but at the end of the stream: while everything that
+        arrives is taken, this reads on (after `before_read`).
+        """
+        while True:
+            data = await self.raw.receive_some(max_bytes)
+            if not data:
+                return data
+            taking = self.taking and self.on_frames is not None
+            rest, events = self._reader.feed(data, self.consumed if taking else None)
+            if events:
                 if self.on_frames is not None:
-                    self.on_frames(frames)
+                    self.on_frames(events)
                 elif len(self.unclaimed) < UNCLAIMED_FRAMES:
-                    self.unclaimed.extend(frames)
-        return data
+                    self.unclaimed.extend(events)  # frames only: nothing is taken before a claim
+            if rest:
+                return rest
+            if self.before_read is not None:
+                await self.before_read()
 
     async def aclose(self) -> None:
         self._closed = True
