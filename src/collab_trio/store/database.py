@@ -387,26 +387,33 @@ class Database:
             self.conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         return self._run_in_transaction(jobs)
 
-    def checkpoint_due(self, every: int) -> bool:
-        """Whether `every` transactions or WAL_SIZE_LIMIT bytes of WAL have
-        accumulated since the last checkpoint()."""
-        if self.since_checkpoint >= every:
-            return True
+    def wal_size(self) -> int:
+        """Bytes of the WAL file (0 if there is none)."""
         try:
-            return os.path.getsize(f"{self.path}-wal") >= WAL_SIZE_LIMIT
+            return os.path.getsize(f"{self.path}-wal")
         except OSError:
-            return False
+            return 0
 
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database file (PASSIVE: never waits for readers)."""
-        self.since_checkpoint = 0
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database file (PASSIVE: never waits for
+        readers), on a connection of its own: this one may commit meanwhile
+        (a PASSIVE checkpoint takes no write lock). Safe in any thread. True
+        if the whole WAL was copied: the next write starts it over. The
+        caller resets since_checkpoint and wal_restart_pending.
+        """
         try:
-            busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             log.warning("Checkpoint of %s failed: %s", self.path, _describe(exc))
-            return
-        if not busy and frames == copied:
-            self.wal_restart_pending = True
+            return False
+        try:
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("Checkpoint of %s failed: %s", self.path, _describe(exc))
+            return False
+        finally:
+            conn.close()
+        return not busy and frames == copied
 
     def _run_in_transaction(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome]:
         results: list[outcome.Outcome] = []

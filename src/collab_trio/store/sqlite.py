@@ -53,6 +53,7 @@ from .base import OutcomeUnknown, StoreError
 from .database import (
     DATABASE_NAME,
     SCHEMA_VERSION,
+    WAL_SIZE_LIMIT,
     Database,
     SessionInfo,
     database_path,
@@ -84,9 +85,15 @@ JOB_BYTES = 256
 # commit ended at least INLINE_AFTER_IDLE seconds ago (SQLiteStore._commit_now).
 INLINE_COMMIT_BYTES = 64 * 1024
 INLINE_AFTER_IDLE = 0.002
-# The writer thread checkpoints the WAL after this many transactions (or
-# database.WAL_SIZE_LIMIT bytes of it, whichever comes first).
+# The WAL is checkpointed after this many transactions (or
+# database.WAL_SIZE_LIMIT bytes of it, whichever comes first), in a thread
+# and on a connection of its own (SQLiteStore._maybe_checkpoint).
 CHECKPOINT_EVERY = 200
+# An inline commit looks at the WAL file's size every this many transactions.
+WAL_SIZE_CHECK_EVERY = 8
+# A checkpoint that commits overtook (the WAL goes on) is tried again after
+# this many more transactions.
+CHECKPOINT_RETRY = 20
 OP_BYTES = 128
 # A snapshot is encoded in the writer thread, not on the event loop, so its
 # cost is estimated per item rather than measured.
@@ -197,8 +204,15 @@ class SQLiteStore:
     _writer_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     # Held by whichever thread uses the connection: a transaction, or the close.
     _db_lock: threading.Lock = attrs.field(factory=threading.Lock)
+    # Set while a checkpoint runs (in its own thread, on its own connection).
+    _checkpoint_done: trio.Event | None = None
+    # The WAL file outgrew WAL_SIZE_LIMIT: the writer thread checkpoints,
+    # holding the connection, before its next transaction.
+    _wal_full: bool = False
     # How many transactions the writer has committed (for benchmarks).
     transactions: int = 0
+    # Checkpoints that copied the whole WAL (the next write starts it over).
+    checkpoints: int = 0
     # When the last commit() ended (see _commit_now).
     _last_commit: float = -math.inf
 
@@ -285,9 +299,15 @@ class SQLiteStore:
         assert self._db is not None
         database, token = self._db, trio.lowlevel.current_trio_token()
         jobs = [job.fn for job in batch.jobs]
+        wal_full, self._wal_full = self._wal_full, False
 
         def transact() -> list[outcome.Outcome]:
             with self._db_lock:
+                if wal_full:
+                    # No commit can overtake this one: the WAL starts over
+                    # with the transaction below.
+                    database.since_checkpoint = 0
+                    database.checkpoint()
                 try:
                     results = database.run_jobs(jobs)
                 except Exception as exc:
@@ -296,8 +316,6 @@ class SQLiteStore:
                     database.abort_transaction()
                     error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
                     return [outcome.Error(error) for _ in jobs]
-                if database.checkpoint_due(CHECKPOINT_EVERY):
-                    database.checkpoint()  # here, off the event loop
                 return results
 
         def deliver(result: outcome.Outcome) -> None:
@@ -312,6 +330,7 @@ class SQLiteStore:
         self.transactions += 1
         if self._in_flight is batch:
             self._in_flight = None  # at once: a caller woken next may commit at once
+        self._after_commit(check_size=True)
         try:
             results = result.unwrap()
         except BaseException as exc:  # noqa: BLE001 - reported to every job of the batch
@@ -356,6 +375,10 @@ class SQLiteStore:
                 )
                 for job in batch.jobs:
                     self._finish(job, outcome.Error(unknown))
+        if self._checkpoint_done is not None:
+            # Its own connection: bounded like the rest, then closed anyway.
+            with trio.move_on_after(self.close_timeout):
+                await self._checkpoint_done.wait()
         database, fd = self._db, self._lock_fd
         self._db = self._lock_fd = None
         if database is None and fd is None:
@@ -488,7 +511,7 @@ class SQLiteStore:
             or self.fsync != "normal"
             or self.fault_commit_delay > 0
             or database.wal_restart_pending
-            or database.checkpoint_due(CHECKPOINT_EVERY)
+            or self._wal_full
             or not self._db_lock.acquire(blocking=False)
         ):
             return None
@@ -506,7 +529,71 @@ class SQLiteStore:
         if results is None:
             return None  # another connection writes: the writer waits for it
         self.transactions += 1
+        self._after_commit(check_size=not database.since_checkpoint % WAL_SIZE_CHECK_EVERY)
         return results[0]
+
+    def _after_commit(self, *, check_size: bool) -> None:
+        """Start a checkpoint after CHECKPOINT_EVERY transactions; with
+        `check_size`, see whether the WAL file outgrew WAL_SIZE_LIMIT.
+
+        A checkpoint copies the WAL into the database file and syncs it (~2 ms
+        here, more on a busy disk), so it runs in a thread and on a
+        connection of its own (a PASSIVE checkpoint takes no write lock):
+        commits go on meanwhile and none waits for it. Commits that overtake
+        it keep the WAL from starting over; it is tried again a little later,
+        and should the WAL still outgrow WAL_SIZE_LIMIT, the writer thread
+        checkpoints before its next transaction, the connection held (the
+        old way: bounded, at the cost of that one commit's latency).
+        Between a checkpoint's start and the next commit through the writer
+        thread no commit runs on the event loop: the write after a checkpoint
+        that copied everything starts the WAL over, which syncs its header.
+        """
+        database = self._db
+        if database is None or self._closing:
+            return
+        if check_size and database.wal_size() > WAL_SIZE_LIMIT:
+            self._wal_full = True
+            return
+        if self._checkpoint_done is not None or database.since_checkpoint < CHECKPOINT_EVERY:
+            return
+        database.since_checkpoint = 0
+        database.wal_restart_pending = True
+        token, done, before = trio.lowlevel.current_trio_token(), trio.Event(), self.transactions
+        self._checkpoint_done = done
+
+        def on_loop(result: outcome.Outcome) -> None:
+            self._checkpoint_done = None
+            done.set()
+            try:
+                copied_all = result.unwrap()
+            except Exception:  # noqa: BLE001 - logged; the next one may succeed
+                log.exception("Checkpoint of %s failed", self.path)
+                copied_all = False
+            if not copied_all or self.transactions != before:
+                # The WAL goes on: nothing starts over; try again soon.
+                database.wal_restart_pending = False
+                database.since_checkpoint = max(database.since_checkpoint, CHECKPOINT_EVERY - CHECKPOINT_RETRY)
+            else:
+                self.checkpoints += 1
+
+        def finished(result: outcome.Outcome) -> None:
+            try:
+                token.run_sync_soon(on_loop, result)
+            except trio.RunFinishedError:
+                pass
+
+        trio.lowlevel.start_thread_soon(database.checkpoint, finished, name="collab-trio checkpoint")
+
+    @property
+    def checkpointing(self) -> bool:
+        """True while a checkpoint runs (see _after_commit)."""
+        return self._checkpoint_done is not None
+
+    async def checkpoint_finished(self) -> None:
+        """Return once no checkpoint runs (see _after_commit)."""
+        while self._checkpoint_done is not None:
+            await self._checkpoint_done.wait()
+        await trio.lowlevel.checkpoint()
 
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Store a snapshot in the next group commit (encoded in the writer thread)."""
