@@ -203,6 +203,17 @@ class Connection:
         elif not notice:
             self._check_budget()
 
+    def send_frames(self, frames: list[bytes], *, counts: bool, cork: list[Connection]) -> None:
+        """Queue framed messages no later one replaces, corked (see send_frame);
+        `counts`: some of them count toward the budget (not only notices)."""
+        if self.close_code is not None or not self.wire.write_many(frames):
+            return
+        if not self._in_cork:
+            self._in_cork = True
+            cork.append(self)
+        if counts:
+            self._cork_counts = True
+
     def flush(self) -> None:
         """Write what was corked (see send_frame), then check the budget."""
         self._in_cork = False

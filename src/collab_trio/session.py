@@ -84,6 +84,12 @@ class Session:
     _closing_for_error: bool = False
     # Members written to while effects run; flushed when they are done.
     _corked: list[Connection] = attrs.field(factory=list)
+    # Frames no later message replaces, per member, gathered while effects
+    # run and handed over in one call each (a batch of 400 relays costs each
+    # member one call, not 400); and the members some of them count for in
+    # the queue budget (anything but join/leave notices).
+    _gathered: dict[Connection, list[bytes]] = attrs.field(factory=dict)
+    _gathered_count: set[Connection] = attrs.field(factory=set)
 
     @property
     def document(self) -> SessionDocument:
@@ -256,6 +262,13 @@ class Session:
                     self._failed("carrying out %s" % type(effect).__name__)
         finally:
             self._executing = False
+            gathered, self._gathered = self._gathered, {}
+            counted, self._gathered_count = self._gathered_count, set()
+            for conn, frames in gathered.items():
+                try:
+                    conn.send_frames(frames, counts=conn in counted, cork=self._corked)
+                except Exception:
+                    self._failed("writing to %s" % conn.user_id)
             # Everything these effects sent a member goes out in one write.
             corked, self._corked = self._corked, []
             for conn in corked:
@@ -275,15 +288,31 @@ class Session:
             self._closing_for_error = True
             self._execute(self.core.close_all(CloseCode.INTERNAL_ERROR, "internal server error; reconnect"))
 
+    def _hand_over(self, conn: Connection) -> None:
+        """Queue what was gathered for `conn` now: something else for it comes next."""
+        frames = self._gathered.pop(conn, None)
+        if frames is not None:
+            conn.send_frames(frames, counts=conn in self._gathered_count, cork=self._corked)
+            self._gathered_count.discard(conn)
+
     def _carry_out(self, effect: Effect) -> None:
         assert self.core is not None
+        gathered = self._gathered
         if isinstance(effect, Send):
             message = effect.message
             if message is not self._last_sent:
                 self._last_sent, self._last_frame = message, _frame(message)
-            effect.conn.send_frame(  # type: ignore[attr-defined]
-                self._last_frame, replace_key(message), cork=self._corked
-            )
+            conn, key = effect.conn, replace_key(message)
+            if key is None:
+                frames = gathered.get(conn)  # type: ignore[call-overload]
+                if frames is None:
+                    gathered[conn] = [self._last_frame]  # type: ignore[index]
+                else:
+                    frames.append(self._last_frame)
+                self._gathered_count.add(conn)  # type: ignore[arg-type]
+            else:
+                self._hand_over(conn)  # type: ignore[arg-type]
+                conn.send_frame(self._last_frame, key, cork=self._corked)  # type: ignore[attr-defined]
         elif isinstance(effect, Broadcast):
             recipients = self.core.connections(exclude=effect.exclude)
             if recipients:
@@ -291,14 +320,27 @@ class Session:
                 message = effect.message
                 frame, key = _frame(message), replace_key(message)
                 notice = isinstance(message, NOTICES)
-                corked = self._corked
-                for conn in recipients:
-                    conn.send_frame(frame, key, notice=notice, cork=corked)  # type: ignore[attr-defined]
+                if key is None:
+                    for conn in recipients:
+                        frames = gathered.get(conn)  # type: ignore[call-overload]
+                        if frames is None:
+                            gathered[conn] = [frame]  # type: ignore[index]
+                        else:
+                            frames.append(frame)
+                    if not notice:
+                        self._gathered_count.update(recipients)  # type: ignore[arg-type]
+                else:
+                    corked = self._corked
+                    for conn in recipients:
+                        self._hand_over(conn)  # type: ignore[arg-type]
+                        conn.send_frame(frame, key, notice=notice, cork=corked)  # type: ignore[attr-defined]
         elif isinstance(effect, Close):
+            self._hand_over(effect.conn)  # type: ignore[arg-type]
             effect.conn.close(effect.code, effect.reason)  # type: ignore[attr-defined]
         elif isinstance(effect, QueueCursor):
             effect.conn.queue_cursor(effect.message)  # type: ignore[attr-defined]
         elif isinstance(effect, Refuse):
+            self._hand_over(effect.conn)  # type: ignore[arg-type]
             effect.conn.refuse_forbidden(effect.ref)  # type: ignore[attr-defined]
         elif isinstance(effect, WantCommit):
             self._commit_wanted.set()

@@ -117,6 +117,7 @@ class WireStream(trio.abc.Stream):
         self._writing = False
         self._wakeup = trio.Event()
         self._progress = trio.Event()
+        self._progress_waiters = 0  # send_all() calls waiting on _progress
         self._written = 0  # entries written so far (send_all waits on this)
         self._enqueued = 0
         self._broken: BaseException | None = None
@@ -168,6 +169,16 @@ class WireStream(trio.abc.Stream):
             self.flush()
         return True
 
+    def write_many(self, frames: list[bytes]) -> bool:
+        """Queue whole frames no later one replaces, corked: flush() writes
+        them. False once the writer is gone."""
+        if not self._attached or self._broken is not None or self._write_closed:
+            return False
+        self._queue.extend(frames)
+        self._queued_bytes += sum(map(len, frames))
+        self._enqueued += len(frames)
+        return True
+
     def _append(self, data: bytes, key: Hashable | None, started: bool) -> None:
         # write() queues plain bytes itself; this is for the rest: keyed, or
         # what is left of a frame after a short write.
@@ -204,8 +215,8 @@ class WireStream(trio.abc.Stream):
             self._enqueued -= 1
             self._append(data[sent:], None, started=sent > 0)
             self._wakeup.set()
-        self._progress.set()
-        self._progress = trio.Event()
+        if self._progress_waiters:
+            self._progressed()
 
     def write_close(self, code: int, reason: str) -> None:
         """Queue our close frame last: nothing written after it reaches the client.
@@ -264,8 +275,8 @@ class WireStream(trio.abc.Stream):
                 finally:
                     self._writing = False
                 self._written += count
-                self._progress.set()
-                self._progress = trio.Event()
+                if self._progress_waiters:
+                    self._progressed()
         except BaseException as exc:
             if self._broken is None:
                 self._broken = exc
@@ -302,8 +313,12 @@ class WireStream(trio.abc.Stream):
             # protocol error): nothing may follow it.
             self._write_closed = True
         mine = self._enqueued
-        while self._written < mine and self._attached and self._broken is None:
-            await self._progress.wait()
+        self._progress_waiters += 1
+        try:
+            while self._written < mine and self._attached and self._broken is None:
+                await self._progress.wait()
+        finally:
+            self._progress_waiters -= 1
         if self._broken is not None and self._written < mine:
             raise trio.BrokenResourceError("the writer stopped") from None
         # Otherwise written, or dropped with the rest of a too-slow client's queue.
@@ -342,17 +357,23 @@ class WireStream(trio.abc.Stream):
 
     # -- internals ---------------------------------------------------------------
 
+    def _progressed(self) -> None:
+        """Wake the send_all() calls waiting for entries to be written."""
+        self._progress.set()
+        self._progress = trio.Event()
+
     def _take(self) -> tuple[bytes, int]:
         """Everything queued, joined for one write, and how many entries it was."""
         entries = self._queue
         count = len(entries)
         if count == 1:
-            first = entries[0]
+            first = entries.popleft()
             data = first if type(first) is bytes else first.data or b""
         else:
             data = b"".join([e if type(e) is bytes else e.data or b"" for e in entries])
-        self._queue = deque()
-        self._keyed.clear()
+            entries.clear()
+        if self._keyed:
+            self._keyed.clear()
         self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
         self.drains += 1
         return data, count
