@@ -73,6 +73,14 @@ class Store(Protocol):
             StoreError: nothing was committed.
         """
 
+    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+        """commit(), without awaiting, if the store can do that cheaply now;
+        False (nothing done) if not: then use commit().
+
+        Raises:
+            SessionReset, StoreError: as commit() (nothing was committed).
+        """
+
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Record the document at snapshot["version"] so loading skips older ops.
 

@@ -57,6 +57,10 @@ class MemoryStore:
             document.remember(_copy_op(op))
         return document
 
+    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+        """Never: every commit goes through commit(), where tests inject faults."""
+        return False
+
     async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
         """Apply copies of the ops to the stored document.
 

@@ -481,6 +481,20 @@ class SQLiteStore:
         finally:
             self._last_commit = trio.current_time()
 
+    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+        """commit() on the event loop, without awaiting, when _commit_now can;
+        False if not (nothing done).
+
+        Raises:
+            StoreError: nothing was committed (SessionReset if an admin replaced it).
+        """
+        result = self._commit_now(lambda db: db.append(session_id, epoch, ops), job_cost(ops))
+        if result is None:
+            return False
+        self._last_commit = trio.current_time()
+        result.unwrap()
+        return True
+
     def _commit_now(self, job: Callable[[Database], Any], cost: int) -> outcome.Outcome | None:
         """Run one small job on the event loop, if that is cheap and safe now.
 
