@@ -319,6 +319,63 @@ async def test_fragmented_messages_over_the_rate_are_dropped_like_whole_ones(
     assert seen == ["pong", "pong", "error"]
 
 
+async def test_whole_messages_over_the_rate_are_dropped_too(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # Whole single-frame messages are taken out of the stream by the wire
+    # (inbound.py): the same verdict per frame applies to them.
+    harness: Harness = await start_server(rate_limit=0.001, rate_burst=2, rate_strikes=100)
+    client = await raw_connect(harness, "/ws/s/whole")
+    await client.stream.send_all(client_frame(OPCODE_TEXT, b'{"type":"ping"}') * 4)
+    seen = [(await client.next_message())["type"] for _ in range(3)]
+    assert seen == ["pong", "pong", "error"]
+
+
+async def test_messages_keep_their_order_across_fragmented_and_whole_frames(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    """Fragmented messages go through wsproto, whole ones are taken by the
+    wire: sent in one write, interleaved with pings, they still apply in order."""
+    watcher = await raw_connect(harness, "/ws/s/order-watch")
+    sender = await raw_connect(harness, "/ws/s/order")
+    await watcher.expect("user:joined")
+
+    def fragmented(message: dict[str, Any]) -> bytes:
+        text = json.dumps(message).encode()
+        pieces = [text[:10], text[10:20], text[20:]]
+        frames = [client_frame(OPCODE_TEXT if i == 0 else 0x0, p, fin=i == 2) for i, p in enumerate(pieces)]
+        return frames[0] + client_frame(0x9, b"between") + frames[1] + frames[2]
+
+    def whole(message: dict[str, Any]) -> bytes:
+        return client_frame(OPCODE_TEXT, json.dumps(message).encode())
+
+    data = (
+        fragmented(add_item("a", {"x_mm": 1.0}))
+        + whole(move_item("a", {"x_mm": 2.0}))
+        + whole(add_item("b", {"x_mm": 3.0}))
+        + fragmented(move_item("b", {"x_mm": 4.0}))
+        + whole(move_item("a", {"x_mm": 5.0}))
+    )
+    await sender.stream.send_all(data)
+    relays = [await watcher.expect("command") for _ in range(5)]
+    assert [(r["command"]["action"], r["command"]["item_id"], r["command"]["data"]["x_mm"]) for r in relays] == [
+        ("add_item", "a", 1.0),
+        ("move_item", "a", 2.0),
+        ("add_item", "b", 3.0),
+        ("move_item", "b", 4.0),
+        ("move_item", "a", 5.0),
+    ]
+    assert [r["seq"] for r in relays] == sorted(r["seq"] for r in relays)
+    acks = []
+    with trio.fail_after(HANG):
+        while len(acks) < 5:
+            message = await sender.next_message()
+            assert isinstance(message, dict) and message["type"] != "error", message
+            if message["type"] == "ack":
+                acks.append(message["seq"])
+    assert acks == [r["seq"] for r in relays]
+
+
 # -- notices don't cascade -------------------------------------------------------
 
 
