@@ -536,6 +536,23 @@ class Database:
         The first change of a session (seq 1, no row yet) creates its row,
         with the epoch the loaded document got.
         """
+        # The common case in one statement: the row is there, in this epoch,
+        # at the version these ops follow.
+        moved = self.conn.execute(
+            "UPDATE sessions SET version = ?, updated_at = ?"
+            " WHERE session_id = ? AND epoch = ? AND version = ?",
+            (ops[-1].seq, ops[-1].timestamp, session_id, epoch, ops[0].seq - 1),
+        ).rowcount
+        if not moved:
+            self._first_append(session_id, epoch, ops)
+        self.conn.executemany(
+            "INSERT INTO journal (session_id, seq, op) VALUES (?, ?, ?)",
+            [(session_id, op.seq, _op_to_json(op)) for op in ops],
+        )
+
+    def _first_append(self, session_id: str, epoch: str, ops: list[Op]) -> None:
+        """append() when its UPDATE found no row to move on: create the row
+        of a new session, or say what is wrong."""
         row = self.conn.execute(
             "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
@@ -543,25 +560,14 @@ class Database:
             now = utc_timestamp()
             self.conn.execute(
                 "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
-                " VALUES (?, ?, 0, ?, ?)",
-                (session_id, epoch, now, now),
+                " VALUES (?, ?, ?, ?, ?)",
+                (session_id, epoch, ops[-1].seq, now, ops[-1].timestamp),
             )
-            row = (epoch, 0)
+            return
         if row is None or row[0] != epoch:
             # No row past seq 1: it was deleted under the live session.
             raise SessionReset(f"session {session_id!r} was deleted or replaced")
-        if ops[0].seq != row[1] + 1:
-            raise StoreError(
-                f"session {session_id!r}: op {ops[0].seq} does not follow stored version {row[1]}"
-            )
-        self.conn.executemany(
-            "INSERT INTO journal (session_id, seq, op) VALUES (?, ?, ?)",
-            [(session_id, op.seq, _op_to_json(op)) for op in ops],
-        )
-        self.conn.execute(
-            "UPDATE sessions SET version = ?, updated_at = ? WHERE session_id = ?",
-            (ops[-1].seq, ops[-1].timestamp, session_id),
-        )
+        raise StoreError(f"session {session_id!r}: op {ops[0].seq} does not follow stored version {row[1]}")
 
     def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Store a snapshot (never an older one) and compact the journal behind it."""
