@@ -16,7 +16,9 @@ import trio.testing
 
 from collab_trio.session_core import SessionCore
 from collab_trio.store import MemoryStore, OutcomeUnknown
-from collab_trio.testing import Harness, add_item
+from wsproto.events import CloseConnection
+
+from collab_trio.testing import HANG, OPCODE_TEXT, Harness, add_item, client_frame, raw_connect
 
 
 @attrs.define(eq=False)
@@ -59,6 +61,66 @@ async def test_a_slow_store_stops_the_readers_instead_of_growing_memory(
         assert [a["op_id"] for a in acks] == list(range(100))
         assert session.core.pending_bytes == 0
         print(f"pending bytes held at {held} (limit {limit}, one message {size}); 100 of 100 acked")
+
+
+# What the wire reads at once (serving.RECEIVE_BUFFER_SIZE): the most that
+# reaches a session before its back-pressure applies.
+ONE_READ = 64 * 1024
+PONG = 0xA
+
+
+async def test_control_frames_among_the_messages_do_not_get_past_the_back_pressure(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # Whole messages are taken out of the stream by the wire; a pong after
+    # each one is handed on to trio-websocket. Neither may keep the reader
+    # going while the session waits for the store.
+    store = GatedStore()
+    limit = 4000
+    harness: Harness = await start_server(_store=store, max_pending_bytes=limit)
+    alice = await raw_connect(harness, "/ws/s/alice")
+    size = 0
+    for n in range(200):
+        text = json.dumps(add(f"a{n}", n, padding=3000)).encode()
+        size = len(text)
+        await alice.stream.send_all(client_frame(OPCODE_TEXT, text) + client_frame(PONG, b""))
+    await trio.testing.wait_all_tasks_blocked()
+    session = harness.registry.sessions["s"]
+    assert session.core is not None
+    assert limit <= session.core.pending_bytes < limit + ONE_READ + size
+    store.gate.set()
+    acked = 0
+    with trio.fail_after(HANG):
+        while acked < 200:
+            message = await alice.next_message()
+            assert isinstance(message, dict) and message["type"] != "error", message
+            acked += message["type"] == "ack"
+
+
+async def test_a_member_closed_while_its_session_waits_for_the_store_closes_at_once(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # trio-websocket's reader waits for room before it reads more; a close
+    # must end that wait, or the client's close frame is read only after
+    # close_timeout.
+    store = GatedStore()
+    harness: Harness = await start_server(_store=store, max_pending_bytes=4000, close_timeout=5)
+    alice = await raw_connect(harness, "/ws/s/alice")
+    for n in range(10):
+        await alice.stream.send_all(client_frame(OPCODE_TEXT, json.dumps(add(f"a{n}", n, padding=3000)).encode()))
+    await trio.testing.wait_all_tasks_blocked()
+    session = harness.registry.sessions["s"]
+    conn = session.members["alice"]
+    started = trio.current_time()
+    session.close_all(1001, "server shutting down")
+    with trio.fail_after(HANG):
+        while not isinstance(event := await alice.next_event(), CloseConnection):
+            assert event is not None
+        await alice.answer_close(event)
+        await conn.finished.wait()
+    assert event.code == 1001
+    assert trio.current_time() - started < 1  # not close_timeout (5 s)
+    store.gate.set()
 
 
 async def test_a_close_during_a_broadcast_is_announced_after_it(

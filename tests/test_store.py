@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import attrs
 import outcome
 import pytest
 import trio
@@ -418,6 +419,56 @@ async def test_admin_reset_of_a_live_session_makes_clients_reconnect(
             await alice.send({"type": "sync:request"})
             state = await alice.expect("sync:state")
             assert [i["uuid"] for i in state["state"]["items"]] == ["imported"]
+
+
+@attrs.define(eq=False)
+class CountingStore(SQLiteStore):
+    """SQLiteStore that counts what its commits at once did."""
+
+    at_once: list[str] = attrs.field(factory=list)
+
+    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+        try:
+            done = super().commit_now(session_id, epoch, ops)
+        except StoreError as exc:
+            self.at_once.append(type(exc).__name__)
+            raise
+        self.at_once.append("committed" if done else "handed over")
+        return done
+
+
+async def test_changes_one_at_a_time_are_committed_in_the_receiving_task(
+    start_server, data_dir: Path
+) -> None:
+    """With the committer idle a change is committed at once (Store.commit_now),
+    and a store error there is answered as one in the committer would be."""
+    store = CountingStore(data_dir)
+    harness: Harness = await start_server(store="sqlite", data_dir=str(data_dir), _store=store)
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
+            await alice.expect("user:joined")
+            for n in range(3):
+                await trio.sleep(0.01)  # a pause: the inline commit's condition
+                await alice.send(add(f"a{n}"))
+                assert (await alice.expect("ack"))["seq"] == n + 1
+                assert (await bob.expect("command"))["seq"] == n + 1
+            assert store.at_once == ["committed"] * 3
+            admin = Database(database_path(data_dir), create=False)
+            try:
+                admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
+            finally:
+                admin.close()
+            await trio.sleep(0.01)
+            await alice.send(add("b"))
+            assert (await alice.expect("error"))["code"] == "not_persisted"
+            code, reason = await alice.expect_closed()
+            assert code == 1001 and "reset by an administrator" in reason
+            assert store.at_once[-1] == "SessionReset"
+    reopened = Database(database_path(data_dir), create=False)
+    try:
+        assert [i["uuid"] for i in reopened.run(lambda d: d.load("s")).snapshot()["items"]] == ["imported"]
+    finally:
+        reopened.close()
 
 
 def test_replace_ops_survive_a_reload(db: Database) -> None:

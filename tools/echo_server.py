@@ -141,14 +141,17 @@ class Inbox:
 
     async def get(self) -> str | bytes:
         while not self.messages:
-            self._arrived = trio.Event()
+            if self._arrived.is_set():
+                self._arrived = trio.Event()
             await self._arrived.wait()
         self._room.set()
         return self.messages.popleft()
 
     async def wait_for_room(self) -> None:
+        # Two tasks may wait (the pump and the wire): one event for both.
         while len(self.messages) >= INBOX_LIMIT:
-            self._room = trio.Event()
+            if self._room.is_set():
+                self._room = trio.Event()
             await self._room.wait()
 
 

@@ -128,6 +128,8 @@ class Connection:
     # and the waits for the owner's room under way (they are not silence).
     _heard: float = attrs.field(factory=trio.current_time)
     _waiting_room: int = 0
+    # The wire's wait for room before it reads more (close() cancels it).
+    _read_wait: trio.CancelScope | None = None
 
     def __attrs_post_init__(self) -> None:
         self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
@@ -150,7 +152,7 @@ class Connection:
         # From now on whole text messages come in trio-websocket's reader
         # task, through _frames_arrived, once the reader below has read what
         # trio-websocket holds: one task switch and wsproto's parse less each.
-        wire.before_read = self._wait_for_room
+        wire.before_read = self._room_before_read
         wire.taking = self.close_code is None
 
     @property
@@ -272,6 +274,10 @@ class Connection:
             return
         self.close_code, self.close_reason = int(code), reason
         self.wire.taking = False
+        self.wire.before_read = None
+        if self._read_wait is not None:
+            # trio-websocket's reader must read on: the client's close frame.
+            self._read_wait.cancel()
         self._reader_scope.cancel()
         self._cursor_scope.cancel()
         if discard:
@@ -383,6 +389,18 @@ class Connection:
                 self._heard = trio.current_time()  # the wait was not silence
         finally:
             self._waiting_room -= 1
+
+    async def _room_before_read(self) -> None:
+        """_wait_for_room() for the wire (in trio-websocket's reader task),
+        cut short by close()."""
+        if self.close_code is not None:
+            return
+        scope = self._read_wait = trio.CancelScope()
+        try:
+            with scope:
+                await self._wait_for_room()
+        finally:
+            self._read_wait = None
 
     async def _read_loop(self) -> None:
         idle_timeout = self.config.idle_timeout

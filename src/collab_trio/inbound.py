@@ -43,8 +43,10 @@ class FrameReader:
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
-        # Complete data messages handed on so far (compared with `consumed`).
+        # Complete data messages handed on so far (compared with `consumed`),
+        # and messages taken so far.
         self.passed = 0
+        self.taken = 0
         self._in_http = True
         self._http_tail = b""
         self._header = b""  # a header split between reads
@@ -166,6 +168,7 @@ class FrameReader:
             self._stopped = True
             return
         events.append(text)
+        self.taken += 1
 
     def _header_length(self, view: memoryview, position: int, size: int) -> int | None:
         """Bytes of the header starting here, or None if its second byte hasn't come."""

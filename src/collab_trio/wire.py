@@ -331,23 +331,30 @@ class WireStream(trio.abc.Stream):
         """The next bytes for trio-websocket: what the frame reader did not take.
 
         Never empty but at the end of the stream: while everything that
-        arrives is taken, this reads on (after `before_read`).
+        arrives is taken, this reads on. After a read that took messages it
+        awaits `before_read` first: at most one read's worth (64 KiB) of
+        messages reaches the claimant before its back-pressure applies.
         """
         while True:
             data = await self.raw.receive_some(max_bytes)
             if not data:
                 return data
             taking = self.taking and self.on_frames is not None
-            rest, events = self._reader.feed(data, self.consumed if taking else None)
+            reader = self._reader
+            taken = reader.taken
+            rest, events = reader.feed(data, self.consumed if taking else None)
             if events:
                 if self.on_frames is not None:
                     self.on_frames(events)
                 elif len(self.unclaimed) < UNCLAIMED_FRAMES:
-                    self.unclaimed.extend(events)  # frames only: nothing is taken before a claim
+                    # Frames (a frame taken just before the claimant left may end here: dropped).
+                    self.unclaimed.extend(e for e in events if type(e) is not str)
+            if reader.taken != taken and self.before_read is not None:
+                # Messages went to the claimant: its back-pressure before anything
+                # more is read, also when a control frame came with them.
+                await self.before_read()
             if rest:
                 return rest
-            if self.before_read is not None:
-                await self.before_read()
 
     async def aclose(self) -> None:
         self._closed = True

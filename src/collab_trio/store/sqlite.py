@@ -87,7 +87,7 @@ INLINE_COMMIT_BYTES = 64 * 1024
 INLINE_AFTER_IDLE = 0.002
 # The WAL is checkpointed after this many transactions (or
 # database.WAL_SIZE_LIMIT bytes of it, whichever comes first), in a thread
-# and on a connection of its own (SQLiteStore._maybe_checkpoint).
+# and on a connection of its own (SQLiteStore._after_commit).
 CHECKPOINT_EVERY = 200
 # An inline commit looks at the WAL file's size every this many transactions.
 WAL_SIZE_CHECK_EVERY = 8
@@ -502,9 +502,10 @@ class SQLiteStore:
         times a small SQLite transaction in WAL mode with synchronous=NORMAL
         (no fsync at COMMIT). So when nothing is queued or in flight (order
         is kept), the job is small, COMMIT doesn't fsync, no other connection
-        holds the write lock (never waits for it), no checkpoint is due and
-        the WAL does not start over (both sync the disk: the thread does
-        them), the job runs here. It still reads and writes pages (write(),
+        holds the write lock (never waits for it), the WAL file is within
+        WAL_SIZE_LIMIT and the WAL does not start over (a checkpoint under
+        the lock and a WAL restart sync the disk: the thread does them), the
+        job runs here. It still reads and writes pages (write(),
         no sync): the OS page cache's business. None: use the writer.
 
         Only after a pause in commits, though: commits back to back mean busy
