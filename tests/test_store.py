@@ -458,7 +458,7 @@ async def test_changes_one_at_a_time_are_committed_in_the_receiving_task(
                 admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
             finally:
                 admin.close()
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # a pause again: committed at once, where the reset shows
             await alice.send(add("b"))
             assert (await alice.expect("error"))["code"] == "not_persisted"
             code, reason = await alice.expect_closed()
