@@ -14,6 +14,8 @@ import attrs
 import trio
 import trio.testing
 
+from collab_trio.inbound import PONG
+from collab_trio.serving import RECEIVE_BUFFER_SIZE
 from collab_trio.session_core import SessionCore
 from collab_trio.store import MemoryStore, OutcomeUnknown
 from wsproto.events import CloseConnection
@@ -63,10 +65,9 @@ async def test_a_slow_store_stops_the_readers_instead_of_growing_memory(
         print(f"pending bytes held at {held} (limit {limit}, one message {size}); 100 of 100 acked")
 
 
-# What the wire reads at once (serving.RECEIVE_BUFFER_SIZE): the most that
-# reaches a session before its back-pressure applies.
-ONE_READ = 64 * 1024
-PONG = 0xA
+# What the wire reads at once: the most that reaches a session before its
+# back-pressure applies.
+ONE_READ = RECEIVE_BUFFER_SIZE
 
 
 async def test_control_frames_among_the_messages_do_not_get_past_the_back_pressure(

@@ -171,9 +171,7 @@ class Connection:
             # Break the wire -> connection -> session cycle at once, so a
             # session's document is freed when it unloads, not at the next
             # full garbage collection.
-            wire = self.wire
-            wire.on_frames = wire.before_read = None
-            wire.taking = False
+            self.wire.unclaim()
             self.finished.set()
 
     # -- called by the owner (never awaits) ----------------------------------
@@ -273,8 +271,7 @@ class Connection:
         if self.close_code is not None:
             return
         self.close_code, self.close_reason = int(code), reason
-        self.wire.taking = False
-        self.wire.before_read = None
+        self.wire.unclaim()  # frames after this are trio-websocket's alone
         if self._read_wait is not None:
             # trio-websocket's reader must read on: the client's close frame.
             self._read_wait.cancel()
@@ -313,12 +310,12 @@ class Connection:
     def _frames_arrived(self, events: list[Event]) -> None:
         # Runs in trio-websocket's reader task: nothing may escape into it.
         try:
-            self._count_frames(events)
+            self._handle_input(events)
         except Exception:
             log.exception("Internal error while handling a message from %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
-    def _count_frames(self, events: list[Event]) -> None:
+    def _handle_input(self, events: list[Event]) -> None:
         if self.close_code is not None:
             return
         now = trio.current_time()

@@ -283,11 +283,9 @@ class Session:
                     self._failed("carrying out %s" % type(effect).__name__)
         finally:
             self._executing = False
-            gathered, self._gathered = self._gathered, {}
-            counted, self._gathered_count = self._gathered_count, set()
-            for conn, frames in gathered.items():
+            for conn in list(self._gathered):
                 try:
-                    conn.send_frames(frames, counts=conn in counted, cork=self._corked)
+                    self._hand_over(conn)
                 except Exception:
                     self._failed("writing to %s" % conn.user_id)
             # Everything these effects sent a member goes out in one write.
@@ -313,8 +311,9 @@ class Session:
         """Queue what was gathered for `conn` now: something else for it comes next."""
         frames = self._gathered.pop(conn, None)
         if frames is not None:
-            conn.send_frames(frames, counts=conn in self._gathered_count, cork=self._corked)
+            counts = conn in self._gathered_count
             self._gathered_count.discard(conn)
+            conn.send_frames(frames, counts=counts, cork=self._corked)
 
     def _carry_out(self, effect: Effect) -> None:
         assert self.core is not None
@@ -325,11 +324,7 @@ class Session:
                 self._last_sent, self._last_frame = message, _frame(message)
             conn, key = effect.conn, replace_key(message)
             if key is None:
-                frames = gathered.get(conn)  # type: ignore[call-overload]
-                if frames is None:
-                    gathered[conn] = [self._last_frame]  # type: ignore[index]
-                else:
-                    frames.append(self._last_frame)
+                gathered.setdefault(conn, []).append(self._last_frame)  # type: ignore[arg-type]
                 self._gathered_count.add(conn)  # type: ignore[arg-type]
             else:
                 self._hand_over(conn)  # type: ignore[arg-type]
@@ -343,11 +338,7 @@ class Session:
                 notice = isinstance(message, NOTICES)
                 if key is None:
                     for conn in recipients:
-                        frames = gathered.get(conn)  # type: ignore[call-overload]
-                        if frames is None:
-                            gathered[conn] = [frame]  # type: ignore[index]
-                        else:
-                            frames.append(frame)
+                        gathered.setdefault(conn, []).append(frame)  # type: ignore[arg-type]
                     if not notice:
                         self._gathered_count.update(recipients)  # type: ignore[arg-type]
                 else:

@@ -150,6 +150,12 @@ class WireStream(trio.abc.Stream):
         earlier, self.unclaimed = self.unclaimed, []
         return earlier
 
+    def unclaim(self) -> None:
+        """Hand incoming bytes to trio-websocket alone again: no more frames,
+        messages or back-pressure waits for the claimant (it is closing)."""
+        self.on_frames = self.before_read = None
+        self.taking = False
+
     def write(self, data: bytes, key: Hashable | None = None, *, corked: bool = False) -> bool:
         """Queue bytes (whole frames) without awaiting; False once the writer is gone.
 
@@ -247,8 +253,7 @@ class WireStream(trio.abc.Stream):
         """No writer will run after all: drop what was queued, write directly again."""
         self.discard()
         self._attached = False
-        self.on_frames = self.before_read = None
-        self.taking = False
+        self.unclaim()
         self._progress.set()
 
     async def run_writer(self, until: trio.Event) -> None:
