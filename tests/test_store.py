@@ -19,7 +19,7 @@ from collab_trio.document import COMMAND, REPLACE, Op
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store.database import SNAPSHOT_LINE_BYTES, _parse_array_stepwise, decode_items, encode_items
 from collab_trio.store.sqlite import Database, database_path
-from collab_trio.testing import HANG, Harness, start_memory_server
+from collab_trio.testing import HANG, OPCODE_TEXT, Harness, client_frame, raw_connect, start_memory_server
 
 
 def add(item_id: str, **data: Any) -> dict:
@@ -469,6 +469,28 @@ async def test_changes_one_at_a_time_are_committed_in_the_receiving_task(
         assert [i["uuid"] for i in reopened.run(lambda d: d.load("s")).snapshot()["items"]] == ["imported"]
     finally:
         reopened.close()
+
+
+async def test_a_burst_of_changes_in_one_read_is_one_transaction(start_server, data_dir: Path) -> None:
+    """Changes that arrive in one read are committed together, at once in
+    the receiving task, and every one is acknowledged and relayed in order."""
+    store = CountingStore(data_dir)
+    harness: Harness = await start_server(store="sqlite", data_dir=str(data_dir), _store=store)
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "bob") as bob:
+            alice = await raw_connect(harness, "/ws/s/alice")
+            await bob.expect("user:joined")
+            await alice.send_json(add("first"))
+            assert (await alice.expect("ack"))["seq"] == 1
+            before = store.transactions
+            burst = b"".join(client_frame(OPCODE_TEXT, json.dumps(add(f"b{n}")).encode()) for n in range(5))
+            await alice.stream.send_all(burst)
+            assert [(await alice.expect("ack"))["seq"] for _ in range(5)] == [2, 3, 4, 5, 6]
+            assert [(await bob.expect("command"))["command"]["item_id"] for _ in range(6)] == [
+                "first", "b0", "b1", "b2", "b3", "b4"
+            ]
+            assert store.transactions == before + 1
+            assert store.at_once == ["committed", "committed"]
 
 
 def test_replace_ops_survive_a_reload(db: Database) -> None:

@@ -421,6 +421,52 @@ async def test_commits_go_on_while_a_checkpoint_runs(tmp_path: Path) -> None:
     assert stored_version(tmp_path / "data", "s") == seq
 
 
+async def test_commits_while_a_checkpoint_runs_go_on_at_once_and_never_start_the_wal_over(
+    tmp_path: Path,
+) -> None:
+    """While a checkpoint runs, a read transaction pins the WAL: a commit
+    made meanwhile runs on the event loop and appends (a WAL that started
+    over would have synced its header there). Only once a checkpoint
+    copied everything and nothing came after it is the next write the
+    writer thread's."""
+    store = SQLiteStore(tmp_path / "data")
+    wal = Path(str(database_path(tmp_path / "data")) + "-wal")
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            seq = 0
+            while not store.checkpointing:
+                seq += 1
+                # A burst's commit: no pause needed to run at once.
+                assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            before = wal.stat().st_size
+            # The checkpoint's thread can only report back once we yield:
+            # these commits come while it runs, or just after it copied all.
+            for _ in range(3):
+                seq += 1
+                assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            assert wal.stat().st_size > before  # appended, not started over
+            await store.checkpoint_finished()
+            assert store.checkpoints == 0  # commits came after what it copied
+            # Another soon; with nothing after it, it copies everything and the
+            # next write (which starts the WAL over) is left to the writer thread.
+            while not store.checkpointing:
+                seq += 1
+                assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            await store.checkpoint_finished()
+            assert store.checkpoints == 1
+            seq += 1
+            assert not store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            full = wal.stat().st_size
+            await store.commit("s", epoch, [op(seq, f"i{seq}", size=200)])  # the writer thread's
+            assert wal.stat().st_size == full  # started over: old frames written over
+            seq += 1
+            assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            nursery.cancel_scope.cancel()
+    assert stored_version(tmp_path / "data", "s") == seq
+
+
 # -- MemoryStore keeps its own copy ------------------------------------------------------------
 
 

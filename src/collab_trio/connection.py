@@ -72,6 +72,10 @@ class ConnectionOwner(Protocol):
     def frame_received(self, conn: Connection, frame: str | bytes) -> None:
         """A frame arrived (within the rate limit)."""
 
+    def input_done(self, conn: Connection) -> None:
+        """Every message of one read was handed over: what they changed may be
+        committed now, in one transaction."""
+
     def cursor_due(self, conn: Connection, message: Forwarded) -> None:
         """The cursor pump lets this cursor through now."""
 
@@ -310,7 +314,10 @@ class Connection:
     def _frames_arrived(self, events: list[Event]) -> None:
         # Runs in trio-websocket's reader task: nothing may escape into it.
         try:
-            self._handle_input(events)
+            try:
+                self._handle_input(events)
+            finally:
+                self.owner.input_done(self)
         except Exception:
             log.exception("Internal error while handling a message from %s", self.user_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
@@ -419,6 +426,7 @@ class Connection:
                     wire.consumed += 1
                     self._heard = now = trio.current_time()
                     self._deliver(message, now)
+                    self.owner.input_done(self)
                     if self.close_code is not None:
                         return
             now = trio.current_time()

@@ -90,8 +90,9 @@ class Session:
     # the queue budget (anything but join/leave notices).
     _gathered: dict[Connection, list[bytes]] = attrs.field(factory=dict)
     _gathered_count: set[Connection] = attrs.field(factory=set)
-    # A message is being received (frame_received): a commit it wants may be
-    # made at once, in the receiving task (_commit_at_once).
+    # A message is being received (frame_received): a commit it wants is
+    # made once the read it came in is handed over (input_done), at once in
+    # the receiving task if it can (_commit_at_once).
     _receiving: bool = False
     _commit_deferred: bool = False
     # The committer waits for work; and a batch taken for a commit at once
@@ -217,6 +218,10 @@ class Session:
             self._execute(self.core.receive(conn, conn.user_id, frame))
         finally:
             self._receiving = False
+
+    def input_done(self, conn: Connection) -> None:
+        # Everything one read brought is in the core: one transaction for all
+        # of it (a burst of changes is one batch, not one commit each).
         if self._commit_deferred:
             self._commit_deferred = False
             try:
@@ -356,7 +361,7 @@ class Session:
             effect.conn.refuse_forbidden(effect.ref)  # type: ignore[attr-defined]
         elif isinstance(effect, WantCommit):
             if self._receiving:
-                self._commit_deferred = True  # frame_received commits it, or wakes the committer
+                self._commit_deferred = True  # input_done commits it, or wakes the committer
             else:
                 self._commit_wanted.set()
         elif isinstance(effect, WantSnapshot):

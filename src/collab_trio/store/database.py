@@ -290,6 +290,8 @@ class Database:
     ) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        # A connection that only holds a read transaction (pin_wal).
+        self._pin: sqlite3.Connection | None = None
         # Transactions committed since the WAL was last checkpointed (with
         # manual_checkpoints, the caller checkpoints with checkpoint()).
         self.since_checkpoint = 0
@@ -358,8 +360,39 @@ class Database:
             raise
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (and the pin's, see pin_wal)."""
+        if self._pin is not None:
+            self._pin.close()
+            self._pin = None
         self.conn.close()
+
+    def pin_wal(self) -> bool:
+        """Hold a read transaction on a connection of its own, so that no
+        write starts the WAL over until unpin_wal() (a restart syncs the WAL
+        header even with synchronous=NORMAL; an append does not). While a
+        checkpoint runs, commits may then go on at no such cost. False if it
+        could not (nothing held)."""
+        try:
+            if self._pin is None:
+                self._pin = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            self._pin.execute("BEGIN")
+            # The read transaction starts with the first read.
+            self._pin.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("Could not pin the WAL of %s: %s", self.path, _describe(exc))
+            self.unpin_wal()
+            return False
+        return True
+
+    def unpin_wal(self) -> None:
+        """End pin_wal()'s read transaction."""
+        try:
+            if self._pin is not None and self._pin.in_transaction:
+                self._pin.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("Could not unpin the WAL of %s: %s", self.path, _describe(exc))
+            self._pin.close()
+            self._pin = None
 
     # -- transactions ----------------------------------------------------------
 

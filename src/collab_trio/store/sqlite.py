@@ -472,7 +472,7 @@ class SQLiteStore:
         cost = job_cost(ops)
         job = lambda db: db.append(session_id, epoch, ops)  # noqa: E731
         await trio.lowlevel.checkpoint_if_cancelled()
-        result = self._commit_now(job, cost)
+        result = self._commit_now(job, cost, after_pause=True)
         try:
             if result is None:
                 await self._submit(job, cost)
@@ -483,19 +483,20 @@ class SQLiteStore:
 
     def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
         """commit() on the event loop, without awaiting, when _commit_now can;
-        False if not (nothing done).
+        False if not (nothing done). For a burst of changes that found the
+        session's committer idle: no pause in commits is needed.
 
         Raises:
             StoreError: nothing was committed (SessionReset if an admin replaced it).
         """
-        result = self._commit_now(lambda db: db.append(session_id, epoch, ops), job_cost(ops))
+        result = self._commit_now(lambda db: db.append(session_id, epoch, ops), job_cost(ops), after_pause=False)
         if result is None:
             return False
         self._last_commit = trio.current_time()
         result.unwrap()
         return True
 
-    def _commit_now(self, job: Callable[[Database], Any], cost: int) -> outcome.Outcome | None:
+    def _commit_now(self, job: Callable[[Database], Any], cost: int, *, after_pause: bool) -> outcome.Outcome | None:
         """Run one small job on the event loop, if that is cheap and safe now.
 
         A thread round trip costs ~250 us of CPU and as much latency, five
@@ -508,15 +509,14 @@ class SQLiteStore:
         job runs here. It still reads and writes pages (write(),
         no sync): the OS page cache's business. None: use the writer.
 
-        Only after a pause in commits, though: commits back to back mean busy
-        sessions, where the thread pays for itself. It runs the transaction
-        beside the event loop while the next batch grows, and big batches
-        mean few writes to each member; inline, batches stay small (measured:
-        14 against 18 us of server CPU per delivery, 10 users saturated).
+        With `after_pause` (a session's committer, which has batches back to
+        back) only after a pause in commits: in busy sessions the thread pays
+        for itself. It runs the transaction beside the event loop while the
+        next batch grows, and big batches mean few writes to each member.
         """
         database = self._db
         if (
-            trio.current_time() - self._last_commit < INLINE_AFTER_IDLE
+            (after_pause and trio.current_time() - self._last_commit < INLINE_AFTER_IDLE)
             or database is None
             or self._closing
             or self._in_flight is not None
@@ -559,9 +559,10 @@ class SQLiteStore:
         and should the WAL still outgrow WAL_SIZE_LIMIT, the writer thread
         checkpoints before its next transaction, the connection held (the
         old way: bounded, at the cost of that one commit's latency).
-        Between a checkpoint's start and the next commit through the writer
-        thread no commit runs on the event loop: the write after a checkpoint
-        that copied everything starts the WAL over, which syncs its header.
+        The write after a checkpoint that copied everything starts the WAL
+        over, which syncs its header: that write is the writer thread's. While
+        the checkpoint runs a read transaction pins the WAL (Database.pin_wal),
+        so commits meanwhile append and may run on the event loop.
         """
         database = self._db
         if database is None or self._closing:
@@ -572,24 +573,37 @@ class SQLiteStore:
         if self._checkpoint_done is not None or database.since_checkpoint < CHECKPOINT_EVERY:
             return
         database.since_checkpoint = 0
-        database.wal_restart_pending = True
+        # Pinned, no write starts the WAL over while the checkpoint runs, so
+        # commits go on on the event loop meanwhile (they append). Else none
+        # runs here until the writer thread has started the WAL over.
+        pinned = database.pin_wal()
+        database.wal_restart_pending = not pinned
         token, done, before = trio.lowlevel.current_trio_token(), trio.Event(), self.transactions
         self._checkpoint_done = done
 
         def on_loop(result: outcome.Outcome) -> None:
             self._checkpoint_done = None
             done.set()
+            if pinned:
+                database.unpin_wal()
             try:
                 copied_all = result.unwrap()
             except Exception:  # noqa: BLE001 - logged; the next one may succeed
                 log.exception("Checkpoint of %s failed", self.path)
                 copied_all = False
-            if not copied_all or self.transactions != before:
-                # The WAL goes on: nothing starts over; try again soon.
+            if copied_all and (self.transactions == before or not pinned):
+                # The next write starts the WAL over (and syncs): the writer
+                # thread's. Unpinned, a commit may have come before the
+                # checkpoint looked at the WAL: pending all the same.
+                database.wal_restart_pending = True
+                self.checkpoints += 1
+            else:
+                # Pinned, a commit since appended to a WAL the checkpoint had
+                # copied, or not all of it was copied: nothing starts over
+                # (the pin's frames, or the commit's, are not yet copied);
+                # try again soon.
                 database.wal_restart_pending = False
                 database.since_checkpoint = max(database.since_checkpoint, CHECKPOINT_EVERY - CHECKPOINT_RETRY)
-            else:
-                self.checkpoints += 1
 
         def finished(result: outcome.Outcome) -> None:
             try:
