@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -421,14 +422,29 @@ async def test_commits_go_on_while_a_checkpoint_runs(tmp_path: Path) -> None:
     assert stored_version(tmp_path / "data", "s") == seq
 
 
+def wal_salt(wal: Path) -> bytes:
+    """The WAL header's salts: they change when the WAL starts over."""
+    with open(wal, "rb") as f:
+        return f.read(24)[16:24]
+
+
 async def test_commits_while_a_checkpoint_runs_go_on_at_once_and_never_start_the_wal_over(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While a checkpoint runs, a read transaction pins the WAL: a commit
-    made meanwhile runs on the event loop and appends (a WAL that started
-    over would have synced its header there). Only once a checkpoint
-    copied everything and nothing came after it is the next write the
-    writer thread's."""
+    made on the event loop meanwhile, even once the checkpoint has copied
+    everything, appends (a WAL that started over would have synced its
+    header there). The next write after it is the writer thread's."""
+    copied = threading.Event()
+    checkpoint = Database.checkpoint
+
+    def checkpoint_and_tell(self: Database) -> bool:
+        try:
+            return checkpoint(self)
+        finally:
+            copied.set()
+
+    monkeypatch.setattr(Database, "checkpoint", checkpoint_and_tell)
     store = SQLiteStore(tmp_path / "data")
     wal = Path(str(database_path(tmp_path / "data")) + "-wal")
     with trio.fail_after(HANG):
@@ -440,27 +456,22 @@ async def test_commits_while_a_checkpoint_runs_go_on_at_once_and_never_start_the
                 seq += 1
                 # A burst's commit: no pause needed to run at once.
                 assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
-            before = wal.stat().st_size
-            # The checkpoint's thread can only report back once we yield:
-            # these commits come while it runs, or just after it copied all.
+            # Block the event loop (no yield: the checkpoint can't report back)
+            # until the checkpoint has copied everything.
+            assert copied.wait(HANG)
+            salt, size = wal_salt(wal), wal.stat().st_size
             for _ in range(3):
                 seq += 1
                 assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
-            assert wal.stat().st_size > before  # appended, not started over
-            await store.checkpoint_finished()
-            assert store.checkpoints == 0  # commits came after what it copied
-            # Another soon; with nothing after it, it copies everything and the
-            # next write (which starts the WAL over) is left to the writer thread.
-            while not store.checkpointing:
-                seq += 1
-                assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            assert wal_salt(wal) == salt and wal.stat().st_size > size  # appended
             await store.checkpoint_finished()
             assert store.checkpoints == 1
+            # The next write may start the WAL over: left to the writer thread.
             seq += 1
             assert not store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
-            full = wal.stat().st_size
-            await store.commit("s", epoch, [op(seq, f"i{seq}", size=200)])  # the writer thread's
-            assert wal.stat().st_size == full  # started over: old frames written over
+            await store.load("t")  # a transaction that writes nothing changes nothing
+            assert not store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            await store.commit("s", epoch, [op(seq, f"i{seq}", size=200)])
             seq += 1
             assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
             nursery.cancel_scope.cancel()

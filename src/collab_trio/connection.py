@@ -425,8 +425,10 @@ class Connection:
                     message = await ws.get_message()
                     wire.consumed += 1
                     self._heard = now = trio.current_time()
-                    self._deliver(message, now)
-                    self.owner.input_done(self)
+                    try:
+                        self._deliver(message, now)
+                    finally:
+                        self.owner.input_done(self)
                     if self.close_code is not None:
                         return
             now = trio.current_time()

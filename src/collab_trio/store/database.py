@@ -292,6 +292,8 @@ class Database:
         self.busy_timeout = busy_timeout
         # A connection that only holds a read transaction (pin_wal).
         self._pin: sqlite3.Connection | None = None
+        # conn.total_changes after the last transaction that changed rows.
+        self._changes_seen = 0
         # Transactions committed since the WAL was last checkpointed (with
         # manual_checkpoints, the caller checkpoints with checkpoint()).
         self.since_checkpoint = 0
@@ -361,10 +363,12 @@ class Database:
 
     def close(self) -> None:
         """Close the connection (and the pin's, see pin_wal)."""
-        if self._pin is not None:
-            self._pin.close()
-            self._pin = None
-        self.conn.close()
+        pin, self._pin = self._pin, None
+        try:
+            if pin is not None:
+                pin.close()
+        finally:
+            self.conn.close()
 
     def pin_wal(self) -> bool:
         """Hold a read transaction on a connection of its own, so that no
@@ -386,13 +390,16 @@ class Database:
 
     def unpin_wal(self) -> None:
         """End pin_wal()'s read transaction."""
+        pin = self._pin
+        if pin is None:
+            return
         try:
-            if self._pin is not None and self._pin.in_transaction:
-                self._pin.execute("ROLLBACK")
+            if pin.in_transaction:
+                pin.execute("ROLLBACK")
         except sqlite3.Error as exc:
             log.warning("Could not unpin the WAL of %s: %s", self.path, _describe(exc))
-            self._pin.close()
             self._pin = None
+            pin.close()
 
     # -- transactions ----------------------------------------------------------
 
@@ -492,8 +499,13 @@ class Database:
                 self.conn.execute("ROLLBACK")
             error = StoreError(f"commit failed: {_describe(exc)}")
             return [outcome.Error(error) for _ in results]
-        self.since_checkpoint += 1
-        self.wal_restart_pending = False
+        changes = self.conn.total_changes
+        if changes != self._changes_seen:
+            # It wrote (a transaction that changed no row writes no page, so
+            # neither grows the WAL nor starts it over).
+            self._changes_seen = changes
+            self.since_checkpoint += 1
+            self.wal_restart_pending = False
         return results
 
     def abort_transaction(self) -> None:

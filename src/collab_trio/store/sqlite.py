@@ -578,30 +578,29 @@ class SQLiteStore:
         # runs here until the writer thread has started the WAL over.
         pinned = database.pin_wal()
         database.wal_restart_pending = not pinned
-        token, done, before = trio.lowlevel.current_trio_token(), trio.Event(), self.transactions
+        token, done = trio.lowlevel.current_trio_token(), trio.Event()
         self._checkpoint_done = done
 
         def on_loop(result: outcome.Outcome) -> None:
             self._checkpoint_done = None
             done.set()
-            if pinned:
-                database.unpin_wal()
+            if pinned and not self._closed:
+                database.unpin_wal()  # (closing, Database.close() closes the pin)
             try:
                 copied_all = result.unwrap()
             except Exception:  # noqa: BLE001 - logged; the next one may succeed
                 log.exception("Checkpoint of %s failed", self.path)
                 copied_all = False
-            if copied_all and (self.transactions == before or not pinned):
-                # The next write starts the WAL over (and syncs): the writer
-                # thread's. Unpinned, a commit may have come before the
-                # checkpoint looked at the WAL: pending all the same.
+            if copied_all:
+                # The next write may start the WAL over (and sync): the writer
+                # thread's. Also when commits came meanwhile (they may not
+                # have written, or come before the checkpoint looked): at
+                # worst one trip through the thread too many.
                 database.wal_restart_pending = True
                 self.checkpoints += 1
             else:
-                # Pinned, a commit since appended to a WAL the checkpoint had
-                # copied, or not all of it was copied: nothing starts over
-                # (the pin's frames, or the commit's, are not yet copied);
-                # try again soon.
+                # Not all copied (commits appended after the pin's snapshot):
+                # nothing can start over; try again soon.
                 database.wal_restart_pending = False
                 database.since_checkpoint = max(database.since_checkpoint, CHECKPOINT_EVERY - CHECKPOINT_RETRY)
 
