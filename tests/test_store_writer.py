@@ -25,7 +25,7 @@ import trio.testing
 from collab_trio.config import ServerConfig
 from collab_trio.document import COMMAND, Op
 from collab_trio.store import MemoryStore, SQLiteStore, StoreError, make_store
-from collab_trio.store.database import WAL_SIZE_LIMIT
+from collab_trio.store.database import WAL_CHECKPOINT_BYTES, WAL_SIZE_LIMIT
 from collab_trio.store.sqlite import CHECKPOINT_EVERY, INLINE_AFTER_IDLE, LOCK_NAME, Database, database_path, job_cost
 
 # Generous bound for waits that involve a real thread and a real disk.
@@ -350,8 +350,10 @@ async def test_a_small_commit_on_an_idle_writer_never_waits_for_another_connecti
 
 
 async def test_big_commits_keep_the_wal_bounded_in_bytes(tmp_path: Path) -> None:
-    """Checkpoints come after WAL_SIZE_LIMIT bytes too, not only after
-    CHECKPOINT_EVERY transactions, and the file is cut back after one."""
+    """Checkpoints come after WAL_CHECKPOINT_BYTES of WAL too, not only after
+    CHECKPOINT_EVERY transactions: commits back to back (which never leave a
+    background checkpoint the last word) still see the WAL start over and
+    the file cut back, and it stays within WAL_SIZE_LIMIT."""
     store = SQLiteStore(tmp_path / "data")
     wal = Path(str(database_path(tmp_path / "data")) + "-wal")
     pad = "p" * 200_000
@@ -360,14 +362,17 @@ async def test_big_commits_keep_the_wal_bounded_in_bytes(tmp_path: Path) -> None
             await nursery.start(store.run)
             epoch = (await store.load("s")).epoch
             sizes = []
-            for seq in range(1, 61):  # 12 MB of changes, far fewer than CHECKPOINT_EVERY commits
+            for seq in range(1, 241):  # 48 MB of changes, far fewer than CHECKPOINT_EVERY commits
                 big = Op(seq, "alice", COMMAND, "2026-01-01T00:00:00+00:00",
                          command={"action": "update_item", "item_id": "a", "data": {"pad": pad}}, size=200_000)
                 await store.commit("s", epoch, [big])
                 sizes.append(wal.stat().st_size)
             nursery.cancel_scope.cancel()
-    assert stored_version(tmp_path / "data", "s") == 60
+    assert stored_version(tmp_path / "data", "s") == 240
+    assert store.checkpoints >= 1
     assert max(sizes) <= WAL_SIZE_LIMIT + 1_000_000
+    assert any(later < earlier for earlier, later in zip(sizes, sizes[1:]))  # cut back
+    assert min(sizes[sizes.index(max(sizes)):]) <= WAL_CHECKPOINT_BYTES
 
 
 async def test_commits_on_the_event_loop_keep_the_wal_bounded(tmp_path: Path) -> None:
