@@ -182,11 +182,12 @@ async def test_document_actions_and_sync_state(harness: Harness, autojump_clock:
              {"x_mm": 2.0, "y_mm": 2.0, "angle_deg": 0.0, "uuid": "b", "item_type": "lens"}],
             [{"x_mm": 10.0, "y_mm": 11.0, "angle_deg": 45.0, "uuid": "a", "item_type": "lens"},
              {"x_mm": 2.0, "y_mm": 2.0, "angle_deg": 0.0, "uuid": "b", "item_type": "lens"}],
+            # an update sets the fields it changes; the others keep their values
             [{"x_mm": 10.0, "y_mm": 11.0, "angle_deg": 45.0, "uuid": "a", "item_type": "lens"},
-             {"x_mm": 2.0, "y_mm": 2.0, "focal_length_mm": 50, "uuid": "b", "item_type": "lens"}],
-            [{"x_mm": 2.0, "y_mm": 2.0, "focal_length_mm": 50, "uuid": "b", "item_type": "lens"}],
+             {"x_mm": 2.0, "y_mm": 2.0, "angle_deg": 0.0, "focal_length_mm": 50, "uuid": "b", "item_type": "lens"}],
+            [{"x_mm": 2.0, "y_mm": 2.0, "angle_deg": 0.0, "focal_length_mm": 50, "uuid": "b", "item_type": "lens"}],
             # unknown action: relayed with a seq, document unchanged
-            [{"x_mm": 2.0, "y_mm": 2.0, "focal_length_mm": 50, "uuid": "b", "item_type": "lens"}],
+            [{"x_mm": 2.0, "y_mm": 2.0, "angle_deg": 0.0, "focal_length_mm": 50, "uuid": "b", "item_type": "lens"}],
         ]
         for seq, (step, items) in enumerate(zip(steps, expected_items), start=1):
             await alice.send(step)

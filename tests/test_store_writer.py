@@ -369,7 +369,6 @@ async def test_big_commits_keep_the_wal_bounded_in_bytes(tmp_path: Path) -> None
                 sizes.append(wal.stat().st_size)
             nursery.cancel_scope.cancel()
     assert stored_version(tmp_path / "data", "s") == 240
-    assert store.checkpoints >= 1
     assert max(sizes) <= WAL_SIZE_LIMIT + 1_000_000
     assert any(later < earlier for earlier, later in zip(sizes, sizes[1:]))  # cut back
     assert min(sizes[sizes.index(max(sizes)):]) <= WAL_CHECKPOINT_BYTES

@@ -697,6 +697,16 @@ class Scenario:
 
     # -- the model -------------------------------------------------------------
 
+    def relayed(self, command: Message) -> Message:
+        """The command as the others receive it: an update of an existing item
+        carries the merged item (one editor at a time here, so every field it
+        sends counts; those it leaves out keep their values)."""
+        existing = self.items.get(command["item_id"])
+        if command["action"] != "update_item" or existing is None:
+            return command
+        merged = {k: v for k, v in existing.items() if k not in ("uuid", "item_type")}
+        return {**command, "data": {**merged, **(command.get("data") or {})}}
+
     def apply(self, command: Message) -> None:
         """What docs/PROTOCOL.md "Session document" says a command does to the document."""
         action, item_id, data = command["action"], command["item_id"], command.get("data") or {}
@@ -711,7 +721,8 @@ class Scenario:
         elif action == "update_item":
             existing = self.items.get(item_id, {})
             item_type = existing.get("item_type", command.get("item_type"))
-            self.items[item_id] = {**data, "uuid": item_id, "item_type": item_type}
+            merged = {k: v for k, v in existing.items() if k not in ("uuid", "item_type")}
+            self.items[item_id] = {**merged, **data, "uuid": item_id, "item_type": item_type}
         elif action == "remove_item":
             self.items.pop(item_id, None)
 
@@ -849,10 +860,11 @@ class Scenario:
                 message["user_id"] = SPOOFED_USER_ID  # the server must stamp the true sender
             seq = self.version + 1
             others = [peer for peer in self.members if peer is not sender]
+            relayed = self.relayed(command)
             for other in others:
                 runner.expect(
                     other, f"command {action} {item_id} seq {seq} from {sender}",
-                    functools.partial(relay_problems, command, sender, seq, op_id),
+                    functools.partial(relay_problems, relayed, sender, seq, op_id),
                 )
             runner.expect(sender, f"ack seq {seq}", functools.partial(ack_problems, seq, op_id))
             sender.send(message)

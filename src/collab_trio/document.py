@@ -146,6 +146,9 @@ class SessionDocument:
     # Sum of the sizes of the ops in `history`.
     history_size: int = attrs.field(default=0, init=False)
     _op_seqs: dict[tuple[str, tuple[str, str | int]], int] = attrs.field(factory=dict, init=False)
+    # Items removed by an op still in `history`, with that op's seq: a later
+    # move or update of one is refused (deletes win; see is_removed()).
+    tombstones: dict[str, int] = attrs.field(factory=dict, init=False)
     # Encoded bytes of each item, and their sum.
     _item_sizes: dict[str, int] = attrs.field(factory=dict, init=False)
     _items_bytes: int = attrs.field(default=0, init=False)
@@ -240,6 +243,10 @@ class SessionDocument:
         self.version = op.seq
         self.remember(op)
 
+    def is_removed(self, item_id: str) -> bool:
+        """True if a retained op removed this item and nothing brought it back."""
+        return item_id in self.tombstones and item_id not in self._items
+
     def seq_of(self, user_id: str, op_id: Any) -> int | None:
         """The seq an earlier op with this op_id from this user got, if still retained."""
         return self._op_seqs.get((user_id, op_id_key(op_id)))
@@ -310,6 +317,13 @@ class SessionDocument:
         self.history_size += op.size
         if op.op_id is not None:
             self._op_seqs[(op.user_id, op_id_key(op.op_id))] = op.seq
+        if op.kind == COMMAND and op.command is not None:
+            action, item_id = op.command.get("action"), op.command.get("item_id")
+            if isinstance(item_id, str):
+                if action == "remove_item":
+                    self.tombstones[item_id] = op.seq
+                elif action == "add_item":
+                    self.tombstones.pop(item_id, None)
         self._trim_history()
 
     def _trim_history(self) -> None:
@@ -319,8 +333,13 @@ class SessionDocument:
             self.history_size -= old.size
             if old.op_id is not None:
                 self._op_seqs.pop((old.user_id, op_id_key(old.op_id)), None)
+            if old.kind == COMMAND and old.command is not None:
+                item_id = old.command.get("item_id")
+                if isinstance(item_id, str) and self.tombstones.get(item_id) == old.seq:
+                    del self.tombstones[item_id]
         if not history:
             self.history_size = 0  # emptied from outside (history.clear())
+            self.tombstones.clear()
 
     def _apply_command(self, command: dict[str, Any]) -> None:
         # Unknown actions are not applied but still take a seq: they are
@@ -334,12 +353,12 @@ class SessionDocument:
         data = data if isinstance(data, dict) else {}
         existing = self.items.get(item_id)
         if action == "add_item":
-            self._store_item(item_id, _make_item(item_id, command.get("item_type"), data))
+            self._store_item(item_id, make_item(item_id, command.get("item_type"), data))
         elif action == "update_item":
             # Replace the data but keep identity; an update of an item this
             # server never saw (a host canvas shared before joining) adds it.
             item_type = existing.get("item_type") if existing else None
-            self._store_item(item_id, _make_item(item_id, item_type or command.get("item_type"), data))
+            self._store_item(item_id, make_item(item_id, item_type or command.get("item_type"), data))
         elif action == "move_item":
             if existing is not None:
                 growth = _move_growth(existing, data)
@@ -382,8 +401,9 @@ def _move_growth(item: dict[str, Any], data: dict[str, Any]) -> int:
     return growth
 
 
-def _make_item(item_id: str, item_type: Any, data: dict[str, Any]) -> dict[str, Any]:
-    # Copy: the command's own data object is relayed unchanged to others.
+def make_item(item_id: str, item_type: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """An item as the document stores it: a copy of `data`, with its `uuid`
+    and `item_type` (the command's own data object is relayed unchanged)."""
     item = dict(data)
     item["uuid"] = item_id
     if item_type is not None:

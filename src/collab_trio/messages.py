@@ -201,6 +201,26 @@ class Forwarded:
         return self.message
 
 
+@attrs.frozen
+class Correction:
+    """A `command` with the server's state of one item, for a member that may
+    show another (see convergence.py); stock Optiverse applies it like any
+    relayed command. No `user_id`: the server sends it, nobody's edit."""
+
+    command: dict[str, Any]
+    seq: int
+    timestamp: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "command",
+            "command": self.command,
+            "timestamp": self.timestamp,
+            "seq": self.seq,
+            "correction": True,
+        }
+
+
 ServerMessage = (
     ConnectionAck
     | UserJoined
@@ -210,6 +230,7 @@ ServerMessage = (
     | Ack
     | Error
     | Relay
+    | Correction
     | SyncState
     | SyncOps
     | Forwarded

@@ -62,6 +62,7 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     FORBIDDEN = "forbidden"
     DOCUMENT_TOO_LARGE = "document_too_large"
+    ITEM_REMOVED = "item_removed"
 
 
 class ProtocolError(Exception):

@@ -15,6 +15,7 @@ user:left behind that broadcast, so every member sees one order.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +31,7 @@ from .messages import NOTICES, Forwarded, ServerMessage, encode_message_bytes, r
 from .protocol import CloseCode, SyncRequest
 from .session_core import (
     Batch,
+    ConvergenceStats,
     Broadcast,
     Close,
     Effect,
@@ -40,6 +42,7 @@ from .session_core import (
     Send,
     SessionCore,
     WantCommit,
+    WantCorrections,
     WantSnapshot,
 )
 from .store import OutcomeUnknown, SessionReset, Store, StoreError
@@ -70,6 +73,8 @@ class Session:
     _emptied: trio.Event = attrs.field(factory=trio.Event)
     _nursery: trio.Nursery | None = None
     _commit_wanted: trio.Event = attrs.field(factory=trio.Event)
+    # Set when the core may have a new correction due (WantCorrections), or closed.
+    _corrections_wanted: trio.Event = attrs.field(factory=trio.Event)
     # Set whenever a batch is done: readers waiting for room look again.
     _room: trio.Event = attrs.field(factory=trio.Event)
     _effects: deque[Effect] = attrs.field(factory=deque)
@@ -140,17 +145,30 @@ class Session:
                 history_bytes=self.config.history_bytes,
                 max_document_size=self.config.max_document_size,
                 max_message_size=self.config.max_message_size,
+                now=trio.current_time,
+                correction_window=self.config.correction_window,
+                correction_settle=self.config.correction_settle,
             )
             if self._close_requested is not None:
                 self.close_all(*self._close_requested)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._guarded, self._committer, name=f"committer({self.session_id})")
+                nursery.start_soon(self._guarded, self._correcter, name=f"corrections({self.session_id})")
                 task_status.started()
                 await self._emptied.wait()
             snapshot = self.core.snapshot_due()
             if snapshot is not None:
                 await self._guarded(self._save_snapshot, snapshot)
+            stats = self.core.stats
+            if stats.corrections or stats.merges or stats.refusals:
+                log.info(
+                    "Session %s: %d correction(s), %d merged update(s), %d change(s) of removed items refused",
+                    self.session_id,
+                    stats.corrections,
+                    stats.merges,
+                    stats.refusals,
+                )
             log.debug("Session %s unloaded", self.session_id)
         finally:
             self.drained.set()
@@ -364,6 +382,8 @@ class Session:
                 self._commit_deferred = True  # input_done commits it, or wakes the committer
             else:
                 self._commit_wanted.set()
+        elif isinstance(effect, WantCorrections):
+            self._corrections_wanted.set()
         elif isinstance(effect, WantSnapshot):
             # In the background: commits go on while the snapshot is written.
             assert self._nursery is not None
@@ -374,6 +394,7 @@ class Session:
             self.on_closed(self)
             self._emptied.set()
             self._commit_wanted.set()  # let the committer finish and stop
+            self._corrections_wanted.set()  # and the correcter
         else:
             raise AssertionError(f"unknown effect {effect!r}")
 
@@ -383,6 +404,20 @@ class Session:
             await fn(*args)
         except Exception:
             self._failed(getattr(fn, "__name__", "a task").lstrip("_"))
+
+    # -- corrections ---------------------------------------------------------
+
+    async def _correcter(self) -> None:
+        """Send the corrections the core has due, when they are due."""
+        assert self.core is not None
+        while not self.core.closed:
+            due = self.core.next_correction_due()
+            if due is not None and due <= trio.current_time():
+                self._execute(self.core.corrections())
+                continue
+            with trio.move_on_at(math.inf if due is None else due):
+                await self._corrections_wanted.wait()
+            self._corrections_wanted = trio.Event()
 
     # -- commits -------------------------------------------------------------
 
@@ -508,6 +543,8 @@ class SessionRegistry:
     # Closed sessions whose last changes are still being committed, by id.
     draining: dict[str, Session] = attrs.field(factory=dict)
     closing: bool = False
+    # What sessions that have finished did to keep clients converged.
+    finished_stats: ConvergenceStats = attrs.field(factory=ConvergenceStats)
     _nursery: trio.Nursery | None = None
     _closed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -591,9 +628,21 @@ class SessionRegistry:
                 self.draining[session.session_id] = session
 
     def forget(self, session: Session) -> None:
-        """Drop a finished session from the draining list."""
+        """Drop a finished session from the draining list (its statistics stay)."""
+        if session.core is not None:
+            self.finished_stats.add(session.core.stats)
         if self.draining.get(session.session_id) is session:
             del self.draining[session.session_id]
+
+    def convergence_stats(self) -> ConvergenceStats:
+        """Corrections, merged updates and refused changes of removed items,
+        over every session since the server started."""
+        total = ConvergenceStats()
+        total.add(self.finished_stats)
+        for session in (*self.sessions.values(), *self.draining.values()):
+            if session.core is not None:
+                total.add(session.core.stats)
+        return total
 
     def close_all(self, code: int, reason: str) -> None:
         """Stop taking joins and close every connection of every session."""

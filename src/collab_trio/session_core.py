@@ -36,16 +36,19 @@ trio `Session` (session.py) carries the effects out in the order given.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import attrs
 
 from .config import MIB
-from .document import COMMAND, REPLACE, Op, SessionDocument, op_id_key
+from .convergence import IDENTITY_FIELDS, CorrectionTracker, FieldHistory, merge_update
+from .document import COMMAND, REPLACE, Op, SessionDocument, make_item, op_id_key
 from .messages import (
     Ack,
     ConnectionAck,
+    Correction,
     Error,
     Forwarded,
     HostChanged,
@@ -59,6 +62,7 @@ from .messages import (
     UserLeft,
 )
 from .protocol import (
+    MOVE_FIELDS,
     CloseCode,
     Command,
     Cursor,
@@ -136,6 +140,12 @@ class WantCommit:
 
 
 @attrs.frozen
+class WantCorrections:
+    """A correction is due at some time: the runner calls corrections() then
+    (next_correction_due() says when)."""
+
+
+@attrs.frozen
 class WantSnapshot:
     """Enough ops since the last snapshot: store this one (see snapshot_saved)."""
 
@@ -150,7 +160,7 @@ class Emptied:
     last_user_left: bool = False
 
 
-Effect = Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantSnapshot | Emptied
+Effect = Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantCorrections | WantSnapshot | Emptied
 
 
 class JoinRefused(Exception):
@@ -186,6 +196,10 @@ class PendingCommand(_Change):
     """A `command`: applied, relayed to the others and acknowledged."""
 
     command: dict[str, Any] = attrs.field(kw_only=True)
+    # When it arrived (the core's `now`), for corrections.
+    arrived: float = attrs.field(default=0.0, kw_only=True)
+    # Set by take_batch(): a move or update of a removed item (deletes win).
+    refused: bool = attrs.field(default=False, kw_only=True)
 
 
 @attrs.define(eq=False)
@@ -233,6 +247,23 @@ class Batch:
 # -- the core --------------------------------------------------------------------
 
 
+@attrs.define
+class ConvergenceStats:
+    """What the session did to keep stock clients on one design."""
+
+    # Corrections sent (an item's state to a member that may show another).
+    corrections: int = 0
+    # Updates whose merge kept a field the sender had stale.
+    merges: int = 0
+    # Moves and updates of removed items refused.
+    refusals: int = 0
+
+    def add(self, other: ConvergenceStats) -> None:
+        self.corrections += other.corrections
+        self.merges += other.merges
+        self.refusals += other.refusals
+
+
 @attrs.define(eq=False)
 class _Member:
     conn: Conn
@@ -265,6 +296,17 @@ class SessionCore:
     # Largest message: a sync:ops answer above it is a sync:state instead.
     max_message_size: int = MIB
     clock: Callable[[], str] = utc_timestamp
+    # Seconds, monotonic (the runner passes trio.current_time).
+    now: Callable[[], float] = time.monotonic
+    # Whole-item updates change only what the sender changed (convergence.py).
+    merge_updates: bool = True
+    # Corrections for members that may show a stale item (convergence.py).
+    corrections_enabled: bool = True
+    correction_window: float = 1.0
+    correction_settle: float = 0.15
+    stats: ConvergenceStats = attrs.field(factory=ConvergenceStats)
+    _fields: FieldHistory = attrs.field(factory=FieldHistory)
+    _tracker: CorrectionTracker = attrs.field(init=False)
     # Members by user id, in join order (a reconnect keeps its place).
     _members: dict[str, _Member] = attrs.field(factory=dict)
     host: str | None = None
@@ -292,6 +334,7 @@ class SessionCore:
     def __attrs_post_init__(self) -> None:
         self._snapshot_version = self.document.version
         self.document.limit_history(max_bytes=self.history_bytes)
+        self._tracker = CorrectionTracker(window=self.correction_window, settle=self.correction_settle)
 
     # -- membership ----------------------------------------------------------
 
@@ -360,6 +403,7 @@ class SessionCore:
         if not self.is_member(conn, user_id):
             return []  # replaced by a newer connection, or already gone
         del self._members[user_id]
+        self._tracker.forget_user(user_id)
         effects: list[Effect] = []
         host_left = self.host == user_id
         if host_left:
@@ -423,9 +467,8 @@ class SessionCore:
         if isinstance(message, Ping):
             return [Send(conn, Pong(self.clock()))]
         if isinstance(message, Command):
-            return self._queue_command(
-                PendingCommand(conn, user_id, size, message.op_id, command=message.command), message.action
-            )
+            change = PendingCommand(conn, user_id, size, message.op_id, command=message.command, arrived=self.now())
+            return self._queue_command(change, message.action)
         if isinstance(message, Cursor):
             return [QueueCursor(conn, Forwarded({**message.raw, "user_id": user_id}))]
         if isinstance(message, SyncRequest):
@@ -472,6 +515,10 @@ class SessionCore:
         if repeated is not None:
             return repeated
         growth = self.document.estimate_growth(change.command, change.size)
+        if action == "update_item" and self.merge_updates and change.command.get("item_id") in self.document.items:
+            # A merged item holds the current fields and the message's: it
+            # grows by at most the message.
+            growth = max(growth, change.size)
         # Removes always pass (growth <= 0); so do moves of float coordinates.
         allowance = MOVE_ALLOWANCE if action == "move_item" else 0
         if growth > allowance and self.projected_size + growth > self.max_document_size:
@@ -597,9 +644,18 @@ class SessionCore:
         if not self._pending or self._in_flight is not None:
             return None
         count, size = 0, 0
+        # Merges and the deletes-win rule follow the items through the batch
+        # (see _command_to_store); a replacement is not followed: a batch
+        # ends before any command that comes after one.
+        replaced = False
         for entry in self._pending[: self.max_batch_ops]:
             if count and size + entry.size > self.max_batch_bytes:
                 break
+            if isinstance(entry, PendingCommand):
+                if count and replaced:
+                    break
+            elif isinstance(entry, PendingReplace):
+                replaced = True
             count += 1
             size += entry.size
         entries = tuple(self._pending[:count])
@@ -607,19 +663,27 @@ class SessionCore:
         timestamp = self.clock()
         first = self.document.version + 1
         ops: list[Op] = []
+        # Items as the earlier changes of this batch leave them (None: removed).
+        view: dict[str, dict[str, Any] | None] = {}
         for entry in entries:
             if isinstance(entry, PendingSync):
                 # Taken: a further request of this connection queues anew.
                 if self._waiting_syncs.get(entry.conn) is entry:
                     del self._waiting_syncs[entry.conn]
                 continue
+            command = None
+            if isinstance(entry, PendingCommand):
+                command = self._command_to_store(entry, view)
+                if command is None:
+                    entry.refused = True
+                    continue
             ops.append(
                 Op(
                     seq=first + len(ops),
                     user_id=entry.user_id,
                     kind=COMMAND if isinstance(entry, PendingCommand) else REPLACE,
                     timestamp=timestamp,
-                    command=entry.command if isinstance(entry, PendingCommand) else None,
+                    command=command,
                     items=entry.items if isinstance(entry, PendingReplace) else None,
                     op_id=entry.op_id,
                     size=entry.size,
@@ -629,25 +693,87 @@ class SessionCore:
         self._in_flight = batch
         return batch
 
+    def _command_to_store(self, entry: PendingCommand, view: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The command an op stores for this change (an update merged), or
+        None if it is refused: a move or update of a removed item. `view`
+        holds the items the batch's earlier changes touched, as they leave
+        them; this change's effect is added to it, and its changed values to
+        the field history (a batch that fails only adds candidates)."""
+        command = entry.command
+        action, item_id = command.get("action"), command.get("item_id")
+        if action not in ("add_item", "move_item", "update_item", "remove_item") or not isinstance(item_id, str):
+            return command
+        current = view[item_id] if item_id in view else self.document.items.get(item_id)
+        if action == "remove_item":
+            view[item_id] = None
+            self._fields.record(item_id, current, None, entry.user_id, self.now())
+            return command
+        data = command.get("data")
+        data = data if isinstance(data, dict) else {}
+        if action == "add_item":
+            view[item_id] = make_item(item_id, command.get("item_type"), data)
+            return command
+        if current is None and (item_id in view or self.document.is_removed(item_id)):
+            return None  # deletes win
+        if action == "move_item":
+            if current is not None:
+                moved = dict(current)
+                for field in MOVE_FIELDS:
+                    if field in data:
+                        moved[field] = data[field]
+                view[item_id] = moved
+                before = {f: current[f] for f in MOVE_FIELDS if f in current}
+                self._fields.record(item_id, before, data, entry.user_id, self.now())
+            return command
+        # update_item
+        if current is None or not self.merge_updates:
+            item_type = None if current is None else current.get("item_type")
+            view[item_id] = make_item(item_id, item_type or command.get("item_type"), data)
+            self._fields.record(item_id, current, view[item_id], entry.user_id, self.now())
+            return command
+        merged, changed = merge_update(current, data, self._fields, item_id, entry.user_id, entry.arrived)
+        if any(
+            name not in changed and value != current.get(name)
+            for name, value in data.items()
+            if name not in IDENTITY_FIELDS
+        ):
+            self.stats.merges += 1  # a stale field of the sender's kept out
+        view[item_id] = make_item(item_id, current.get("item_type"), merged)
+        self._fields.record(item_id, current, view[item_id], entry.user_id, self.now())
+        return {**command, "data": merged}
+
     def committed(self, batch: Batch) -> list[Effect]:
         """The store has the batch: apply each op, relay it, acknowledge it."""
         self._finish(batch)
         effects: list[Effect] = []
         ops = iter(batch.ops)
+        due_before = self._tracker.pending
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
                 effects.append(Send(entry.conn, self._sync_answer(entry.request)))
                 continue
+            if isinstance(entry, PendingCommand) and entry.refused:
+                effects += self._refused(entry)
+                continue
             op = next(ops)
-            self.document.apply(op)
             if isinstance(entry, PendingCommand):
+                self._apply_command(op, entry)
                 effects.append(Broadcast(Relay(op), exclude=op.user_id))
-            elif entry.forward is not None:
+                ack = Ack(op.seq, op.op_id)
+                effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
+                continue
+            self.document.apply(op)
+            # Every client loads the new document whole: nothing to merge or correct.
+            self._fields.forget()
+            self._tracker.forget()
+            if entry.forward is not None:
                 effects += self._forward(entry.forward, entry.target_user, exclude=op.user_id)
             else:
                 effects.append(Broadcast(self._sync_state(), exclude=op.user_id))
             ack = Ack(op.seq, op.op_id)
             effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
+        if self._tracker.pending > due_before:
+            effects.append(WantCorrections())
         # Snapshots by the bytes journaled since the last one, and never more
         # often than the document's own size: disk writes stay proportional
         # to the changes, however large the document.
@@ -662,6 +788,70 @@ class SessionCore:
             effects.append(WantCommit())
         return effects
 
+    def _apply_command(self, op: Op, entry: PendingCommand) -> None:
+        """Apply a committed command; a move or update may make a correction due."""
+        self.document.apply(op)
+        command = op.command or {}
+        action, item_id = command.get("action"), command.get("item_id")
+        if self.corrections_enabled and action in ("move_item", "update_item") and isinstance(item_id, str):
+            self._tracker.committed(
+                op.user_id, item_id, arrived=entry.arrived, now=self.now(), whole=action == "update_item"
+            )
+
+    def _refused(self, entry: PendingCommand) -> list[Effect]:
+        """A move or update of a removed item: an error, and the removal again."""
+        item_id = entry.command.get("item_id")
+        self.stats.refusals += 1
+        self.stats.corrections += 1
+        error = Error(
+            ErrorCode.ITEM_REMOVED,
+            f"item {item_id!r} was removed; the change was not applied",
+            "command",
+        )
+        remove = Correction(
+            {"action": "remove_item", "item_type": entry.command.get("item_type"), "item_id": item_id, "data": {}},
+            self.document.version,
+            self.clock(),
+        )
+        effects: list[Effect] = []
+        for conn in (entry.conn, *entry.repeats):
+            effects += [Send(conn, error), Send(conn, remove)]
+        return effects
+
+    # -- corrections ---------------------------------------------------------
+
+    def next_correction_due(self) -> float | None:
+        """When corrections() has something to send (the core's `now` time), or None."""
+        return self._tracker.next_due()
+
+    def corrections(self) -> list[Effect]:
+        """The corrections due now: each member gets the server's state of
+        the items it may show otherwise."""
+        effects: list[Effect] = []
+        for user_id, item_id, whole in self._tracker.take_due(self.now()):
+            member = self._members.get(user_id)
+            if member is None:
+                continue
+            command = self._correction_command(item_id, whole)
+            if command is None:
+                continue
+            self.stats.corrections += 1
+            effects.append(Send(member.conn, Correction(command, self.document.version, self.clock())))
+        return effects
+
+    def _correction_command(self, item_id: str, whole: bool) -> dict[str, Any] | None:
+        item = self.document.items.get(item_id)
+        if item is None:
+            if not self.document.is_removed(item_id):
+                return None
+            return {"action": "remove_item", "item_type": None, "item_id": item_id, "data": {}}
+        item_type = item.get("item_type")
+        if whole:
+            data = {k: v for k, v in item.items() if k not in ("uuid", "item_type")}
+            return {"action": "update_item", "item_type": item_type, "item_id": item_id, "data": data}
+        data = {f: item[f] for f in MOVE_FIELDS if f in item}
+        return {"action": "move_item", "item_type": item_type, "item_id": item_id, "data": data}
+
     def commit_failed(self, batch: Batch, *, reset: bool = False) -> list[Effect]:
         """Nothing of the batch was stored: tell each sender; nobody else hears of it.
 
@@ -673,6 +863,9 @@ class SessionCore:
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
                 effects.append(Send(entry.conn, self._sync_answer(entry.request)))
+                continue
+            if isinstance(entry, PendingCommand) and entry.refused:
+                effects += self._refused(entry)
                 continue
             ref = "command" if isinstance(entry, PendingCommand) else None
             error = Error(

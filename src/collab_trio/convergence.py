@@ -1,0 +1,243 @@
+"""What keeps stock Optiverse windows on the server's design. Pure: no trio, no I/O.
+
+The Optiverse client applies its own change at once and every relayed
+`command` as it arrives; it ignores `seq` and `ack`, and its `update_item`
+carries the whole item. Two rules here make such clients converge:
+
+- Per-field merge (`FieldHistory`, `merge_update`): an update changes only
+  the fields whose values differ from every value the sender can have based
+  it on (the item's recent values of that field, the current one included);
+  the others keep the server's current value, so an edit of one property
+  does not undo a concurrent drag.
+- Corrections (`CorrectionTracker`): a client that committed a change of an
+  item shortly after the server relayed it someone else's change of the same
+  item (it may have applied that one after its own) is sent the item's
+  authoritative state once its changes of that item settle.
+
+Time is whatever the caller passes (seconds, monotonic); nothing here reads
+a clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+
+# Fields that name an item rather than describe it: never merged.
+IDENTITY_FIELDS = frozenset({"uuid", "item_uuid", "item_type"})
+# Values of one field kept from other members' changes (a drag at 60/s for
+# the merge window, and then some).
+FIELD_HISTORY = 256
+# Items whose field values are kept; the least recently changed go first.
+HISTORY_ITEMS = 4096
+_MISSING = object()
+
+
+@attrs.define(eq=False)
+class _FieldValues:
+    # (when, author, value) of the field's recent values: a value others may
+    # show (the value an author's change replaced counts as the author's).
+    recent: deque[tuple[float, str, Any]]
+    # Each author's latest value of the field (what it shows, unless a relay
+    # came after).
+    own: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class FieldHistory:
+    """Who set which value of each field of recently changed items, and
+    when: the values a member can have based an update on (merge_update)."""
+
+    window: float = 2.0
+    depth: int = FIELD_HISTORY
+    max_items: int = HISTORY_ITEMS
+    _items: dict[str, dict[str, _FieldValues]] = attrs.field(factory=dict)
+
+    def record(
+        self, item_id: str, before: dict[str, Any] | None, after: dict[str, Any] | None, author: str, now: float
+    ) -> None:
+        """`author` changed `item_id` from `before` to `after` at `now` (None:
+        absent; an add records nothing: the new item's values are current)."""
+        if after is None:
+            self._items.pop(item_id, None)
+            return
+        if before is None:
+            return
+        fields = self._items.get(item_id)
+        for name, value in after.items():
+            if name in IDENTITY_FIELDS:
+                continue
+            old = before.get(name, _MISSING)
+            if old is not _MISSING and old == value:
+                continue
+            if fields is None:
+                if len(self._items) >= self.max_items:
+                    del self._items[next(iter(self._items))]  # the oldest entry
+                fields = self._items[item_id] = {}
+            values = fields.get(name)
+            if values is None:
+                values = fields[name] = _FieldValues(deque(maxlen=self.depth))
+                if old is not _MISSING:
+                    # What everyone else had (the author knows it changed it).
+                    values.recent.append((now, author, old))
+            values.recent.append((now, author, value))
+            values.own[author] = value
+
+    def based_on(self, item_id: str, field: str, user_id: str, arrived: float) -> list[Any]:
+        """Values of a field a change by `user_id` that arrived at `arrived`
+        can have been based on, besides the current one: its own latest value,
+        and others' values of the last `window` seconds."""
+        fields = self._items.get(item_id)
+        values = None if fields is None else fields.get(field)
+        if values is None:
+            return []
+        cutoff = arrived - self.window
+        seen = [v for when, author, v in values.recent if author != user_id and when > cutoff]
+        own = values.own.get(user_id, _MISSING)
+        if own is not _MISSING:
+            seen.append(own)
+        return seen
+
+    def forget(self) -> None:
+        """Drop every recorded value (the document was replaced)."""
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def merge_update(
+    current: dict[str, Any],
+    data: dict[str, Any],
+    history: FieldHistory,
+    item_id: str,
+    user_id: str,
+    arrived: float,
+) -> tuple[dict[str, Any], list[str]]:
+    """The data an update of an existing item should store, and the fields it changed.
+
+    A field of `data` counts as changed when its value equals neither the
+    item's current value nor any value the sender can have based its update
+    on (FieldHistory.based_on): then the sender did not just carry along what
+    it last saw. Changed fields take the sender's value; every other field
+    keeps the current one (fields the sender left out included). Identity
+    fields are the current item's.
+    """
+    # The server sets `uuid` and `item_type` itself when it stores the item.
+    merged = {name: value for name, value in current.items() if name not in ("uuid", "item_type")}
+    changed: list[str] = []
+    for name, value in data.items():
+        if name in IDENTITY_FIELDS:
+            continue
+        now = current.get(name, _MISSING)
+        if now is not _MISSING and now == value:
+            continue
+        if any(value == seen for seen in history.based_on(item_id, name, user_id, arrived)):
+            continue  # what the sender last saw: not its edit
+        merged[name] = value
+        changed.append(name)
+    return merged, changed
+
+
+@attrs.define(eq=False)
+class _Dirty:
+    due: float
+    # A correction of more than the position is needed (an update took part).
+    whole: bool
+
+
+@attrs.define(eq=False)
+class CorrectionTracker:
+    """Which member may show a stale item, and when to send it the truth.
+
+    `window`: a relay sent this long before a member's change of the same
+    item arrived (or any time after) may have been applied by that member
+    after its own change (about the longest round trip expected).
+    `settle`: the correction goes once the member has changed the item for
+    this long no more; every later change of the item by that member while
+    one is due moves it on, so there is at most one per settle interval.
+    """
+
+    window: float = 1.0
+    settle: float = 0.15
+    # Per item: when each author's latest change of it was committed (and
+    # relayed to everyone else).
+    _recent: dict[str, dict[str, float]] = attrs.field(factory=dict)
+    # When a correction of an item went to a member (it is a relay too).
+    _corrected: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    _dirty: dict[tuple[str, str], _Dirty] = attrs.field(factory=dict)
+    _commits: int = 0
+
+    def committed(self, user_id: str, item_id: str, *, arrived: float, now: float, whole: bool) -> bool:
+        """`user_id`'s change of `item_id`, received at `arrived`, is committed
+        and relayed at `now`. True if it makes a correction due."""
+        cutoff = arrived - self.window
+        authors = self._recent.get(item_id)
+        if authors is None:
+            authors = self._recent[item_id] = {}
+        conflict = self._corrected.get((user_id, item_id), cutoff) > cutoff or any(
+            when > cutoff for author, when in authors.items() if author != user_id
+        )
+        authors[user_id] = now
+        key = (user_id, item_id)
+        dirty = self._dirty.get(key)
+        if dirty is not None:
+            dirty.due = now + self.settle
+            dirty.whole = dirty.whole or whole
+        elif conflict:
+            self._dirty[key] = _Dirty(now + self.settle, whole)
+        self._commits += 1
+        if self._commits % 1024 == 0:
+            self._prune(now)
+        return conflict
+
+    def next_due(self) -> float | None:
+        """When the earliest correction is due, or None."""
+        if not self._dirty:
+            return None
+        return min(d.due for d in self._dirty.values())
+
+    def take_due(self, now: float) -> list[tuple[str, str, bool]]:
+        """(user, item, whole) of every correction due by `now`, taken."""
+        due = [(key, d) for key, d in self._dirty.items() if d.due <= now]
+        for key, _ in due:
+            del self._dirty[key]
+            self._corrected[key] = now
+        self._prune(now)
+        return [(user_id, item_id, d.whole) for (user_id, item_id), d in due]
+
+    def corrected(self, user_id: str, item_id: str, now: float) -> None:
+        """A correction of `item_id` went to `user_id` outside take_due()."""
+        self._dirty.pop((user_id, item_id), None)
+        self._corrected[(user_id, item_id)] = now
+
+    def forget_user(self, user_id: str) -> None:
+        """The member left: nothing is due to it."""
+        for key in [k for k in self._dirty if k[0] == user_id]:
+            del self._dirty[key]
+        for key in [k for k in self._corrected if k[0] == user_id]:
+            del self._corrected[key]
+
+    def forget(self) -> None:
+        """Drop everything (the document was replaced: every client reloads it)."""
+        self._recent.clear()
+        self._corrected.clear()
+        self._dirty.clear()
+
+    @property
+    def pending(self) -> int:
+        """Corrections due or waiting to settle."""
+        return len(self._dirty)
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - self.window
+        for key in [k for k, t in self._corrected.items() if t <= cutoff]:
+            del self._corrected[key]
+        for item_id in list(self._recent):
+            authors = self._recent[item_id]
+            for author in [a for a, t in authors.items() if t <= cutoff]:
+                del authors[author]
+            if not authors:
+                del self._recent[item_id]
