@@ -448,3 +448,15 @@ async def test_a_window_that_may_show_a_stale_position_gets_a_correction(
             await trio.sleep(0.1)
     assert harness.registry.convergence_stats().corrections == 1
     assert any("1 correction(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_the_field_history_is_bounded_whatever_the_updates_hold() -> None:
+    history = FieldHistory(max_values=1000)
+    for n in range(50):
+        before = {f"f{k}": 0 for k in range(300)}
+        after = {f"f{k}": n + 1 for k in range(300)}  # 300 fields changed at once
+        history.record(f"item{n}", before, after, "ada", now=float(n))
+        assert history.size <= 1000
+    assert len(history) <= 2
+    history.record("item49", {"f0": 50}, None, "ada", now=60.0)  # removed: forgotten
+    assert history.size <= 600

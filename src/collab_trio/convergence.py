@@ -30,8 +30,9 @@ IDENTITY_FIELDS = frozenset({"uuid", "item_uuid", "item_type"})
 # Values of one field kept from other members' changes (a drag at 60/s for
 # the merge window, and then some).
 FIELD_HISTORY = 256
-# Items whose field values are kept; the least recently changed go first.
-HISTORY_ITEMS = 4096
+# Values kept in all (each ~100 bytes): past this the items recorded first
+# are forgotten, whatever a client sends (an update of 50,000 fields, say).
+HISTORY_VALUES = 65536
 _MISSING = object()
 
 
@@ -52,8 +53,12 @@ class FieldHistory:
 
     window: float = 2.0
     depth: int = FIELD_HISTORY
-    max_items: int = HISTORY_ITEMS
+    max_values: int = HISTORY_VALUES
+    # Items in the order their first value was recorded.
     _items: dict[str, dict[str, _FieldValues]] = attrs.field(factory=dict)
+    # Values held (recent entries and own values), and per item.
+    _count: int = 0
+    _item_counts: dict[str, int] = attrs.field(factory=dict)
 
     def record(
         self, item_id: str, before: dict[str, Any] | None, after: dict[str, Any] | None, author: str, now: float
@@ -61,11 +66,12 @@ class FieldHistory:
         """`author` changed `item_id` from `before` to `after` at `now` (None:
         absent; an add records nothing: the new item's values are current)."""
         if after is None:
-            self._items.pop(item_id, None)
+            self._drop(item_id)
             return
         if before is None:
             return
         fields = self._items.get(item_id)
+        added = 0
         for name, value in after.items():
             if name in IDENTITY_FIELDS:
                 continue
@@ -73,8 +79,6 @@ class FieldHistory:
             if old is not _MISSING and old == value:
                 continue
             if fields is None:
-                if len(self._items) >= self.max_items:
-                    del self._items[next(iter(self._items))]  # the oldest entry
                 fields = self._items[item_id] = {}
             values = fields.get(name)
             if values is None:
@@ -82,8 +86,16 @@ class FieldHistory:
                 if old is not _MISSING:
                     # What everyone else had (the author knows it changed it).
                     values.recent.append((now, author, old))
+                    added += 1
+            added += len(values.recent) < self.depth  # a full deque drops one
             values.recent.append((now, author, value))
+            added += author not in values.own
             values.own[author] = value
+        if added:
+            self._count += added
+            self._item_counts[item_id] = self._item_counts.get(item_id, 0) + added
+            while self._count > self.max_values and self._items:
+                self._drop(next(iter(self._items)))
 
     def based_on(self, item_id: str, field: str, user_id: str, arrived: float) -> list[Any]:
         """Values of a field a change by `user_id` that arrived at `arrived`
@@ -103,6 +115,17 @@ class FieldHistory:
     def forget(self) -> None:
         """Drop every recorded value (the document was replaced)."""
         self._items.clear()
+        self._item_counts.clear()
+        self._count = 0
+
+    @property
+    def size(self) -> int:
+        """Values held."""
+        return self._count
+
+    def _drop(self, item_id: str) -> None:
+        if self._items.pop(item_id, None) is not None:
+            self._count -= self._item_counts.pop(item_id, 0)
 
     def __len__(self) -> int:
         return len(self._items)
