@@ -460,3 +460,110 @@ def test_the_field_history_is_bounded_whatever_the_updates_hold() -> None:
     assert len(history) <= 2
     history.record("item49", {"f0": 50}, None, "ada", now=60.0)  # removed: forgotten
     assert history.size <= 600
+
+
+async def _stock_window(
+    harness: Any, session: str, user: str, rng: random.Random, plan: list[tuple[float, str, dict[str, Any]]],
+    done: Any, seed_item: bool, start: float,
+) -> StockClient:
+    """One stock window over real frames: its sends and its receives each
+    delayed at random (in order, like TCP), its plan of local changes."""
+    import json
+
+    import trio
+
+    window = StockClient(user)
+    outgoing_send, outgoing = trio.open_memory_channel[tuple[float, str]](1000)
+    incoming_send, incoming = trio.open_memory_channel[tuple[float, dict[str, Any]]](10000)
+
+    async def delayed_sender(ws: Any) -> None:
+        async for when, text in outgoing:
+            await trio.sleep_until(when)
+            await ws.send_message(text)
+
+    async def reader(ws: Any) -> None:
+        last = 0.0
+        while True:
+            message = json.loads(await ws.get_message())
+            last = max(last, trio.current_time() + rng.uniform(0, 0.05))
+            incoming_send.send_nowait((last, message))
+
+    async def applier() -> None:
+        async for when, message in incoming:
+            await trio.sleep_until(when)
+            window.receive(message)
+
+    async with harness.joined(session, user) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(delayed_sender, client.ws)
+            nursery.start_soon(reader, client.ws)
+            nursery.start_soon(applier)
+            if seed_item:
+                await trio.sleep(0.3)  # the others have joined: they get the add
+                window.items["lens"] = {}
+                await client.send({"type": "command", "command": window.local_change(
+                    "add_item", "lens", x_mm=0.0, y_mm=0.0, angle_deg=0.0, efl_mm=100.0)})
+            last_send = 0.0
+            for offset, action, changes in plan:
+                await trio.sleep_until(start + offset)
+                command = window.local_change(action, "lens", **changes)
+                if command is not None:
+                    last_send = max(last_send, trio.current_time() + rng.uniform(0, 0.05))
+                    outgoing_send.send_nowait((last_send, json.dumps({"type": "command", "command": command})))
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    return window
+
+
+@pytest.mark.parametrize("corrections", [False, True])
+async def test_stock_windows_over_real_frames_converge(
+    start_server: Any, autojump_clock: Any, corrections: bool
+) -> None:
+    """The same rounds through the trio server (batches, the correcter task):
+    three windows drag and edit one lens with random delays; afterwards every
+    window shows what the server stores (without corrections, not so)."""
+    import trio
+
+    from collab_trio.testing import HANG
+
+    harness = await start_server(corrections=corrections)
+    split = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        session = f"round-{seed}"
+        plans: dict[str, list[tuple[float, str, dict[str, Any]]]] = {}
+        for user in ("ada", "bob", "cy"):
+            offset, plan = rng.uniform(0, 0.05), []
+            for _ in range(rng.randint(2, 8)):
+                offset += rng.uniform(0.005, 0.04)
+                if user == "cy" and rng.random() < 0.5:
+                    plan.append((offset, "update_item", {"efl_mm": float(rng.randrange(20, 500))}))
+                else:
+                    plan.append((offset, "move_item", {"x_mm": rng.uniform(-50, 50), "y_mm": rng.uniform(-50, 50)}))
+            plans[user] = plan
+        done = trio.Event()
+        windows: dict[str, StockClient] = {}
+        start = trio.current_time() + 1.0  # every window's plan starts then
+
+        async def run(user: str, seed_item: bool) -> None:
+            windows[user] = await _stock_window(
+                harness, session, user, random.Random(f"{seed}-{user}"), plans[user], done, seed_item, start)
+
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, "ada", True)
+                nursery.start_soon(run, "bob", False)
+                nursery.start_soon(run, "cy", False)
+                await trio.sleep(5)  # every plan ran; delays, settle and corrections are over
+                async with harness.joined(session, "probe") as probe:
+                    await probe.send({"type": "sync:request"})
+                    state = await probe.expect("sync:state")
+                done.set()
+        [stored] = [item for item in state["state"]["items"] if item["uuid"] == "lens"]
+        views = {user: tuple(w.items["lens"].get(f) for f in ("x_mm", "y_mm", "efl_mm")) for user, w in windows.items()}
+        split += set(views.values()) != {(stored["x_mm"], stored["y_mm"], stored["efl_mm"])}
+    print(f"corrections {'on' if corrections else 'off'}: {split} of 20 rounds left a window disagreeing")
+    if corrections:
+        assert split == 0
+    else:
+        assert split >= 5

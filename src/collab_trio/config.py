@@ -66,10 +66,11 @@ class ServerConfig:
     # Largest session document, in bytes of JSON; changes that would make it
     # larger are refused with error document_too_large.
     max_document_size: int = attrs.field(default=16 * MIB, validator=_positive)
-    # Corrections (docs/PROTOCOL.md): a member's change of an item that
+    # Corrections (docs/PROTOCOL.md; off: none are sent): a member's change of an item that
     # arrives within `correction_window` seconds of a relay of someone else's
     # change of it gets the item's state once its changes of it pause for
     # `correction_settle` seconds.
+    corrections: bool = True
     correction_window: float = attrs.field(default=1.0, validator=_positive)
     correction_settle: float = attrs.field(default=0.15, validator=_positive)
     # Bytes of received changes a session holds while they wait for the store;

@@ -146,6 +146,7 @@ class Session:
                 max_document_size=self.config.max_document_size,
                 max_message_size=self.config.max_message_size,
                 now=trio.current_time,
+                corrections_enabled=self.config.corrections,
                 correction_window=self.config.correction_window,
                 correction_settle=self.config.correction_settle,
             )
