@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collab_trio.convergence import CorrectionTracker, FieldHistory, merge_update
+from collab_trio.convergence import MOVE, UPDATE, CorrectionTracker, FieldHistory, merge_update
 from collab_trio.document import COMMAND, Op, SessionDocument
 from collab_trio.messages import Correction
 from collab_trio.protocol import ErrorCode, encode
@@ -320,22 +320,34 @@ def test_a_host_replacing_the_document_may_bring_a_removed_item_back() -> None:
 def test_a_stale_field_keeps_the_current_value_and_an_edited_one_wins() -> None:
     history = FieldHistory()
     current = {"uuid": "l", "item_type": "lens", "x_mm": 1.0, "efl_mm": 100.0}
-    history.record("l", None, current, "ada", now=0.0)
+    history.record("l", None, current, "ada", now=0.0)  # an add: nothing to remember
     moved = {**current, "x_mm": 2.0}
-    history.record("l", current, moved, "bob", now=0.5)
-    # Ada edits efl with the x she had (1.0, her own last value): x stays 2.0.
-    merged, changed = merge_update(moved, {"x_mm": 1.0, "efl_mm": 80.0}, history, "l", "ada", arrived=0.6)
-    assert merged == {"x_mm": 2.0, "efl_mm": 80.0} and changed == ["efl_mm"]
+    history.record("l", {"x_mm": 1.0}, {"x_mm": 2.0}, "bob", now=0.5)
+    # Ada edits efl with the x she had (1.0, which Bob's move replaced): x stays 2.0.
+    merged, changed, stale = merge_update(moved, {"x_mm": 1.0, "efl_mm": 80.0}, history, "l", "ada", arrived=0.6)
+    assert merged == {"x_mm": 2.0, "efl_mm": 80.0} and changed == ["efl_mm"] and stale == ["x_mm"]
     # A value nobody showed her is her edit.
-    merged, changed = merge_update(moved, {"x_mm": 7.0}, history, "l", "ada", arrived=0.6)
+    merged, changed, _ = merge_update(moved, {"x_mm": 7.0}, history, "l", "ada", arrived=0.6)
     assert merged["x_mm"] == 7.0 and changed == ["x_mm"]
-    # Bob's old values are only what she may have seen for `window` seconds.
+    # Bob's values are what she may have seen for `window` seconds only.
     later = {**moved, "x_mm": 3.0}
-    history.record("l", moved, later, "bob", now=0.7)
-    merged, _ = merge_update(later, {"x_mm": 2.0}, history, "l", "ada", arrived=0.8)
+    history.record("l", {"x_mm": 2.0}, {"x_mm": 3.0}, "bob", now=0.7)
+    merged, _, _ = merge_update(later, {"x_mm": 2.0}, history, "l", "ada", arrived=0.8)
     assert merged["x_mm"] == 3.0
-    merged, _ = merge_update(later, {"x_mm": 2.0}, history, "l", "ada", arrived=0.7 + history.window + 1)
+    merged, _, _ = merge_update(later, {"x_mm": 2.0}, history, "l", "ada", arrived=0.7 + history.window + 1)
     assert merged["x_mm"] == 2.0
+
+
+def test_setting_a_value_again_is_an_edit_when_nobody_else_changed_it_lately() -> None:
+    """Ada sets efl 100 -> 80; long after, Bob sets 100; long after, Ada 80 again."""
+    history = FieldHistory()
+    history.record("l", {"efl_mm": 100.0}, {"efl_mm": 80.0}, "ada", now=0.0)
+    history.record("l", {"efl_mm": 80.0}, {"efl_mm": 100.0}, "bob", now=10.0)
+    merged, changed, _ = merge_update({"efl_mm": 100.0}, {"efl_mm": 80.0}, history, "l", "ada", arrived=20.0)
+    assert merged == {"efl_mm": 80.0} and changed == ["efl_mm"]
+    # Her own old value, just replaced by Bob, is stale, though.
+    merged, _, stale = merge_update({"efl_mm": 100.0}, {"efl_mm": 80.0}, history, "l", "ada", arrived=10.5)
+    assert merged == {"efl_mm": 100.0} and stale == ["efl_mm"]
 
 
 values = st.one_of(st.integers(-5, 5), st.sampled_from(["a", "b"]), st.floats(-2, 2, allow_nan=False))
@@ -352,8 +364,9 @@ def test_merge_keeps_every_field_it_does_not_take_from_the_update(
     for n, item in enumerate([*seen, current]):
         history.record("i", before, item, "other", now=float(n) * 0.01)
         before = item
-    merged, changed = merge_update(current, data, history, "i", "me", arrived=0.1)
+    merged, changed, stale = merge_update(current, data, history, "i", "me", arrived=0.1)
     assert set(merged) == set(current) | set(changed)
+    assert not set(changed) & set(stale)
     for name, value in merged.items():
         assert value == (data[name] if name in changed else current[name])
     for name in changed:
@@ -364,20 +377,22 @@ def test_merge_keeps_every_field_it_does_not_take_from_the_update(
             if name in previous and name in current and previous[name] != current[name]:
                 if value == previous[name]:
                     assert name not in changed  # the value just replaced: stale, kept out
-    assert merge_update(current, dict(current), history, "i", "me", arrived=0.1) == (current, [])
+    assert merge_update(current, dict(current), history, "i", "me", arrived=0.1) == (current, [], [])
 
 
 def test_corrections_only_for_a_change_near_someone_elses() -> None:
     tracker = CorrectionTracker(window=1.0, settle=0.15)
-    assert not tracker.committed("ada", "l", arrived=0.0, now=0.0, whole=False)
-    assert not tracker.committed("ada", "l", arrived=0.1, now=0.1, whole=False)  # alone
-    assert not tracker.committed("bob", "l", arrived=5.0, now=5.0, whole=False)  # long after
-    assert tracker.committed("ada", "l", arrived=5.2, now=5.2, whole=False)  # bob's relay was near
+    assert not tracker.committed("ada", "l", arrived=0.0, now=0.0, level=MOVE)
+    assert not tracker.committed("ada", "l", arrived=0.1, now=0.1, level=MOVE)  # alone
+    assert not tracker.committed("bob", "l", arrived=5.0, now=5.0, level=MOVE)  # long after
+    assert tracker.committed("ada", "l", arrived=5.2, now=5.2, level=MOVE)  # bob's relay was near
     assert tracker.next_due() == pytest.approx(5.35)
-    tracker.committed("ada", "l", arrived=5.3, now=5.3, whole=True)  # she goes on: it settles later
+    tracker.committed("ada", "l", arrived=5.3, now=5.3, level=UPDATE)  # she goes on: it settles later
     assert tracker.take_due(5.4) == []
-    assert tracker.take_due(5.45) == [("ada", "l", True)]
+    assert tracker.take_due(5.45) == [("ada", "l", UPDATE)]
     assert tracker.next_due() is None
+    # A merge that kept her value out: due whoever came before.
+    assert tracker.committed("cy", "m", arrived=9.0, now=9.0, level=UPDATE, force=True)
 
 
 def test_a_removed_item_is_remembered_while_its_op_is_retained() -> None:
@@ -567,3 +582,59 @@ async def test_stock_windows_over_real_frames_converge(
         assert split == 0
     else:
         assert split >= 5
+
+
+def test_mixed_rounds_with_removes_and_re_adds_converge() -> None:
+    """Moves, whole-item updates, removes and re-adds (an undo) by four
+    windows on two items, delays up to 200 ms: every window ends on the
+    server's items, with each item present or absent alike."""
+    split = []
+    for seed in range(200):
+        net = Network(seed, ["ada", "bob", "cy", "dee"], max_delay=0.2)
+        start_with_item(net, "lens", x_mm=0.0, y_mm=0.0, angle_deg=0.0, efl_mm=100.0)
+        net.client_does(net.time, "ada", "add_item", "mirror", x_mm=5.0, y_mm=5.0, angle_deg=0.0, efl_mm=1.0)
+        net.run()
+        net.time += 5.0
+        rng = random.Random(seed * 31 + 7)
+        start = net.time
+        for _ in range(40):
+            when = start + rng.uniform(0, 3.0)
+            user = rng.choice(sorted(net.clients))
+            item_id = rng.choice(["lens", "mirror"])
+            kind = rng.choices(["move", "update", "remove", "add"], [5, 3, 1, 1])[0]
+            if kind == "move":
+                net.client_does(when, user, "move_item", item_id, x_mm=rng.uniform(-9, 9), y_mm=rng.uniform(-9, 9))
+            elif kind == "update":
+                net.client_does(when, user, "update_item", item_id, efl_mm=float(rng.randrange(3)))
+            elif kind == "remove":
+                net.client_does(when, user, "remove_item", item_id)
+            else:  # put back, as an undo does, with what this window last had
+                net.client_does(when, user, "add_item", item_id, x_mm=1.0, y_mm=1.0, angle_deg=0.0, efl_mm=9.0)
+        net.run()
+        for item_id in ("lens", "mirror"):
+            if diverged(net, item_id, ("x_mm", "y_mm", "efl_mm")):
+                split.append((seed, item_id))
+    assert split == []
+
+
+def test_a_refusal_on_a_remove_of_the_same_batch_is_not_persisted_if_the_batch_fails() -> None:
+    net = Network(3, ["ada", "bob"])
+    start_with_item(net, "lens", x_mm=0.0, y_mm=0.0)
+    core = net.core
+    core.receive("ada", "ada", encode({"type": "command", "command": {
+        "action": "remove_item", "item_type": "lens", "item_id": "lens", "data": {}}}))
+    core.receive("bob", "bob", encode({"type": "command", "command": {
+        "action": "move_item", "item_type": "lens", "item_id": "lens", "data": {"x_mm": 1.0, "y_mm": 1.0}}}))
+    batch = core.take_batch()
+    assert batch is not None and len(batch.ops) == 1  # the move is refused in the batch
+    effects = core.commit_failed(batch)
+    codes = {e.conn: e.message.code for e in effects if isinstance(e, Send)}
+    assert codes == {"ada": ErrorCode.NOT_PERSISTED, "bob": ErrorCode.NOT_PERSISTED}
+    assert "lens" in core.document.items and core.stats.refusals == 0
+
+
+def test_large_values_are_not_kept_in_the_field_history() -> None:
+    history = FieldHistory()
+    for n in range(300):
+        history.record("l", {"blob": "x" * 200_000 + str(n)}, {"blob": "y" * 200_000 + str(n)}, "ada", now=n)
+    assert history.size == 0

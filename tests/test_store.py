@@ -447,8 +447,7 @@ async def test_changes_one_at_a_time_are_committed_in_the_receiving_task(
     with trio.fail_after(HANG):
         async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
             await alice.expect("user:joined")
-            for n in range(3):
-                await trio.sleep(0.01)  # a pause: the inline commit's condition
+            for n in range(3):  # back to back: a change from a read needs no pause
                 await alice.send(add(f"a{n}"))
                 assert (await alice.expect("ack"))["seq"] == n + 1
                 assert (await bob.expect("command"))["seq"] == n + 1
@@ -458,8 +457,7 @@ async def test_changes_one_at_a_time_are_committed_in_the_receiving_task(
                 admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
             finally:
                 admin.close()
-            await trio.sleep(0.01)  # a pause again: committed at once, where the reset shows
-            await alice.send(add("b"))
+            await alice.send(add("b"))  # committed at once, where the reset shows
             assert (await alice.expect("error"))["code"] == "not_persisted"
             code, reason = await alice.expect_closed()
             assert code == 1001 and "reset by an administrator" in reason

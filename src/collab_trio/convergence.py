@@ -6,13 +6,14 @@ carries the whole item. Two rules here make such clients converge:
 
 - Per-field merge (`FieldHistory`, `merge_update`): an update changes only
   the fields whose values differ from every value the sender can have based
-  it on (the item's recent values of that field, the current one included);
-  the others keep the server's current value, so an edit of one property
-  does not undo a concurrent drag.
+  it on (the current one, and those other members' changes set or replaced
+  lately); the others keep the server's current value, so an edit of one
+  property does not undo a concurrent drag.
 - Corrections (`CorrectionTracker`): a client that committed a change of an
   item shortly after the server relayed it someone else's change of the same
-  item (it may have applied that one after its own) is sent the item's
-  authoritative state once its changes of that item settle.
+  item (it may have applied that one after its own), or whose update the
+  merge kept a value out of, is sent the item's authoritative state once its
+  changes of that item settle.
 
 Time is whatever the caller passes (seconds, monotonic); nothing here reads
 a clock.
@@ -27,50 +28,53 @@ import attrs
 
 # Fields that name an item rather than describe it: never merged.
 IDENTITY_FIELDS = frozenset({"uuid", "item_uuid", "item_type"})
-# Values of one field kept from other members' changes (a drag at 60/s for
-# the merge window, and then some).
+# Values of one field kept (a drag at 60/s for the merge window, and then some).
 FIELD_HISTORY = 256
-# Values kept in all (each ~100 bytes): past this the items recorded first
-# are forgotten, whatever a client sends (an update of 50,000 fields, say).
-HISTORY_VALUES = 65536
+# Values kept in all; past this the items recorded first are forgotten,
+# whatever a client sends (an update of 50,000 fields, say).
+HISTORY_VALUES = 16384
+# Values larger than this (long strings, lists, objects) are not kept: a
+# stale copy of one is taken for an edit (the later change wins).
+HISTORY_VALUE_CHARS = 256
 _MISSING = object()
 
+# What a correction must restore, in increasing order: the position, the
+# whole item, the item's existence (it was added or removed meanwhile).
+MOVE, UPDATE, EXISTENCE = 0, 1, 2
 
-@attrs.define(eq=False)
-class _FieldValues:
-    # (when, author, value) of the field's recent values: a value others may
-    # show (the value an author's change replaced counts as the author's).
-    recent: deque[tuple[float, str, Any]]
-    # Each author's latest value of the field (what it shows, unless a relay
-    # came after).
-    own: dict[str, Any] = attrs.field(factory=dict)
+
+def _small(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    return isinstance(value, str) and len(value) <= HISTORY_VALUE_CHARS
 
 
 @attrs.define(eq=False)
 class FieldHistory:
-    """Who set which value of each field of recently changed items, and
-    when: the values a member can have based an update on (merge_update)."""
+    """Values other members' recent changes set or replaced, per field of
+    each item, with who and when: what an update can have been based on."""
 
     window: float = 2.0
     depth: int = FIELD_HISTORY
     max_values: int = HISTORY_VALUES
-    # Items in the order their first value was recorded.
-    _items: dict[str, dict[str, _FieldValues]] = attrs.field(factory=dict)
-    # Values held (recent entries and own values), and per item.
+    # item -> field -> (when, author, value), oldest first; items in the order
+    # their first value was recorded.
+    _items: dict[str, dict[str, deque[tuple[float, str, Any]]]] = attrs.field(factory=dict)
     _count: int = 0
     _item_counts: dict[str, int] = attrs.field(factory=dict)
 
     def record(
         self, item_id: str, before: dict[str, Any] | None, after: dict[str, Any] | None, author: str, now: float
     ) -> None:
-        """`author` changed `item_id` from `before` to `after` at `now` (None:
-        absent; an add records nothing: the new item's values are current)."""
+        """`author` changed the fields of `item_id` from `before` to `after`
+        at `now` (None: absent; an add records nothing, a remove forgets)."""
         if after is None:
             self._drop(item_id)
             return
         if before is None:
             return
         fields = self._items.get(item_id)
+        cutoff = now - self.window
         added = 0
         for name, value in after.items():
             if name in IDENTITY_FIELDS:
@@ -82,15 +86,18 @@ class FieldHistory:
                 fields = self._items[item_id] = {}
             values = fields.get(name)
             if values is None:
-                values = fields[name] = _FieldValues(deque(maxlen=self.depth))
-                if old is not _MISSING:
-                    # What everyone else had (the author knows it changed it).
-                    values.recent.append((now, author, old))
-                    added += 1
-            added += len(values.recent) < self.depth  # a full deque drops one
-            values.recent.append((now, author, value))
-            added += author not in values.own
-            values.own[author] = value
+                values = fields[name] = deque(maxlen=self.depth)
+            while values and values[0][0] <= cutoff:
+                values.popleft()
+                added -= 1
+            # The value this change replaced is one the others may still show
+            # (not its author: it knows it changed it), and so is the new one.
+            if old is not _MISSING and _small(old) and not (values and values[-1][1:] == (author, old)):
+                added += len(values) < self.depth
+                values.append((now, author, old))
+            if _small(value):
+                added += len(values) < self.depth
+                values.append((now, author, value))
         if added:
             self._count += added
             self._item_counts[item_id] = self._item_counts.get(item_id, 0) + added
@@ -98,19 +105,15 @@ class FieldHistory:
                 self._drop(next(iter(self._items)))
 
     def based_on(self, item_id: str, field: str, user_id: str, arrived: float) -> list[Any]:
-        """Values of a field a change by `user_id` that arrived at `arrived`
-        can have been based on, besides the current one: its own latest value,
-        and others' values of the last `window` seconds."""
+        """Values of a field that a change by `user_id`, arriving at `arrived`,
+        can have been based on besides the current one: those other members'
+        changes set or replaced in the last `window` seconds."""
         fields = self._items.get(item_id)
         values = None if fields is None else fields.get(field)
-        if values is None:
+        if not values:
             return []
         cutoff = arrived - self.window
-        seen = [v for when, author, v in values.recent if author != user_id and when > cutoff]
-        own = values.own.get(user_id, _MISSING)
-        if own is not _MISSING:
-            seen.append(own)
-        return seen
+        return [v for when, author, v in values if author != user_id and when > cutoff]
 
     def forget(self) -> None:
         """Drop every recorded value (the document was replaced)."""
@@ -123,12 +126,12 @@ class FieldHistory:
         """Values held."""
         return self._count
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def _drop(self, item_id: str) -> None:
         if self._items.pop(item_id, None) is not None:
             self._count -= self._item_counts.pop(item_id, 0)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def merge_update(
@@ -138,8 +141,9 @@ def merge_update(
     item_id: str,
     user_id: str,
     arrived: float,
-) -> tuple[dict[str, Any], list[str]]:
-    """The data an update of an existing item should store, and the fields it changed.
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The data an update of an existing item should store, the fields it
+    changed, and the fields whose differing value it kept out as stale.
 
     A field of `data` counts as changed when its value equals neither the
     item's current value nor any value the sender can have based its update
@@ -151,6 +155,7 @@ def merge_update(
     # The server sets `uuid` and `item_type` itself when it stores the item.
     merged = {name: value for name, value in current.items() if name not in ("uuid", "item_type")}
     changed: list[str] = []
+    stale: list[str] = []
     for name, value in data.items():
         if name in IDENTITY_FIELDS:
             continue
@@ -158,17 +163,18 @@ def merge_update(
         if now is not _MISSING and now == value:
             continue
         if any(value == seen for seen in history.based_on(item_id, name, user_id, arrived)):
-            continue  # what the sender last saw: not its edit
+            stale.append(name)  # what the sender last saw: not its edit
+            continue
         merged[name] = value
         changed.append(name)
-    return merged, changed
+    return merged, changed, stale
 
 
 @attrs.define(eq=False)
 class _Dirty:
     due: float
-    # A correction of more than the position is needed (an update took part).
-    whole: bool
+    # What the correction restores: MOVE, UPDATE or EXISTENCE.
+    level: int
 
 
 @attrs.define(eq=False)
@@ -186,31 +192,37 @@ class CorrectionTracker:
     window: float = 1.0
     settle: float = 0.15
     # Per item: when each author's latest change of it was committed (and
-    # relayed to everyone else).
-    _recent: dict[str, dict[str, float]] = attrs.field(factory=dict)
+    # relayed to everyone else), and what kind of change it was.
+    _recent: dict[str, dict[str, tuple[float, int]]] = attrs.field(factory=dict)
     # When a correction of an item went to a member (it is a relay too).
     _corrected: dict[tuple[str, str], float] = attrs.field(factory=dict)
     _dirty: dict[tuple[str, str], _Dirty] = attrs.field(factory=dict)
     _commits: int = 0
 
-    def committed(self, user_id: str, item_id: str, *, arrived: float, now: float, whole: bool) -> bool:
-        """`user_id`'s change of `item_id`, received at `arrived`, is committed
-        and relayed at `now`. True if it makes a correction due."""
+    def committed(
+        self, user_id: str, item_id: str, *, arrived: float, now: float, level: int, force: bool = False
+    ) -> bool:
+        """`user_id`'s change of `item_id` (of kind `level`), received at
+        `arrived`, is committed and relayed at `now`. True if it makes a
+        correction due (`force`: due whatever came before)."""
         cutoff = arrived - self.window
         authors = self._recent.get(item_id)
         if authors is None:
             authors = self._recent[item_id] = {}
-        conflict = self._corrected.get((user_id, item_id), cutoff) > cutoff or any(
-            when > cutoff for author, when in authors.items() if author != user_id
-        )
-        authors[user_id] = now
+        conflict = force or self._corrected.get((user_id, item_id), cutoff) > cutoff
+        own = level
+        for author, (when, kind) in authors.items():
+            if author != user_id and when > cutoff:
+                conflict = True
+                level = max(level, kind)  # restore what the other change did too
+        authors[user_id] = (now, own)
         key = (user_id, item_id)
         dirty = self._dirty.get(key)
         if dirty is not None:
             dirty.due = now + self.settle
-            dirty.whole = dirty.whole or whole
+            dirty.level = max(dirty.level, level)
         elif conflict:
-            self._dirty[key] = _Dirty(now + self.settle, whole)
+            self._dirty[key] = _Dirty(now + self.settle, level)
         self._commits += 1
         if self._commits % 1024 == 0:
             self._prune(now)
@@ -222,14 +234,14 @@ class CorrectionTracker:
             return None
         return min(d.due for d in self._dirty.values())
 
-    def take_due(self, now: float) -> list[tuple[str, str, bool]]:
-        """(user, item, whole) of every correction due by `now`, taken."""
+    def take_due(self, now: float) -> list[tuple[str, str, int]]:
+        """(user, item, level) of every correction due by `now`, taken."""
         due = [(key, d) for key, d in self._dirty.items() if d.due <= now]
         for key, _ in due:
             del self._dirty[key]
             self._corrected[key] = now
         self._prune(now)
-        return [(user_id, item_id, d.whole) for (user_id, item_id), d in due]
+        return [(user_id, item_id, d.level) for (user_id, item_id), d in due]
 
     def corrected(self, user_id: str, item_id: str, now: float) -> None:
         """A correction of `item_id` went to `user_id` outside take_due()."""
@@ -260,7 +272,7 @@ class CorrectionTracker:
             del self._corrected[key]
         for item_id in list(self._recent):
             authors = self._recent[item_id]
-            for author in [a for a, t in authors.items() if t <= cutoff]:
+            for author in [a for a, (t, _) in authors.items() if t <= cutoff]:
                 del authors[author]
             if not authors:
                 del self._recent[item_id]

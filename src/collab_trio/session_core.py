@@ -43,7 +43,7 @@ from typing import Any
 import attrs
 
 from .config import MIB
-from .convergence import IDENTITY_FIELDS, CorrectionTracker, FieldHistory, merge_update
+from .convergence import EXISTENCE, MOVE, UPDATE, CorrectionTracker, FieldHistory, merge_update
 from .document import COMMAND, REPLACE, Op, SessionDocument, make_item, op_id_key
 from .messages import (
     Ack,
@@ -198,8 +198,12 @@ class PendingCommand(_Change):
     command: dict[str, Any] = attrs.field(kw_only=True)
     # When it arrived (the core's `now`), for corrections.
     arrived: float = attrs.field(default=0.0, kw_only=True)
-    # Set by take_batch(): a move or update of a removed item (deletes win).
-    refused: bool = attrs.field(default=False, kw_only=True)
+    # Set by take_batch(): a move or update of a removed item (deletes win),
+    # removed by the store's document ("document") or by an earlier change of
+    # the same batch ("batch": if the batch fails, nothing was removed).
+    refused: str | None = attrs.field(default=None, kw_only=True)
+    # Set by take_batch(): the merge kept a stale value of this update out.
+    stale: bool = attrs.field(default=False, kw_only=True)
 
 
 @attrs.define(eq=False)
@@ -245,6 +249,9 @@ class Batch:
 
 
 # -- the core --------------------------------------------------------------------
+
+# What a correction after a conflicting change of each kind must restore.
+_CHANGE_LEVELS = {"move_item": MOVE, "update_item": UPDATE, "add_item": EXISTENCE, "remove_item": EXISTENCE}
 
 
 @attrs.define
@@ -675,8 +682,7 @@ class SessionCore:
             if isinstance(entry, PendingCommand):
                 command = self._command_to_store(entry, view)
                 if command is None:
-                    entry.refused = True
-                    continue
+                    continue  # refused
             ops.append(
                 Op(
                     seq=first + len(ops),
@@ -713,17 +719,20 @@ class SessionCore:
         if action == "add_item":
             view[item_id] = make_item(item_id, command.get("item_type"), data)
             return command
-        if current is None and (item_id in view or self.document.is_removed(item_id)):
-            return None  # deletes win
+        if current is None and item_id in view:
+            entry.refused = "batch"  # deletes win
+            return None
+        if current is None and self.document.is_removed(item_id):
+            entry.refused = "document"
+            return None
         if action == "move_item":
             if current is not None:
                 moved = dict(current)
-                for field in MOVE_FIELDS:
-                    if field in data:
-                        moved[field] = data[field]
+                position = {f: data[f] for f in MOVE_FIELDS if f in data}
+                moved.update(position)
                 view[item_id] = moved
                 before = {f: current[f] for f in MOVE_FIELDS if f in current}
-                self._fields.record(item_id, before, data, entry.user_id, self.now())
+                self._fields.record(item_id, before, position, entry.user_id, self.now())
             return command
         # update_item
         if current is None or not self.merge_updates:
@@ -731,13 +740,8 @@ class SessionCore:
             view[item_id] = make_item(item_id, item_type or command.get("item_type"), data)
             self._fields.record(item_id, current, view[item_id], entry.user_id, self.now())
             return command
-        merged, changed = merge_update(current, data, self._fields, item_id, entry.user_id, entry.arrived)
-        if any(
-            name not in changed and value != current.get(name)
-            for name, value in data.items()
-            if name not in IDENTITY_FIELDS
-        ):
-            self.stats.merges += 1  # a stale field of the sender's kept out
+        merged, _, stale = merge_update(current, data, self._fields, item_id, entry.user_id, entry.arrived)
+        entry.stale = bool(stale)
         view[item_id] = make_item(item_id, current.get("item_type"), merged)
         self._fields.record(item_id, current, view[item_id], entry.user_id, self.now())
         return {**command, "data": merged}
@@ -757,6 +761,8 @@ class SessionCore:
                 continue
             op = next(ops)
             if isinstance(entry, PendingCommand):
+                if entry.stale:
+                    self.stats.merges += 1  # a stale field of the sender's kept out
                 self._apply_command(op, entry)
                 effects.append(Broadcast(Relay(op), exclude=op.user_id))
                 ack = Ack(op.seq, op.op_id)
@@ -793,9 +799,11 @@ class SessionCore:
         self.document.apply(op)
         command = op.command or {}
         action, item_id = command.get("action"), command.get("item_id")
-        if self.corrections_enabled and action in ("move_item", "update_item") and isinstance(item_id, str):
+        level = _CHANGE_LEVELS.get(action)
+        if self.corrections_enabled and level is not None and isinstance(item_id, str):
+            # A merge that kept a value of the sender's out: it shows that value.
             self._tracker.committed(
-                op.user_id, item_id, arrived=entry.arrived, now=self.now(), whole=action == "update_item"
+                op.user_id, item_id, arrived=entry.arrived, now=self.now(), level=level, force=entry.stale
             )
 
     def _refused(self, entry: PendingCommand) -> list[Effect]:
@@ -803,6 +811,8 @@ class SessionCore:
         item_id = entry.command.get("item_id")
         self.stats.refusals += 1
         self.stats.corrections += 1
+        if isinstance(item_id, str):
+            self._tracker.corrected(entry.user_id, item_id, self.now())
         error = Error(
             ErrorCode.ITEM_REMOVED,
             f"item {item_id!r} was removed; the change was not applied",
@@ -828,29 +838,40 @@ class SessionCore:
         """The corrections due now: each member gets the server's state of
         the items it may show otherwise."""
         effects: list[Effect] = []
-        for user_id, item_id, whole in self._tracker.take_due(self.now()):
+        for user_id, item_id, level in self._tracker.take_due(self.now()):
             member = self._members.get(user_id)
             if member is None:
                 continue
-            command = self._correction_command(item_id, whole)
-            if command is None:
-                continue
-            self.stats.corrections += 1
-            effects.append(Send(member.conn, Correction(command, self.document.version, self.clock())))
+            commands = self._correction_commands(item_id, level)
+            if commands:
+                self.stats.corrections += 1
+            version, now = self.document.version, self.clock()
+            effects += [Send(member.conn, Correction(command, version, now)) for command in commands]
         return effects
 
-    def _correction_command(self, item_id: str, whole: bool) -> dict[str, Any] | None:
+    def _correction_commands(self, item_id: str, level: int) -> list[dict[str, Any]]:
+        """Commands that bring a stock window to the stored state of one item.
+
+        MOVE: its position; UPDATE: the whole item; EXISTENCE (an add or a
+        remove took part, so the window may lack the item or have it wrongly):
+        a remove and, if the item exists, an add of it (Optiverse ignores a
+        move or update of an item it does not have, and an add of one it has
+        would show it twice).
+        """
         item = self.document.items.get(item_id)
+        remove = {"action": "remove_item", "item_type": None, "item_id": item_id, "data": {}}
         if item is None:
-            if not self.document.is_removed(item_id):
-                return None
-            return {"action": "remove_item", "item_type": None, "item_id": item_id, "data": {}}
+            return [remove] if level == EXISTENCE or self.document.is_removed(item_id) else []
         item_type = item.get("item_type")
-        if whole:
-            data = {k: v for k, v in item.items() if k not in ("uuid", "item_type")}
-            return {"action": "update_item", "item_type": item_type, "item_id": item_id, "data": data}
+        data = {k: v for k, v in item.items() if k not in ("uuid", "item_type")}
+        if level == EXISTENCE:
+            data.setdefault("item_uuid", item_id)
+            return [{**remove, "item_type": item_type}, {"action": "add_item", "item_type": item_type,
+                                                          "item_id": item_id, "data": data}]
+        if level == UPDATE:
+            return [{"action": "update_item", "item_type": item_type, "item_id": item_id, "data": data}]
         data = {f: item[f] for f in MOVE_FIELDS if f in item}
-        return {"action": "move_item", "item_type": item_type, "item_id": item_id, "data": data}
+        return [{"action": "move_item", "item_type": item_type, "item_id": item_id, "data": data}]
 
     def commit_failed(self, batch: Batch, *, reset: bool = False) -> list[Effect]:
         """Nothing of the batch was stored: tell each sender; nobody else hears of it.
@@ -864,7 +885,7 @@ class SessionCore:
             if isinstance(entry, PendingSync):
                 effects.append(Send(entry.conn, self._sync_answer(entry.request)))
                 continue
-            if isinstance(entry, PendingCommand) and entry.refused:
+            if isinstance(entry, PendingCommand) and entry.refused == "document":
                 effects += self._refused(entry)
                 continue
             ref = "command" if isinstance(entry, PendingCommand) else None
