@@ -638,3 +638,25 @@ def test_large_values_are_not_kept_in_the_field_history() -> None:
     for n in range(300):
         history.record("l", {"blob": "x" * 200_000 + str(n)}, {"blob": "y" * 200_000 + str(n)}, "ada", now=n)
     assert history.size == 0
+
+
+def test_a_correction_that_restores_an_item_carries_exactly_what_is_stored() -> None:
+    net = Network(0, ["ada", "bob"], max_delay=0.0)
+    start_with_item(net, "lens", x_mm=0.0, y_mm=0.0, efl_mm=100.0)
+    core = net.core
+
+    def command(user: str, action: str, data: dict[str, Any]) -> None:
+        core.receive(user, user, encode({"type": "command", "command": {
+            "action": action, "item_type": "lens", "item_id": "lens", "data": data}}))
+        batch = core.take_batch()
+        assert batch is not None
+        core.committed(batch)
+
+    command("bob", "move_item", {"x_mm": 1.0, "y_mm": 1.0})
+    command("ada", "remove_item", {})
+    command("ada", "add_item", {"x_mm": 5.0, "y_mm": 5.0, "efl_mm": 100.0})
+    net.time += 1.0
+    sent = [e.message.to_wire() for e in core.corrections() if isinstance(e, Send)]
+    assert [m["command"]["action"] for m in sent] == ["remove_item", "add_item"]
+    stored = {k: v for k, v in core.document.items["lens"].items() if k not in ("uuid", "item_type")}
+    assert sent[1]["command"]["data"] == stored and all(m["correction"] for m in sent)

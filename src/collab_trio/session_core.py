@@ -865,7 +865,6 @@ class SessionCore:
         item_type = item.get("item_type")
         data = {k: v for k, v in item.items() if k not in ("uuid", "item_type")}
         if level == EXISTENCE:
-            data.setdefault("item_uuid", item_id)
             return [{**remove, "item_type": item_type}, {"action": "add_item", "item_type": item_type,
                                                           "item_id": item_id, "data": data}]
         if level == UPDATE:
