@@ -660,3 +660,15 @@ def test_a_correction_that_restores_an_item_carries_exactly_what_is_stored() -> 
     assert [m["command"]["action"] for m in sent] == ["remove_item", "add_item"]
     stored = {k: v for k, v in core.document.items["lens"].items() if k not in ("uuid", "item_type")}
     assert sent[1]["command"]["data"] == stored and all(m["correction"] for m in sent)
+
+
+def test_an_update_of_very_many_fields_is_taken_whole_and_not_recorded() -> None:
+    from collab_trio.convergence import MERGE_MAX_FIELDS
+
+    history = FieldHistory()
+    history.record("l", {"x_mm": 1.0}, {"x_mm": 2.0}, "bob", now=0.0)
+    big = {f"f{n}": n for n in range(MERGE_MAX_FIELDS + 1)}
+    merged, changed, stale = merge_update({"x_mm": 2.0}, {**big, "x_mm": 1.0}, history, "l", "ada", arrived=0.1)
+    assert merged == {**big, "x_mm": 1.0} and stale == [] and len(changed) == len(big) + 1
+    history.record("l", {"x_mm": 2.0}, {**big, "x_mm": 1.0}, "ada", now=0.2)
+    assert history.size == 0  # too many fields to follow: forgotten

@@ -36,6 +36,10 @@ HISTORY_VALUES = 16384
 # Values larger than this (long strings, lists, objects) are not kept: a
 # stale copy of one is taken for an edit (the later change wins).
 HISTORY_VALUE_CHARS = 256
+# An update or move of more fields than this is neither merged nor recorded
+# (its fields all count as changed): per-field work stays bounded per
+# message, whatever a client sends. Optiverse items have a few dozen.
+MERGE_MAX_FIELDS = 512
 _MISSING = object()
 
 # What a correction must restore, in increasing order: the position, the
@@ -72,6 +76,9 @@ class FieldHistory:
             self._drop(item_id)
             return
         if before is None:
+            return
+        if len(after) > MERGE_MAX_FIELDS:
+            self._drop(item_id)  # not followed: merges of it take every field
             return
         fields = self._items.get(item_id)
         cutoff = now - self.window
@@ -154,6 +161,11 @@ def merge_update(
     """
     # The server sets `uuid` and `item_type` itself when it stores the item.
     merged = {name: value for name, value in current.items() if name not in ("uuid", "item_type")}
+    if len(data) > MERGE_MAX_FIELDS:
+        # Too many fields to weigh one by one: the sender's values all count.
+        taken = {name: value for name, value in data.items() if name not in IDENTITY_FIELDS}
+        merged.update(taken)
+        return merged, [name for name, value in taken.items() if current.get(name, _MISSING) != value], []
     changed: list[str] = []
     stale: list[str] = []
     for name, value in data.items():
