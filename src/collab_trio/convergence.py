@@ -26,6 +26,8 @@ from typing import Any
 
 import attrs
 
+from .document import item_data
+
 # Fields that name an item rather than describe it: never merged.
 IDENTITY_FIELDS = frozenset({"uuid", "item_uuid", "item_type"})
 # Values of one field kept (a drag at 60/s for the merge window, and then some).
@@ -159,8 +161,7 @@ def merge_update(
     keeps the current one (fields the sender left out included). Identity
     fields are the current item's.
     """
-    # The server sets `uuid` and `item_type` itself when it stores the item.
-    merged = {name: value for name, value in current.items() if name not in ("uuid", "item_type")}
+    merged = item_data(current)  # the server sets `uuid` and `item_type` itself
     if len(data) > MERGE_MAX_FIELDS:
         # Too many fields to weigh one by one: the sender's values all count.
         taken = {name: value for name, value in data.items() if name not in IDENTITY_FIELDS}

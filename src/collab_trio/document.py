@@ -401,6 +401,12 @@ def _move_growth(item: dict[str, Any], data: dict[str, Any]) -> int:
     return growth
 
 
+def item_data(item: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of make_item(): an item's fields but the `uuid` and
+    `item_type` the server sets (a copy)."""
+    return {name: value for name, value in item.items() if name not in ("uuid", "item_type")}
+
+
 def make_item(item_id: str, item_type: Any, data: dict[str, Any]) -> dict[str, Any]:
     """An item as the document stores it: a copy of `data`, with its `uuid`
     and `item_type` (the command's own data object is relayed unchanged)."""

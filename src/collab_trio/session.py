@@ -31,9 +31,9 @@ from .messages import NOTICES, Forwarded, ServerMessage, encode_message_bytes, r
 from .protocol import CloseCode, SyncRequest
 from .session_core import (
     Batch,
-    ConvergenceStats,
     Broadcast,
     Close,
+    ConvergenceStats,
     Effect,
     Emptied,
     JoinRefused,

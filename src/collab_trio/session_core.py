@@ -44,7 +44,7 @@ import attrs
 
 from .config import MIB
 from .convergence import EXISTENCE, MOVE, UPDATE, CorrectionTracker, FieldHistory, merge_update
-from .document import COMMAND, REPLACE, Op, SessionDocument, make_item, op_id_key
+from .document import COMMAND, REPLACE, Op, SessionDocument, item_data, make_item, op_id_key
 from .messages import (
     Ack,
     ConnectionAck,
@@ -655,12 +655,20 @@ class SessionCore:
         # (see _command_to_store); a replacement is not followed: a batch
         # ends before any command that comes after one.
         replaced = False
+        # Items more than one change of the batch touches: only those are
+        # followed (most batches touch each item once).
+        seen: set[Any] = set()
+        repeated: set[Any] = set()
         for entry in self._pending[: self.max_batch_ops]:
             if count and size + entry.size > self.max_batch_bytes:
                 break
             if isinstance(entry, PendingCommand):
                 if count and replaced:
                     break
+                item_id = entry.command.get("item_id")
+                if item_id in seen:
+                    repeated.add(item_id)
+                seen.add(item_id)
             elif isinstance(entry, PendingReplace):
                 replaced = True
             count += 1
@@ -680,7 +688,7 @@ class SessionCore:
                 continue
             command = None
             if isinstance(entry, PendingCommand):
-                command = self._command_to_store(entry, view)
+                command = self._command_to_store(entry, view, repeated)
                 if command is None:
                     continue  # refused
             ops.append(
@@ -699,25 +707,31 @@ class SessionCore:
         self._in_flight = batch
         return batch
 
-    def _command_to_store(self, entry: PendingCommand, view: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+    def _command_to_store(
+        self, entry: PendingCommand, view: dict[str, dict[str, Any] | None], repeated: set[Any]
+    ) -> dict[str, Any] | None:
         """The command an op stores for this change (an update merged), or
         None if it is refused: a move or update of a removed item. `view`
-        holds the items the batch's earlier changes touched, as they leave
-        them; this change's effect is added to it, and its changed values to
-        the field history (a batch that fails only adds candidates)."""
+        holds the items in `repeated` (touched by more than one change of the
+        batch) as the batch's earlier changes leave them; this change's effect
+        is added to it, and its changed values to the field history (a batch
+        that fails only adds candidates)."""
         command = entry.command
         action, item_id = command.get("action"), command.get("item_id")
         if action not in ("add_item", "move_item", "update_item", "remove_item") or not isinstance(item_id, str):
             return command
+        follow = item_id in repeated
         current = view[item_id] if item_id in view else self.document.items.get(item_id)
         if action == "remove_item":
-            view[item_id] = None
+            if follow:
+                view[item_id] = None
             self._fields.record(item_id, current, None, entry.user_id, self.now())
             return command
         data = command.get("data")
         data = data if isinstance(data, dict) else {}
         if action == "add_item":
-            view[item_id] = make_item(item_id, command.get("item_type"), data)
+            if follow:
+                view[item_id] = make_item(item_id, command.get("item_type"), data)
             return command
         if current is None and item_id in view:
             entry.refused = "batch"  # deletes win
@@ -727,23 +741,24 @@ class SessionCore:
             return None
         if action == "move_item":
             if current is not None:
-                moved = dict(current)
                 position = {f: data[f] for f in MOVE_FIELDS if f in data}
-                moved.update(position)
-                view[item_id] = moved
+                if follow:
+                    view[item_id] = {**current, **position}
                 before = {f: current[f] for f in MOVE_FIELDS if f in current}
                 self._fields.record(item_id, before, position, entry.user_id, self.now())
             return command
         # update_item
         if current is None or not self.merge_updates:
             item_type = None if current is None else current.get("item_type")
-            view[item_id] = make_item(item_id, item_type or command.get("item_type"), data)
-            self._fields.record(item_id, current, view[item_id], entry.user_id, self.now())
+            if follow:
+                view[item_id] = make_item(item_id, item_type or command.get("item_type"), data)
+            self._fields.record(item_id, current, data, entry.user_id, self.now())
             return command
         merged, _, stale = merge_update(current, data, self._fields, item_id, entry.user_id, entry.arrived)
         entry.stale = bool(stale)
-        view[item_id] = make_item(item_id, current.get("item_type"), merged)
-        self._fields.record(item_id, current, view[item_id], entry.user_id, self.now())
+        if follow:
+            view[item_id] = make_item(item_id, current.get("item_type"), merged)
+        self._fields.record(item_id, current, merged, entry.user_id, self.now())
         return {**command, "data": merged}
 
     def committed(self, batch: Batch) -> list[Effect]:
@@ -863,7 +878,7 @@ class SessionCore:
         if item is None:
             return [remove] if level == EXISTENCE or self.document.is_removed(item_id) else []
         item_type = item.get("item_type")
-        data = {k: v for k, v in item.items() if k not in ("uuid", "item_type")}
+        data = item_data(item)
         if level == EXISTENCE:
             return [{**remove, "item_type": item_type}, {"action": "add_item", "item_type": item_type,
                                                           "item_id": item_id, "data": data}]
