@@ -438,6 +438,7 @@ async def test_a_window_that_may_show_a_stale_position_gets_a_correction(
     with trio.fail_after(HANG):
         async with harness.joined("s", "ada") as ada, harness.joined("s", "bob") as bob:
             await ada.expect("user:joined")
+            session = harness.registry.sessions["s"]
             await ada.send(add_item("lens", {"x_mm": 0.0, "y_mm": 0.0, "angle_deg": 0.0}))
             await ada.expect("ack")
             await bob.expect("command")
@@ -459,8 +460,7 @@ async def test_a_window_that_may_show_a_stale_position_gets_a_correction(
             await ada.expect_silence(1.0)  # Ada's own move was not near anyone else's
             assert harness.registry.convergence_stats().corrections == 1
     with trio.fail_after(HANG):
-        while harness.registry.sessions or harness.registry.draining:
-            await trio.sleep(0.1)
+        await session.finished.wait()  # unloaded: its statistics are the server's now
     assert harness.registry.convergence_stats().corrections == 1
     assert any("1 correction(s)" in r.getMessage() for r in caplog.records)
 
@@ -479,7 +479,7 @@ def test_the_field_history_is_bounded_whatever_the_updates_hold() -> None:
 
 async def _stock_window(
     harness: Any, session: str, user: str, rng: random.Random, plan: list[tuple[float, str, dict[str, Any]]],
-    done: Any, seed_item: bool, start: float,
+    done: Any, seed_item: bool, start: float, joined: list[str], all_joined: Any,
 ) -> StockClient:
     """One stock window over real frames: its sends and its receives each
     delayed at random (in order, like TCP), its plan of local changes."""
@@ -509,12 +509,15 @@ async def _stock_window(
             window.receive(message)
 
     async with harness.joined(session, user) as client:
+        joined.append(user)
+        if len(joined) == 3:
+            all_joined.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(delayed_sender, client.ws)
             nursery.start_soon(reader, client.ws)
             nursery.start_soon(applier)
             if seed_item:
-                await trio.sleep(0.3)  # the others have joined: they get the add
+                await all_joined.wait()  # the others get the add
                 window.items["lens"] = {}
                 await client.send({"type": "command", "command": window.local_change(
                     "add_item", "lens", x_mm=0.0, y_mm=0.0, angle_deg=0.0, efl_mm=100.0)})
@@ -556,13 +559,15 @@ async def test_stock_windows_over_real_frames_converge(
                 else:
                     plan.append((offset, "move_item", {"x_mm": rng.uniform(-50, 50), "y_mm": rng.uniform(-50, 50)}))
             plans[user] = plan
-        done = trio.Event()
+        done, all_joined = trio.Event(), trio.Event()
+        joined: list[str] = []
         windows: dict[str, StockClient] = {}
         start = trio.current_time() + 1.0  # every window's plan starts then
 
         async def run(user: str, seed_item: bool) -> None:
             windows[user] = await _stock_window(
-                harness, session, user, random.Random(f"{seed}-{user}"), plans[user], done, seed_item, start)
+                harness, session, user, random.Random(f"{seed}-{user}"), plans[user], done, seed_item, start,
+                joined, all_joined)
 
         with trio.fail_after(HANG):
             async with trio.open_nursery() as nursery:
