@@ -16,7 +16,7 @@
                  │           ├─ writer      bounded outbox channel -> websocket
                  │           └─ cursor      coalesced cursor forwarding
                  ├─ accept loop             cancelling it closes the listening socket: port freed
-                 └─ handshake(stream)       one per TCP connection: the upgrade, access checks,
+                 └─ handshake(stream)       one per TCP connection: the request head, the upgrade, access checks,
                                             the join; then parks until the member's
                                             Connection.run() is over, and closes the stream
 
@@ -38,7 +38,7 @@ from trio_websocket import WebSocketRequest
 
 from .auth import TokenTable, bearer_token, header, redact
 from .config import ServerConfig
-from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
+from .protocol import HandshakeRejected, SyncRequest, Target, endpoint_template, parse_target
 from .connection import Connection
 from .serving import CLIENT_GONE, WebSocketServer, listener_url, log_client_gone, reject
 from .session import SessionRegistry
@@ -67,7 +67,9 @@ class CollabServer:
 
     def __attrs_post_init__(self) -> None:
         self.registry = SessionRegistry(self.config, self.store)
-        self.web = WebSocketServer(self.config, self.listeners, self)
+        self.web = WebSocketServer(
+            self.config, self.listeners, self, path=endpoint_template(self.config.base_path)
+        )
 
     @property
     def closing(self) -> bool:
@@ -135,7 +137,7 @@ class CollabServer:
         """Check, accept and join a handshake; the member's connection, or None if refused."""
         path = redact(request.path)  # never log a token
         try:
-            target = parse_target(request.path)
+            target = parse_target(request.path, self.config.base_path)
         except HandshakeRejected as exc:
             log.info("Refused %s from %s: %d %s", path, peer, exc.status, exc.reason)
             await reject(request, exc.status, exc.reason)

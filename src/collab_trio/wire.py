@@ -89,9 +89,17 @@ class WireStream(trio.abc.Stream):
     """A client's stream as trio-websocket sees it; see the module docstring."""
 
     def __init__(
-        self, raw: trio.abc.Stream, *, write_timeout: float = 10.0, max_message_size: int = 1 << 20
+        self,
+        raw: trio.abc.Stream,
+        *,
+        write_timeout: float = 10.0,
+        max_message_size: int = 1 << 20,
+        received: bytes = b"",
     ) -> None:
         self.raw = raw
+        # Bytes already read from `raw` (the request head the serving layer
+        # parsed, see upgrade.py): the first receive_some() takes them.
+        self._received = received
         self.write_timeout = write_timeout
         # Called with the incoming frames' (opcode, fin), and the messages
         # taken, once claimed.
@@ -341,7 +349,12 @@ class WireStream(trio.abc.Stream):
         messages reaches the claimant before its back-pressure applies.
         """
         while True:
-            data = await self.raw.receive_some(max_bytes)
+            if self._received:
+                data = self._received[:max_bytes] if max_bytes else self._received
+                self._received = self._received[len(data):]
+                await trio.lowlevel.checkpoint()
+            else:
+                data = await self.raw.receive_some(max_bytes)
             if not data:
                 return data
             taking = self.taking and self.on_frames is not None
