@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import pytest
@@ -337,6 +338,62 @@ async def test_percent_encoded_token_parameter_is_redacted_too(
     # 403, not 401: the server did read the token from the encoded key.
     assert (await refusal(harness.listener.connect(), f"/ws/other/alice?tok%65n={LAB_TOKEN}"))[0] == 403
     assert LAB_TOKEN not in caplog.text
+
+
+# -- the token as a path segment (stock Optiverse) -----------------------------------
+
+
+def assert_no_token_logged(caplog: pytest.LogCaptureFixture, *secrets: str) -> None:
+    """No record of any logger (trio-websocket's and wsproto's too) carries a secret, raw or encoded."""
+    for record in caplog.records:
+        text = " ".join([record.getMessage(), repr(record.args), record.exc_text or ""])
+        for secret in secrets:
+            for form in {secret, quote(secret, safe="")}:
+                assert form not in text, f"token in a log record: {record.name}: {text}"
+
+
+async def test_token_path_segment_as_optiverse_sends_it(
+    start_server: Callable[..., Any], tmp_path: Path, autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    harness = await start_server(tokens_file=str(tmp_file(tmp_path, "tokens.toml", TOKENS_TOML)))
+    # Optiverse builds f"{server_url}/ws/{session}/{user}": server URL ws://host:8765/t/TOKEN,
+    # and with a trailing slash typed after the token, ws://host:8765/t/TOKEN/.
+    async with harness.joined(path=f"/t/{EDITOR_TOKEN}/ws/s/alice") as alice:
+        async with harness.joined(path=f"/t/{VIEWER_TOKEN}//ws/s/bob") as bob:
+            await alice.expect("user:joined")
+            await alice.send(add("a"))
+            await alice.expect("ack")
+            assert (await bob.expect("command"))["command"]["item_id"] == "a"
+            await bob.send(add("b"))  # a viewer: refused
+            assert (await bob.expect("error"))["code"] == "forbidden"
+        await alice.expect("user:left")
+    # Refused: a wrong token, a token for another session, a bad id, no ws segment.
+    wrong = "not-a-token-at-all"
+    assert await refusal(harness.listener.connect(), f"/t/{wrong}/ws/s/carol") == (401, "missing or invalid token")
+    assert (await refusal(harness.listener.connect(), f"/t/{LAB_TOKEN}/ws/other/carol"))[0] == 403
+    assert (await refusal(harness.listener.connect(), f"/t/{LAB_TOKEN}/ws/lab/bad%07id"))[0] == 400
+    assert (await refusal(harness.listener.connect(), f"/t/{quote(LAB_TOKEN)}/nowhere"))[0] == 404
+    # Allowed where the token is: the lab token in session lab.
+    async with harness.joined(path=f"/t/{LAB_TOKEN}/ws/lab/dora"):
+        pass
+    # Plain HTTP and an upgrade wsproto refuses, both with a token in the path.
+    stream = harness.listener.connect()
+    await stream.send_all(f"GET /t/{EDITOR_TOKEN}/ws/s/u HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    with trio.fail_after(HANG):
+        assert (await stream.receive_some()).startswith(b"HTTP/1.1 426 ")
+    stream = harness.listener.connect()
+    await stream.send_all(f"GET /t/{EDITOR_TOKEN}/ws/s/u HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n".encode())
+    with trio.fail_after(HANG):
+        assert (await stream.receive_some()).startswith(b"HTTP/1.1 400 ")
+    await trio.testing.wait_all_tasks_blocked()
+
+    assert "Refused /t/***/ws/s/carol from" in caplog.text
+    assert "Plain HTTP request from" in caplog.text and "GET /t/***/ws/s/u -> 426" in caplog.text
+    assert "Refused /t/***/ws/s/u from" in caplog.text  # wsproto's refusal
+    assert any(r.name == "trio-websocket" for r in caplog.records)  # its debug lines were captured
+    assert_no_token_logged(caplog, EDITOR_TOKEN, VIEWER_TOKEN, LAB_TOKEN, wrong)
 
 
 # -- Origin ---------------------------------------------------------------------

@@ -166,10 +166,8 @@ def redact(path: str) -> str:
     base, sep, query = path.partition("?")
     segments = base.split("/")
     end = segments.index("ws") if "ws" in segments else len(segments)
-    for index in range(min(end, len(segments) - 1)):
-        if segments[index] == TOKEN_SEGMENT and segments[index + 1] not in ("", "***"):
-            segments[index + 1] = "***"
-    base = "/".join(segments)
+    masked = {i + 1 for i in range(min(end, len(segments) - 1)) if segments[i] == TOKEN_SEGMENT}
+    base = "/".join("***" if i in masked and part else part for i, part in enumerate(segments))
     if not sep:
         return base
     parts = []
