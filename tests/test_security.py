@@ -22,7 +22,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
@@ -691,6 +691,66 @@ async def test_connections_per_address_limit_is_per_address() -> None:
                 assert (await refusal_over_tcp(server.port, "/ws/s/u2"))[0] == 429
                 async with tcp_client(server.port, "/ws/s/u2", local_address="127.0.0.2") as u2:
                     await expect_ack(u2)
+            nursery.cancel_scope.cancel()
+
+
+def forwarded(address: str) -> list[tuple[bytes, bytes]]:
+    return [(b"X-Forwarded-For", address.encode())]
+
+
+async def rejected_status(port: int, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> int:
+    with pytest.raises(ConnectionRejected) as info:
+        async with tcp_client(port, path, extra_headers=headers):
+            pass
+    return info.value.status_code
+
+
+async def test_forwarded_addresses_are_counted_behind_a_trusted_proxy(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    config = ServerConfig(
+        host="127.0.0.1", port=0, store="memory", max_connections_per_ip=1, trusted_proxies=["127.0.0.1/32"]
+    )
+    with trio.fail_after(START_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = (await nursery.start(serve, config)).port
+            async with tcp_client(port, "/ws/s/observer", extra_headers=forwarded("203.0.113.50")) as observer:
+                await expect_ack(observer)
+                async with tcp_client(port, "/ws/s/a", extra_headers=forwarded("203.0.113.1")) as a:
+                    await expect_ack(a)
+                    # The same client again: its address is at the limit.
+                    assert await rejected_status(port, "/ws/s/a2", forwarded("203.0.113.1")) == 429
+                    # Its own word to the left of what the proxy appended proves nothing.
+                    assert await rejected_status(port, "/ws/s/a3", forwarded("198.51.100.9, 203.0.113.1")) == 429
+                    # Another client through the same proxy, and the proxy's own address, have room.
+                    async with tcp_client(port, "/ws/s/b", extra_headers=forwarded("203.0.113.2")) as b:
+                        await expect_ack(b)
+                        async with tcp_client(port, "/ws/s/direct") as direct:
+                            await expect_ack(direct)
+                            assert (await refusal_over_tcp(port, "/ws/s/direct2"))[0] == 429
+                joined = [(await expect_message(observer, "user:joined"))["user_id"] for _ in range(3)]
+                left = [(await expect_message(observer, "user:left"))["user_id"] for _ in range(3)]
+                assert joined == ["a", "b", "direct"] and sorted(left) == ["a", "b", "direct"]
+                # Once the leaves are announced, what is left of the teardown needs no
+                # I/O: when every task is blocked, each address has its slot again.
+                await trio.testing.wait_all_tasks_blocked()
+                async with tcp_client(port, "/ws/s/a", extra_headers=forwarded("203.0.113.1")) as a:
+                    await expect_ack(a)
+                    async with tcp_client(port, "/ws/s/direct") as direct:
+                        await expect_ack(direct)
+            nursery.cancel_scope.cancel()
+    assert "Refused 203.0.113.1: too many connections from this address" in caplog.text
+    assert "Refused 127.0.0.1: too many connections from this address" in caplog.text
+
+
+async def test_forwarded_for_is_ignored_from_an_untrusted_peer() -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory", max_connections_per_ip=1)
+    with trio.fail_after(START_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = (await nursery.start(serve, config)).port
+            async with tcp_client(port, "/ws/s/a", extra_headers=forwarded("203.0.113.1")) as a:
+                await expect_ack(a)
+                # Claiming another address changes nothing: both are 127.0.0.1.
+                assert await rejected_status(port, "/ws/s/b", forwarded("203.0.113.2")) == 429
             nursery.cancel_scope.cancel()
 
 
