@@ -7,6 +7,7 @@ virtual time passes. Responses are parsed with h11, the client side.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from collab_trio.testing import HANG, start_memory_server
+from collab_trio.testing import HANG, server_process, start_memory_server
 from collab_trio.upgrade import MAX_HEAD_BYTES, MalformedRequest, RequestHead, read_request_head
 
 
@@ -251,3 +252,27 @@ async def test_a_head_over_the_limit_is_refused_431() -> None:
     refused = await read_head_of(data, chunk=4096)
     assert isinstance(refused, MalformedRequest) and refused.status == 431
     assert refused.response.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+# -- the same with a real server process --------------------------------------------
+
+
+async def test_probes_do_not_delay_a_real_servers_sigterm() -> None:
+    async with server_process("--store", "memory", "--debug", "--shutdown-timeout", "5") as server:
+        # An idle connection and half a request, then a connect-and-close.
+        idle = await trio.open_tcp_stream("127.0.0.1", server.port)
+        half = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await half.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        probe = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await probe.aclose()
+        await server.wait_for("Dropped .*: closed before sending a request")
+        started = trio.current_time()
+        assert await server.stop(signal.SIGTERM) == 0
+        took = trio.current_time() - started
+        for stream in (idle, half):
+            with trio.fail_after(HANG):
+                assert await stream.receive_some() == b""  # dropped without a word
+            await stream.aclose()
+    assert "✓ All connections closed" in server.output
+    assert "Grace period" not in server.output, server.output
+    assert took < 5, f"the stop took {took:.2f} s: the probes held the 5 s grace period"

@@ -299,7 +299,10 @@ class WebSocketServer:
             try:
                 if self.closing:
                     scope.cancel()
-                return await read_request_head(stream)
+                head = await read_request_head(stream)
+                if head is None:
+                    log.debug("Dropped %s: closed before sending a request", peer)
+                return head
             except MalformedRequest as exc:
                 answer = exc
             except CLIENT_GONE as exc:
