@@ -604,6 +604,8 @@ BAD_HANDSHAKES = {
     "plain GET": (b"GET /ws/s/u HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n", 426),
     "Sec-WebSocket-Version: 8": (UPGRADE + b"Sec-WebSocket-Version: 8\r\n\r\n", 426),
     "no Sec-WebSocket-Version": (UPGRADE + b"\r\n", 400),
+    "Host not a host name": (UPGRADE.replace(b"localhost", b"\xff\xfe") + b"Sec-WebSocket-Version: 13\r\n\r\n", 400),
+    "Host not IDNA": (UPGRADE.replace(b"localhost", b"xn--a") + b"Sec-WebSocket-Version: 13\r\n\r\n", 400),
     "POST": (b"POST /ws/s/u HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 426),
 }
 

@@ -16,9 +16,10 @@
                  │           ├─ writer      bounded outbox channel -> websocket
                  │           └─ cursor      coalesced cursor forwarding
                  ├─ accept loop             cancelling it closes the listening socket: port freed
-                 └─ handshake(stream)       one per TCP connection: the request head, the upgrade, access checks,
-                                            the join; then parks until the member's
-                                            Connection.run() is over, and closes the stream
+                 └─ handshake(stream)       one per TCP connection: the request head, the
+                                            upgrade, access checks, the join; then parks
+                                            until the member's Connection.run() is over,
+                                            and closes the stream
 
 Graceful stop: cancel the accept loop (the port is free at once), close every
 connection with 1001, then give the close handshakes `shutdown_timeout`

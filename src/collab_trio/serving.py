@@ -332,8 +332,13 @@ class WebSocketServer:
             forwarded and (head.header(b"x-forwarded-proto") or "").lower() == "https"
         )
         host = head.header(b"host") or ""
-        url = f"{'wss' if secure else 'ws'}://{host if _HOST.fullmatch(host) else 'HOST:PORT'}{self.path}"
-        text = f"This is a collab-trio WebSocket endpoint; it serves no web pages.\nConnect a WebSocket client to {url}\n"
+        if not _HOST.fullmatch(host):
+            host = "HOST:PORT"  # not repeated: it is not a host name
+        url = f"{'wss' if secure else 'ws'}://{host}{self.path}"
+        text = (
+            "This is a collab-trio WebSocket endpoint; it serves no web pages.\n"
+            f"Connect a WebSocket client to {url}\n"
+        )
         if url.endswith(ENDPOINT_TEMPLATE):
             text += f"Optiverse: set the Server URL to {url[: -len(ENDPOINT_TEMPLATE)]}\n"
         headers = [(b"Upgrade", b"websocket")] if status == 426 else []

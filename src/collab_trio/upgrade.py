@@ -77,11 +77,16 @@ class RequestHead:
             hint = exc.event_hint
             status = getattr(hint, "status_code", 400)
             return status, str(exc), list(getattr(hint, "headers", []))
+        except UnicodeError:
+            # wsproto decodes the Host header as IDNA and lets this escape.
+            return 400, "Host header is not a valid host name", []
         if not any(isinstance(event, Request) for event in server.events()):
             return 400, "not a complete WebSocket upgrade request", []
         return None
 
-    def response(self, status: int, text: str, extra_headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    def response(
+        self, status: int, text: str, extra_headers: list[tuple[bytes, bytes]] | None = None
+    ) -> bytes:
         """A whole plain-text response to this request (no body for HEAD); the connection then closes."""
         return _response(self._conn, status, text, extra_headers or [], head_only=self.method == "HEAD")
 
@@ -109,7 +114,9 @@ def _response(
     return data + conn.send(h11.EndOfMessage())
 
 
-async def read_request_head(stream: trio.abc.ReceiveStream, max_bytes: int = MAX_HEAD_BYTES) -> RequestHead | None:
+async def read_request_head(
+    stream: trio.abc.ReceiveStream, max_bytes: int = MAX_HEAD_BYTES
+) -> RequestHead | None:
     """Read up to the end of the request head; None if the connection ends first.
 
     Raises:
@@ -122,10 +129,9 @@ async def read_request_head(stream: trio.abc.ReceiveStream, max_bytes: int = MAX
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise MalformedRequest(
-                exc.error_status_hint,
-                _response(conn, exc.error_status_hint, "Bad request: not an HTTP/1.1 request\n", [], head_only=False),
-            ) from None
+            status = exc.error_status_hint
+            text = f"{_phrase(status)}: not a valid HTTP/1.1 request\n"
+            raise MalformedRequest(status, _response(conn, status, text, [], head_only=False)) from None
         if isinstance(event, h11.Request):
             return RequestHead(
                 method=event.method.decode("ascii"),
