@@ -36,6 +36,11 @@ MAX_BODY_BYTES = 8 * 1024
 RECEIVE_BYTES = 8 * 1024
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32
+# Before closing, what the client still sends is read (and dropped) for at
+# most this long and this much: closing a socket with unread bytes resets the
+# connection, and the client may lose the answer (a 400, 413 or 431) with it.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 64 * 1024
 
 TEXT = "text/plain; charset=utf-8"
 
@@ -99,6 +104,7 @@ class HTTPServer:
                 keep_going = False
                 with trio.move_on_after(self.request_timeout):
                     keep_going = await self._one_request(stream, conn)
+            await _linger(stream)
         except _GONE:
             pass  # the client went away
         finally:
@@ -138,6 +144,20 @@ class HTTPServer:
             return False
         conn.start_next_cycle()
         return True
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then drop what the client still sends, within bounds (see LINGER_SECONDS)."""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(LINGER_SECONDS):
+        await stream.send_eof()
+        left = LINGER_BYTES
+        while left > 0:
+            chunk = await stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                return
+            left -= len(chunk)
 
 
 async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Event | type[h11.PAUSED]:
