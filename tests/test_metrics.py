@@ -247,6 +247,30 @@ async def test_auth_failures_and_rate_limited_messages_are_counted(tmp_path: Pat
     }
 
 
+async def test_a_slow_client_closed_with_1013_is_counted_by_reason(start_server: Any) -> None:
+    harness: Harness = await start_server(max_queue_bytes=1200, close_timeout=HANG, metrics_address=f"{LOOPBACK}:0")
+    port = metrics_port(harness.server)
+    slow_closes = 'collab_trio_slow_client_disconnects_total{reason="queue_bytes"}'
+    with trio.fail_after(3 * HANG):
+        async with harness.joined("s", "sender") as sender:
+            async with harness.client("s", "slow", lockstep=True) as slow:
+                await sender.expect("user:joined")
+                before = await scrape(port)
+                assert before[slow_closes] == 0
+                # slow reads nothing from here on; its transport blocks the server.
+                member = harness.registry.sessions["s"].members["slow"]
+                for i in range(60):
+                    await sender.send(add_item(f"item-{i}"))
+                    await sender.expect("ack")
+                    if member.close_code is not None:
+                        break
+                assert member.close_code == 1013
+                after = await scrape(port)
+                assert (await slow.expect_closed())[0] == 1013
+    assert after[slow_closes] == 1
+    assert after['collab_trio_slow_client_disconnects_total{reason="write_timeout"}'] == 0
+
+
 # ---------------------------------------------------------------------------
 # /readyz and /livez
 
