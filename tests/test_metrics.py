@@ -432,6 +432,35 @@ async def test_a_silent_connection_is_dropped_after_the_request_timeout() -> Non
             server.request_shutdown()
 
 
+async def test_connections_over_the_cap_are_dropped_and_the_others_served() -> None:
+    with trio.fail_after(3 * HANG):
+        async with trio.open_nursery() as nursery:
+            server: CollabServer = await nursery.start(serve, config())
+            assert server.metrics is not None
+            server.metrics.max_connections = 2
+            port = metrics_port(server)
+            streams = [await trio.open_tcp_stream(LOOPBACK, port) for _ in range(2)]
+            conns = [h11.Connection(h11.CLIENT) for _ in streams]
+
+            async def get(index: int) -> tuple[int, bytes]:
+                request = h11.Request(method="GET", target="/livez", headers=[("Host", "x")])
+                await streams[index].send_all(conns[index].send(request) + conns[index].send(h11.EndOfMessage()))
+                status, _, body = await _response(streams[index], conns[index])
+                conns[index].start_next_cycle()
+                return status, body
+
+            try:
+                assert [await get(0), await get(1)] == [(200, b"ok\n")] * 2
+                assert server.metrics.active == 2
+                async with await trio.open_tcp_stream(LOOPBACK, port) as third:
+                    assert await third.receive_some(100) == b""  # dropped at once
+                assert [await get(0), await get(1)] == [(200, b"ok\n")] * 2
+            finally:
+                for stream in streams:
+                    await stream.aclose()
+            server.request_shutdown()
+
+
 # ---------------------------------------------------------------------------
 # Pure parts
 

@@ -93,7 +93,7 @@ class HTTPServer:
 
     async def _connection(self, stream: trio.abc.Stream) -> None:
         if self.active >= self.max_connections:
-            log.warning("Internal endpoint: more than %d connections; dropping one", self.max_connections)
+            log.debug("Internal endpoint: more than %d connections; dropping one", self.max_connections)
             await trio.aclose_forcefully(stream)
             return
         self.active += 1
@@ -107,6 +107,9 @@ class HTTPServer:
             await _linger(stream)
         except _GONE:
             pass  # the client went away
+        except Exception:
+            # This connection's error boundary: the endpoint and the server go on.
+            log.exception("Internal endpoint: unexpected error in a connection")
         finally:
             self.active -= 1
             await trio.aclose_forcefully(stream)
