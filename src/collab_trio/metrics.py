@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
@@ -43,7 +43,8 @@ from .counters import Counters, Histogram
 from .httpd import HTTPServer, Response, text_response
 
 if TYPE_CHECKING:
-    from .server import CollabServer
+    from .serving import WebSocketServer
+    from .session import SessionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,23 @@ def readiness(
     return True, "ready"
 
 
+class MonitoredServer(Protocol):
+    """What the endpoint reads of the server (server.CollabServer)."""
+
+    accepting: bool
+    registry: SessionRegistry
+    web: WebSocketServer
+
+    @property
+    def closing(self) -> bool: ...
+
+
 @attrs.define(eq=False)
 class Monitor:
     """What the endpoint reports on: the server's counters, and the server once it exists."""
 
     counters: Counters
-    server: CollabServer | None = None
+    server: MonitoredServer | None = None
     registry: CollectorRegistry = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
