@@ -275,7 +275,7 @@ async def test_a_slow_client_closed_with_1013_is_counted_by_reason(start_server:
 # /readyz and /livez
 
 
-async def test_readyz_is_503_while_draining_and_the_endpoint_is_gone_after(data_dir: Path) -> None:
+async def test_readyz_is_503_while_draining_and_the_endpoint_is_gone_after() -> None:
     listener = MemoryListener()
     with trio.fail_after(3 * HANG):
         async with trio.open_nursery() as nursery:
