@@ -19,8 +19,9 @@ import trio
 from . import __version__
 from .admin import run_sessions_command
 from .auth import TokensFileError
-from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig
+from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig, split_address
 from .exceptions import leaf_exceptions
+from .metrics import MetricsAddressError
 from .server import CollabServer, serve, tls_context_from
 from .store import StoreError
 from .store.sqlite import database_path
@@ -75,6 +76,14 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("port must be between 0 and 65535 (0 picks a free one)")
     return value
+
+
+def _address(text: str) -> str:
+    try:
+        split_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _count(text: str) -> int:
@@ -157,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP port; 0 picks a free one (default: %(default)s)",
     )
     run.add_argument("--debug", action="store_true", help="log every connection event and error sent")
+    run.add_argument(
+        "--metrics-address", type=_address, metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /livez and /readyz over HTTP here; off by default."
+        " Bind 127.0.0.1 or a private interface; port 0 picks a free one",
+    )
     run.add_argument(
         "--max-message-size", type=byte_size, default=defaults.max_message_size, metavar="BYTES",
         help="largest message accepted; larger ones close with 1009 (default: 1M)",
@@ -403,6 +417,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_pending_bytes=args.max_pending_bytes,
         store_queue_bytes=args.store_queue_bytes,
         fault_commit_delay=args.fault_commit_delay,
+        metrics_address=args.metrics_address,
         debug=args.debug,
     )
     status = 1
@@ -443,7 +458,7 @@ def _first_cause(group: BaseException) -> tuple[BaseException, bool]:
 
 def describe_failure(exc: BaseException, config: ServerConfig) -> str:
     """The one-line reason `collab-trio serve` could not run."""
-    if isinstance(exc, TokensFileError):
+    if isinstance(exc, (TokensFileError, MetricsAddressError)):
         return str(exc)
     if isinstance(exc, ssl.SSLError):  # before OSError: it is one
         return f"Cannot use the TLS certificate or key: {exc}"

@@ -5,6 +5,10 @@
          ├─ store.run()              started first: locks the data directory, then the
          │                           writer; outlives everything below, so sessions
          │                           commit and snapshot until their end
+         ├─ metrics endpoint         with --metrics-address (metrics.py): /metrics, /livez,
+         │                           /readyz from before the port opens until the graceful
+         │                           stop is over; cancelled (its port freed) before the
+         │                           store closes
          └─ CollabServer.run()       listeners opened once the store runs
              └─ WebSocketServer.run()   server nursery (serving.py)
                  ├─ SessionRegistry.run()   sessions nursery; the sessions' error boundary
@@ -40,6 +44,9 @@ from .auth import TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
 from .connection import Connection
+from .counters import Counters
+from .httpd import HTTPServer
+from .metrics import Monitor, run_endpoint
 from .serving import CLIENT_GONE, WebSocketServer, listener_url, log_client_gone, reject
 from .session import SessionRegistry
 from .session_core import JoinRefused
@@ -60,14 +67,20 @@ class CollabServer:
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
     # Tokens and roles; None when authentication is off.
     tokens: TokenTable | None = None
+    # What the server counts for /metrics (counters.py).
+    counters: Counters = attrs.field(factory=Counters)
+    # The internal endpoint serving /metrics, if --metrics-address is set.
+    metrics: HTTPServer | None = None
+    # True once the listeners accept (readiness), for good.
+    accepting: bool = False
     registry: SessionRegistry = attrs.field(init=False)
     web: WebSocketServer = attrs.field(init=False)
     # Accepted handshakes still joining, per session id (for max_sessions).
     _joining: dict[str, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        self.registry = SessionRegistry(self.config, self.store)
-        self.web = WebSocketServer(self.config, self.listeners, self)
+        self.registry = SessionRegistry(self.config, self.store, counters=self.counters)
+        self.web = WebSocketServer(self.config, self.listeners, self, counters=self.counters)
 
     @property
     def closing(self) -> bool:
@@ -97,7 +110,7 @@ class CollabServer:
 
         def ready() -> None:
             nonlocal started
-            started = True
+            started = self.accepting = True
             task_status.started(self)
 
         try:
@@ -170,14 +183,18 @@ class CollabServer:
     def _check_access(self, request: WebSocketRequest, target: Target) -> tuple[int, str] | bool:
         """(status, reason) to refuse the handshake with, or whether the client may write."""
         origin = header(request.headers, b"origin")
+        failures = self.counters.auth_failures
         if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            failures["origin_not_allowed"] += 1
             return 403, f"origin {origin} is not allowed"
         can_write = True
         if self.tokens is not None:
             grant = self.tokens.lookup(target.token or bearer_token(request.headers))
             if grant is None:
+                failures["invalid_token"] += 1
                 return 401, "missing or invalid token"
             if not grant.allows(target.session_id):
+                failures["session_not_allowed"] += 1
                 return 403, "your token does not give access to this session"
             can_write = grant.can_write
         # Sessions that handshakes in progress are about to create count too,
@@ -212,19 +229,36 @@ async def serve(
     tokens = TokenTable.load(config.tokens_file) if config.tokens_file else None
     if store is None:
         store = make_store(config)
+    counters = Counters()
+    monitor = Monitor(counters)
+    endpoint_scope = trio.CancelScope()
     async with trio.open_nursery() as store_nursery:
         # The store first: a data directory in use must be reported as such,
         # not as the port being taken by the server that uses it. Its writer
         # outlives everything below, so sessions commit until their very end.
         await store_nursery.start(store.run)
         try:
+            metrics = None
+            if config.metrics_address is not None:
+                # Up before the WebSocket port (/readyz says "starting"), down
+                # after the graceful stop (it says "draining" meanwhile).
+                metrics = await store_nursery.start(_run_endpoint, endpoint_scope, monitor, config.metrics_address)
             if listeners is None:
                 listeners = await _open_listeners(config)
-            server = CollabServer(config, store, listeners, tokens=tokens)
+            server = CollabServer(config, store, listeners, tokens=tokens, counters=counters, metrics=metrics)
+            monitor.server = server
             await server.run(task_status=task_status)
         finally:
+            endpoint_scope.cancel()
             with trio.CancelScope(shield=True):
                 await store.aclose()
+
+
+async def _run_endpoint(
+    scope: trio.CancelScope, monitor: Monitor, address: str, *, task_status: trio.TaskStatus[HTTPServer]
+) -> None:
+    with scope:
+        await run_endpoint(monitor, address, task_status=task_status)
 
 
 async def _open_listeners(config: ServerConfig) -> list[trio.abc.Listener[trio.abc.Stream]]:

@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 from wsproto.utilities import LocalProtocolError
 
 from .config import ServerConfig
+from .counters import Counters
 from .protocol import ENDPOINT_TEMPLATE, CloseCode
 from .wire import WireStream
 
@@ -130,6 +131,8 @@ class WebSocketServer:
     # Set when the listeners are closed (the port can be bound again).
     port_released: trio.Event = attrs.field(factory=trio.Event)
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
+    # The server's counters (metrics.py): the wires add the bytes they write.
+    counters: Counters = attrs.field(factory=Counters)
     # Open TCP connections per client address (handshakes included).
     _per_address: dict[str, int] = attrs.field(factory=dict)
     # The TCP ports of the listeners, read while the sockets are open.
@@ -145,6 +148,11 @@ class WebSocketServer:
         if not self._ports:
             raise RuntimeError("this server has no TCP listener")
         return self._ports[0]
+
+    @property
+    def tcp_connections(self) -> int:
+        """Open TCP connections, handshakes in progress included."""
+        return sum(self._per_address.values())
 
     def request_shutdown(self) -> None:
         """Start a graceful stop; run() returns when it is done."""
@@ -218,6 +226,7 @@ class WebSocketServer:
             stream,
             write_timeout=self.config.write_timeout,
             max_message_size=self.config.max_message_size,
+            counters=self.counters,
         )
         try:
             try:
