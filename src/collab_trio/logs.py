@@ -1,7 +1,7 @@
 """Log output: text lines or JSON objects, and the session and user a line concerns.
 
 The session and user come from `extra={"session": ..., "user": ...}` when a
-log call passes them, else from two context variables. A trio task starts
+log call passes them (None: none), else from two context variables. A trio task starts
 with a copy of the context of the task that spawned it, so binding them in
 the handshake task (server.py) carries them into that member's Connection
 tasks; Session.run() binds its session and no user for its own tasks.
@@ -43,8 +43,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
-        session = getattr(record, "session", None) or current_session.get()
-        user = getattr(record, "user", None) or current_user.get()
+        # extra={"user": None} says the line concerns no user, whichever task logs it.
+        fields = record.__dict__
+        session = fields["session"] if "session" in fields else current_session.get()
+        user = fields["user"] if "user" in fields else current_user.get()
         if session is not None:
             entry["session"] = session
         if user is not None:

@@ -36,6 +36,7 @@ import attrs
 import trio
 from trio_websocket import WebSocketRequest
 
+from . import logs
 from .auth import TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
@@ -140,6 +141,9 @@ class CollabServer:
             log.info("Refused %s from %s: %d %s", path, peer, exc.status, exc.reason)
             await reject(request, exc.status, exc.reason)
             return None
+        # This task's log lines, and its member's Connection tasks' (which copy
+        # this context when they start), are about this session and user.
+        logs.bind(session=target.session_id, user=target.user_id)
         access = self._check_access(request, target)
         if isinstance(access, tuple):
             status, reason = access
