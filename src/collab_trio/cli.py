@@ -304,9 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve_until_signalled(
     serve_fn: Callable[..., Awaitable[None]],
     on_ready: Callable[[Any], None] | None = None,
+    on_reload: Callable[[Any], None] | None = None,
 ) -> int:
     """Run `serve_fn(task_status=...)`; the first SIGINT/SIGTERM asks the server it
     started for a graceful stop, a second one cancels everything at once.
+    With `on_reload`, SIGHUP calls it with the server (else SIGHUP keeps its
+    default action).
 
     The server must have `closing` and `request_shutdown()`; returns the exit status.
     """
@@ -314,7 +317,10 @@ async def serve_until_signalled(
     # Set here, not read from server.closing: the server sets that only when
     # its task next runs, and a second signal may come before.
     stopping = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    watched = [signal.SIGINT, signal.SIGTERM]
+    if on_reload is not None and hasattr(signal, "SIGHUP"):  # Windows has none
+        watched.append(signal.SIGHUP)
+    with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
 
             async def serve_then_stop(*, task_status: trio.TaskStatus[Any]) -> None:
@@ -326,7 +332,11 @@ async def serve_until_signalled(
                 on_ready(server)
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not (stopping or server.closing):
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    assert on_reload is not None
+                    log.info("Received %s: reloading", name)
+                    on_reload(server)
+                elif not (stopping or server.closing):
                     log.info("Received %s: shutting down (send it again to stop at once)", name)
                     stopping = True
                     server.request_shutdown()
@@ -353,7 +363,7 @@ async def run_until_signalled(config: ServerConfig) -> int:
             )
         log.info("collab-trio %s ready (Ctrl+C to stop)", __version__)
 
-    return await serve_until_signalled(partial(serve, config), ready)
+    return await serve_until_signalled(partial(serve, config), ready, CollabServer.reload_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,7 +37,7 @@ import trio
 from trio_websocket import WebSocketRequest
 
 from . import logs
-from .auth import TokenTable, bearer_token, header, redact
+from .auth import TokensFileError, TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
 from .connection import Connection
@@ -88,6 +88,20 @@ class CollabServer:
     def request_shutdown(self) -> None:
         """Start a graceful stop; serve() returns when it is done."""
         self.web.request_shutdown()
+
+    def reload_tokens(self) -> None:
+        """Read the tokens file again (SIGHUP): new handshakes use it; a bad file keeps the old tokens."""
+        path = self.config.tokens_file
+        if path is None:
+            log.info("Nothing to reload: no tokens file (--tokens)")
+            return
+        try:
+            tokens = TokenTable.load(path)
+        except TokensFileError as exc:
+            log.error("Kept the previous tokens (%d defined): %s", len(self.tokens or ()), exc)
+            return
+        self.tokens = tokens
+        log.info("Reloaded tokens: %d defined in %s", len(tokens), path)
 
     async def run(self, *, task_status: trio.TaskStatus[CollabServer]) -> None:
         """Serve until request_shutdown(), then stop gracefully; or until cancelled.
