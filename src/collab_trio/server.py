@@ -41,6 +41,7 @@ from .auth import TokensFileError, TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
 from .connection import Connection
+from .listen import open_tcp_listeners
 from .serving import CLIENT_GONE, WebSocketServer, listener_url, log_client_gone, reject
 from .session import SessionRegistry
 from .session_core import JoinRefused
@@ -246,13 +247,12 @@ async def serve(
 
 
 async def _open_listeners(config: ServerConfig) -> list[trio.abc.Listener[trio.abc.Stream]]:
+    # One port for every address, also with port 0 (trio's would differ per family).
+    listeners = await open_tcp_listeners(config.port, config.host or None)
     if config.certfile is not None:
-        return list(
-            await trio.open_ssl_over_tcp_listeners(
-                config.port, tls_context(config), host=config.host or None, https_compatible=True
-            )
-        )
-    return list(await trio.open_tcp_listeners(config.port, host=config.host or None))
+        context = tls_context(config)
+        return [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
+    return list(listeners)
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext:
