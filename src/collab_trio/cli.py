@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.metadata
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -532,9 +534,23 @@ def _smoke(smoke_args: list[str]) -> int:
         from .qt_smoke import main as smoke_main
     except ImportError as exc:
         print(
-            "collab-trio smoke needs PyQt6; install it with: pip install 'collab-trio[qt]'\n"
+            f"collab-trio smoke needs PyQt6 (the qt extra); install it with: {qt_install_hint()}\n"
             f"(import failed: {exc})",
             file=sys.stderr,
         )
         return 2
     return smoke_main(smoke_args, prog="collab-trio smoke")
+
+
+def qt_install_hint() -> str:
+    """The pip command that installs PyQt6 for this collab-trio: from its checkout, or PyQt6 itself."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "src" / "collab_trio").is_dir():
+        return f"pip install -e '{checkout}[qt]'"
+    # Installed from a wheel: the qt extra's own requirement (no index need know collab-trio).
+    try:
+        requirements = importlib.metadata.requires("collab-trio") or []
+    except importlib.metadata.PackageNotFoundError:
+        requirements = []
+    qt = [r.partition(";")[0].strip() for r in requirements if re.search(r"extra\s*==\s*.qt.", r)]
+    return f"pip install '{qt[0] if qt else 'PyQt6'}'"
