@@ -254,3 +254,13 @@ def test_server_config_from_file_and_env(tmp_path: Path) -> None:
     assert config.allowed_origins == ("https://a.example",)
     assert config.debug is True  # --log-level debug is --debug
     assert config_from(serve_settings(["serve"], {}).values) == ServerConfig(data_dir="collab-data")
+
+
+def test_the_documented_example_sets_every_option(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIGURATION.md").read_text(encoding="utf-8")
+    example = doc.split("<!-- config-example -->\n```toml\n", 1)[1].split("```", 1)[0]
+    assert set(tomllib.loads(example)) == {option_name(action) for action in serve_options()}
+    path = write_config(tmp_path, example)
+    resolved = serve_settings(["serve", "--config", path], {})
+    assert all(resolved.sources[action.dest] == f"file {path}" for action in serve_options())
+    assert resolved.values.data_dir == "/var/lib/collab-trio"

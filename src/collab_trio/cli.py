@@ -167,8 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the collaboration server",
         description="Run the server. Clients connect to ws://HOST:PORT/ws/{session}/{user}.",
+        epilog="Every option can also be set in the --config file (max-message-size = \"2M\") or as"
+        " COLLAB_TRIO_<OPTION> (COLLAB_TRIO_MAX_MESSAGE_SIZE=2M): the command line wins, then the"
+        " environment, then the file. SIGHUP reloads the --tokens file.",
     )
-    run.add_argument("--host", default=defaults.host, help="address to listen on (default: %(default)s)")
+    run.add_argument(
+        "--host", default=defaults.host,
+        help="address to listen on; \"\" for every interface, IPv4 and IPv6 (default: %(default)s, every IPv4 one)",
+    )
     run.add_argument(
         "--port", type=port_number, default=DEFAULT_PORT,
         help="TCP port; 0 picks a free one (default: %(default)s)",
