@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import hypothesis.strategies as st
 import pytest
+import tomli_w
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_profile
 
 from collab_trio import settings
 from collab_trio.cli import CLI_ONLY_OPTIONS, CONFIG_FIELD_OF, config_from, main, serve_parser, serve_settings
@@ -264,3 +268,35 @@ def test_the_documented_example_sets_every_option(tmp_path: Path) -> None:
     resolved = serve_settings(["serve", "--config", path], {})
     assert all(resolved.sources[action.dest] == f"file {path}" for action in serve_options())
     assert resolved.values.data_dir == "/var/lib/collab-trio"
+
+
+TOML_VALUES = st.recursive(
+    st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=5,
+)
+KEYS = st.sampled_from([option_name(action) for action in serve_options()] + ["config", "prot", "max_sessions"]) | st.text(
+    max_size=10
+)
+
+
+@settings_profile(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.dictionaries(KEYS, TOML_VALUES, max_size=6), environ=st.dictionaries(
+    st.sampled_from([env_name(action) for action in serve_options()]), st.text(max_size=12), max_size=4
+))
+def test_any_file_and_environment_give_settings_or_one_line_problems(
+    tmp_path: Path, data: dict[str, Any], environ: dict[str, str]
+) -> None:
+    path = write_config(tmp_path, tomli_w.dumps(data))
+    try:
+        resolved = serve_settings(["serve", "--config", path], environ)
+    except SettingsError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert "\n" not in problem
+            assert problem.startswith(f"{path}: ") or problem.split(":")[0] in environ, problem
+    else:
+        assert all(not source.startswith("env ") or source[4:] in environ for source in resolved.sources.values())
