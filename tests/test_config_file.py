@@ -26,7 +26,7 @@ from collab_trio.settings import SettingsError, env_name, option_name
 
 # A valid value for each option, as text, and what it parses to. Options not
 # listed here use their default's text (the source then shows who set it);
-# options without a default must be listed.
+# options without one (None, "", a list) must be listed.
 SAMPLES: dict[str, tuple[str, Any]] = {
     "host": ("127.0.0.1", "127.0.0.1"),
     "port": ("4321", 4321),
@@ -66,7 +66,8 @@ def sample(action: argparse.Action) -> tuple[Any, str, list[str], Any]:
     if name in SAMPLES:
         text, parsed = SAMPLES[name]
     else:
-        assert action.default is not None, f"add a sample value for {option} to SAMPLES"
+        usable = action.default not in (None, "") and not isinstance(action.default, (list, tuple))
+        assert usable, f"add a sample value for {option} to SAMPLES in {__file__}"
         text, parsed = str(action.default), action.default
     if isinstance(action, argparse._AppendAction):
         return [text], text, [option, text], parsed
