@@ -40,6 +40,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "keyfile": ("key.pem", "key.pem"),
     "rate-limit": ("12.5", 12.5),
     "max-queue-bytes": ("512K", 512 * 1024),
+    # Options of the other parts of issue #11, for when they are merged.
+    "metrics-address": ("127.0.0.1:9100", "127.0.0.1:9100"),
+    "base-path": ("/collab", "/collab"),
+    "trusted-proxy": ("10.0.0.0/8", ["10.0.0.0/8"]),
 }
 
 

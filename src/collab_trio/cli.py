@@ -413,7 +413,7 @@ def serve_settings(argv: Sequence[str], environ: Mapping[str, str]) -> settings.
 # Serve options that are no ServerConfig field (every other option's dest is
 # one, or is renamed here): tested in test_config_file.py.
 CLI_ONLY_OPTIONS = frozenset({"config", "print_config", "log_level", "log_format", "help"})
-CONFIG_FIELD_OF = {"tokens": "tokens_file", "allowed_origin": "allowed_origins"}
+CONFIG_FIELD_OF = {"tokens": "tokens_file", "allowed_origin": "allowed_origins", "trusted_proxy": "trusted_proxies"}
 
 
 def config_from(values: argparse.Namespace) -> ServerConfig:
@@ -423,7 +423,8 @@ def config_from(values: argparse.Namespace) -> ServerConfig:
     for dest, value in vars(values).items():
         field = CONFIG_FIELD_OF.get(dest, dest)
         if field in fields:
-            kwargs[field] = value
+            # Repeatable options give lists; settings are frozen: tuples.
+            kwargs[field] = tuple(value) if isinstance(value, list) else value
     # --log-level debug is --debug: every event, and tracebacks of startup failures.
     kwargs["debug"] = bool(values.debug) or values.log_level == "debug"
     return ServerConfig(**kwargs)
