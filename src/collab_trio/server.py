@@ -40,13 +40,15 @@ import attrs
 import trio
 from trio_websocket import WebSocketRequest
 
-from .auth import TokenTable, bearer_token, header, redact
+from . import logs
+from .auth import TokensFileError, TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
 from .connection import Connection
 from .counters import Counters
 from .httpd import HTTPServer
 from .metrics import Monitor, run_endpoint
+from .listen import open_tcp_listeners
 from .serving import CLIENT_GONE, WebSocketServer, listener_url, log_client_gone, reject
 from .session import SessionRegistry
 from .session_core import JoinRefused
@@ -101,6 +103,20 @@ class CollabServer:
         """Start a graceful stop; serve() returns when it is done."""
         self.web.request_shutdown()
 
+    def reload_tokens(self) -> None:
+        """Read the tokens file again (SIGHUP): new handshakes use it; a bad file keeps the old tokens."""
+        path = self.config.tokens_file
+        if path is None:
+            log.info("Nothing to reload: no tokens file (--tokens)")
+            return
+        try:
+            tokens = TokenTable.load(path)
+        except TokensFileError as exc:
+            log.error("Kept the previous tokens (%d defined): %s", len(self.tokens or ()), exc)
+            return
+        self.tokens = tokens
+        log.info("Reloaded tokens: %d defined in %s", len(tokens), path)
+
     async def run(self, *, task_status: trio.TaskStatus[CollabServer]) -> None:
         """Serve until request_shutdown(), then stop gracefully; or until cancelled.
 
@@ -153,6 +169,9 @@ class CollabServer:
             log.info("Refused %s from %s: %d %s", path, peer, exc.status, exc.reason)
             await reject(request, exc.status, exc.reason)
             return None
+        # This task's log lines, and its member's Connection tasks' (which copy
+        # this context when they start), are about this session and user.
+        logs.bind(session=target.session_id, user=target.user_id)
         access = self._check_access(request, target)
         if isinstance(access, tuple):
             status, reason = access
@@ -262,13 +281,12 @@ async def _run_endpoint(
 
 
 async def _open_listeners(config: ServerConfig) -> list[trio.abc.Listener[trio.abc.Stream]]:
+    # One port for every address, also with port 0 (trio's would differ per family).
+    listeners = await open_tcp_listeners(config.port, config.host or None)
     if config.certfile is not None:
-        return list(
-            await trio.open_ssl_over_tcp_listeners(
-                config.port, tls_context(config), host=config.host or None, https_compatible=True
-            )
-        )
-    return list(await trio.open_tcp_listeners(config.port, host=config.host or None))
+        context = tls_context(config)
+        return [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
+    return list(listeners)
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext:

@@ -27,6 +27,7 @@ from wsproto.utilities import LocalProtocolError
 
 from .config import ServerConfig
 from .counters import Counters
+from .listen import interface_addresses
 from .protocol import ENDPOINT_TEMPLATE, CloseCode
 from .wire import WireStream
 
@@ -67,6 +68,22 @@ def listener_url(listener: trio.abc.Listener[trio.abc.Stream], path: str = ENDPO
         host = f"[{host}]"
     scheme = "wss" if isinstance(listener, trio.SSLListener) else "ws"
     return f"{scheme}://{host}:{port}{path}"
+
+
+def listener_urls(listener: trio.abc.Listener[trio.abc.Stream], path: str = ENDPOINT_TEMPLATE) -> list[str]:
+    """The URLs clients can use for this listener: one per interface address
+    when it listens on all of them (0.0.0.0 or ::), which no client can use."""
+    socket = _listener_socket(listener)
+    if socket is None:
+        return [listener_url(listener, path)]
+    host, port = socket.getsockname()[:2]
+    if host not in ("0.0.0.0", "::"):
+        return [listener_url(listener, path)]
+    scheme = "wss" if isinstance(listener, trio.SSLListener) else "ws"
+    return [
+        f"{scheme}://{f'[{address}]' if ':' in address else address}:{port}{path}"
+        for address in interface_addresses(socket.family)
+    ]
 
 
 def stream_address(stream: trio.abc.Stream) -> str:
@@ -178,7 +195,8 @@ class WebSocketServer:
             accept_scope = trio.CancelScope()
             await nursery.start(self._accept, accept_scope, nursery)
             for listener in self.listeners:
-                log.info(self.listening_message, listener_url(listener, self.path))
+                for url in listener_urls(listener, self.path):
+                    log.info(self.listening_message, url)
             ready()
 
             await self._shutdown_requested.wait()

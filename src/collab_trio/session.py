@@ -24,6 +24,7 @@ import attrs
 import trio
 from trio_websocket import WebSocketConnection
 
+from . import logs
 from .config import ServerConfig
 from .connection import Connection
 from .counters import Counters
@@ -128,6 +129,8 @@ class Session:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the document, then hold the connections' tasks until the last one ends."""
+        # Spawned by the first joiner's task: its lines (and its tasks') are the session's, no user's.
+        logs.bind(session=self.session_id, user=None)
         try:
             try:
                 document = await self.store.load(self.session_id)
@@ -270,6 +273,7 @@ class Session:
             self.session_id,
             conn.leave_reason(),
             conn.close_code,
+            extra={"user": conn.user_id},  # maybe in another member's task (a broadcast closed it)
         )
         host = self.core.host
         try:
@@ -278,7 +282,9 @@ class Session:
             self._failed("a member leaving")
             return
         if self.core.host not in (host, None) and not self.core.closed:
-            log.info("User %s is now host of session %s", self.core.host, self.session_id)
+            log.info(
+                "User %s is now host of session %s", self.core.host, self.session_id, extra={"user": self.core.host}
+            )
         self._execute(effects)
 
     async def wait_for_room(self) -> bool:
@@ -399,7 +405,8 @@ class Session:
             self._nursery.start_soon(self._guarded, self._save_snapshot, effect.snapshot)
         elif isinstance(effect, Emptied):
             if effect.last_user_left:
-                log.info("Session %s closed: its last user left", self.session_id)
+                # In the task of whoever left last: the line is the session's, not theirs.
+                log.info("Session %s closed: its last user left", self.session_id, extra={"user": None})
             self.on_closed(self)
             self._emptied.set()
             self._commit_wanted.set()  # let the committer finish and stop
