@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
+import collab_trio
 from collab_trio import __version__
 from collab_trio.cli import build_parser, main
 from collab_trio.testing import ProcessOutput, RunningServer, child_env
@@ -23,6 +29,25 @@ def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"collab-trio {__version__}"
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def test_changelog_has_a_section_for_the_version() -> None:
+    headings = [line for line in (CHECKOUT / "CHANGELOG.md").read_text(encoding="utf-8").splitlines()
+                if line.startswith("## ")]
+    assert headings[0] == "## [Unreleased]"
+    assert re.fullmatch(rf"## \[{re.escape(__version__)}\] - \d{{4}}-\d\d-\d\d", headings[1]), headings
+
+
+def test_license_matches_pyproject() -> None:
+    project = tomllib.loads((CHECKOUT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    text = (CHECKOUT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("MIT License\n\nCopyright (c) ")
+    assert "collab-trio contributors" in text.splitlines()[2]
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
 
 
 def test_serve_defaults() -> None:
@@ -55,6 +80,9 @@ def test_serve_option_values(option: str, value: str, accepted: float) -> None:
         ("--max-message-size", "0", "size must be positive"),
         ("--idle-timeout", "-1", "seconds must be positive"),
         ("--shutdown-timeout", "soon", "not a number of seconds"),
+        ("--rate-limit", "0", "messages per second must be positive"),
+        ("--rate-limit", "-5", "messages per second must be positive"),
+        ("--rate-limit", "fast", "not a number of messages per second"),
     ],
 )
 def test_serve_rejects_bad_values(
@@ -82,16 +110,36 @@ def test_reverse_proxy_options(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"error: argument {option}: {message}" in err and err.count("error:") == 1
 
 
-def test_smoke_without_pyqt6_says_how_to_install() -> None:
-    # Make `import PyQt6` fail the way it does where the qt extra is missing.
-    code = (
-        "import sys; sys.modules['PyQt6'] = None; "
-        "from collab_trio.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-    result = run_cli("smoke", "ws://127.0.0.1:9", code=code)
+# Make `import PyQt6` fail the way it does where the qt extra is missing.
+WITHOUT_PYQT6 = (
+    "import sys; sys.modules['PyQt6'] = None; "
+    "from collab_trio.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_smoke_without_pyqt6_says_how_to_install_from_the_checkout() -> None:
+    result = run_cli("smoke", "ws://127.0.0.1:9", code=WITHOUT_PYQT6)
     assert result.returncode == 2
-    assert "pip install 'collab-trio[qt]'" in result.stderr
+    checkout = Path(collab_trio.__file__).resolve().parents[2]
+    assert f"install it with: pip install -e '{checkout}[qt]'\n" in result.stderr
     assert "Traceback" not in result.stderr
+    # The command works from anywhere: that directory is a project with a qt extra of PyQt6.
+    project = tomllib.loads((checkout / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["name"] == "collab-trio"
+    assert any(requirement.startswith("PyQt6") for requirement in project["optional-dependencies"]["qt"])
+
+
+def test_smoke_without_pyqt6_outside_a_checkout_names_the_requirement(tmp_path: Path) -> None:
+    # collab_trio as a wheel installs it: no pyproject.toml two levels up.
+    site = tmp_path / "site-packages"
+    shutil.copytree(Path(collab_trio.__file__).parent, site / "collab_trio")
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PYQT6, "smoke", "ws://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(site)},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "install it with: pip install 'PyQt6>=6.5'\n" in result.stderr, result.stderr
 
 
 def test_smoke_help_is_the_clients() -> None:

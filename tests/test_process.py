@@ -1,4 +1,4 @@
-"""Real sockets and real processes: port release, SIGINT/SIGTERM, exit status, banner."""
+"""Real sockets and real processes: port release, SIGINT/SIGTERM, SIGHUP, exit status, banner."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
@@ -108,4 +108,57 @@ async def test_second_signal_stops_at_once() -> None:
             await stream.aclose()
     assert returncode == 130
     assert "Received SIGINT again: stopping now" in server.output
+    assert server.lines[-1].endswith("✓ Port released")
+
+
+def tokens_toml(*tokens: str) -> str:
+    return "".join(f'[tokens."{token}"]\nrole = "editor"\n' for token in tokens)
+
+
+async def assert_refused(port: int, token: str) -> None:
+    with pytest.raises(ConnectionRejected) as info:
+        async with tcp_client(port, f"/ws/team/late?token={token}"):
+            pass
+    assert info.value.status_code == 401
+
+
+async def test_sighup_reloads_the_tokens_file(tmp_path: Path) -> None:
+    old, new = "old-token-0001", "new-token-0002"
+    path = tmp_path / "tokens.toml"
+    path.write_text(tokens_toml(old), encoding="utf-8")
+    with trio.fail_after(START_TIMEOUT + 20):
+        async with server_process("--store", "memory", "--tokens", str(path)) as server:
+            async with tcp_client(server.port, f"/ws/team/alice?token={old}") as alice:
+                assert '"connection:ack"' in await alice.get_message()
+                await assert_refused(server.port, new)
+
+                path.write_text(tokens_toml(new, "another-token-3"), encoding="utf-8")
+                server.process.send_signal(signal.SIGHUP)
+                await server.wait_for(r"Reloaded tokens: 2 defined in .*tokens\.toml$")
+                async with tcp_client(server.port, f"/ws/team/bob?token={new}") as bob:
+                    assert '"connection:ack"' in await bob.get_message()
+                await assert_refused(server.port, old)
+                # Alice joined with the old token: her connection goes on.
+                await alice.send_message('{"type": "ping"}')
+                while '"pong"' not in await alice.get_message():  # after bob's joined and left
+                    pass
+
+                path.write_text('[tokens."short"]\nrole = "editor"\n', encoding="utf-8")
+                server.process.send_signal(signal.SIGHUP)
+                kept = await server.wait_for("Kept the previous tokens")
+                async with tcp_client(server.port, f"/ws/team/carol?token={new}") as carol:
+                    assert '"connection:ack"' in await carol.get_message()
+            assert await server.stop(signal.SIGTERM) == 0
+    assert kept.string.endswith(f"Kept the previous tokens (2 defined): {path}: token #1 is shorter than 8 characters")
+    assert old not in server.output and new not in server.output  # no token is ever logged
+
+
+async def test_sighup_without_tokens_has_nothing_to_reload() -> None:
+    with trio.fail_after(START_TIMEOUT + 20):
+        async with server_process("--store", "memory") as server:
+            server.process.send_signal(signal.SIGHUP)
+            await server.wait_for("Nothing to reload: no tokens file")
+            async with tcp_client(server.port, "/ws/team/alice") as ws:
+                assert '"connection:ack"' in await ws.get_message()
+            assert await server.stop(signal.SIGTERM) == 0
     assert server.lines[-1].endswith("✓ Port released")

@@ -283,8 +283,12 @@ async def test_forbidden_strikes_count_within_ten_seconds(
         ("tokens.json", '{"tokens": {"long-enough-token": {"role": "editor", "sessions": "lab"}}}',
          "sessions must be a list of session ids"),
         ("missing.toml", None, "cannot read tokens file"),
+        ("tokens.txt", '{"tokens": {"long-enough-token": "editor"}}',
+         "tokens.txt: name it .toml or .json (the two accepted formats: TOML or JSON)"),
+        ("tokens", '[tokens."long-enough-token"]\nrole = "editor"\n', "name it .toml or .json"),
     ],
-    ids=["bad-role", "short-token", "not-toml", "not-json", "no-tokens", "bad-sessions", "missing-file"],
+    ids=["bad-role", "short-token", "not-toml", "not-json", "no-tokens", "bad-sessions", "missing-file",
+         "txt-suffix", "no-suffix"],
 )
 async def test_malformed_tokens_file_is_a_one_line_error(
     tmp_path: Path, name: str, text: str | None, expected: str

@@ -115,7 +115,7 @@ MIB = 1024 * 1024
 JOINED = re.compile(r"User (\S+) joined session (\S+)$")
 LEFT = re.compile(r"User (\S+) left session (\S+) \(")
 CLOSED = re.compile(r"Session (\S+) closed: its last user left$")
-# "2025-01-01 12:00:00 INFO    message": the format of collab_trio.cli.configure_logging.
+# "2025-01-01 12:00:00 INFO    message": the format of collab_trio.logs.configure_logging (text).
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (\w+)\s+(.*)$")
 
 EXIT_OK, EXIT_FAILED, EXIT_BROKEN = 0, 1, 2

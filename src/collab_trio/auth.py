@@ -102,12 +102,16 @@ class TokenTable:
 
     @classmethod
     def load(cls, path: str | Path) -> TokenTable:
-        """Read a TOML (.toml) or JSON tokens file.
+        """Read a TOML (.toml) or JSON (.json) tokens file.
 
         Raises:
             TokensFileError: unreadable or malformed.
         """
         path = Path(path)
+        if path.suffix.lower() not in (".toml", ".json"):
+            raise TokensFileError(
+                f"tokens file {path}: name it .toml or .json (the two accepted formats: TOML or JSON)"
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -118,7 +122,7 @@ class TokenTable:
             else:
                 data = json.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as exc:
-            raise TokensFileError(f"tokens file {path} is not valid {path.suffix or 'JSON'}: {exc}") from None
+            raise TokensFileError(f"tokens file {path} is not valid {path.suffix}: {exc}") from None
         if isinstance(data, dict) and "tokens" in data:
             data = data["tokens"]
         return cls.from_mapping(data, source=str(path))

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.metadata
 import logging
 import os
 import re
 import signal
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
-from . import __version__
+from . import __version__, settings
 from .admin import run_sessions_command
 from .auth import TokensFileError
 from .config import (
@@ -27,9 +30,12 @@ from .config import (
     STORES,
     ServerConfig,
     normalize_base_path,
+    split_address,
     trusted_network,
 )
 from .exceptions import leaf_exceptions
+from .metrics import MetricsAddressError
+from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from .server import CollabServer, serve, tls_context_from
 from .store import StoreError
 from .store.sqlite import database_path
@@ -86,6 +92,14 @@ def port_number(text: str) -> int:
     return value
 
 
+def _address(text: str) -> str:
+    try:
+        split_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -120,9 +134,22 @@ def _days(text: str) -> float:
     return value
 
 
-def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of messages per second: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("messages per second must be positive")
+    return value
+
+
+def _add_data_dir(parser: argparse.ArgumentParser, *, from_env: bool = True) -> None:
+    # `serve` reads $COLLAB_TRIO_DATA_DIR like every other COLLAB_TRIO_* variable
+    # (settings.py), so that a config file can't override it.
+    default = os.environ.get(DATA_DIR_ENV, ServerConfig().data_dir) if from_env else ServerConfig().data_dir
     parser.add_argument(
-        "--data-dir", default=os.environ.get(DATA_DIR_ENV, ServerConfig().data_dir), metavar="DIR",
+        "--data-dir", default=default, metavar="DIR",
         help=f"where sessions are stored (default: ${DATA_DIR_ENV} or ./collab-data)",
     )
 
@@ -173,13 +200,42 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the collaboration server",
         description="Run the server. Clients connect to ws://HOST:PORT/ws/{session}/{user}.",
+        epilog="Every option can also be set in the --config file (max-message-size = \"2M\") or as"
+        " COLLAB_TRIO_<OPTION> (COLLAB_TRIO_MAX_MESSAGE_SIZE=2M): the command line wins, then the"
+        " environment, then the file. SIGHUP reloads the --tokens file.",
     )
-    run.add_argument("--host", default=defaults.host, help="address to listen on (default: %(default)s)")
+    run.add_argument(
+        "--host", default=defaults.host,
+        help="address to listen on; \"\" for every interface, IPv4 and IPv6 (default: %(default)s, every IPv4 one)",
+    )
     run.add_argument(
         "--port", type=port_number, default=DEFAULT_PORT,
         help="TCP port; 0 picks a free one (default: %(default)s)",
     )
-    run.add_argument("--debug", action="store_true", help="log every connection event and error sent")
+    run.add_argument(
+        "--config", metavar="FILE",
+        help="read settings from this TOML file (docs/CONFIGURATION.md); also $COLLAB_TRIO_CONFIG",
+    )
+    run.add_argument(
+        "--print-config", action="store_true",
+        help="print the effective settings, and where each came from, as TOML; then exit",
+    )
+    run.add_argument(
+        "--debug", action="store_true",
+        help="log every connection event and error sent, with tracebacks (--log-level debug)",
+    )
+    run.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="least severe messages logged (default: %(default)s)"
+    )
+    run.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text",
+        help="text lines, or one JSON object per line (default: %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-address", type=_address, metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), /livez and /readyz over HTTP here; off by default."
+        " Bind 127.0.0.1 or a private interface; port 0 picks a free one",
+    )
     run.add_argument(
         "--max-message-size", type=byte_size, default=defaults.max_message_size, metavar="BYTES",
         help="largest message accepted; larger ones close with 1009 (default: 1M)",
@@ -196,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", choices=STORES, default=defaults.store,
         help="sqlite: durable, in --data-dir (default); memory: lost on restart",
     )
-    _add_data_dir(run)
+    _add_data_dir(run, from_env=False)
     run.add_argument(
         "--fsync", choices=FSYNC_MODES, default=defaults.fsync,
         help="normal: survives a crash of the process (default); full: also a power cut",
@@ -252,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="more from one address are refused with 429 (default: %(default)s)",
     )
     limits.add_argument(
-        "--rate-limit", type=_seconds, default=defaults.rate_limit, metavar="MSGS_PER_S",
+        "--rate-limit", type=_rate, default=defaults.rate_limit, metavar="MSGS_PER_S",
         help="messages per second per connection; more are dropped (default: %(default)g)",
     )
     limits.add_argument(
@@ -301,28 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(debug: bool) -> None:
-    """Plain timestamped lines on stderr; trio-websocket's chatter only with --debug."""
-    # Never crash on a console that can't show "✓".
-    if hasattr(sys.stderr, "reconfigure"):
-        sys.stderr.reconfigure(errors="backslashreplace", line_buffering=True)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-    if not debug:
-        logging.getLogger("trio-websocket").setLevel(logging.WARNING)
-
-
 async def serve_until_signalled(
     serve_fn: Callable[..., Awaitable[None]],
     on_ready: Callable[[Any], None] | None = None,
+    on_reload: Callable[[Any], None] | None = None,
 ) -> int:
     """Run `serve_fn(task_status=...)`; the first SIGINT/SIGTERM asks the server it
     started for a graceful stop, a second one cancels everything at once.
+    With `on_reload`, SIGHUP calls it with the server (else SIGHUP keeps its
+    default action).
 
     The server must have `closing` and `request_shutdown()`; returns the exit status.
     """
@@ -330,7 +373,10 @@ async def serve_until_signalled(
     # Set here, not read from server.closing: the server sets that only when
     # its task next runs, and a second signal may come before.
     stopping = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    watched = [signal.SIGINT, signal.SIGTERM]
+    if on_reload is not None and hasattr(signal, "SIGHUP"):  # Windows has none
+        watched.append(signal.SIGHUP)
+    with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
 
             async def serve_then_stop(*, task_status: trio.TaskStatus[Any]) -> None:
@@ -342,7 +388,11 @@ async def serve_until_signalled(
                 on_ready(server)
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not (stopping or server.closing):
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    assert on_reload is not None
+                    log.info("Received %s: reloading", name)
+                    on_reload(server)
+                elif not (stopping or server.closing):
                     log.info("Received %s: shutting down (send it again to stop at once)", name)
                     stopping = True
                     server.request_shutdown()
@@ -369,7 +419,7 @@ async def run_until_signalled(config: ServerConfig) -> int:
             )
         log.info("collab-trio %s ready (Ctrl+C to stop)", __version__)
 
-    return await serve_until_signalled(partial(serve, config), ready)
+    return await serve_until_signalled(partial(serve, config), ready, CollabServer.reload_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -380,15 +430,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (argparse.REMAINDER would stop at a leading option).
         return _smoke(argv[1:])
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "debug", False))
     if args.command == "serve":
-        return _serve(args)
+        return _serve(argv)
+    configure_logging(getattr(args, "debug", False))
     if args.command == "sessions":
         return run_sessions_command(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The parser of `collab-trio serve` (of a new build_parser() unless given)."""
+    parser = parser or build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["serve"]
+
+
+def serve_settings(argv: Sequence[str], environ: Mapping[str, str]) -> settings.Settings:
+    """The settings of `collab-trio ARGV` (a serve command): command line, `environ`, file, defaults.
+
+    Raises:
+        settings.SettingsError: the file or the environment holds bad values.
+    """
+    run = serve_parser()
+    explicit = settings.explicit_values(build_parser(), argv)
+    dests = {action.dest for action in run._actions}
+    given = {dest: value for dest, value in explicit.items() if dest in dests}
+    return settings.resolve(run, given, environ)
+
+
+# Serve options that are no ServerConfig field (every other option's dest is
+# one, or is renamed here): tested in test_config_file.py.
+CLI_ONLY_OPTIONS = frozenset({"config", "print_config", "log_level", "log_format", "help"})
+CONFIG_FIELD_OF = {"tokens": "tokens_file", "allowed_origin": "allowed_origins", "trusted_proxy": "trusted_proxies"}
+
+
+def config_from(values: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of parsed serve settings: each option sets the field of its name."""
+    fields = {field.name for field in attrs.fields(ServerConfig)}
+    kwargs = {}
+    for dest, value in vars(values).items():
+        field = CONFIG_FIELD_OF.get(dest, dest)
+        if field in fields:
+            # Repeatable options give lists; settings are frozen: tuples.
+            kwargs[field] = tuple(value) if isinstance(value, list) else value
+    # --log-level debug is --debug: every event, and tracebacks of startup failures.
+    kwargs["debug"] = bool(values.debug) or values.log_level == "debug"
+    return ServerConfig(**kwargs)
+
+
+def _serve(argv: Sequence[str]) -> int:
+    try:
+        resolved = serve_settings(argv, os.environ)
+    except settings.SettingsError as exc:
+        for problem in exc.problems:
+            print(f"collab-trio serve: error: {problem}", file=sys.stderr)
+        return 2
+    args = resolved.values
+    if args.print_config:
+        title = f"collab-trio {__version__}: the settings `collab-trio serve` would use, with their source"
+        sys.stdout.write(settings.format_settings(serve_parser(), resolved, title=title))
+        return 0
+    configure_logging(args.debug, level=args.log_level, log_format=args.log_format)
     if (args.certfile is None) != (args.keyfile is None):
         log.error("TLS needs both --certfile and --keyfile")
         return 2
@@ -407,39 +509,7 @@ def _serve(args: argparse.Namespace) -> int:
                 exc.strerror if not isinstance(exc, ssl.SSLError) and exc.strerror else exc,
             )
             return 1
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        max_message_size=args.max_message_size,
-        idle_timeout=args.idle_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-        store=args.store,
-        data_dir=args.data_dir,
-        fsync=args.fsync,
-        snapshot_bytes=args.snapshot_bytes,
-        retention=args.retention,
-        history_bytes=args.history_bytes,
-        max_document_size=args.max_document_size,
-        max_queue_bytes=args.max_queue_bytes,
-        write_timeout=args.write_timeout,
-        max_fragments=args.max_fragments,
-        tokens_file=args.tokens,
-        allowed_origins=tuple(args.allowed_origin),
-        certfile=args.certfile,
-        keyfile=args.keyfile,
-        base_path=args.base_path,
-        trusted_proxies=tuple(args.trusted_proxy),
-        handshake_timeout=args.handshake_timeout,
-        max_users_per_session=args.max_users_per_session,
-        max_sessions=args.max_sessions,
-        max_connections_per_ip=args.max_connections_per_ip,
-        rate_limit=args.rate_limit,
-        rate_burst=args.rate_burst,
-        max_pending_bytes=args.max_pending_bytes,
-        store_queue_bytes=args.store_queue_bytes,
-        fault_commit_delay=args.fault_commit_delay,
-        debug=args.debug,
-    )
+    config = config_from(args)
     status = 1
     try:
         status = trio.run(run_until_signalled, config)
@@ -478,7 +548,7 @@ def _first_cause(group: BaseException) -> tuple[BaseException, bool]:
 
 def describe_failure(exc: BaseException, config: ServerConfig) -> str:
     """The one-line reason `collab-trio serve` could not run."""
-    if isinstance(exc, TokensFileError):
+    if isinstance(exc, (TokensFileError, MetricsAddressError)):
         return str(exc)
     if isinstance(exc, ssl.SSLError):  # before OSError: it is one
         return f"Cannot use the TLS certificate or key: {exc}"
@@ -519,9 +589,23 @@ def _smoke(smoke_args: list[str]) -> int:
         from .qt_smoke import main as smoke_main
     except ImportError as exc:
         print(
-            "collab-trio smoke needs PyQt6; install it with: pip install 'collab-trio[qt]'\n"
+            f"collab-trio smoke needs PyQt6 (the qt extra); install it with: {qt_install_hint()}\n"
             f"(import failed: {exc})",
             file=sys.stderr,
         )
         return 2
     return smoke_main(smoke_args, prog="collab-trio smoke")
+
+
+def qt_install_hint() -> str:
+    """The pip command that installs PyQt6 for this collab-trio: from its checkout, or PyQt6 itself."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "src" / "collab_trio").is_dir():
+        return f"pip install -e '{checkout}[qt]'"
+    # Installed from a wheel: the qt extra's own requirement (no index need know collab-trio).
+    try:
+        requirements = importlib.metadata.requires("collab-trio") or []
+    except importlib.metadata.PackageNotFoundError:
+        requirements = []
+    qt = [r.partition(";")[0].strip() for r in requirements if re.search(r"extra\s*==\s*.qt.", r)]
+    return f"pip install '{qt[0] if qt else 'PyQt6'}'"

@@ -14,6 +14,29 @@ FSYNC_MODES = ("normal", "full")
 MIB = 1024 * 1024
 
 
+def split_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:9100` for IPv6) as (host, port).
+
+    Raises:
+        ValueError: one line saying what is wrong.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9100)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9100")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535 (0 picks a free one)")
+    return host, int(port_text)
+
+
+def _address(instance: object, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None:
+        split_address(value)
+
+
 def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
@@ -163,6 +186,8 @@ class ServerConfig:
     rate_strikes: int = attrs.field(default=50, validator=_positive)
     # Changes refused to a viewer within 10 s before closing with 4003.
     forbidden_strikes: int = attrs.field(default=5, validator=_positive)
+    # Internal HTTP endpoint (/metrics, /livez, /readyz) at HOST:PORT; None: off.
+    metrics_address: str | None = attrs.field(default=None, validator=_address)
     debug: bool = False
 
     @keyfile.validator

@@ -35,8 +35,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .config import ServerConfig
+from .counters import Counters
 from .limits import Strikes, TokenBucket
-from .messages import Error, Forwarded, ServerMessage, encode_message_bytes
+from .messages import Error, Forwarded, ServerMessage, encode_message_bytes, server_message_type
 from .protocol import CloseCode, ErrorCode, utc_timestamp
 from .inbound import CLOSE, CONTINUATION, PING, Event
 from .wire import WireStream, WriteTimeout, text_frame
@@ -100,6 +101,8 @@ class Connection:
     # False for a token with the viewer role: it may watch but not edit.
     can_write: bool = True
     connected_at: str = attrs.field(factory=utc_timestamp)
+    # The server's counters (metrics.py): slow clients, rate limit, errors sent.
+    counters: Counters = attrs.field(factory=Counters)
     # Set by close(): what the server sends (or the client sent) in the close frame.
     close_code: int | None = None
     close_reason: str | None = None
@@ -253,10 +256,12 @@ class Connection:
             log.warning(
                 "User %s is too slow (%d bytes queued); closing with 1013", self.user_id, backlog
             )
+            self.counters.slow_disconnects["queue_bytes"] += 1
             self.close(CloseCode.TOO_SLOW, "too slow: outbound queue overflowed", discard=True)
 
     def send_message(self, message: ServerMessage) -> None:
         """Encode, frame and queue one message for this client only."""
+        self.counters.count_sent(server_message_type(message))
         self.send_frame(text_frame(encode_message_bytes(message)))
 
     def queue_cursor(self, message: Forwarded) -> None:
@@ -445,6 +450,7 @@ class Connection:
             return
 
     def _rate_limited(self) -> None:
+        self.counters.rate_limited += 1
         now = trio.current_time()
         if self._rate_strikes.add(now):
             log.warning("User %s kept exceeding the rate limit; closing with 4002", self.user_id)
@@ -481,6 +487,8 @@ class Connection:
                         self.user_id,
                         self.config.write_timeout,
                     )
+                    if self.close_code is None:
+                        self.counters.slow_disconnects["write_timeout"] += 1
                     self.close(CloseCode.TOO_SLOW, "too slow: nothing received for too long", discard=True)
                     return  # its socket takes nothing: no close handshake either
                 except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -275,3 +275,27 @@ def replace_key(message: ServerMessage) -> Hashable | None:
     if isinstance(message, Forwarded) and message.message.get("type") == "cursor":
         return ("cursor", message.message.get("user_id"))
     return None
+
+
+_SERVER_TYPES: dict[type, str] = {
+    ConnectionAck: "connection:ack",
+    UserJoined: "user:joined",
+    UserLeft: "user:left",
+    HostChanged: "host:changed",
+    Pong: "pong",
+    Ack: "ack",
+    Error: "error",
+    Relay: "command",
+    Correction: "command",
+    SyncState: "sync:state",
+    SyncOps: "sync:ops",
+}
+
+
+def server_message_type(message: ServerMessage) -> str:
+    """The wire `type` of a server message, without encoding it (for the counters)."""
+    found = _SERVER_TYPES.get(type(message))
+    if found is not None:
+        return found
+    wire_type = message.to_wire().get("type")  # Forwarded: a cursor or a sync:full_state
+    return wire_type if isinstance(wire_type, str) else "other"

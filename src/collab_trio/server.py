@@ -5,6 +5,10 @@
          ├─ store.run()              started first: locks the data directory, then the
          │                           writer; outlives everything below, so sessions
          │                           commit and snapshot until their end
+         ├─ metrics endpoint         with --metrics-address (metrics.py): /metrics, /livez,
+         │                           /readyz from before the port opens until the graceful
+         │                           stop is over; cancelled (its port freed) before the
+         │                           store closes
          └─ CollabServer.run()       listeners opened once the store runs
              └─ WebSocketServer.run()   server nursery (serving.py)
                  ├─ SessionRegistry.run()   sessions nursery; the sessions' error boundary
@@ -37,10 +41,15 @@ import attrs
 import trio
 from trio_websocket import WebSocketRequest
 
-from .auth import TokenTable, bearer_token, header, redact
+from . import logs
+from .auth import TokensFileError, TokenTable, bearer_token, header, redact
 from .config import ServerConfig
 from .protocol import HandshakeRejected, SyncRequest, Target, endpoint_template, parse_target
 from .connection import Connection
+from .counters import Counters
+from .httpd import HTTPServer
+from .metrics import Monitor, run_endpoint
+from .listen import open_tcp_listeners
 from .serving import CLIENT_GONE, WebSocketServer, listener_url, log_client_gone, reject
 from .session import SessionRegistry
 from .session_core import JoinRefused
@@ -61,15 +70,25 @@ class CollabServer:
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]]
     # Tokens and roles; None when authentication is off.
     tokens: TokenTable | None = None
+    # What the server counts for /metrics (counters.py).
+    counters: Counters = attrs.field(factory=Counters)
+    # The internal endpoint serving /metrics, if --metrics-address is set.
+    metrics: HTTPServer | None = None
+    # True once the listeners accept (readiness), for good.
+    accepting: bool = False
     registry: SessionRegistry = attrs.field(init=False)
     web: WebSocketServer = attrs.field(init=False)
     # Accepted handshakes still joining, per session id (for max_sessions).
     _joining: dict[str, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        self.registry = SessionRegistry(self.config, self.store)
+        self.registry = SessionRegistry(self.config, self.store, counters=self.counters)
         self.web = WebSocketServer(
-            self.config, self.listeners, self, path=endpoint_template(self.config.base_path)
+            self.config,
+            self.listeners,
+            self,
+            path=endpoint_template(self.config.base_path),
+            counters=self.counters,
         )
 
     @property
@@ -91,6 +110,20 @@ class CollabServer:
         """Start a graceful stop; serve() returns when it is done."""
         self.web.request_shutdown()
 
+    def reload_tokens(self) -> None:
+        """Read the tokens file again (SIGHUP): new handshakes use it; a bad file keeps the old tokens."""
+        path = self.config.tokens_file
+        if path is None:
+            log.info("Nothing to reload: no tokens file (--tokens)")
+            return
+        try:
+            tokens = TokenTable.load(path)
+        except TokensFileError as exc:
+            log.error("Kept the previous tokens (%d defined): %s", len(self.tokens or ()), exc)
+            return
+        self.tokens = tokens
+        log.info("Reloaded tokens: %d defined in %s", len(tokens), path)
+
     async def run(self, *, task_status: trio.TaskStatus[CollabServer]) -> None:
         """Serve until request_shutdown(), then stop gracefully; or until cancelled.
 
@@ -100,7 +133,7 @@ class CollabServer:
 
         def ready() -> None:
             nonlocal started
-            started = True
+            started = self.accepting = True
             task_status.started(self)
 
         try:
@@ -143,6 +176,9 @@ class CollabServer:
             log.info("Refused %s from %s: %d %s", path, peer, exc.status, exc.reason)
             await reject(request, exc.status, exc.reason)
             return None
+        # This task's log lines, and its member's Connection tasks' (which copy
+        # this context when they start), are about this session and user.
+        logs.bind(session=target.session_id, user=target.user_id)
         access = self._check_access(request, target)
         if isinstance(access, tuple):
             status, reason = access
@@ -173,14 +209,18 @@ class CollabServer:
     def _check_access(self, request: WebSocketRequest, target: Target) -> tuple[int, str] | bool:
         """(status, reason) to refuse the handshake with, or whether the client may write."""
         origin = header(request.headers, b"origin")
+        failures = self.counters.auth_failures
         if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
+            failures["origin_not_allowed"] += 1
             return 403, f"origin {origin} is not allowed"
         can_write = True
         if self.tokens is not None:
             grant = self.tokens.lookup(target.token or bearer_token(request.headers))
             if grant is None:
+                failures["invalid_token"] += 1
                 return 401, "missing or invalid token"
             if not grant.allows(target.session_id):
+                failures["session_not_allowed"] += 1
                 return 403, "your token does not give access to this session"
             can_write = grant.can_write
         # Sessions that handshakes in progress are about to create count too,
@@ -215,29 +255,45 @@ async def serve(
     tokens = TokenTable.load(config.tokens_file) if config.tokens_file else None
     if store is None:
         store = make_store(config)
+    counters = Counters()
+    monitor = Monitor(counters)
+    endpoint_scope = trio.CancelScope()
     async with trio.open_nursery() as store_nursery:
         # The store first: a data directory in use must be reported as such,
         # not as the port being taken by the server that uses it. Its writer
         # outlives everything below, so sessions commit until their very end.
         await store_nursery.start(store.run)
         try:
+            metrics = None
+            if config.metrics_address is not None:
+                # Up before the WebSocket port (/readyz says "starting"), down
+                # after the graceful stop (it says "draining" meanwhile).
+                metrics = await store_nursery.start(_run_endpoint, endpoint_scope, monitor, config.metrics_address)
             if listeners is None:
                 listeners = await _open_listeners(config)
-            server = CollabServer(config, store, listeners, tokens=tokens)
+            server = CollabServer(config, store, listeners, tokens=tokens, counters=counters, metrics=metrics)
+            monitor.server = server
             await server.run(task_status=task_status)
         finally:
+            endpoint_scope.cancel()
             with trio.CancelScope(shield=True):
                 await store.aclose()
 
 
+async def _run_endpoint(
+    scope: trio.CancelScope, monitor: Monitor, address: str, *, task_status: trio.TaskStatus[HTTPServer]
+) -> None:
+    with scope:
+        await run_endpoint(monitor, address, task_status=task_status)
+
+
 async def _open_listeners(config: ServerConfig) -> list[trio.abc.Listener[trio.abc.Stream]]:
+    # One port for every address, also with port 0 (trio's would differ per family).
+    listeners = await open_tcp_listeners(config.port, config.host or None)
     if config.certfile is not None:
-        return list(
-            await trio.open_ssl_over_tcp_listeners(
-                config.port, tls_context(config), host=config.host or None, https_compatible=True
-            )
-        )
-    return list(await trio.open_tcp_listeners(config.port, host=config.host or None))
+        context = tls_context(config)
+        return [trio.SSLListener(listener, context, https_compatible=True) for listener in listeners]
+    return list(listeners)
 
 
 def tls_context(config: ServerConfig) -> ssl.SSLContext:

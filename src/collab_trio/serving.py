@@ -38,6 +38,8 @@ from wsproto.utilities import LocalProtocolError
 
 from .config import ServerConfig
 from .auth import redact
+from .counters import Counters
+from .listen import interface_addresses
 from .protocol import ENDPOINT_TEMPLATE, CloseCode
 from .proxies import forwarded_client
 from .upgrade import MalformedRequest, RequestHead, read_request_head
@@ -80,6 +82,22 @@ def listener_url(listener: trio.abc.Listener[trio.abc.Stream], path: str = ENDPO
         host = f"[{host}]"
     scheme = "wss" if isinstance(listener, trio.SSLListener) else "ws"
     return f"{scheme}://{host}:{port}{path}"
+
+
+def listener_urls(listener: trio.abc.Listener[trio.abc.Stream], path: str = ENDPOINT_TEMPLATE) -> list[str]:
+    """The URLs clients can use for this listener: one per interface address
+    when it listens on all of them (0.0.0.0 or ::), which no client can use."""
+    socket = _listener_socket(listener)
+    if socket is None:
+        return [listener_url(listener, path)]
+    host, port = socket.getsockname()[:2]
+    if host not in ("0.0.0.0", "::"):
+        return [listener_url(listener, path)]
+    scheme = "wss" if isinstance(listener, trio.SSLListener) else "ws"
+    return [
+        f"{scheme}://{f'[{address}]' if ':' in address else address}:{port}{path}"
+        for address in interface_addresses(socket.family)
+    ]
 
 
 def stream_address(stream: trio.abc.Stream) -> str:
@@ -144,6 +162,8 @@ class WebSocketServer:
     # Set when the listeners are closed (the port can be bound again).
     port_released: trio.Event = attrs.field(factory=trio.Event)
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
+    # The server's counters (metrics.py): the wires add the bytes they write.
+    counters: Counters = attrs.field(factory=Counters)
     # Open TCP connections per client address (handshakes included): the
     # TCP peer's, or once the request head is read, the forwarded client's.
     _per_address: dict[str, int] = attrs.field(factory=dict)
@@ -163,6 +183,11 @@ class WebSocketServer:
         if not self._ports:
             raise RuntimeError("this server has no TCP listener")
         return self._ports[0]
+
+    @property
+    def tcp_connections(self) -> int:
+        """Open TCP connections, handshakes in progress included."""
+        return sum(self._per_address.values())
 
     def request_shutdown(self) -> None:
         """Start a graceful stop; run() returns when it is done."""
@@ -188,7 +213,8 @@ class WebSocketServer:
             accept_scope = trio.CancelScope()
             await nursery.start(self._accept, accept_scope, nursery)
             for listener in self.listeners:
-                log.info(self.listening_message, listener_url(listener, self.path))
+                for url in listener_urls(listener, self.path):
+                    log.info(self.listening_message, url)
             ready()
 
             await self._shutdown_requested.wait()
@@ -261,6 +287,7 @@ class WebSocketServer:
                     stream,
                     write_timeout=self.config.write_timeout,
                     max_message_size=self.config.max_message_size,
+                    counters=self.counters,
                     received=head.received,
                 )
                 async with trio.open_nursery() as ws_nursery:

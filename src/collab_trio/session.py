@@ -24,10 +24,12 @@ import attrs
 import trio
 from trio_websocket import WebSocketConnection
 
+from . import logs
 from .config import ServerConfig
 from .connection import Connection
+from .counters import Counters
 from .document import SessionDocument
-from .messages import NOTICES, Forwarded, ServerMessage, encode_message_bytes, replace_key
+from .messages import NOTICES, Forwarded, ServerMessage, encode_message_bytes, replace_key, server_message_type
 from .protocol import CloseCode, SyncRequest
 from .session_core import (
     Batch,
@@ -61,6 +63,8 @@ class Session:
     # Called once the session takes no more joins, and once run() is over.
     on_closed: Callable[[Session], None] = lambda session: None
     on_finished: Callable[[Session], None] = lambda session: None
+    # The server's counters (metrics.py), shared with the core and the connections.
+    counters: Counters = attrs.field(factory=Counters)
     core: SessionCore | None = None
     # Set when the document is loaded and the nursery is open (or loading failed).
     ready: trio.Event = attrs.field(factory=trio.Event)
@@ -125,6 +129,8 @@ class Session:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the document, then hold the connections' tasks until the last one ends."""
+        # Spawned by the first joiner's task: its lines (and its tasks') are the session's, no user's.
+        logs.bind(session=self.session_id, user=None)
         try:
             try:
                 document = await self.store.load(self.session_id)
@@ -149,6 +155,7 @@ class Session:
                 corrections_enabled=self.config.corrections,
                 correction_window=self.config.correction_window,
                 correction_settle=self.config.correction_settle,
+                counters=self.counters,
             )
             if self._close_requested is not None:
                 self.close_all(*self._close_requested)
@@ -196,7 +203,9 @@ class Session:
         """
         if self.core is None or self._nursery is None or self.core.closed:
             return None
-        conn = Connection(ws, wire, user_id, self.config, self, remote=remote, can_write=can_write)
+        conn = Connection(
+            ws, wire, user_id, self.config, self, remote=remote, can_write=can_write, counters=self.counters
+        )
         reconnect = self.core.connection_of(user_id) is not None
         try:
             effects = self.core.join(
@@ -264,6 +273,7 @@ class Session:
             self.session_id,
             conn.leave_reason(),
             conn.close_code,
+            extra={"user": conn.user_id},  # maybe in another member's task (a broadcast closed it)
         )
         host = self.core.host
         try:
@@ -272,7 +282,9 @@ class Session:
             self._failed("a member leaving")
             return
         if self.core.host not in (host, None) and not self.core.closed:
-            log.info("User %s is now host of session %s", self.core.host, self.session_id)
+            log.info(
+                "User %s is now host of session %s", self.core.host, self.session_id, extra={"user": self.core.host}
+            )
         self._execute(effects)
 
     async def wait_for_room(self) -> bool:
@@ -346,6 +358,7 @@ class Session:
             message = effect.message
             if message is not self._last_sent:
                 self._last_sent, self._last_frame = message, _frame(message)
+            self.counters.count_sent(server_message_type(message))
             conn, key = effect.conn, replace_key(message)
             if key is None:
                 gathered.setdefault(conn, []).append(self._last_frame)  # type: ignore[arg-type]
@@ -358,6 +371,7 @@ class Session:
             if recipients:
                 # Encoded and framed once: every member gets the same bytes.
                 message = effect.message
+                self.counters.count_sent(server_message_type(message), len(recipients))
                 frame, key = _frame(message), replace_key(message)
                 notice = isinstance(message, NOTICES)
                 if key is None:
@@ -391,7 +405,8 @@ class Session:
             self._nursery.start_soon(self._guarded, self._save_snapshot, effect.snapshot)
         elif isinstance(effect, Emptied):
             if effect.last_user_left:
-                log.info("Session %s closed: its last user left", self.session_id)
+                # In the task of whoever left last: the line is the session's, not theirs.
+                log.info("Session %s closed: its last user left", self.session_id, extra={"user": None})
             self.on_closed(self)
             self._emptied.set()
             self._commit_wanted.set()  # let the committer finish and stop
@@ -461,6 +476,7 @@ class Session:
         if batch is None:
             return True
         if batch.ops:
+            started = trio.current_time()
             try:
                 done = self.store.commit_now(self.session_id, batch.epoch, list(batch.ops))
             except StoreError as exc:
@@ -469,6 +485,7 @@ class Session:
                 if not done:
                     self._handoff = batch
                     return False
+                self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
                 effects = self.core.committed(batch)
         else:
             effects = self.core.committed(batch)
@@ -482,22 +499,27 @@ class Session:
         # must learn the outcome or the document would fall behind. Bounded:
         # a store that doesn't answer must not hold the session for ever.
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.config.commit_timeout
+            started = trio.current_time()
+            scope.deadline = started + self.config.commit_timeout
             try:
                 await self.store.commit(self.session_id, batch.epoch, list(batch.ops))
             except StoreError as exc:
                 return self._commit_error(batch, exc)
+            self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
             return self.core.committed(batch)
         log.error(
             "The store did not answer a commit of session %s within %g s; closing it",
             self.session_id,
             self.config.commit_timeout,
         )
+        self.counters.commit_failed("the store did not answer a commit in time", trio.current_time())
         return self._outcome_unknown()
 
     def _commit_error(self, batch: Batch, exc: StoreError) -> list[Effect]:
         """The effects of a commit the store refused or lost track of."""
         assert self.core is not None
+        if not isinstance(exc, SessionReset):  # a reset is an administrator's doing, not a failure
+            self.counters.commit_failed(str(exc), trio.current_time())
         if isinstance(exc, OutcomeUnknown):
             log.error("Session %s: %s; closing it", self.session_id, exc)
             return self._outcome_unknown()
@@ -546,6 +568,8 @@ class SessionRegistry:
     closing: bool = False
     # What sessions that have finished did to keep clients converged.
     finished_stats: ConvergenceStats = attrs.field(factory=ConvergenceStats)
+    # The server's counters (metrics.py), handed to every session.
+    counters: Counters = attrs.field(factory=Counters)
     _nursery: trio.Nursery | None = None
     _closed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -586,7 +610,12 @@ class SessionRegistry:
                         del self.draining[session_id]
                     continue
                 session = Session(
-                    session_id, self.config, self.store, on_closed=self.discard, on_finished=self.forget
+                    session_id,
+                    self.config,
+                    self.store,
+                    on_closed=self.discard,
+                    on_finished=self.forget,
+                    counters=self.counters,
                 )
                 self.sessions[session_id] = session
                 try:

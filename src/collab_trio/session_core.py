@@ -43,6 +43,7 @@ from typing import Any
 import attrs
 
 from .config import MIB
+from .counters import Counters
 from .convergence import EXISTENCE, MOVE, UPDATE, CorrectionTracker, FieldHistory, merge_update
 from .document import COMMAND, REPLACE, Op, SessionDocument, item_data, make_item, op_id_key
 from .messages import (
@@ -312,6 +313,8 @@ class SessionCore:
     correction_window: float = 1.0
     correction_settle: float = 0.15
     stats: ConvergenceStats = attrs.field(factory=ConvergenceStats)
+    # The server's counters (metrics): messages by type, resumes, ack latency.
+    counters: Counters = attrs.field(factory=Counters)
     _fields: FieldHistory = attrs.field(factory=FieldHistory)
     _tracker: CorrectionTracker = attrs.field(init=False)
     # Members by user id, in join order (a reconnect keeps its place).
@@ -454,6 +457,7 @@ class SessionCore:
         if member is None or member.conn != conn:
             return []
         if isinstance(frame, bytes):
+            self.counters.received["other"] += 1
             return [
                 Send(
                     conn,
@@ -466,7 +470,9 @@ class SessionCore:
         try:
             message = parse_client_message(decode(frame))
         except ProtocolError as exc:
+            self.counters.received["other"] += 1
             return [Send(conn, Error(exc.code, exc.message, exc.ref))]
+        self.counters.received[message_type(message)] += 1
         if not member.can_write and isinstance(message, (Command, SyncUpdate, FullState)):
             return [Refuse(conn, message_type(message))]
         # Bytes as on the wire (UTF-8); isascii() is O(1) for str.
@@ -599,15 +605,22 @@ class SessionCore:
         sync:state. Either is the same object for the same question while the
         document stands still (the runner encodes it once)."""
         document = self.document
-        if request.since is not None and request.epoch == document.epoch:
+        if request.since is None:
+            return self._sync_state()
+        resumes, outcome = self.counters.resumes, "state_epoch_changed"
+        if request.epoch == document.epoch:
             key = (document.epoch, document.version, request.since)
             if self._ops_answer is not None and self._ops_answer[0] == key:
+                resumes["ops"] += 1
                 return self._ops_answer[1]
             ops = document.ops_since(request.since)
             if ops is not None and self._fits_one_message(ops):
                 answer = SyncOps(tuple(ops), document.version, document.epoch)
                 self._ops_answer = (key, answer)
+                resumes["ops"] += 1
                 return answer
+            outcome = "state_ops_unavailable" if ops is None else "state_too_large"
+        resumes[outcome] += 1
         return self._sync_state()
 
     def _fits_one_message(self, ops: list[Op]) -> bool:
@@ -767,6 +780,7 @@ class SessionCore:
         effects: list[Effect] = []
         ops = iter(batch.ops)
         due_before = self._tracker.pending
+        now, ack_seconds = self.now(), self.counters.ack_seconds
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
                 effects.append(Send(entry.conn, self._sync_answer(entry.request)))
@@ -780,6 +794,7 @@ class SessionCore:
                     self.stats.merges += 1  # a stale field of the sender's kept out
                 self._apply_command(op, entry)
                 effects.append(Broadcast(Relay(op), exclude=op.user_id))
+                ack_seconds.observe(now - entry.arrived)
                 ack = Ack(op.seq, op.op_id)
                 effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
                 continue

@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 
+from .counters import Counters
 from .inbound import CLOSE, TEXT, Event, FrameReader
 
 # Bytes handed to one write of a stream that is not a plain socket (TLS,
@@ -94,6 +95,7 @@ class WireStream(trio.abc.Stream):
         *,
         write_timeout: float = 10.0,
         max_message_size: int = 1 << 20,
+        counters: Counters | None = None,
         received: bytes = b"",
     ) -> None:
         self.raw = raw
@@ -101,6 +103,8 @@ class WireStream(trio.abc.Stream):
         # parsed, see upgrade.py): the first receive_some() takes them.
         self._received = received
         self.write_timeout = write_timeout
+        # The server's counters: every byte written to the client adds to bytes_sent.
+        self.counters = counters if counters is not None else Counters()
         # Called with the incoming frames' (opcode, fin), and the messages
         # taken, once claimed.
         self.on_frames: Callable[[list[Event]], None] | None = None
@@ -221,6 +225,7 @@ class WireStream(trio.abc.Stream):
             return
         data, count = self._take()
         sent = self._write_now(data)
+        self.counters.bytes_sent += sent
         if sent == len(data):
             self._written += count
         else:
@@ -317,6 +322,7 @@ class WireStream(trio.abc.Stream):
             # the close handshake): an ordinary write (trio-websocket sends
             # one at a time under its own lock).
             await self.raw.send_all(data)
+            self.counters.bytes_sent += len(data)
             return
         data = bytes(data)
         if not self.write(data):
@@ -418,10 +424,12 @@ class WireStream(trio.abc.Stream):
     async def _write_all(self, data: bytes) -> None:
         if self._socket is None:
             for start in range(0, len(data), WRITE_CHUNK):
+                chunk = data[start : start + WRITE_CHUNK]
                 with trio.move_on_after(self.write_timeout) as scope:
-                    await self.raw.send_all(data[start : start + WRITE_CHUNK])
+                    await self.raw.send_all(chunk)
                 if scope.cancelled_caught:
                     raise WriteTimeout(f"no bytes accepted for {self.write_timeout:g} s")
+                self.counters.bytes_sent += len(chunk)
             return
         view = memoryview(data)
         while view:
@@ -434,6 +442,7 @@ class WireStream(trio.abc.Stream):
                 sent = 0
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+            self.counters.bytes_sent += sent
             view = view[sent:]
             if view:
                 with trio.move_on_after(self.write_timeout) as scope:
