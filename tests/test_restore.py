@@ -9,6 +9,7 @@ run beside the live server brings the design back, and every member sees it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,86 @@ lock_data_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(60)
 """
+
+
+# -- admin ergonomics: --json, confirmation, --dry-run ---------------------------------------
+
+
+def seed(data_dir: Path, sessions_items: dict[str, list[dict[str, Any]]]) -> None:
+    """Store sessions with these items (by import), without a server."""
+    database = Database(database_path(data_dir))
+    try:
+        for session_id, items in sessions_items.items():
+            database.run(lambda d, s=session_id, i=items: d.import_state(s, i))
+    finally:
+        database.close()
+
+
+async def test_list_and_show_print_json_with_stable_keys(data_dir: Path) -> None:
+    seed(data_dir, {"lab": DESIGN, "bench": DEGRADED[:1]})
+    seed(data_dir, {"lab": DEGRADED})  # DESIGN becomes version 1 of lab
+    keys = ["session_id", "items", "version", "epoch", "created_at", "updated_at", "size_bytes", "versions",
+            "unreadable"]
+    listed = json.loads(await ok("list", "--json"))
+    assert [list(row) for row in listed] == [keys, keys]
+    assert [(r["session_id"], r["items"], r["version"], r["versions"], r["unreadable"]) for r in listed] == [
+        ("bench", 1, 1, 0, None),
+        ("lab", 2, 1, 1, None),
+    ]
+    shown = json.loads(await ok("show", "lab", "--json"))
+    assert list(shown) == [*keys, "contents"]
+    assert {k: shown[k] for k in keys} == listed[1]
+    assert shown["contents"] == [{"uuid": "lens-1", "item_type": "lens"}, {"uuid": "mirror-1", "item_type": "mirror"}]
+    assert json.loads(await ok("history", "bench", "--json")) == []
+    assert "versions:      1 (sessions history)" in (await ok("show", "lab")).splitlines()
+
+
+async def test_destructive_commands_need_yes_without_a_terminal(data_dir: Path, tmp_path: Path) -> None:
+    seed(data_dir, {"lab": DESIGN})
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"items": DEGRADED}), encoding="utf-8")
+    for args in (("delete", "lab"), ("prune", "--older-than", "0"), ("import", str(state), "--as", "lab")):
+        result = await sessions(*args)
+        assert (result.returncode, result.stdout) == (2, ""), result
+        assert result.stderr == (
+            f"error: `sessions {args[0]}` changes stored data and stdin is not a terminal to confirm on;"
+            " add --yes to go ahead\n"
+        )
+    assert json.loads(await ok("export", "lab"))["items"] == DESIGN  # nothing changed
+    # An import into a new session replaces nothing: no question.
+    assert (await ok("import", str(state), "--as", "fresh")).startswith("Imported 2 item(s) into session fresh")
+    # prune --dry-run lists and deletes nothing, also without --yes.
+    assert await ok("prune", "--older-than", "0", "--dry-run") == (
+        "Would delete 2 session(s) with no activity for 0 day(s) (dry run: nothing deleted)\n"
+        "  - fresh\n"
+        "  - lab\n"
+    )
+    assert [r["session_id"] for r in json.loads(await ok("list", "--json"))] == ["fresh", "lab"]
+    assert await ok("delete", "lab", "--yes") == "Deleted session lab\n"
+
+
+async def test_destructive_commands_ask_on_a_terminal(data_dir: Path) -> None:
+    seed(data_dir, {"lab": DESIGN})
+
+    async def answer(text: str) -> tuple[int, str, str]:
+        primary, secondary = os.openpty()
+        try:
+            os.write(primary, text.encode())
+            with trio.fail_after(HANG):
+                done = await trio.run_process(
+                    [sys.executable, "-m", "collab_trio", "sessions", "delete", "lab"],
+                    stdin=secondary, capture_stdout=True, capture_stderr=True, check=False, env=child_env(),
+                )
+        finally:
+            os.close(primary)
+            os.close(secondary)
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    assert await answer("n\n") == (
+        1, "Delete session lab, its history and its versions? [y/N] ", "Cancelled; nothing was changed.\n"
+    )
+    assert json.loads(await ok("export", "lab"))["items"] == DESIGN
+    assert await answer("y\n") == (
+        0, "Delete session lab, its history and its versions? [y/N] Deleted session lab\n", ""
+    )
+    assert await fails("show", "lab") == "error: no session 'lab'"
