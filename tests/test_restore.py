@@ -63,56 +63,54 @@ async def restore_by_server(server: ServerProcess, session: str, version: int) -
 async def test_a_design_overwritten_by_a_full_state_upload_is_restored_in_the_live_session(data_dir: Path) -> None:
     async with server_process() as server:
         port = server.port
-        async with (
-            tcp_client(port, "/ws/design/alice") as first,
-            tcp_client(port, "/ws/design/bob") as bob,
-        ):
+        async with tcp_client(port, "/ws/design/alice") as first:
             ack = await receive(first, "connection:ack")
             assert ack["is_host"]
             epoch = ack["epoch"]
-            await receive(bob, "connection:ack")
-            assert await build_design(first) == 2
-            for _ in DESIGN:
-                await receive(bob, "command")
-            assert await history("design") == []  # nothing replaced yet
+            async with tcp_client(port, "/ws/design/bob") as bob:
+                await receive(bob, "connection:ack")
+                assert await build_design(first) == 2
+                for _ in DESIGN:
+                    await receive(bob, "command")
+                assert await history("design") == []  # nothing replaced yet
 
-            # The host re-joins (the old connection is replaced, it stays host)
-            # and uploads the degraded canvas as its full state.
-            async with tcp_client(port, "/ws/design/alice") as alice:
-                ack = await receive(alice, "connection:ack")
-                assert (ack["is_host"], ack["version"], ack["epoch"]) == (True, 2, epoch)
-                await alice.send_message(json.dumps({"type": "sync:full_state", "state": {"items": DEGRADED}}))
-                assert (await receive(alice, "ack"))["seq"] == 3
-                forwarded = await receive(bob, "sync:full_state")
-                assert forwarded["state"]["items"] == DEGRADED
-                assert (await sync_state(bob))["state"]["items"] == DEGRADED  # the design is gone
+                # The host re-joins (the old connection is replaced, it stays host)
+                # and uploads the degraded canvas as its full state.
+                async with tcp_client(port, "/ws/design/alice") as alice:
+                    ack = await receive(alice, "connection:ack")
+                    assert (ack["is_host"], ack["version"], ack["epoch"]) == (True, 2, epoch)
+                    await alice.send_message(json.dumps({"type": "sync:full_state", "state": {"items": DEGRADED}}))
+                    assert (await receive(alice, "ack"))["seq"] == 3
+                    forwarded = await receive(bob, "sync:full_state")
+                    assert forwarded["state"]["items"] == DEGRADED
+                    assert (await sync_state(bob))["state"]["items"] == DEGRADED  # the design is gone
 
-                [kept] = await history("design")
-                assert kept == {
-                    "version": 1,
-                    "seq": 2,
-                    "replaced_at": kept["replaced_at"],
-                    "user_id": "alice",
-                    "replaced_by": "sync:full_state by alice (host)",
-                    "items": 2,
-                    "bytes": kept["bytes"],
-                }
-                assert kept["bytes"] > len(json.dumps(DEGRADED))
+                    [kept] = await history("design")
+                    assert kept == {
+                        "version": 1,
+                        "seq": 2,
+                        "replaced_at": kept["replaced_at"],
+                        "user_id": "alice",
+                        "replaced_by": "sync:full_state by alice (host)",
+                        "items": 2,
+                        "bytes": kept["bytes"],
+                    }
+                    assert kept["bytes"] > len(json.dumps(DEGRADED))
 
-                # Restore while the session is live, beside the running server.
-                restored = await restore_by_server(server, "design", 1)
-                assert restored == (
-                    "Restored version 1 of session design as op 4; members of the live session have it\n"
-                )
-                await server.wait_for("Session design: a stored version was restored as op 4")
-                # Both members receive the design at once, with the next seq.
-                for member in (alice, bob):
-                    message = await receive(member, "sync:state")
-                    assert (message["version"], message["epoch"]) == (4, epoch)
-                    assert message["state"]["items"] == DESIGN
-                # The session goes on: its next change follows the restore.
-                assert await command(bob, "move_item", "lens-1", x_mm=12.0) == 5
-                assert (await receive(alice, "command"))["seq"] == 5
+                    # Restore while the session is live, beside the running server.
+                    restored = await restore_by_server(server, "design", 1)
+                    assert restored == (
+                        "Restored version 1 of session design as op 4; members of the live session have it\n"
+                    )
+                    await server.wait_for("Session design: a stored version was restored as op 4")
+                    # Both members receive the design at once, with the next seq.
+                    for member in (alice, bob):
+                        message = await receive(member, "sync:state")
+                        assert (message["version"], message["epoch"]) == (4, epoch)
+                        assert message["state"]["items"] == DESIGN
+                    # The session goes on: its next change follows the restore.
+                    assert await command(bob, "move_item", "lens-1", x_mm=12.0) == 5
+                    assert (await receive(alice, "command"))["seq"] == 5
 
         # A fresh client, and a resume from before the restore, get the design.
         async with tcp_client(port, "/ws/design/carol") as carol:
@@ -218,8 +216,13 @@ async def test_restore_says_so_when_the_server_does_not_answer(data_dir: Path, t
     )
     try:
         assert holder.stdout is not None
+        said = b""
         with trio.fail_after(HANG):
-            assert await holder.stdout.receive_some(100) == b"locked\n"
+            while not said.endswith(b"\n"):
+                chunk = await holder.stdout.receive_some(100)
+                assert chunk, said  # the holder died
+                said += chunk
+        assert said == b"locked\n"
         result = await sessions("restore", "s", "--version", "1", "--yes", "--timeout", "1.5")
         assert (result.returncode, result.stdout) == (1, "")
         lines = result.stderr.splitlines()

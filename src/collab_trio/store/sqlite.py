@@ -659,9 +659,20 @@ class SQLiteStore:
 
     async def next_requests(self) -> list[AdminRequest]:
         """Wait for admin requests (`sessions restore` beside this server):
-        looks every REQUEST_POLL seconds; the requests returned are marked taken."""
+        looks every REQUEST_POLL seconds; the requests returned are marked taken.
+
+        Raises:
+            StoreError: the store is closing.
+        """
         while True:
-            rows = await self._submit(lambda db: db.take_requests(), JOB_BYTES)
+            try:
+                rows = await self._submit(lambda db: db.take_requests(), JOB_BYTES)
+            except StoreError as exc:
+                if self._closing:
+                    raise
+                # A lock held too long, a full disk: look again next time.
+                log.warning("Could not look for admin requests: %s", exc)
+                rows = []
             if rows:
                 return [AdminRequest(*row) for row in rows]
             await trio.sleep(REQUEST_POLL)
