@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from collab_trio.config import ServerConfig
 from collab_trio.document import COMMAND, REPLACE, Op
 from collab_trio.history import (
     ADMIN_USER,
@@ -24,7 +26,7 @@ from collab_trio.history import (
 )
 from collab_trio.messages import Ack, Forwarded, SyncState
 from collab_trio.session_core import Broadcast, Restored, Send, SessionCore
-from collab_trio.store import SessionReset, StoreError
+from collab_trio.store import SessionReset, StoreError, make_store
 from collab_trio.store.database import Database, database_path
 
 NOW = "2026-12-02T10:00:00.000+00:00"
@@ -318,3 +320,42 @@ def test_a_data_directory_of_schema_1_is_read_as_it_is_and_upgraded_by_a_writer(
         assert writer.read(lambda d: d.history("s")) == []
     finally:
         writer.close()
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+async def test_the_store_keeps_versions_with_its_commits_and_hands_over_admin_requests(tmp_path: Path) -> None:
+    """SQLiteStore, real clock (its writer is a thread): a commit that fails
+    keeps no version, the settings bound them, requests come out once."""
+    config = ServerConfig(data_dir=str(tmp_path / "data"), versions_kept=2)
+    store = make_store(config)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            await store.commit("s", epoch, [replace_op(1, numbered(1))])
+            with pytest.raises(StoreError, match="does not follow"):
+                await store.commit("s", epoch, [replace_op(5, numbered(5))], kept(1, numbered(1)))
+            with pytest.raises(StoreError, match=r"^session 's' has no version 1 \(it has no versions\)$"):
+                await store.version_items("s", 1)  # the failed commit kept nothing
+            for seq in range(2, 6):
+                await store.commit("s", epoch, [replace_op(seq, numbered(seq))], kept(seq - 1, numbered(seq - 1)))
+            assert await store.version_items("s", 4) == numbered(4)
+            with pytest.raises(StoreError, match=r"has no version 2 \(it has versions 3-4\)"):
+                await store.version_items("s", 2)
+            admin = Database(database_path(tmp_path / "data"))
+            try:
+                request = admin.run(lambda d: d.add_request("s", "restore", 3))
+                [taken] = await store.next_requests()
+                assert (taken.id, taken.session_id, taken.action, taken.version) == (request, "s", "restore", 3)
+                assert await store.restore("s", 3) == 6
+                await store.finish_request(taken, seq=6)
+                assert admin.read(lambda d: d.request_outcome(request)) == ("done", 6, None)
+            finally:
+                admin.close()
+            assert (await store.load("s")).items == {"item-3": numbered(3)[0]}
+            with trio.move_on_after(1.5):
+                await store.next_requests()  # taken once: nothing more comes
+                pytest.fail("a request came twice")  # pragma: no cover
+            nursery.cancel_scope.cancel()
