@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .protocol import HandshakeRejected, check_id
 from .history import VersionInfo
+from .protocol import HandshakeRejected, check_id
 from .store import StoreError
 from .store.database import DONE, FAILED, Database, SessionInfo, database_path
-from .store.sqlite import lock_data_dir
+from .store.sqlite import DataDirInUse, lock_data_dir
 
 
 def _human_size(size: int) -> str:
@@ -269,10 +269,8 @@ def _restore(db: Database, args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     try:
         fd = lock_data_dir(data_dir)
-    except StoreError as exc:
-        if "in use by another collab-trio server" not in str(exc):
-            raise
-        return _restore_by_server(db, args, str(exc))
+    except DataDirInUse as exc:
+        return _restore_by_server(db, args, exc.pid)
     try:
         # No server runs, and none can start on the directory until this is done.
         seq = db.run(lambda d: d.restore(session_id, number))
@@ -282,10 +280,10 @@ def _restore(db: Database, args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore_by_server(db: Database, args: argparse.Namespace, holder: str) -> int:
+def _restore_by_server(db: Database, args: argparse.Namespace, pid: int | None) -> int:
     """Ask the server holding the data directory to restore, and wait for its answer."""
     session_id, number = args.session_id, args.version
-    server = holder.rsplit("server", 1)[-1].strip() or "(pid unknown)"
+    server = f"(pid {pid})" if pid else "(pid unknown)"
     request = db.run(lambda d: d.add_request(session_id, "restore", number))
     started = time.monotonic()
     said = started

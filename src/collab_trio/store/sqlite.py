@@ -64,6 +64,7 @@ from .database import (
 
 __all__ = [
     "DATABASE_NAME",
+    "DataDirInUse",
     "LOCK_NAME",
     "SCHEMA_VERSION",
     "Database",
@@ -116,14 +117,22 @@ def snapshot_cost(snapshot: dict[str, Any]) -> int:
     return JOB_BYTES + SNAPSHOT_ITEM_BYTES * len(snapshot.get("items", ()))
 
 
+class DataDirInUse(StoreError):
+    """Another process (a server, with `pid` if known) holds the data directory's lock."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """Create the data directory if needed and take its server lock; the lock's fd.
 
     Closing the fd (or the death of the process) releases the lock.
 
     Raises:
-        StoreError: one line: not a directory, permission denied, or in use
-            by another server (with its PID).
+        DataDirInUse: in use by another server (the message names its PID).
+        StoreError: one line: not a directory, permission denied.
     """
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +145,7 @@ def lock_data_dir(data_dir: Path) -> int:
         holder = _read_pid(fd)
         os.close(fd)
         by = f" (pid {holder})" if holder else ""
-        raise StoreError(f"data directory {data_dir} is in use by another collab-trio server{by}") from None
+        raise DataDirInUse(f"data directory {data_dir} is in use by another collab-trio server{by}", holder) from None
     except OSError as exc:
         os.close(fd)
         raise StoreError(f"data directory {data_dir}: cannot lock {LOCK_NAME}: {exc.strerror}") from None
