@@ -346,12 +346,15 @@ async def test_the_store_keeps_versions_with_its_commits_and_hands_over_admin_re
                 await store.version_items("s", 2)
             admin = Database(database_path(tmp_path / "data"))
             try:
-                request = admin.run(lambda d: d.add_request("s", "restore", 3))
+                expired = admin.run(lambda d: d.add_request("s", "restore", 4, timeout=0))
+                request = admin.run(lambda d: d.add_request("s", "restore", 3, timeout=60))
                 [taken] = await store.next_requests()
                 assert (taken.id, taken.session_id, taken.action, taken.version) == (request, "s", "restore", 3)
                 assert await store.restore("s", 3) == 6
                 await store.finish_request(taken, seq=6)
                 assert admin.read(lambda d: d.request_outcome(request)) == ("done", 6, None)
+                # The one its command gave up on before the server looked is never carried out.
+                assert admin.read(lambda d: d.request_outcome(expired)) == ("failed", None, "the request is gone")
             finally:
                 admin.close()
             assert (await store.load("s")).items == {"item-3": numbered(3)[0]}

@@ -284,7 +284,7 @@ def _restore_by_server(db: Database, args: argparse.Namespace, pid: int | None) 
     """Ask the server holding the data directory to restore, and wait for its answer."""
     session_id, number = args.session_id, args.version
     server = f"(pid {pid})" if pid else "(pid unknown)"
-    request = db.run(lambda d: d.add_request(session_id, "restore", number))
+    request = db.run(lambda d: d.add_request(session_id, "restore", number, timeout=args.timeout))
     started = time.monotonic()
     said = started
     print(f"Asked the running server {server} to restore it; waiting up to {args.timeout:g} s", file=sys.stderr)

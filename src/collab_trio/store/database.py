@@ -86,12 +86,15 @@ CREATE TABLE IF NOT EXISTS requests (
     version    INTEGER NOT NULL,
     state      TEXT NOT NULL,
     created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
     seq        INTEGER,
     error      TEXT
 );
 """
 # Requests (admin commands a running server carries out, see admin.py):
-# state PENDING until the server takes one (TAKEN), then DONE (seq) or FAILED (error).
+# state PENDING until the server takes one (TAKEN), then DONE (seq) or FAILED
+# (error). One not taken by `expires_at` (its command gave up) is never
+# carried out: a server started days later must not restore behind anyone's back.
 PENDING, TAKEN, DONE, FAILED = "pending", "taken", "done", "failed"
 # Finished requests nobody collected are deleted after this long.
 REQUEST_TTL = timedelta(days=1)
@@ -1028,26 +1031,31 @@ class Database:
 
     # -- requests to a running server ------------------------------------------------
 
-    def add_request(self, session_id: str, action: str, version: int) -> int:
-        """Ask a running server to carry out an admin action; the request's id."""
+    def add_request(self, session_id: str, action: str, version: int, *, timeout: float) -> int:
+        """Ask a running server to carry out an admin action within `timeout`
+        seconds (else never); the request's id."""
+        now = datetime.now(timezone.utc)
         cursor = self.conn.execute(
-            "INSERT INTO requests (session_id, action, version, state, created_at) VALUES (?, ?, ?, ?, ?)",
-            (session_id, action, version, PENDING, utc_timestamp()),
+            "INSERT INTO requests (session_id, action, version, state, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (session_id, action, version, PENDING, utc_timestamp(now),
+             utc_timestamp(now + timedelta(seconds=timeout))),
         )
         return int(cursor.lastrowid or 0)
 
     def take_requests(self) -> list[tuple[int, str, str, int]]:
-        """The pending requests (id, session, action, version), now marked taken;
-        finished ones older than REQUEST_TTL are deleted."""
+        """The pending requests (id, session, action, version) not expired, now
+        marked taken; expired ones are dropped, and any older than REQUEST_TTL."""
+        if not self.conn.execute("SELECT 1 FROM requests LIMIT 1").fetchone():
+            return []  # the common case: one read of an empty table
+        now = datetime.now(timezone.utc)
+        self.conn.execute("DELETE FROM requests WHERE state = ? AND expires_at <= ?", (PENDING, utc_timestamp(now)))
+        self.conn.execute("DELETE FROM requests WHERE created_at < ?", (utc_timestamp(now - REQUEST_TTL),))
         rows = self.conn.execute(
             "SELECT id, session_id, action, version FROM requests WHERE state = ? ORDER BY id", (PENDING,)
         ).fetchall()
         if rows:
             self.conn.execute("UPDATE requests SET state = ? WHERE state = ?", (TAKEN, PENDING))
-            cutoff = (datetime.now(timezone.utc) - REQUEST_TTL).isoformat()
-            self.conn.execute(
-                "DELETE FROM requests WHERE state IN (?, ?) AND created_at < ?", (DONE, FAILED, cutoff)
-            )
         return rows
 
     def finish_request(self, request_id: int, *, seq: int | None = None, error: str | None = None) -> None:
