@@ -272,7 +272,7 @@ IMPORTED = re.compile(r"^Imported (\d+) item\(s\) into session (.+) \(new epoch 
 
 async def import_state(path: Path | str, session: str, stdin: bytes = b"") -> tuple[int, str]:
     """(items, epoch) from `sessions import PATH --as SESSION`."""
-    match = IMPORTED.match(await ok("import", str(path), "--as", session, stdin=stdin))
+    match = IMPORTED.match(await ok("import", str(path), "--as", session, "--yes", stdin=stdin))
     assert match is not None
     return int(match.group(1)), match.group(3)
 
@@ -383,15 +383,15 @@ async def test_delete_and_prune(server_running: bool) -> None:
             await stop(populated.server)
         assert sorted(parse_list(await ok("list"))) == ["bench", "lab", "scratch"]
 
-        assert await ok("delete", "scratch") == "Deleted session scratch\n"
+        assert await ok("delete", "scratch", "--yes") == "Deleted session scratch\n"
         assert sorted(parse_list(await ok("list"))) == ["bench", "lab"]
         assert await fails("show", "scratch") == "error: no session 'scratch'"
 
-        pruned = await ok("prune", "--older-than", "365")
+        pruned = await ok("prune", "--older-than", "365", "--yes")
         assert pruned == "Deleted 0 session(s) with no activity for 365 day(s)\n"
         assert sorted(parse_list(await ok("list"))) == ["bench", "lab"]
 
-        assert await ok("prune", "--older-than", "0") == (
+        assert await ok("prune", "--older-than", "0", "--yes") == (
             "Deleted 2 session(s) with no activity for 0 day(s)\n  - bench\n  - lab\n"
         )
         assert (await ok("list")).startswith("No sessions stored in ")

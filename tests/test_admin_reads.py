@@ -134,7 +134,7 @@ async def test_list_of_a_200_mb_database_never_blocks_live_commits(tmp_path: Pat
             listing = trio.Event()  # stop counting
             # A mutating admin command beside the writer: a short write transaction.
             deleted = await trio.run_process(
-                [sys.executable, "-m", "collab_trio", "sessions", "delete", "s0001", "--data-dir", str(data_dir)],
+                [sys.executable, "-m", "collab_trio", "sessions", "delete", "s0001", "--yes", "--data-dir", str(data_dir)],
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,

@@ -36,9 +36,9 @@ class FaultyStore(MemoryStore):
         self._maybe_fail("load", session_id)
         return await super().load(session_id)
 
-    async def commit(self, session_id: str, epoch: str, ops: list[Any]) -> None:
+    async def commit(self, session_id: str, epoch: str, ops: list[Any], replaced: Any = None) -> None:
         self._maybe_fail("commit", session_id)
-        await super().commit(session_id, epoch, ops)
+        await super().commit(session_id, epoch, ops, replaced)
 
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         self._maybe_fail("save_snapshot", session_id)

@@ -30,9 +30,9 @@ class GatedStore(MemoryStore):
     gate: trio.Event = attrs.field(factory=trio.Event)
     commits: int = 0
 
-    async def commit(self, session_id: str, epoch: str, ops: list[Any]) -> None:
+    async def commit(self, session_id: str, epoch: str, ops: list[Any], replaced: Any = None) -> None:
         await self.gate.wait()
-        await super().commit(session_id, epoch, ops)
+        await super().commit(session_id, epoch, ops, replaced)
         self.commits += 1
 
 
@@ -225,7 +225,7 @@ async def test_a_bug_in_a_leave_closes_the_session_with_1011(
 class UnknownOutcomeStore(MemoryStore):
     """Gives up on every commit as a stuck disk would: stored or not, nobody knows."""
 
-    async def commit(self, session_id: str, epoch: str, ops: list[Any]) -> None:
+    async def commit(self, session_id: str, epoch: str, ops: list[Any], replaced: Any = None) -> None:
         await trio.lowlevel.checkpoint()
         raise OutcomeUnknown("the disk did not answer within 10 s; the change may or may not be stored")
 

@@ -427,9 +427,9 @@ class CountingStore(SQLiteStore):
 
     at_once: list[str] = attrs.field(factory=list)
 
-    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+    def commit_now(self, session_id: str, epoch: str, ops: list[Op], replaced: Any = None) -> bool:
         try:
-            done = super().commit_now(session_id, epoch, ops)
+            done = super().commit_now(session_id, epoch, ops, replaced)
         except StoreError as exc:
             self.at_once.append(type(exc).__name__)
             raise

@@ -154,18 +154,47 @@ def _add_data_dir(parser: argparse.ArgumentParser, *, from_env: bool = True) -> 
     )
 
 
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (stable keys; see the README)")
+
+
+def _add_yes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-y", "--yes", action="store_true",
+        help="don't ask for confirmation (needed when stdin is not a terminal)",
+    )
+
+
 def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
     sessions = commands.add_parser(
         "sessions",
-        help="list, show, export, import, delete, prune or back up stored sessions",
+        help="list, show, export, import, delete, prune, back up or restore stored sessions",
         description="Manage stored sessions; safe while the server runs.",
     )
     actions = sessions.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    _add_data_dir(actions.add_parser("list", help="every stored session with its size"))
+    listing = actions.add_parser("list", help="every stored session with its size")
+    _add_json(listing)
+    _add_data_dir(listing)
     show = actions.add_parser("show", help="one session's details and items")
     show.add_argument("session_id")
+    _add_json(show)
     _add_data_dir(show)
+    history = actions.add_parser("history", help="the versions kept of a session's replaced documents")
+    history.add_argument("session_id")
+    _add_json(history)
+    _add_data_dir(history)
+    restore = actions.add_parser(
+        "restore", help="make a kept version the session's document again (also while it is live)"
+    )
+    restore.add_argument("session_id")
+    restore.add_argument("--version", type=_count, required=True, metavar="N", help="the version (see history)")
+    restore.add_argument(
+        "--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+        help="how long to wait for a running server to carry it out (default: %(default)g)",
+    )
+    _add_yes(restore)
+    _add_data_dir(restore)
     export = actions.add_parser("export", help="a session's document as Optiverse state JSON")
     export.add_argument("session_id")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
@@ -173,15 +202,19 @@ def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
     load = actions.add_parser("import", help="make a JSON state the whole document of a session")
     load.add_argument("file", help="a JSON file from `sessions export` (or {\"items\": [...]})")
     load.add_argument("--as", dest="session_id", required=True, metavar="ID", help="the session to create or replace")
+    _add_yes(load)
     _add_data_dir(load)
-    delete = actions.add_parser("delete", help="remove a session and its history")
+    delete = actions.add_parser("delete", help="remove a session, its history and its versions")
     delete.add_argument("session_id")
+    _add_yes(delete)
     _add_data_dir(delete)
     backup = actions.add_parser("backup", help="copy the whole database, consistently, while it is in use")
     backup.add_argument("file", help="the new database file to write")
     _add_data_dir(backup)
     prune = actions.add_parser("prune", help="delete sessions with no activity for a while")
     prune.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
+    prune.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    _add_yes(prune)
     _add_data_dir(prune)
 
 
@@ -269,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--history-bytes", type=byte_size, default=defaults.history_bytes, metavar="BYTES",
         help=f"at most this many bytes of those changes (default: {defaults.history_bytes // MIB}M)",
+    )
+    run.add_argument(
+        "--versions-kept", type=_count, default=defaults.versions_kept, metavar="N",
+        help="replaced documents kept per session for `sessions restore` (default: %(default)s)",
+    )
+    run.add_argument(
+        "--versions-bytes", type=byte_size, default=defaults.versions_bytes, metavar="BYTES",
+        help="at most this many bytes of them per session; the newest always stays"
+        f" (default: {defaults.versions_bytes // MIB}M)",
     )
     security = run.add_argument_group("access control (off unless set)")
     security.add_argument(

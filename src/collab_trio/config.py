@@ -140,6 +140,11 @@ class ServerConfig:
     # Largest session document, in bytes of JSON; changes that would make it
     # larger are refused with error document_too_large.
     max_document_size: int = attrs.field(default=16 * MIB, validator=_positive)
+    # Versions of replaced documents kept per session (sessions history),
+    # bounded by count and by bytes of JSON; the oldest go first, the newest
+    # always stays (docs: history.py).
+    versions_kept: int = attrs.field(default=20, validator=_positive)
+    versions_bytes: int = attrs.field(default=64 * MIB, validator=_positive)
     # Corrections (docs/PROTOCOL.md; off: none are sent): a member's change of an item that
     # arrives within `correction_window` seconds of a relay of someone else's
     # change of it gets the item's state once its changes of it pause for

@@ -378,14 +378,20 @@ class SessionDocument:
         self.items[item_id] = item
 
     def _replace(self, items: list[dict[str, Any]]) -> None:
-        replaced: dict[str, dict[str, Any]] = {}
-        for item in items:
-            uuid = item.get("uuid", item.get("item_uuid"))
-            stored = dict(item)
-            stored["uuid"] = uuid
-            replaced[uuid] = stored
-        self.items = replaced
+        self.items = replacement_items(items)
         self.written = True
+
+
+def replacement_items(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The items by uuid a replacement by `items` leaves (copies; an item
+    with only `item_uuid` gets it as its `uuid`)."""
+    replaced: dict[str, dict[str, Any]] = {}
+    for item in items:
+        uuid = item.get("uuid", item.get("item_uuid"))
+        stored = dict(item)
+        stored["uuid"] = uuid
+        replaced[uuid] = stored
+    return replaced
 
 
 def _move_growth(item: dict[str, Any], data: dict[str, Any]) -> int:

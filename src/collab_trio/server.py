@@ -12,6 +12,8 @@
          └─ CollabServer.run()       listeners opened once the store runs
              └─ WebSocketServer.run()   server nursery (serving.py)
                  ├─ SessionRegistry.run()   sessions nursery; the sessions' error boundary
+                 │   ├─ admin requests      `sessions restore` beside the server: the store
+                 │   │                      looks once a second; one task per restore
                  │   └─ Session.run()       one nursery per live session, gone when it empties
                  │       ├─ committer       pending changes -> store -> relays and acks
                  │       ├─ snapshot        now and then, in the background

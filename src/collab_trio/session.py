@@ -41,16 +41,26 @@ from .session_core import (
     JoinRefused,
     QueueCursor,
     Refuse,
+    Restored,
     Send,
     SessionCore,
     WantCommit,
     WantCorrections,
     WantSnapshot,
 )
-from .store import OutcomeUnknown, SessionReset, Store, StoreError
+from .store import AdminRequest, OutcomeUnknown, SessionReset, Store, StoreError
 from .wire import WireStream, text_frame
 
 log = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class RestoreTicket:
+    """The outcome of one restore handed to a session's core (Restored)."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    seq: int | None = None
+    error: str | None = None
 
 
 @attrs.define(eq=False)
@@ -230,6 +240,29 @@ class Session:
         conn.claim_frames()
         return conn
 
+    async def restore(self, items: list[dict[str, Any]], version: int) -> int:
+        """Make these items (stored version `version`) the document, as a new
+        op every member receives; the op's seq.
+
+        Raises:
+            StoreError: the session closed first, the store refused it, or no
+                outcome within the commit timeout.
+        """
+        if self.core is None or self.core.closed:
+            raise StoreError(f"session {self.session_id!r} closed before the restore")
+        ticket = RestoreTicket()
+        self._execute(self.core.restore(items, version, ticket))
+        # The commit has its own deadline (commit_timeout); this one only
+        # guards against a session that failed meanwhile.
+        with trio.move_on_after(2 * self.config.commit_timeout):
+            await ticket.done.wait()
+        if not ticket.done.is_set():
+            raise StoreError(f"session {self.session_id!r} did not carry out the restore")
+        if ticket.error is not None:
+            raise StoreError(ticket.error)
+        assert ticket.seq is not None
+        return ticket.seq
+
     def close_all(self, code: int, reason: str) -> None:
         """Close every member with the same code, without a leave notice storm."""
         if self.core is None:
@@ -403,6 +436,12 @@ class Session:
             # In the background: commits go on while the snapshot is written.
             assert self._nursery is not None
             self._nursery.start_soon(self._guarded, self._save_snapshot, effect.snapshot)
+        elif isinstance(effect, Restored):
+            ticket = effect.ticket
+            ticket.seq, ticket.error = effect.seq, effect.error
+            ticket.done.set()
+            if effect.seq is not None:
+                log.info("Session %s: a stored version was restored as op %d", self.session_id, effect.seq)
         elif isinstance(effect, Emptied):
             if effect.last_user_left:
                 # In the task of whoever left last: the line is the session's, not theirs.
@@ -478,7 +517,7 @@ class Session:
         if batch.ops:
             started = trio.current_time()
             try:
-                done = self.store.commit_now(self.session_id, batch.epoch, list(batch.ops))
+                done = self.store.commit_now(self.session_id, batch.epoch, list(batch.ops), batch.replaced)
             except StoreError as exc:
                 effects = self._commit_error(batch, exc)
             else:
@@ -502,7 +541,7 @@ class Session:
             started = trio.current_time()
             scope.deadline = started + self.config.commit_timeout
             try:
-                await self.store.commit(self.session_id, batch.epoch, list(batch.ops))
+                await self.store.commit(self.session_id, batch.epoch, list(batch.ops), batch.replaced)
             except StoreError as exc:
                 return self._commit_error(batch, exc)
             self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
@@ -525,11 +564,11 @@ class Session:
             return self._outcome_unknown()
         if isinstance(exc, SessionReset):
             log.warning("Session %s was reset by an administrator: %s", self.session_id, exc)
-            return self.core.commit_failed(batch, reset=True)
+            return self.core.commit_failed(batch, reset=True, error=str(exc))
         log.error(
             "Could not store %d change(s) in session %s: %s", len(batch.ops), self.session_id, exc
         )
-        return self.core.commit_failed(batch)
+        return self.core.commit_failed(batch, error=str(exc))
 
     def _outcome_unknown(self) -> list[Effect]:
         # Nobody can know what is stored: everyone reconnects and loads it afresh.
@@ -572,13 +611,98 @@ class SessionRegistry:
     counters: Counters = attrs.field(factory=Counters)
     _nursery: trio.Nursery | None = None
     _closed: trio.Event = attrs.field(factory=trio.Event)
+    # Sessions being restored in the store while not live: joins wait.
+    _restoring: dict[str, trio.Event] = attrs.field(factory=dict)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the sessions' nursery; returns after close_all() once every session ended."""
+        """Hold the sessions' nursery (and the admin requests task); returns
+        after close_all() once every session ended."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            requests = trio.CancelScope()
+            nursery.start_soon(self._serve_requests, requests, name="admin requests")
             task_status.started()
             await self._closed.wait()
+            requests.cancel()
+
+    async def _serve_requests(self, scope: trio.CancelScope) -> None:
+        """Carry out what admin commands beside this server ask for (the
+        store says when: SQLiteStore looks once a second), each in its own task."""
+        with scope:
+            while True:
+                try:
+                    requests = await self.store.next_requests()
+                except StoreError as exc:
+                    log.debug("No more admin requests: %s", exc)
+                    return
+                assert self._nursery is not None
+                for request in requests:
+                    self._nursery.start_soon(self._carry_out_request, request, name=f"restore({request.session_id})")
+
+    async def _carry_out_request(self, request: AdminRequest) -> None:
+        """One admin request, its outcome recorded for the command that waits."""
+        seq: int | None = None
+        error: str | None = None
+        try:
+            if request.action != "restore":
+                raise StoreError(f"unknown request {request.action!r}")
+            seq = await self.restore(request.session_id, request.version)
+        except StoreError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - the boundary of one request: logged, reported
+            log.exception("Admin request %d failed", request.id)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        if error is None:
+            log.info("Restored version %d of session %s (op %s)", request.version, request.session_id, seq)
+        else:
+            log.warning("Could not restore version %d of session %s: %s", request.version, request.session_id, error)
+        try:
+            await self.store.finish_request(request, seq=seq, error=error)
+        except StoreError as exc:
+            log.warning("Could not record the outcome of admin request %d: %s", request.id, exc)
+
+    async def restore(self, session_id: str, version: int) -> int:
+        """Make a stored version the session's document, as a new op; its seq.
+
+        A live session restores through its core (its members receive the
+        document); otherwise the store does it in one transaction while
+        joins of that session wait.
+
+        Raises:
+            StoreError: unknown session or version, the server is stopping,
+                or the change was not stored.
+        """
+        while True:
+            if self.closing:
+                raise StoreError("the server is shutting down")
+            waiting = self._restoring.get(session_id)
+            if waiting is not None:
+                await waiting.wait()
+                continue
+            session = self.sessions.get(session_id)
+            if session is None:
+                predecessor = self.draining.get(session_id)
+                if predecessor is not None:
+                    await predecessor.drained.wait()
+                    if self.draining.get(session_id) is predecessor:
+                        del self.draining[session_id]
+                    continue
+                done = self._restoring[session_id] = trio.Event()
+                try:
+                    return await self.store.restore(session_id, version)
+                finally:
+                    del self._restoring[session_id]
+                    done.set()
+            await session.ready.wait()
+            if session.load_failed or session.closing:
+                await trio.lowlevel.checkpoint()
+                if session.closing:
+                    await session.drained.wait()
+                continue
+            items = await self.store.version_items(session_id, version)
+            if self.sessions.get(session_id) is not session or session.closing:
+                continue  # it closed while the version was read
+            return await session.restore(items, version)
 
     async def join(
         self,
@@ -600,6 +724,10 @@ class SessionRegistry:
         while True:
             if self.closing or self._nursery is None:
                 raise JoinRefused(CloseCode.GOING_AWAY, "server shutting down")
+            restoring = self._restoring.get(session_id)
+            if restoring is not None:
+                await restoring.wait()  # a restore in the store: load after it
+                continue
             session = self.sessions.get(session_id)
             if session is None:
                 predecessor = self.draining.get(session_id)

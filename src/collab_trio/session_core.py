@@ -46,6 +46,7 @@ from .config import MIB
 from .counters import Counters
 from .convergence import EXISTENCE, MOVE, UPDATE, CorrectionTracker, FieldHistory, merge_update
 from .document import COMMAND, REPLACE, Op, SessionDocument, item_data, make_item, op_id_key
+from .history import ADMIN_USER, KeptVersion, replace_reason
 from .messages import (
     Ack,
     ConnectionAck,
@@ -154,6 +155,16 @@ class WantSnapshot:
 
 
 @attrs.frozen
+class Restored:
+    """A restore asked for with restore() is stored and sent (`seq`), or
+    failed (`error`, one line); `ticket` is what the caller passed."""
+
+    ticket: Any
+    seq: int | None = None
+    error: str | None = None
+
+
+@attrs.frozen
 class Emptied:
     """The session takes no more joins and can unload: its last member left
     (`last_user_left`), or close_all() closed everyone."""
@@ -161,7 +172,9 @@ class Emptied:
     last_user_left: bool = False
 
 
-Effect = Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantCorrections | WantSnapshot | Emptied
+Effect = (
+    Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantCorrections | WantSnapshot | Restored | Emptied
+)
 
 
 class JoinRefused(Exception):
@@ -221,6 +234,16 @@ class PendingReplace(_Change):
 
 
 @attrs.define(eq=False)
+class PendingRestore(PendingReplace):
+    """An administrator's restore of `version` (`sessions restore`): replaces
+    every item like a sync:update by ADMIN_USER, sent to every member; no
+    connection (`conn` is None) is acknowledged, `ticket` learns the outcome."""
+
+    version: int = attrs.field(kw_only=True)
+    ticket: Any = attrs.field(kw_only=True)
+
+
+@attrs.define(eq=False)
 class PendingSync:
     """A `sync:request` that arrived behind pending changes (it counts
     against the same bounds as a change: it costs an answer). While it waits
@@ -242,6 +265,9 @@ class Batch:
     entries: tuple[Pending, ...]
     ops: tuple[Op, ...]
     epoch: str
+    # The document a replacement in the batch displaces (only ever the
+    # first change of a batch), to keep as a version with the ops.
+    replaced: KeptVersion | None = None
 
     @property
     def size(self) -> int:
@@ -565,6 +591,19 @@ class SessionCore:
         change.growth = new_size - self.projected_size
         return self._queue(change)
 
+    def restore(self, items: list[dict[str, Any]], version: int, ticket: Any) -> list[Effect]:
+        """Queue an administrator's restore of a stored version: committed like
+        a sync:update by ADMIN_USER, then every member gets the sync:state."""
+        size = SessionDocument.replacement_size(items)
+        if size > self.max_document_size:
+            error = (
+                f"version {version} is {_describe_bytes(size)} of JSON, more than the session"
+                f" document's limit of {_describe_bytes(self.max_document_size)}"
+            )
+            return [Restored(ticket, error=error)]
+        change = PendingRestore(None, ADMIN_USER, 0, items=items, version=version, ticket=ticket)
+        return self._queue_replace(change, "restore")
+
     def _repeated(self, change: PendingCommand | PendingReplace) -> list[Effect] | None:
         """The effects of a change whose op_id is applied or pending already, else None."""
         if change.op_id is None:
@@ -667,7 +706,10 @@ class SessionCore:
         # Merges and the deletes-win rule follow the items through the batch
         # (see _command_to_store); a replacement is not followed: a batch
         # ends before any command that comes after one.
+        # A replacement is the first change of its batch (its store keeps
+        # the document it displaces, which is then the core's document).
         replaced = False
+        changes = 0
         # Items more than one change of the batch touches: only those are
         # followed (most batches touch each item once).
         seen: set[Any] = set()
@@ -676,14 +718,18 @@ class SessionCore:
             if count and size + entry.size > self.max_batch_bytes:
                 break
             if isinstance(entry, PendingCommand):
-                if count and replaced:
+                if replaced:
                     break
                 item_id = entry.command.get("item_id")
                 if item_id in seen:
                     repeated.add(item_id)
                 seen.add(item_id)
+                changes += 1
             elif isinstance(entry, PendingReplace):
+                if changes:
+                    break
                 replaced = True
+                changes += 1
             count += 1
             size += entry.size
         entries = tuple(self._pending[:count])
@@ -716,9 +762,27 @@ class SessionCore:
                     size=entry.size,
                 )
             )
-        batch = Batch(entries, tuple(ops), self.document.epoch)
+        batch = Batch(entries, tuple(ops), self.document.epoch, self._displaced(entries, timestamp))
         self._in_flight = batch
         return batch
+
+    def _displaced(self, entries: tuple[Pending, ...], timestamp: str) -> KeptVersion | None:
+        """The document a replacement among `entries` displaces, to keep as a
+        version (None: no replacement, or the document is empty)."""
+        entry = next((e for e in entries if isinstance(e, PendingReplace)), None)
+        if entry is None or not self.document.items:
+            return None
+        if isinstance(entry, PendingRestore):
+            reason = replace_reason("restore", entry.user_id, restored=entry.version)
+        elif entry.forward is not None:
+            reason = replace_reason("sync:full_state", entry.user_id, host=True)
+        else:
+            reason = replace_reason("sync:update", entry.user_id)
+        document = self.document
+        # A copy one level deep, as for snapshots: the store may encode it in
+        # its thread while this document moves on.
+        items = [dict(item) for item in document.items.values()]
+        return KeptVersion(document.version, items, entry.user_id, reason, timestamp, document.size)
 
     def _command_to_store(
         self, entry: PendingCommand, view: dict[str, dict[str, Any] | None], repeated: set[Any]
@@ -802,6 +866,10 @@ class SessionCore:
             # Every client loads the new document whole: nothing to merge or correct.
             self._fields.forget()
             self._tracker.forget()
+            if isinstance(entry, PendingRestore):
+                # Every member, as the others after a sync:update.
+                effects += [Broadcast(self._sync_state()), Restored(entry.ticket, op.seq)]
+                continue
             if entry.forward is not None:
                 effects += self._forward(entry.forward, entry.target_user, exclude=op.user_id)
             else:
@@ -902,11 +970,12 @@ class SessionCore:
         data = {f: item[f] for f in MOVE_FIELDS if f in item}
         return [{"action": "move_item", "item_type": item_type, "item_id": item_id, "data": data}]
 
-    def commit_failed(self, batch: Batch, *, reset: bool = False) -> list[Effect]:
+    def commit_failed(self, batch: Batch, *, reset: bool = False, error: str | None = None) -> list[Effect]:
         """Nothing of the batch was stored: tell each sender; nobody else hears of it.
 
         With `reset` (an administrator deleted or replaced the session) every
-        member must reconnect to see what is stored now.
+        member must reconnect to see what is stored now. `error` (the store's
+        one line) goes to a restore's ticket.
         """
         self._finish(batch)
         effects: list[Effect] = []
@@ -917,13 +986,16 @@ class SessionCore:
             if isinstance(entry, PendingCommand) and entry.refused == "document":
                 effects += self._refused(entry)
                 continue
+            if isinstance(entry, PendingRestore):
+                effects.append(Restored(entry.ticket, error=f"the restore was not stored: {error or 'store error'}"))
+                continue
             ref = "command" if isinstance(entry, PendingCommand) else None
-            error = Error(
+            refusal = Error(
                 ErrorCode.NOT_PERSISTED,
                 "the change was not stored and not sent to anyone; try again later",
                 ref,
             )
-            effects += [Send(conn, error) for conn in (entry.conn, *entry.repeats)]
+            effects += [Send(conn, refusal) for conn in (entry.conn, *entry.repeats)]
         if reset:
             effects += self.close_all(
                 CloseCode.GOING_AWAY, "session was reset by an administrator; reconnect"

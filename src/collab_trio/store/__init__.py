@@ -12,11 +12,11 @@ synchronous sqlite3 layer the writer and the admin commands share.
 from __future__ import annotations
 
 from ..config import ServerConfig
-from .base import OutcomeUnknown, SessionReset, Store, StoreError
+from .base import AdminRequest, OutcomeUnknown, SessionReset, Store, StoreError
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "OutcomeUnknown", "SQLiteStore", "SessionReset", "Store", "StoreError", "make_store"]
+__all__ = ["AdminRequest", "MemoryStore", "OutcomeUnknown", "SQLiteStore", "SessionReset", "Store", "StoreError", "make_store"]
 
 
 def make_store(config: ServerConfig) -> Store:
@@ -33,4 +33,6 @@ def make_store(config: ServerConfig) -> Store:
         retention=config.retention,
         queue_bytes=config.store_queue_bytes,
         fault_commit_delay=config.fault_commit_delay,
+        versions_kept=config.versions_kept,
+        versions_bytes=config.versions_bytes,
     )

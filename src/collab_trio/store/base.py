@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import attrs
 import trio
 
 from ..document import Op, SessionDocument
+from ..history import KeptVersion
 
 
 class StoreError(Exception):
@@ -23,6 +25,17 @@ class SessionReset(StoreError):
 
 class OutcomeUnknown(StoreError):
     """The store gave up waiting for the disk: the change may or may not be stored."""
+
+
+@attrs.frozen
+class AdminRequest:
+    """An admin command for the running server (see admin.py): restore
+    `version` of `session_id`."""
+
+    id: int
+    session_id: str
+    action: str
+    version: int
 
 
 class Store(Protocol):
@@ -60,9 +73,11 @@ class Store(Protocol):
         need not store anything (SQLiteStore writes nothing: a session is stored
         from its first commit, and until then each load may give a new epoch)."""
 
-    async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
+    async def commit(self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None) -> None:
         """Make these ops durable, in order, all or nothing. The first commit of
         an unknown session (ops from seq 1) stores it, with this epoch.
+        `replaced`, the document the ops' replacement displaces, is kept as a
+        version in the same transaction (a store may keep none: MemoryStore).
 
         May wait (cancellably, before anything is enqueued) for room in a
         queue bounded in bytes (the ops' `size`). The store keeps its own copy
@@ -73,7 +88,7 @@ class Store(Protocol):
             StoreError: nothing was committed.
         """
 
-    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+    def commit_now(self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None) -> bool:
         """commit(), without awaiting, if the store can do that cheaply now;
         False (nothing done) if not: then use commit().
 
@@ -86,6 +101,26 @@ class Store(Protocol):
 
         Raises:
             StoreError: nothing was stored (the ops are still in the journal).
+        """
+
+    async def next_requests(self) -> list[AdminRequest]:
+        """Wait for admin requests to carry out (MemoryStore: none, ever)."""
+
+    async def finish_request(self, request: AdminRequest, *, seq: int | None = None, error: str | None = None) -> None:
+        """Record a request's outcome (seq, or error) for whoever asked."""
+
+    async def version_items(self, session_id: str, number: int) -> list[dict[str, Any]]:
+        """The items of a stored version of a session.
+
+        Raises:
+            StoreError: unknown session or version.
+        """
+
+    async def restore(self, session_id: str, number: int) -> int:
+        """Restore a version of a session that is not live; the seq of the op.
+
+        Raises:
+            StoreError: unknown session or version, or nothing stored.
         """
 
     async def aclose(self) -> None:

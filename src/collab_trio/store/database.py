@@ -24,7 +24,8 @@ import attrs
 import orjson
 import outcome
 
-from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument
+from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument, replacement_items
+from ..history import ADMIN_USER, KeptVersion, VersionInfo, digest, replace_reason, versions_to_drop, worth_keeping
 from ..protocol import loads, utc_timestamp
 from .base import SessionReset, StoreError
 
@@ -40,7 +41,9 @@ WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 DATABASE_NAME = "collab.sqlite3"
-SCHEMA_VERSION = 1
+# 2: versions and requests (readable by this version from 1 on: a data
+# directory written by 1 is upgraded by the first connection that writes).
+SCHEMA_VERSION = 2
 FSYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 
 _SCHEMA = """
@@ -63,14 +66,46 @@ CREATE TABLE IF NOT EXISTS journal (
     op         TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    session_id  TEXT NOT NULL,
+    number      INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    replaced_at TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    items       INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    document    TEXT NOT NULL,
+    UNIQUE (session_id, number)
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id         INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    state      TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    seq        INTEGER,
+    error      TEXT
+);
 """
+# Requests (admin commands a running server carries out, see admin.py):
+# state PENDING until the server takes one (TAKEN), then DONE (seq) or FAILED
+# (error). One not taken by `expires_at` (its command gave up) is never
+# carried out: a server started days later must not restore behind anyone's back.
+PENDING, TAKEN, DONE, FAILED = "pending", "taken", "done", "failed"
+# Finished requests nobody collected are deleted after this long.
+REQUEST_TTL = timedelta(days=1)
 
 
 # Bytes of a session's rows (CAST AS BLOB: bytes, and no UTF-8 character count).
-_SIZE_QUERY = (
-    "SELECT (SELECT COALESCE(SUM(LENGTH(CAST(op AS BLOB))), 0) FROM journal WHERE session_id = ?)"
-    " + (SELECT COALESCE(SUM(LENGTH(CAST(items AS BLOB))), 0) FROM snapshots WHERE session_id = ?)"
+_SIZE_QUERY_1 = (
+    "SELECT (SELECT COALESCE(SUM(LENGTH(CAST(op AS BLOB))), 0) FROM journal WHERE session_id = :id)"
+    " + (SELECT COALESCE(SUM(LENGTH(CAST(items AS BLOB))), 0) FROM snapshots WHERE session_id = :id)"
 )
+_SIZE_QUERY = _SIZE_QUERY_1 + " + (SELECT COALESCE(SUM(bytes), 0) FROM versions WHERE session_id = :id)"
 
 
 def database_path(data_dir: str | Path) -> Path:
@@ -270,6 +305,22 @@ class SessionInfo:
     updated_at: str
     size_bytes: int
     unreadable: str | None = None
+    # Versions kept of its document (sessions history).
+    versions: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable keys of `sessions list --json` and `show --json`."""
+        return {
+            "session_id": self.session_id,
+            "items": self.items,
+            "version": self.version,
+            "epoch": self.epoch,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "size_bytes": self.size_bytes,
+            "versions": self.versions,
+            "unreadable": self.unreadable,
+        }
 
 
 class Database:
@@ -291,8 +342,16 @@ class Database:
         readonly: bool = False,
         commit_delay: float = 0.0,
         manual_checkpoints: bool = False,
+        versions_kept: int | None = None,
+        versions_bytes: int | None = None,
     ) -> None:
         self.path = Path(path)
+        # Bounds of each session's versions (history.py); None: none is
+        # dropped (the admin commands: the server's settings are its own).
+        self.versions_kept = versions_kept
+        self.versions_bytes = versions_bytes
+        # The schema of the file (a read-only connection reads one from 1 on).
+        self.schema = SCHEMA_VERSION
         self.busy_timeout = busy_timeout
         # A connection that only holds a read transaction (pin_wal).
         self._pin: sqlite3.Connection | None = None
@@ -342,8 +401,9 @@ class Database:
                 raise StoreError(f"{self.path} was written by a newer collab-trio (schema {version})")
             if readonly:
                 self.conn.execute("PRAGMA query_only=1")
-                if version < SCHEMA_VERSION:
+                if version < 1:
                     raise StoreError(f"no collab-trio data at {self.path}")
+                self.schema = version
             else:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute(f"PRAGMA synchronous={FSYNC_MODES[fsync]}")
@@ -579,8 +639,9 @@ class Database:
         _replay(session_id, document, rows, version)
         return document
 
-    def append(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Journal ops that follow the stored version of this epoch.
+    def append(self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None) -> None:
+        """Journal ops that follow the stored version of this epoch, and keep
+        the document their first replacement displaced (`replaced`) as a version.
 
         The first change of a session (seq 1, no row yet) creates its row,
         with the epoch the loaded document got.
@@ -598,6 +659,46 @@ class Database:
             "INSERT INTO journal (session_id, seq, op) VALUES (?, ?, ?)",
             [(session_id, op.seq, _op_to_json(op)) for op in ops],
         )
+        if replaced is not None:
+            replacing = next((op for op in ops if op.kind == REPLACE), None)
+            self.keep_version(session_id, replaced, None if replacing is None else replacing.items or [])
+
+    def keep_version(
+        self, session_id: str, kept: KeptVersion, replacing: list[dict[str, Any]] | None = None
+    ) -> int | None:
+        """Keep a replaced document as the session's next version, then drop
+        what the bounds no longer allow; its number, or None if it was not
+        worth keeping (history.worth_keeping: the same as `replacing`, the
+        items that replace it, or as the newest version)."""
+        text = encode_items(kept.items)
+        fingerprint = digest(text)
+        same = digest(encode_items(list(replacement_items(replacing).values()))) if replacing is not None else None
+        newest = self.conn.execute(
+            "SELECT number, digest FROM versions WHERE session_id = ? ORDER BY number DESC LIMIT 1", (session_id,)
+        ).fetchone()
+        if not worth_keeping(fingerprint, same or "", None if newest is None else newest[1]):
+            return None
+        number = 1 if newest is None else newest[0] + 1
+        size = len(text.encode("utf-8", "surrogatepass"))
+        self.conn.execute(
+            "INSERT INTO versions (session_id, number, seq, replaced_at, user_id, reason, items, bytes, digest, document)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (session_id, number, kept.seq, kept.replaced_at, kept.user_id, kept.reason, len(kept.items), size,
+             fingerprint, text),
+        )
+        if self.versions_kept is not None or self.versions_bytes is not None:
+            sizes = self.conn.execute(
+                "SELECT number, bytes FROM versions WHERE session_id = ?", (session_id,)
+            ).fetchall()
+            drop = versions_to_drop(
+                sizes,
+                kept=self.versions_kept if self.versions_kept is not None else len(sizes),
+                max_bytes=self.versions_bytes if self.versions_bytes is not None else sum(b for _, b in sizes),
+            )
+            self.conn.executemany(
+                "DELETE FROM versions WHERE session_id = ? AND number = ?", [(session_id, n) for n in drop]
+            )
+        return number
 
     def _first_append(self, session_id: str, epoch: str, ops: list[Op]) -> None:
         """append() when its UPDATE found no row to move on: create the row
@@ -690,10 +791,6 @@ class Database:
         if row is None:
             raise StoreError(f"no session {session_id!r}")
         document = self.load(session_id)
-        size = self.conn.execute(
-            _SIZE_QUERY,
-            (session_id, session_id),
-        ).fetchone()[0]
         return SessionInfo(
             session_id=session_id,
             items=len(document.items),
@@ -701,8 +798,18 @@ class Database:
             epoch=row[0],
             created_at=row[2],
             updated_at=row[3],
-            size_bytes=int(size),
+            size_bytes=self._size(session_id),
+            versions=self._version_count(session_id),
         )
+
+    def _size(self, session_id: str) -> int:
+        query = _SIZE_QUERY if self.schema >= 2 else _SIZE_QUERY_1
+        return int(self.conn.execute(query, {"id": session_id}).fetchone()[0])
+
+    def _version_count(self, session_id: str) -> int:
+        if self.schema < 2:
+            return 0
+        return self.conn.execute("SELECT COUNT(*) FROM versions WHERE session_id = ?", (session_id,)).fetchone()[0]
 
     def summaries(self) -> list[SessionInfo]:
         """Every stored session's row for `sessions list`, without loading documents.
@@ -721,10 +828,6 @@ class Database:
     def _summary(
         self, session_id: str, epoch: str, version: int, created_at: str, updated_at: str
     ) -> SessionInfo:
-        size = self.conn.execute(
-            _SIZE_QUERY,
-            (session_id, session_id),
-        ).fetchone()[0]
         info = SessionInfo(
             session_id=session_id,
             items=None,
@@ -732,7 +835,8 @@ class Database:
             epoch=epoch,
             created_at=created_at,
             updated_at=updated_at,
-            size_bytes=int(size),
+            size_bytes=self._size(session_id),
+            versions=self._version_count(session_id),
         )
         try:
             items = self._count_items(session_id, epoch, version)
@@ -809,8 +913,20 @@ class Database:
         }
 
     def import_state(self, session_id: str, items: list[dict[str, Any]]) -> str:
-        """Make `items` the whole document of the session, with a new epoch; returns it."""
-        self.delete(session_id, missing_ok=True)
+        """Make `items` the whole document of the session, with a new epoch; returns it.
+
+        A document it replaces is kept as a version (the session's versions stay).
+        """
+        kept = None
+        if self.exists(session_id):
+            previous = self.load(session_id)
+            if previous.items:
+                kept = KeptVersion(
+                    previous.version, list(previous.items.values()), ADMIN_USER, "import", utc_timestamp()
+                )
+        self.delete(session_id, missing_ok=True, versions=False)
+        if kept is not None:
+            self.keep_version(session_id, kept, items)
         document = SessionDocument(retention=self.retention)
         document.apply(Op(seq=1, user_id="(import)", kind=REPLACE, timestamp=utc_timestamp(), items=items))
         now = utc_timestamp()
@@ -822,26 +938,148 @@ class Database:
         self.save_snapshot(session_id, document.snapshot())
         return document.epoch
 
-    def delete(self, session_id: str, *, missing_ok: bool = False) -> None:
-        """Remove a session and its history."""
+    def exists(self, session_id: str) -> bool:
+        """True if the session is stored."""
+        return self.conn.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is not None
+
+    def delete(self, session_id: str, *, missing_ok: bool = False, versions: bool = True) -> None:
+        """Remove a session and its history (and, with `versions`, its versions)."""
         cursor = self.conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
         if cursor.rowcount == 0 and not missing_ok:
             raise StoreError(f"no session {session_id!r}")
         self.conn.execute("DELETE FROM snapshots WHERE session_id = ?", (session_id,))
         self.conn.execute("DELETE FROM journal WHERE session_id = ?", (session_id,))
+        if versions:
+            self.conn.execute("DELETE FROM versions WHERE session_id = ?", (session_id,))
 
-    def prune(self, older_than_days: float) -> list[str]:
-        """Delete sessions with no activity for this many days; returns their ids."""
+    def stale(self, older_than_days: float) -> list[str]:
+        """Ids of the sessions with no activity for this many days (what prune deletes)."""
         cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat()
-        ids = [
+        return [
             r[0]
             for r in self.conn.execute(
                 "SELECT session_id FROM sessions WHERE updated_at < ? ORDER BY session_id", (cutoff,)
             )
         ]
+
+    def prune(self, older_than_days: float) -> list[str]:
+        """Delete sessions with no activity for this many days; returns their ids."""
+        ids = self.stale(older_than_days)
         for session_id in ids:
             self.delete(session_id)
         return ids
+
+    # -- versions ----------------------------------------------------------------
+
+    def history(self, session_id: str) -> list[VersionInfo]:
+        """The session's versions, oldest first.
+
+        Raises:
+            StoreError: unknown session (one with versions but deleted has none).
+        """
+        if not self.exists(session_id):
+            raise StoreError(f"no session {session_id!r}")
+        if self.schema < 2:
+            return []
+        rows = self.conn.execute(
+            "SELECT number, seq, replaced_at, user_id, reason, items, bytes FROM versions"
+            " WHERE session_id = ? ORDER BY number",
+            (session_id,),
+        )
+        return [VersionInfo(*row) for row in rows]
+
+    def version_items(self, session_id: str, number: int) -> list[dict[str, Any]]:
+        """The items of one version of the session.
+
+        Raises:
+            StoreError: unknown session or version (one line naming what there is).
+        """
+        if not self.exists(session_id):
+            raise StoreError(f"no session {session_id!r}")
+        row = self.conn.execute(
+            "SELECT document FROM versions WHERE session_id = ? AND number = ?", (session_id, number)
+        ).fetchone()
+        if row is None:
+            numbers = [r[0] for r in self.conn.execute(
+                "SELECT number FROM versions WHERE session_id = ? ORDER BY number", (session_id,)
+            )]
+            there = f"versions {numbers[0]}-{numbers[-1]}" if numbers else "no versions"
+            raise StoreError(f"session {session_id!r} has no version {number} (it has {there})")
+        return _parse_snapshot_items(session_id, row[0])
+
+    def restore(self, session_id: str, number: int) -> int:
+        """Make version `number` the session's document, as a new replace op
+        by ADMIN_USER (the document it replaces kept as a version); its seq.
+
+        For a session no server has live (a live one restores through its
+        session, see SessionRegistry.restore): a live session's next commit
+        would not follow.
+        """
+        items = self.version_items(session_id, number)
+        epoch = self.conn.execute("SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)).fetchone()[0]
+        document = self.load(session_id)
+        now = utc_timestamp()
+        op = Op(seq=document.version + 1, user_id=ADMIN_USER, kind=REPLACE, timestamp=now, items=items)
+        kept = None
+        if document.items:
+            kept = KeptVersion(
+                document.version, list(document.items.values()), ADMIN_USER,
+                replace_reason("restore", ADMIN_USER, restored=number), now,
+            )
+        self.append(session_id, epoch, [op], kept)
+        return op.seq
+
+    # -- requests to a running server ------------------------------------------------
+
+    def add_request(self, session_id: str, action: str, version: int, *, timeout: float) -> int:
+        """Ask a running server to carry out an admin action within `timeout`
+        seconds (else never); the request's id."""
+        now = datetime.now(timezone.utc)
+        cursor = self.conn.execute(
+            "INSERT INTO requests (session_id, action, version, state, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (session_id, action, version, PENDING, utc_timestamp(now),
+             utc_timestamp(now + timedelta(seconds=timeout))),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def take_requests(self) -> list[tuple[int, str, str, int]]:
+        """The pending requests (id, session, action, version) not expired, now
+        marked taken; expired ones are dropped, and any older than REQUEST_TTL."""
+        if not self.conn.execute("SELECT 1 FROM requests LIMIT 1").fetchone():
+            return []  # the common case: one read of an empty table
+        now = datetime.now(timezone.utc)
+        self.conn.execute("DELETE FROM requests WHERE state = ? AND expires_at <= ?", (PENDING, utc_timestamp(now)))
+        self.conn.execute("DELETE FROM requests WHERE created_at < ?", (utc_timestamp(now - REQUEST_TTL),))
+        rows = self.conn.execute(
+            "SELECT id, session_id, action, version FROM requests WHERE state = ? ORDER BY id", (PENDING,)
+        ).fetchall()
+        if rows:
+            self.conn.execute("UPDATE requests SET state = ? WHERE state = ?", (TAKEN, PENDING))
+        return rows
+
+    def finish_request(self, request_id: int, *, seq: int | None = None, error: str | None = None) -> None:
+        """Record a request's outcome: the seq it made, or why it failed."""
+        self.conn.execute(
+            "UPDATE requests SET state = ?, seq = ?, error = ? WHERE id = ?",
+            (FAILED if error is not None else DONE, seq, error, request_id),
+        )
+
+    def request_outcome(self, request_id: int) -> tuple[str, int | None, str | None]:
+        """A request's (state, seq, error)."""
+        row = self.conn.execute("SELECT state, seq, error FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if row is None:
+            return (FAILED, None, "the request is gone")
+        return row
+
+    def withdraw_request(self, request_id: int) -> bool:
+        """Delete a request no server took yet (True), or one that is finished;
+        False if a server is carrying it out."""
+        state = self.request_outcome(request_id)[0]
+        cursor = self.conn.execute(
+            "DELETE FROM requests WHERE id = ? AND state != ?", (request_id, TAKEN)
+        )
+        return bool(cursor.rowcount) and state == PENDING
 
 
 def _parse_snapshot_items(session_id: str, text: str) -> list[dict[str, Any]]:

@@ -9,7 +9,10 @@ import attrs
 import trio
 
 from ..document import COMMAND, DEFAULT_HISTORY_BYTES, DEFAULT_RETENTION, REPLACE, Op, SessionDocument
-from .base import StoreError
+from ..history import KeptVersion
+from .base import AdminRequest, StoreError
+
+NO_VERSIONS = "the memory store keeps no versions (use --store sqlite)"
 
 
 def _copy_op(op: Op) -> Op:
@@ -25,7 +28,9 @@ class MemoryStore:
 
     Same contract as SQLiteStore: load() hands out a fresh copy, and commit()
     applies copies of the ops to the store's own document, so nothing a live
-    session mutates later reaches what is stored.
+    session mutates later reaches what is stored. It keeps no versions of
+    replaced documents (no admin command can reach it to list or restore
+    them) and takes no admin requests.
     """
 
     retention: int = DEFAULT_RETENTION
@@ -57,12 +62,12 @@ class MemoryStore:
             document.remember(_copy_op(op))
         return document
 
-    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+    def commit_now(self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None) -> bool:
         """Never: every commit goes through commit(), where tests inject faults."""
         return False
 
-    async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Apply copies of the ops to the stored document.
+    async def commit(self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None) -> None:
+        """Apply copies of the ops to the stored document (`replaced` is not kept).
 
         Raises:
             StoreError: the ops don't follow what is stored (nothing applied).
@@ -89,6 +94,29 @@ class MemoryStore:
         """Nothing to write: the stored document is always current."""
         await trio.lowlevel.checkpoint()
         self._check_open()
+
+    async def next_requests(self) -> list[AdminRequest]:
+        """None ever come: waits until the store closes.
+
+        Raises:
+            StoreError: the store is closed.
+        """
+        await self._closed.wait()
+        raise StoreError("the store is closed")
+
+    async def finish_request(self, request: AdminRequest, *, seq: int | None = None, error: str | None = None) -> None:
+        """Nothing to record."""
+        await trio.lowlevel.checkpoint()
+
+    async def version_items(self, session_id: str, number: int) -> list[dict[str, Any]]:
+        """Raises StoreError: no versions here."""
+        await trio.lowlevel.checkpoint()
+        raise StoreError(NO_VERSIONS)
+
+    async def restore(self, session_id: str, number: int) -> int:
+        """Raises StoreError: no versions here."""
+        await trio.lowlevel.checkpoint()
+        raise StoreError(NO_VERSIONS)
 
     def _check_open(self) -> None:
         if self._closed.is_set():

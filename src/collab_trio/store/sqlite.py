@@ -49,7 +49,8 @@ import trio
 
 from ..config import ServerConfig
 from ..document import DEFAULT_RETENTION, Op, SessionDocument
-from .base import OutcomeUnknown, StoreError
+from ..history import DEFAULT_VERSIONS_BYTES, DEFAULT_VERSIONS_KEPT, KeptVersion
+from .base import AdminRequest, OutcomeUnknown, StoreError
 from .database import (
     DATABASE_NAME,
     SCHEMA_VERSION,
@@ -63,6 +64,7 @@ from .database import (
 
 __all__ = [
     "DATABASE_NAME",
+    "DataDirInUse",
     "LOCK_NAME",
     "SCHEMA_VERSION",
     "Database",
@@ -100,16 +102,27 @@ OP_BYTES = 128
 # cost is estimated per item rather than measured.
 SNAPSHOT_ITEM_BYTES = 256
 CLOSED = "the store is closed"
+# Seconds between looks for admin requests (next_requests): one small read
+# transaction in the writer's turn, never one per commit.
+REQUEST_POLL = 1.0
 
 
-def job_cost(ops: list[Op]) -> int:
-    """Bytes a commit of these ops holds in the queue."""
-    return JOB_BYTES + sum(OP_BYTES + op.size for op in ops)
+def job_cost(ops: list[Op], replaced: KeptVersion | None = None) -> int:
+    """Bytes a commit of these ops (and of the version they displace) holds in the queue."""
+    return JOB_BYTES + sum(OP_BYTES + op.size for op in ops) + (0 if replaced is None else replaced.size)
 
 
 def snapshot_cost(snapshot: dict[str, Any]) -> int:
     """Bytes a snapshot job is counted as (an estimate: nothing is encoded)."""
     return JOB_BYTES + SNAPSHOT_ITEM_BYTES * len(snapshot.get("items", ()))
+
+
+class DataDirInUse(StoreError):
+    """Another process (a server, with `pid` if known) holds the data directory's lock."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -118,8 +131,8 @@ def lock_data_dir(data_dir: Path) -> int:
     Closing the fd (or the death of the process) releases the lock.
 
     Raises:
-        StoreError: one line: not a directory, permission denied, or in use
-            by another server (with its PID).
+        DataDirInUse: in use by another server (the message names its PID).
+        StoreError: one line: not a directory, permission denied.
     """
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +145,7 @@ def lock_data_dir(data_dir: Path) -> int:
         holder = _read_pid(fd)
         os.close(fd)
         by = f" (pid {holder})" if holder else ""
-        raise StoreError(f"data directory {data_dir} is in use by another collab-trio server{by}") from None
+        raise DataDirInUse(f"data directory {data_dir} is in use by another collab-trio server{by}", holder) from None
     except OSError as exc:
         os.close(fd)
         raise StoreError(f"data directory {data_dir}: cannot lock {LOCK_NAME}: {exc.strerror}") from None
@@ -189,6 +202,9 @@ class SQLiteStore:
     # Longest wait, when the writer stops, for queued jobs to drain (aclose)
     # and for an in-flight transaction or the closing of the database.
     close_timeout: float = 10.0
+    # Bounds of each session's versions (history.py).
+    versions_kept: int = DEFAULT_VERSIONS_KEPT
+    versions_bytes: int = DEFAULT_VERSIONS_BYTES
     _db: Database | None = None
     _lock_fd: int | None = None
     _queue: deque[_Job] = attrs.field(factory=deque)
@@ -266,6 +282,8 @@ class SQLiteStore:
                 retention=self.retention,
                 commit_delay=self.fault_commit_delay,
                 manual_checkpoints=True,
+                versions_kept=self.versions_kept,
+                versions_bytes=self.versions_bytes,
             )
         except BaseException:
             os.close(fd)
@@ -458,8 +476,11 @@ class SQLiteStore:
         object. Writes nothing: an unknown session is stored from its first commit."""
         return await self._submit(lambda db: db.load(session_id), JOB_BYTES)
 
-    async def commit(self, session_id: str, epoch: str, ops: list[Op]) -> None:
-        """Journal ops in the next group commit, once they fit in the queue.
+    async def commit(
+        self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None
+    ) -> None:
+        """Journal ops in the next group commit, once they fit in the queue;
+        `replaced` is kept as a version in the same transaction.
 
         A small commit that finds the writer idle runs at once on the event
         loop (see _commit_now); everything else goes through the writer. The
@@ -470,8 +491,8 @@ class SQLiteStore:
         Raises:
             StoreError: nothing was committed (SessionReset if an admin replaced it).
         """
-        cost = job_cost(ops)
-        job = lambda db: db.append(session_id, epoch, ops)  # noqa: E731
+        cost = job_cost(ops, replaced)
+        job = lambda db: db.append(session_id, epoch, ops, replaced)  # noqa: E731
         await trio.lowlevel.checkpoint_if_cancelled()
         result = self._commit_now(job, cost, after_pause=True)
         try:
@@ -482,7 +503,9 @@ class SQLiteStore:
         finally:
             self._last_commit = trio.current_time()
 
-    def commit_now(self, session_id: str, epoch: str, ops: list[Op]) -> bool:
+    def commit_now(
+        self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None
+    ) -> bool:
         """commit() on the event loop, without awaiting, when _commit_now can;
         False if not (nothing done). For a burst of changes that found the
         session's committer idle: no pause in commits is needed.
@@ -490,7 +513,9 @@ class SQLiteStore:
         Raises:
             StoreError: nothing was committed (SessionReset if an admin replaced it).
         """
-        result = self._commit_now(lambda db: db.append(session_id, epoch, ops), job_cost(ops), after_pause=False)
+        result = self._commit_now(
+            lambda db: db.append(session_id, epoch, ops, replaced), job_cost(ops, replaced), after_pause=False
+        )
         if result is None:
             return False
         self._last_commit = trio.current_time()
@@ -638,6 +663,49 @@ class SQLiteStore:
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Store a snapshot in the next group commit (encoded in the writer thread)."""
         await self._submit(lambda db: db.save_snapshot(session_id, snapshot), snapshot_cost(snapshot))
+
+    # -- versions and admin requests -------------------------------------------------
+
+    async def next_requests(self) -> list[AdminRequest]:
+        """Wait for admin requests (`sessions restore` beside this server):
+        looks every REQUEST_POLL seconds; the requests returned are marked taken.
+
+        Raises:
+            StoreError: the store is closing.
+        """
+        while True:
+            try:
+                rows = await self._submit(lambda db: db.take_requests(), JOB_BYTES)
+            except StoreError as exc:
+                if self._closing:
+                    raise
+                # A lock held too long, a full disk: look again next time.
+                log.warning("Could not look for admin requests: %s", exc)
+                rows = []
+            if rows:
+                return [AdminRequest(*row) for row in rows]
+            await trio.sleep(REQUEST_POLL)
+
+    async def finish_request(self, request: AdminRequest, *, seq: int | None = None, error: str | None = None) -> None:
+        """Record a request's outcome for the admin command that waits for it."""
+        await self._submit(lambda db: db.finish_request(request.id, seq=seq, error=error), JOB_BYTES)
+
+    async def version_items(self, session_id: str, number: int) -> list[dict[str, Any]]:
+        """The items of a stored version.
+
+        Raises:
+            StoreError: unknown session or version.
+        """
+        return await self._submit(lambda db: db.version_items(session_id, number), JOB_BYTES)
+
+    async def restore(self, session_id: str, number: int) -> int:
+        """Restore a version of a session no session runner has loaded (see
+        Database.restore); the seq of the op that did it.
+
+        Raises:
+            StoreError: unknown session or version, or nothing stored.
+        """
+        return await self._submit(lambda db: db.restore(session_id, number), JOB_BYTES)
 
     async def aclose(self) -> None:
         """Let the writer finish every queued job, then close the database.
