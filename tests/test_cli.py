@@ -94,6 +94,22 @@ def test_serve_rejects_bad_values(
     assert message in capsys.readouterr().err
 
 
+def test_reverse_proxy_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(
+        ["serve", "--base-path", "collab/", "--trusted-proxy", "127.0.0.1", "--trusted-proxy", "10.0.0.0/8"]
+    )
+    assert (args.base_path, args.trusted_proxy) == ("/collab", ["127.0.0.1/32", "10.0.0.0/8"])
+    for option, value, message in [
+        ("--base-path", "/a b", "base path '/a b' may contain only letters"),
+        ("--trusted-proxy", "proxy.lan", "not an IP address or network: 'proxy.lan'"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(["serve", option, value])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: argument {option}: {message}" in err and err.count("error:") == 1
+
+
 # Make `import PyQt6` fail the way it does where the qt extra is missing.
 WITHOUT_PYQT6 = (
     "import sys; sys.modules['PyQt6'] = None; "

@@ -597,13 +597,16 @@ UPGRADE = (
 )
 _garbage = random.Random(20261126).randbytes(3000)
 BAD_HANDSHAKES = {
-    # what the client sends: the status wsproto answers with (None: no answer, dropped)
+    # what the client sends: the status h11 or wsproto answers with (None: no answer, dropped)
     "random bytes": (_garbage + b"\r\n\r\n", 400),
     "random bytes, never finished": (_garbage.replace(b"\n", b"")[:1500], None),
-    "64 KiB header": (UPGRADE + b"Sec-WebSocket-Version: 13\r\nX-Pad: " + b"a" * 65536 + b"\r\n\r\n", 400),
-    "plain GET": (b"GET /ws/s/u HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n", 400),
+    "64 KiB header": (UPGRADE + b"Sec-WebSocket-Version: 13\r\nX-Pad: " + b"a" * 65536 + b"\r\n\r\n", 431),
+    "plain GET": (b"GET /ws/s/u HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n", 426),
     "Sec-WebSocket-Version: 8": (UPGRADE + b"Sec-WebSocket-Version: 8\r\n\r\n", 426),
-    "POST": (b"POST /ws/s/u HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 400),
+    "no Sec-WebSocket-Version": (UPGRADE + b"\r\n", 400),
+    "Host not a host name": (UPGRADE.replace(b"localhost", b"\xff\xfe") + b"Sec-WebSocket-Version: 13\r\n\r\n", 400),
+    "Host not IDNA": (UPGRADE.replace(b"localhost", b"xn--a") + b"Sec-WebSocket-Version: 13\r\n\r\n", 400),
+    "POST": (b"POST /ws/s/u HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 426),
 }
 
 

@@ -13,6 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from collab_trio import protocol
+from collab_trio.auth import redact
+from collab_trio.config import normalize_base_path
 from collab_trio.protocol import (
     CONTAINER_BYTES,
     MAX_CONTAINERS_FREE,
@@ -86,6 +88,110 @@ def test_invalid_paths(path: str, status: int, reason_part: str) -> None:
     assert info.value.status == status
     assert reason_part in info.value.reason
     assert "\n" not in info.value.reason
+
+
+# -- base path, doubled slashes, token segment -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "token"),
+    [
+        ("//ws/s/u", "", None),  # Optiverse with "ws://host:8765/" as its server URL
+        ("///ws/s/u", "", None),
+        ("/collab/ws/s/u", "/collab", None),
+        ("/collab//ws/s/u", "/collab", None),
+        ("/a/b/ws/s/u", "/a/b", None),
+        ("/t/s3cret-token/ws/s/u", "", "s3cret-token"),
+        ("/t/s3cret-token//ws/s/u", "", "s3cret-token"),  # "ws://host/t/TOKEN/"
+        ("//t/s3cret-token/ws/s/u", "", "s3cret-token"),
+        ("/collab/t/s3cret-token/ws/s/u", "/collab", "s3cret-token"),
+        ("/collab/t/s3cret-token//ws/s/u", "/collab", "s3cret-token"),
+        ("/t/a%2Fb%20c%3F/ws/s/u", "", "a/b c?"),  # percent-decoded
+        # The path segment wins over the query parameter.
+        ("/t/path-token/ws/s/u?token=query-token", "", "path-token"),
+        ("/ws/s/u?token=query-token", "", "query-token"),
+        ("/ws/t/u", "", None),  # a session called "t" is a session
+    ],
+)
+def test_paths_under_a_base_and_with_a_token(path: str, base: str, token: str | None) -> None:
+    target = parse_target(path, base)
+    assert (target.session_id, target.user_id, target.token) == (path.split("/")[-2], "u", token)
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "status", "reason"),
+    [
+        ("/ws/s/u", "/collab", 404, "unknown path; connect to /collab/ws/{session_id}/{user_id}"),
+        ("/collabx/ws/s/u", "/collab", 404, "unknown path"),
+        ("/collab", "/collab", 404, "unknown path"),
+        ("/other/ws/s/u", "", 404, "unknown path; connect to /ws/{session_id}/{user_id}"),
+        ("/t/ws/s/u", "", 404, "unknown path"),  # "ws" taken as the token: no ws segment left
+        ("/t/tok/tok2/ws/s/u", "", 404, "unknown path"),
+        ("/ws/s/u/", "", 404, "unknown path"),  # doubled or trailing slashes only before "ws"
+        ("/t//ws/s/u", "", 400, "token is empty"),
+        ("/t/%FF%FE/ws/s/u", "", 400, "token is not valid UTF-8 after percent-decoding"),
+    ],
+)
+def test_paths_refused_under_a_base_and_with_a_token(path: str, base: str, status: int, reason: str) -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        parse_target(path, base)
+    assert info.value.status == status and info.value.reason.startswith(reason), info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("path", "redacted"),
+    [
+        ("/t/s3cret/ws/s/u", "/t/***/ws/s/u"),
+        ("/collab//t/s3cret//ws/s/u?since=3&token=other", "/collab//t/***//ws/s/u?since=3&token=***"),
+        ("/t/s3cret", "/t/***"),  # no ws segment: still a token
+        ("/t/s3cret/elsewhere", "/t/***/elsewhere"),
+        ("/ws/t/alice", "/ws/t/alice"),  # after ws: ids, shown
+        ("/ws/s/u", "/ws/s/u"),
+    ],
+)
+def test_redact_masks_the_token_segment(path: str, redacted: str) -> None:
+    assert redact(path) == redacted
+
+
+token_text = st.text(st.characters(codec="utf-8", exclude_characters="/?#%"), min_size=8, max_size=40)
+base_paths = st.sampled_from(["", "/collab", "/a/b", "/t"])
+
+
+@PURE
+@given(base_paths, token_text, st.integers(0, 2), st.integers(0, 2), st.sampled_from(["", "?since=1", "?token=x"]))
+def test_a_token_the_server_reads_from_the_path_is_never_in_the_redacted_path(
+    base: str, token: str, slashes_before: int, slashes_after: int, query: str
+) -> None:
+    segment = quote(token, safe="")
+    path = f"{base}{'/' * slashes_before}/t/{segment}{'/' * slashes_after}/ws/lab/ada{query}"
+    target = parse_target(path, base)
+    assert target.token == token
+    shown = redact(path)
+    assert segment not in shown and token not in shown
+    assert shown.endswith(f"/***{'/' * slashes_after}/ws/lab/ada{query.replace('=x', '=***')}")
+
+
+@pytest.mark.parametrize(
+    ("text", "normalized"),
+    [("", ""), ("/", ""), ("collab", "/collab"), ("/collab/", "/collab"), ("//a/b//", "/a/b"), ("/v1.2/~x", "/v1.2/~x")],
+)
+def test_base_path_is_normalized(text: str, normalized: str) -> None:
+    assert normalize_base_path(text) == normalized
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("/a//b", "has an empty segment"),
+        ("/a/../b", "must not contain '..' segments"),
+        ("/a b", "may contain only letters"),
+        ("/a?b", "may contain only letters"),
+        ("/caf%C3%A9", "may contain only letters"),
+    ],
+)
+def test_bad_base_paths_are_one_line_errors(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match="^base path .*" + reason.replace("?", "\\?").replace(".", "\\.")):
+        normalize_base_path(text)
 
 
 @pytest.mark.parametrize(

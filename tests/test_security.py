@@ -16,12 +16,13 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from collab_trio.config import ServerConfig
 from collab_trio.server import serve
@@ -343,6 +344,62 @@ async def test_percent_encoded_token_parameter_is_redacted_too(
     assert LAB_TOKEN not in caplog.text
 
 
+# -- the token as a path segment (stock Optiverse) -----------------------------------
+
+
+def assert_no_token_logged(caplog: pytest.LogCaptureFixture, *secrets: str) -> None:
+    """No record of any logger (trio-websocket's and wsproto's too) carries a secret, raw or encoded."""
+    for record in caplog.records:
+        text = " ".join([record.getMessage(), repr(record.args), record.exc_text or ""])
+        for secret in secrets:
+            for form in {secret, quote(secret, safe="")}:
+                assert form not in text, f"token in a log record: {record.name}: {text}"
+
+
+async def test_token_path_segment_as_optiverse_sends_it(
+    start_server: Callable[..., Any], tmp_path: Path, autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    harness = await start_server(tokens_file=str(tmp_file(tmp_path, "tokens.toml", TOKENS_TOML)))
+    # Optiverse builds f"{server_url}/ws/{session}/{user}": server URL ws://host:8765/t/TOKEN,
+    # and with a trailing slash typed after the token, ws://host:8765/t/TOKEN/.
+    async with harness.joined(path=f"/t/{EDITOR_TOKEN}/ws/s/alice") as alice:
+        async with harness.joined(path=f"/t/{VIEWER_TOKEN}//ws/s/bob") as bob:
+            await alice.expect("user:joined")
+            await alice.send(add("a"))
+            await alice.expect("ack")
+            assert (await bob.expect("command"))["command"]["item_id"] == "a"
+            await bob.send(add("b"))  # a viewer: refused
+            assert (await bob.expect("error"))["code"] == "forbidden"
+        await alice.expect("user:left")
+    # Refused: a wrong token, a token for another session, a bad id, no ws segment.
+    wrong = "not-a-token-at-all"
+    assert await refusal(harness.listener.connect(), f"/t/{wrong}/ws/s/carol") == (401, "missing or invalid token")
+    assert (await refusal(harness.listener.connect(), f"/t/{LAB_TOKEN}/ws/other/carol"))[0] == 403
+    assert (await refusal(harness.listener.connect(), f"/t/{LAB_TOKEN}/ws/lab/bad%07id"))[0] == 400
+    assert (await refusal(harness.listener.connect(), f"/t/{quote(LAB_TOKEN)}/nowhere"))[0] == 404
+    # Allowed where the token is: the lab token in session lab.
+    async with harness.joined(path=f"/t/{LAB_TOKEN}/ws/lab/dora"):
+        pass
+    # Plain HTTP and an upgrade wsproto refuses, both with a token in the path.
+    stream = harness.listener.connect()
+    await stream.send_all(f"GET /t/{EDITOR_TOKEN}/ws/s/u HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    with trio.fail_after(HANG):
+        assert (await stream.receive_some()).startswith(b"HTTP/1.1 426 ")
+    stream = harness.listener.connect()
+    await stream.send_all(f"GET /t/{EDITOR_TOKEN}/ws/s/u HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n".encode())
+    with trio.fail_after(HANG):
+        assert (await stream.receive_some()).startswith(b"HTTP/1.1 400 ")
+    await trio.testing.wait_all_tasks_blocked()
+
+    assert "Refused /t/***/ws/s/carol from" in caplog.text
+    assert "Plain HTTP request from" in caplog.text and "GET /t/***/ws/s/u -> 426" in caplog.text
+    assert "Refused /t/***/ws/s/u from" in caplog.text  # wsproto's refusal
+    assert any(r.name == "trio-websocket" for r in caplog.records)  # its debug lines were captured
+    assert_no_token_logged(caplog, EDITOR_TOKEN, VIEWER_TOKEN, LAB_TOKEN, wrong)
+
+
 # -- Origin ---------------------------------------------------------------------
 
 
@@ -638,6 +695,66 @@ async def test_connections_per_address_limit_is_per_address() -> None:
                 assert (await refusal_over_tcp(server.port, "/ws/s/u2"))[0] == 429
                 async with tcp_client(server.port, "/ws/s/u2", local_address="127.0.0.2") as u2:
                     await expect_ack(u2)
+            nursery.cancel_scope.cancel()
+
+
+def forwarded(address: str) -> list[tuple[bytes, bytes]]:
+    return [(b"X-Forwarded-For", address.encode())]
+
+
+async def rejected_status(port: int, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> int:
+    with pytest.raises(ConnectionRejected) as info:
+        async with tcp_client(port, path, extra_headers=headers):
+            pass
+    return info.value.status_code
+
+
+async def test_forwarded_addresses_are_counted_behind_a_trusted_proxy(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    config = ServerConfig(
+        host="127.0.0.1", port=0, store="memory", max_connections_per_ip=1, trusted_proxies=["127.0.0.1/32"]
+    )
+    with trio.fail_after(START_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = (await nursery.start(serve, config)).port
+            async with tcp_client(port, "/ws/s/observer", extra_headers=forwarded("203.0.113.50")) as observer:
+                await expect_ack(observer)
+                async with tcp_client(port, "/ws/s/a", extra_headers=forwarded("203.0.113.1")) as a:
+                    await expect_ack(a)
+                    # The same client again: its address is at the limit.
+                    assert await rejected_status(port, "/ws/s/a2", forwarded("203.0.113.1")) == 429
+                    # Its own word to the left of what the proxy appended proves nothing.
+                    assert await rejected_status(port, "/ws/s/a3", forwarded("198.51.100.9, 203.0.113.1")) == 429
+                    # Another client through the same proxy, and the proxy's own address, have room.
+                    async with tcp_client(port, "/ws/s/b", extra_headers=forwarded("203.0.113.2")) as b:
+                        await expect_ack(b)
+                        async with tcp_client(port, "/ws/s/direct") as direct:
+                            await expect_ack(direct)
+                            assert (await refusal_over_tcp(port, "/ws/s/direct2"))[0] == 429
+                joined = [(await expect_message(observer, "user:joined"))["user_id"] for _ in range(3)]
+                left = [(await expect_message(observer, "user:left"))["user_id"] for _ in range(3)]
+                assert joined == ["a", "b", "direct"] and sorted(left) == ["a", "b", "direct"]
+                # Once the leaves are announced, what is left of the teardown needs no
+                # I/O: when every task is blocked, each address has its slot again.
+                await trio.testing.wait_all_tasks_blocked()
+                async with tcp_client(port, "/ws/s/a", extra_headers=forwarded("203.0.113.1")) as a:
+                    await expect_ack(a)
+                    async with tcp_client(port, "/ws/s/direct") as direct:
+                        await expect_ack(direct)
+            nursery.cancel_scope.cancel()
+    assert "Refused 203.0.113.1: too many connections from this address" in caplog.text
+    assert "Refused 127.0.0.1: too many connections from this address" in caplog.text
+
+
+async def test_forwarded_for_is_ignored_from_an_untrusted_peer() -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, store="memory", max_connections_per_ip=1)
+    with trio.fail_after(START_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            port = (await nursery.start(serve, config)).port
+            async with tcp_client(port, "/ws/s/a", extra_headers=forwarded("203.0.113.1")) as a:
+                await expect_ack(a)
+                # Claiming another address changes nothing: both are 127.0.0.1.
+                assert await rejected_status(port, "/ws/s/b", forwarded("203.0.113.2")) == 429
             nursery.cancel_scope.cancel()
 
 

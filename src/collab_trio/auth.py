@@ -27,6 +27,8 @@ from urllib.parse import unquote_plus
 
 import attrs
 
+from .protocol import TOKEN_SEGMENT
+
 EDITOR = "editor"
 VIEWER = "viewer"
 ROLES = (EDITOR, VIEWER)
@@ -159,10 +161,19 @@ def header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> str | None:
 
 
 def redact(path: str) -> str:
-    """A request path safe to log: the token query parameter is masked."""
+    """A request path safe to log: tokens, in the query or as a path segment, are masked.
+
+    The segment after a "t" segment before "ws" (or anywhere, when there is
+    no "ws" segment) is masked: `protocol.parse_target` takes the token from
+    no other place, whatever the base path.
+    """
     base, sep, query = path.partition("?")
+    segments = base.split("/")
+    end = segments.index("ws") if "ws" in segments else len(segments)
+    masked = {i + 1 for i in range(min(end, len(segments) - 1)) if segments[i] == TOKEN_SEGMENT}
+    base = "/".join("***" if i in masked and part else part for i, part in enumerate(segments))
     if not sep:
-        return path
+        return base
     parts = []
     for part in query.split("&"):
         key, eq, _ = part.partition("=")

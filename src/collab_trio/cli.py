@@ -22,7 +22,17 @@ import trio
 from . import __version__, settings
 from .admin import run_sessions_command
 from .auth import TokensFileError
-from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig, split_address
+from .config import (
+    DATA_DIR_ENV,
+    DEFAULT_PORT,
+    FSYNC_MODES,
+    MIB,
+    STORES,
+    ServerConfig,
+    normalize_base_path,
+    split_address,
+    trusted_network,
+)
 from .exceptions import leaf_exceptions
 from .metrics import MetricsAddressError
 from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
@@ -98,6 +108,20 @@ def _count(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _base_path(text: str) -> str:
+    try:
+        return normalize_base_path(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _trusted_proxy(text: str) -> str:
+    try:
+        return str(trusted_network(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _days(text: str) -> float:
@@ -298,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     security.add_argument("--certfile", metavar="PEM", help="serve wss:// with this certificate chain")
     security.add_argument("--keyfile", metavar="PEM", help="the private key of --certfile")
+    proxy = run.add_argument_group("behind a reverse proxy (docs/DEPLOY.md)")
+    proxy.add_argument(
+        "--base-path", type=_base_path, default=defaults.base_path, metavar="PATH",
+        help="serve under this path prefix: PATH/ws/{session}/{user} (default: none)",
+    )
+    proxy.add_argument(
+        "--trusted-proxy", type=_trusted_proxy, action="append", default=[], metavar="CIDR",
+        help="take the client's address from X-Forwarded-For when the connection comes"
+        " from this network (repeatable; e.g. 127.0.0.1/32)",
+    )
     limits = run.add_argument_group("limits")
     limits.add_argument(
         "--handshake-timeout", type=_seconds, default=defaults.handshake_timeout, metavar="SECONDS",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 import attrs
 
 DEFAULT_PORT = 8765
@@ -37,6 +40,54 @@ def _address(instance: object, attribute: attrs.Attribute, value: str | None) ->
 def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+# One path segment of a base path: RFC 3986 pchar without percent-encoding.
+_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_base_path(text: str) -> str:
+    """The path prefix the endpoint is served under: "collab/" -> "/collab"; "/" -> "".
+
+    Raises:
+        ValueError: a one-line reason (an empty, "." or ".." segment, a character
+            that would need percent-encoding).
+    """
+    stripped = text.strip("/")
+    if not stripped:
+        return ""
+    for segment in stripped.split("/"):
+        if not segment:
+            raise ValueError(f"base path {text!r} has an empty segment (//)")
+        if segment in (".", ".."):
+            raise ValueError(f"base path {text!r} must not contain {segment!r} segments")
+        if not _SEGMENT.fullmatch(segment):
+            raise ValueError(
+                f"base path {text!r} may contain only letters, digits and -._~!$&'()*+,;=:@ between slashes"
+            )
+    return "/" + stripped
+
+
+def trusted_network(text: str | Network) -> Network:
+    """A trusted proxy: "10.0.0.0/8", "2001:db8::/32", or one address ("127.0.0.1").
+
+    Raises:
+        ValueError: not an address or network (one line).
+    """
+    if isinstance(text, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return text
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP address or network: {text!r} (try 10.0.0.0/8 or 127.0.0.1)") from None
+
+
+def _trusted_networks(values: object) -> tuple[Network, ...]:
+    if isinstance(values, str):
+        values = [values]
+    return tuple(trusted_network(value) for value in values)  # type: ignore[attr-defined]
 
 
 @attrs.frozen
@@ -122,6 +173,12 @@ class ServerConfig:
     # TLS: serve wss:// with this certificate chain and private key.
     certfile: str | None = None
     keyfile: str | None = attrs.field(default=None)
+    # -- behind a reverse proxy --
+    # Serve the endpoint under this path prefix ("/collab": /collab/ws/{session}/{user}).
+    base_path: str = attrs.field(default="", converter=normalize_base_path)
+    # Proxies whose X-Forwarded-For gives the client's address (per-IP limit,
+    # logs); from any other peer the header is ignored.
+    trusted_proxies: tuple[Network, ...] = attrs.field(default=(), converter=_trusted_networks)
     # -- limits --
     max_users_per_session: int = attrs.field(default=50, validator=_positive)
     max_sessions: int = attrs.field(default=1000, validator=_positive)

@@ -24,6 +24,9 @@ import orjson
 PROTOCOL_VERSION = 1
 MAX_ID_LENGTH = 64
 ENDPOINT_TEMPLATE = "/ws/{session_id}/{user_id}"
+# `/t/TOKEN/ws/...`: a token as a path segment before "ws", for clients that
+# can only be given a server URL (Optiverse appends /ws/{session}/{user}).
+TOKEN_SEGMENT = "t"
 
 # Actions that the session document applies; any other action is relayed only.
 KNOWN_ACTIONS = frozenset({"add_item", "move_item", "update_item", "remove_item"})
@@ -552,21 +555,59 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def parse_target(path: str) -> Target:
-    """Parse `/ws/{session_id}/{user_id}[?since=N&epoch=E&token=T]`.
+def endpoint_template(base_path: str = "") -> str:
+    """The endpoint's path as the docs and the startup lines show it."""
+    return f"{base_path}{ENDPOINT_TEMPLATE}"
+
+
+def _path_segments(raw_path: str, base_path: str) -> tuple[str | None, list[str]] | None:
+    """(the raw token segment or None, the segments from "ws" on), or None for another path.
+
+    `base_path` is normalised ("" or "/a/b", see config.normalize_base_path).
+    Empty segments before "ws" are skipped: Optiverse appends "/ws/..." to
+    its server URL, so a URL typed with a trailing slash gives "//ws/...".
+    """
+    if base_path:
+        if not raw_path.startswith(base_path + "/"):
+            return None
+        raw_path = raw_path[len(base_path):]
+    if not raw_path.startswith("/"):
+        return None
+    segments = raw_path.split("/")[1:]
+    index = 0
+    token = None
+    while index < len(segments) and segments[index] == "":
+        index += 1
+    if segments[index : index + 1] == [TOKEN_SEGMENT] and index + 1 < len(segments):
+        token = segments[index + 1]
+        index += 2
+        while index < len(segments) and segments[index] == "":
+            index += 1
+    return token, segments[index:]
+
+
+def parse_target(path: str, base_path: str = "") -> Target:
+    """Parse `{base}[/t/TOKEN]/ws/{session_id}/{user_id}[?since=N&epoch=E&token=T]`.
 
     Raises:
         HandshakeRejected: 404 for another path, 400 for a bad id or parameter.
     """
     raw_path, _, query = path.partition("?")
-    parts = raw_path.split("/")
-    # "/ws/a/b" splits into ["", "ws", "a", "b"]; a trailing slash adds "".
-    if len(parts) != 4 or parts[0] != "" or parts[1] != "ws":
-        raise HandshakeRejected(
-            404, f"unknown path; connect to {ENDPOINT_TEMPLATE}"
-        )
-    session_id = validate_id(parts[2], "session id")
-    user_id = validate_id(parts[3], "user id")
+    found = _path_segments(raw_path, base_path)
+    # "ws/a/b" splits into ["ws", "a", "b"]; a trailing slash adds "".
+    if found is None or len(found[1]) != 3 or found[1][0] != "ws":
+        raise HandshakeRejected(404, f"unknown path; connect to {endpoint_template(base_path)}")
+    raw_token, (_, raw_session, raw_user) = found
+    path_token = None
+    if raw_token is not None:
+        try:
+            path_token = unquote(raw_token, errors="strict")
+        except UnicodeDecodeError:
+            raise HandshakeRejected(400, "token is not valid UTF-8 after percent-decoding") from None
+        if not path_token:
+            raise HandshakeRejected(400, "token is empty")
+    session_id = validate_id(raw_session, "session id")
+    user_id = validate_id(raw_user, "user id")
     params: dict[str, str] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
@@ -587,7 +628,8 @@ def parse_target(path: str) -> Target:
         user_id=user_id,
         since=since,
         epoch=params.get("epoch"),
-        token=params.get("token"),
+        # The path segment first: the form stock Optiverse can send.
+        token=path_token if path_token is not None else params.get("token"),
     )
 
 

@@ -22,9 +22,10 @@
                  │           ├─ writer      bounded outbox channel -> websocket
                  │           └─ cursor      coalesced cursor forwarding
                  ├─ accept loop             cancelling it closes the listening socket: port freed
-                 └─ handshake(stream)       one per TCP connection: the upgrade, access checks,
-                                            the join; then parks until the member's
-                                            Connection.run() is over, and closes the stream
+                 └─ handshake(stream)       one per TCP connection: the request head, the
+                                            upgrade, access checks, the join; then parks
+                                            until the member's Connection.run() is over,
+                                            and closes the stream
 
 Graceful stop: cancel the accept loop (the port is free at once), close every
 connection with 1001, then give the close handshakes `shutdown_timeout`
@@ -45,7 +46,7 @@ from trio_websocket import WebSocketRequest
 from . import logs
 from .auth import TokensFileError, TokenTable, bearer_token, header, redact
 from .config import ServerConfig
-from .protocol import HandshakeRejected, SyncRequest, Target, parse_target
+from .protocol import HandshakeRejected, SyncRequest, Target, endpoint_template, parse_target
 from .connection import Connection
 from .counters import Counters
 from .httpd import HTTPServer
@@ -84,7 +85,13 @@ class CollabServer:
 
     def __attrs_post_init__(self) -> None:
         self.registry = SessionRegistry(self.config, self.store, counters=self.counters)
-        self.web = WebSocketServer(self.config, self.listeners, self, counters=self.counters)
+        self.web = WebSocketServer(
+            self.config,
+            self.listeners,
+            self,
+            path=endpoint_template(self.config.base_path),
+            counters=self.counters,
+        )
 
     @property
     def closing(self) -> bool:
@@ -166,7 +173,7 @@ class CollabServer:
         """Check, accept and join a handshake; the member's connection, or None if refused."""
         path = redact(request.path)  # never log a token
         try:
-            target = parse_target(request.path)
+            target = parse_target(request.path, self.config.base_path)
         except HandshakeRejected as exc:
             log.info("Refused %s from %s: %d %s", path, peer, exc.status, exc.reason)
             await reject(request, exc.status, exc.reason)

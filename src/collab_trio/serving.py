@@ -7,16 +7,27 @@ the application's (a `WebSocketApp`):
     WebSocketServer.run()        server nursery
      ├─ app.run_app()              the application's own tasks (collab-trio: the sessions)
      ├─ accept loop              cancelling it closes the listening sockets: port freed
-     └─ handshake(stream)        one per TCP connection: the upgrade, then app.handle(request)
+     └─ handshake(stream)        one per TCP connection: the request head (upgrade.py),
+                                 the upgrade, then app.handle(request)
 
-Graceful stop: cancel the accept loop (the port is free at once), ask the
-app to close every connection with 1001, then give the close handshakes
-`shutdown_timeout` seconds by setting a deadline on the server nursery.
+A handshake task reads the request head itself (h11) before trio-websocket
+sees a byte: a connection closed before a complete request ends at once; a
+plain HTTP request (a browser, a health check) gets a short text answer
+saying where to connect; an upgrade wsproto would refuse gets wsproto's
+status and reason; only a valid upgrade reaches trio-websocket. Behind a
+trusted proxy (`trusted_proxies`) the client's address, for the per-address
+limit and the logs, comes from X-Forwarded-For once the head is read.
+
+Graceful stop: cancel the accept loop (the port is free at once), drop the
+connections still waiting for their request head, ask the app to close every
+connection with 1001, then give the close handshakes `shutdown_timeout`
+seconds by setting a deadline on the server nursery.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -26,9 +37,12 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 from wsproto.utilities import LocalProtocolError
 
 from .config import ServerConfig
+from .auth import redact
 from .counters import Counters
 from .listen import interface_addresses
 from .protocol import ENDPOINT_TEMPLATE, CloseCode
+from .proxies import forwarded_client
+from .upgrade import MalformedRequest, RequestHead, read_request_head
 from .wire import WireStream
 
 log = logging.getLogger(__name__)
@@ -150,8 +164,12 @@ class WebSocketServer:
     _shutdown_requested: trio.Event = attrs.field(factory=trio.Event)
     # The server's counters (metrics.py): the wires add the bytes they write.
     counters: Counters = attrs.field(factory=Counters)
-    # Open TCP connections per client address (handshakes included).
+    # Open TCP connections per client address (handshakes included): the
+    # TCP peer's, or once the request head is read, the forwarded client's.
     _per_address: dict[str, int] = attrs.field(factory=dict)
+    # The cancel scopes of handshakes waiting for their request head: a
+    # graceful stop drops them at once.
+    _reading_heads: set[trio.CancelScope] = attrs.field(factory=set)
     # The TCP ports of the listeners, read while the sockets are open.
     _ports: list[int] = attrs.field(init=False)
 
@@ -202,6 +220,8 @@ class WebSocketServer:
             await self._shutdown_requested.wait()
             self.closing = True
             accept_scope.cancel()
+            for scope in self._reading_heads:
+                scope.cancel()
             await self.port_released.wait()
             log.info(
                 "Shutting down: no new connections; closing %d connection(s) with 1001",
@@ -238,25 +258,47 @@ class WebSocketServer:
             self.port_released.set()
 
     async def _handshake(self, stream: trio.abc.Stream) -> None:
+        deadline = trio.current_time() + self.config.handshake_timeout
         address = stream_address(stream)
-        self._per_address[address] = self._per_address.get(address, 0) + 1
-        wire = WireStream(
-            stream,
-            write_timeout=self.config.write_timeout,
-            max_message_size=self.config.max_message_size,
-            counters=self.counters,
-        )
+        self._count(address, 1)
         try:
             try:
+                peer = peer_name(stream)
+                head = await self._read_head(stream, peer, deadline)
+                if head is None:
+                    return
+                client = forwarded_client(address, head.headers, self.config.trusted_proxies)
+                if client is not None:
+                    # Counted under the client's address from now on (no await in between).
+                    self._count(address, -1)
+                    address = client
+                    self._count(address, 1)
+                    peer = f"{client} (via {peer})"
+                if not head.is_upgrade:
+                    await self._answer_plain_request(stream, head, peer, forwarded=client is not None)
+                    return
+                refusal = head.upgrade_refusal()
+                if refusal is not None:
+                    status, reason, headers = refusal
+                    log.info("Refused %s from %s: %d %s", redact(head.target), peer, status, reason)
+                    await self._send_answer(stream, head.response(status, reason + "\n", headers), peer)
+                    return
+                wire = WireStream(
+                    stream,
+                    write_timeout=self.config.write_timeout,
+                    max_message_size=self.config.max_message_size,
+                    counters=self.counters,
+                    received=head.received,
+                )
                 async with trio.open_nursery() as ws_nursery:
                     request = None
                     try:
-                        request = await self._upgrade(ws_nursery, wire, address)
+                        request = await self._upgrade(ws_nursery, wire, address, deadline)
                     except CLIENT_GONE as exc:
-                        log_client_gone(address, exc)
+                        log_client_gone(peer, exc)
                     if request is not None:
                         # The app's own errors are its own: not taken for a client gone.
-                        await self.app.handle(request, peer_name(stream), wire)
+                        await self.app.handle(request, peer, wire)
                     # Stop trio-websocket's frame reader; the connection is over.
                     ws_nursery.cancel_scope.cancel()
             except* LocalProtocolError as group:
@@ -266,18 +308,88 @@ class WebSocketServer:
         except Exception:
             log.exception("Unexpected error in a connection handler")
         finally:
-            self._per_address[address] -= 1
-            if not self._per_address[address]:
-                del self._per_address[address]
+            self._count(address, -1)
             # trio-websocket leaves the stream open after some closes (e.g. 1009).
             await trio.aclose_forcefully(stream)
 
+    def _count(self, address: str, change: int) -> None:
+        count = self._per_address.get(address, 0) + change
+        if count:
+            self._per_address[address] = count
+        else:
+            del self._per_address[address]
+
+    async def _read_head(self, stream: trio.abc.Stream, peer: str, deadline: float) -> RequestHead | None:
+        """The request head, or None when the client left, timed out, sent garbage or the server stops."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._reading_heads.add(scope)
+            try:
+                if self.closing:
+                    scope.cancel()
+                head = await read_request_head(stream)
+                if head is None:
+                    log.debug("Dropped %s: closed before sending a request", peer)
+                return head
+            except MalformedRequest as exc:
+                answer = exc
+            except CLIENT_GONE as exc:
+                log_client_gone(peer, exc)
+                return None
+            finally:
+                self._reading_heads.discard(scope)
+        if scope.cancelled_caught:
+            if self.closing:
+                log.debug("Dropped %s: the server stops before its request arrived", peer)
+            else:
+                log.debug("Dropped %s: no complete handshake within %g s", peer, self.config.handshake_timeout)
+            return None
+        # Not the request itself: it may hold a token.
+        log.debug("Refused %s: not an HTTP/1.1 request (%s)", peer, answer)
+        await self._send_answer(stream, answer.response, peer)
+        return None
+
+    async def _answer_plain_request(
+        self, stream: trio.abc.Stream, head: RequestHead, peer: str, *, forwarded: bool
+    ) -> None:
+        """Tell a client that sent plain HTTP what this port is and where to connect."""
+        path = head.target.partition("?")[0]
+        root = path in ("/", self.config.base_path, f"{self.config.base_path}/")
+        status = 200 if root and head.method in ("GET", "HEAD") else 426
+        secure = isinstance(stream, trio.SSLStream) or (
+            forwarded and (head.header(b"x-forwarded-proto") or "").lower() == "https"
+        )
+        host = head.header(b"host") or ""
+        if not _HOST.fullmatch(host):
+            host = "HOST:PORT"  # not repeated: it is not a host name
+        url = f"{'wss' if secure else 'ws'}://{host}{self.path}"
+        text = (
+            "This is a collab-trio WebSocket endpoint; it serves no web pages.\n"
+            f"Connect a WebSocket client to {url}\n"
+        )
+        if url.endswith(ENDPOINT_TEMPLATE):
+            text += f"Optiverse: set the Server URL to {url[: -len(ENDPOINT_TEMPLATE)]}\n"
+        headers = [(b"Upgrade", b"websocket")] if status == 426 else []
+        log.info(
+            "Plain HTTP request from %s: %s %s -> %d (not a WebSocket upgrade)",
+            peer, head.method, redact(head.target), status,
+        )
+        await self._send_answer(stream, head.response(status, text, headers), peer)
+
+    async def _send_answer(self, stream: trio.abc.Stream, data: bytes, peer: str) -> None:
+        """Send a whole HTTP answer; the caller then closes the connection."""
+        with trio.move_on_after(self.config.close_timeout):
+            try:
+                await stream.send_all(data)
+            except CLIENT_GONE as exc:
+                log_client_gone(peer, exc)
+
     async def _upgrade(
-        self, ws_nursery: trio.Nursery, stream: WireStream, address: str
+        self, ws_nursery: trio.Nursery, stream: WireStream, address: str, deadline: float
     ) -> WebSocketRequest | None:
         """The client's upgrade request, or None when it was refused or never came."""
         request: WebSocketRequest | None = None
-        with trio.move_on_after(self.config.handshake_timeout):
+        # trio-websocket finds the request already read: this takes no time.
+        with trio.move_on_at(deadline):
             request = await wrap_server_stream(
                 ws_nursery,
                 stream,
@@ -296,6 +408,10 @@ class WebSocketServer:
         else:
             return request
         return None
+
+
+# A Host header worth repeating in the plain-HTTP answer: a name or an address, and a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
 def _describe(exc: BaseException) -> str:

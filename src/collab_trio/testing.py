@@ -334,6 +334,7 @@ async def tcp_client(
     connect_timeout: float = HANG,
     close_timeout: float = HANG,
     close_handshake: bool = True,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     """A WebSocket client over loopback TCP (or TLS) whose socket is always closed on exit.
 
@@ -357,7 +358,8 @@ async def tcp_client(
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
                 ws = await wrap_client_stream(
-                    nursery, stream, f"{host}:{port}", path, message_queue_size=message_queue_size
+                    nursery, stream, f"{host}:{port}", path,
+                    extra_headers=extra_headers, message_queue_size=message_queue_size,
                 )
             yielded = True
             try:

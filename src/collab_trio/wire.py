@@ -96,8 +96,12 @@ class WireStream(trio.abc.Stream):
         write_timeout: float = 10.0,
         max_message_size: int = 1 << 20,
         counters: Counters | None = None,
+        received: bytes = b"",
     ) -> None:
         self.raw = raw
+        # Bytes already read from `raw` (the request head the serving layer
+        # parsed, see upgrade.py): the first receive_some() takes them.
+        self._received = received
         self.write_timeout = write_timeout
         # The server's counters: every byte written to the client adds to bytes_sent.
         self.counters = counters if counters is not None else Counters()
@@ -351,7 +355,12 @@ class WireStream(trio.abc.Stream):
         messages reaches the claimant before its back-pressure applies.
         """
         while True:
-            data = await self.raw.receive_some(max_bytes)
+            if self._received:
+                data = self._received[:max_bytes] if max_bytes else self._received
+                self._received = self._received[len(data):]
+                await trio.lowlevel.checkpoint()
+            else:
+                data = await self.raw.receive_some(max_bytes)
             if not data:
                 return data
             taking = self.taking and self.on_frames is not None
