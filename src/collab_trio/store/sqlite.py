@@ -630,6 +630,14 @@ class SQLiteStore:
                 # worst one trip through the thread too many.
                 database.wal_restart_pending = True
                 self.checkpoints += 1
+                if not self._closed and database.wal_size() > WAL_CHECKPOINT_BYTES:
+                    # Writer-thread commits appended while the pin was held:
+                    # the WAL could not start over then, nor can it now (the
+                    # frames they added are not copied), and commits back to
+                    # back would race every later checkpoint the same way. The
+                    # writer thread copies the little that is left, the lock
+                    # held, and its next write starts the WAL over.
+                    self._wal_full = True
             else:
                 # Not all copied (commits appended after the pin's snapshot):
                 # nothing can start over. Try again soon; or, with the WAL
