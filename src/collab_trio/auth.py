@@ -163,13 +163,15 @@ def header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> str | None:
 def redact(path: str) -> str:
     """A request path safe to log: tokens, in the query or as a path segment, are masked.
 
-    The segment after a "t" segment before "ws" (or anywhere, when there is
-    no "ws" segment) is masked: `protocol.parse_target` takes the token from
-    no other place, whatever the base path.
+    The segment after a "t" segment is masked, but in the endpoint's own
+    "ws/{session}/{user}" (the last three segments): `protocol.parse_target`
+    takes the token from no other place, whatever the base path (which may
+    itself have a "ws" segment: --base-path /ws).
     """
     base, sep, query = path.partition("?")
     segments = base.split("/")
-    end = segments.index("ws") if "ws" in segments else len(segments)
+    endpoint = len(segments) >= 4 and segments[-3] == "ws"
+    end = len(segments) - 3 if endpoint else len(segments)
     masked = {i + 1 for i in range(min(end, len(segments) - 1)) if segments[i] == TOKEN_SEGMENT}
     base = "/".join("***" if i in masked and part else part for i, part in enumerate(segments))
     if not sep:
