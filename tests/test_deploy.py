@@ -168,6 +168,9 @@ async def test_clients_through_the_documented_proxy(proxy: str, tmp_path: Path) 
                         async with tcp_client(port, f"/collab/t/{TOKEN}/ws/lab/ada2", local_address="127.0.0.2"):
                             pass
                     assert info.value.status_code == 429
+                    # The token as a query parameter (the other documented form): masked too.
+                    async with tcp_client(port, f"/collab/ws/lab/cy?since=0&token={TOKEN}", local_address="127.0.0.4") as cy:
+                        await expect_json(cy, "connection:ack")
                     # Plain HTTP through the proxy gets the server's text.
                     response = await plain_get(port, "/collab/")
                     assert response.startswith(b"HTTP/1.1 200 "), response
