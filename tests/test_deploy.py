@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import ProcessCollector
 import trio
 from trio_websocket import ConnectionRejected
 
@@ -205,6 +206,25 @@ def test_systemd_unit_runs_a_serve_command_the_cli_accepts() -> None:
     assert service["DynamicUser"] == "yes" and service["StateDirectory"] == "collab-trio"
     assert service["Environment"] == "COLLAB_TRIO_DATA_DIR=/var/lib/collab-trio"
     assert service["KillSignal"] == "SIGTERM"
+
+
+def test_systemd_unit_leaves_the_process_metrics_their_proc_files(tmp_path: Path) -> None:
+    # prometheus_client's process collector reads the boot time from /proc/stat:
+    # without it, /metrics has no process_* metrics at all (docs/OPERATIONS.md
+    # lists them). ProcSubset=pid hides /proc/stat; ProtectProc=invisible does not.
+    own = Path("/proc/self")
+    if not (own / "stat").exists():
+        pytest.skip("no /proc here")
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "stat").write_text((own / "stat").read_text())
+    pid = lambda: "self"  # noqa: E731
+    assert list(ProcessCollector(proc=str(proc), pid=pid, registry=None).collect()) == []  # as under ProcSubset=pid
+    (proc / "stat").write_text(Path("/proc/stat").read_text())
+    assert list(ProcessCollector(proc=str(proc), pid=pid, registry=None).collect())
+    service = unit()["Service"]
+    assert service.get("ProcSubset", "all") != "pid"
+    assert service["ProtectProc"] == "invisible"
 
 
 def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
