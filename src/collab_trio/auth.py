@@ -82,6 +82,10 @@ class TokenTable:
             where = f"{source}: token #{number}"
             if not isinstance(token, str) or len(token) < 8:
                 raise TokensFileError(f"{where} is shorter than 8 characters")
+            try:
+                token.encode("utf-8")
+            except UnicodeEncodeError:  # a JSON "\ud800" escape: no client could send it
+                raise TokensFileError(f"{where} is not valid Unicode text (a lone surrogate)") from None
             if isinstance(spec, str):
                 spec = {"role": spec}
             if not isinstance(spec, dict):
@@ -116,6 +120,9 @@ class TokenTable:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise TokensFileError(f"cannot read tokens file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            # Not said where: the bytes around it may be a token.
+            raise TokensFileError(f"tokens file {path} is not UTF-8 text") from None
         try:
             if path.suffix.lower() == ".toml":
                 data: Any = tomllib.loads(text)
