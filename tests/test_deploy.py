@@ -176,7 +176,8 @@ async def test_clients_through_the_documented_proxy(proxy: str, tmp_path: Path) 
                     response = await plain_get(port, "/collab/")
                     assert response.startswith(b"HTTP/1.1 200 "), response
                     assert b"collab-trio WebSocket endpoint" in response
-                    assert b"/collab/t/TOKEN/ws/{session_id}/{user_id}" in response  # tokens are on
+                    # The URL the client used, port included (tokens are on: the /t/TOKEN form).
+                    assert f"ws://127.0.0.1:{port}/collab/t/TOKEN/ws/{{session_id}}/{{user_id}}".encode() in response
             await server.wait_for("Refused 127.0.0.2: too many connections from this address")
             await server.wait_for(r"User bob left session lab")
         access_log = (tmp_path / "access.log").read_text() if proxy == "nginx" else front.output
