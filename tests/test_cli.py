@@ -161,3 +161,14 @@ def test_smoke_command_passes_against_a_real_server(server: RunningServer) -> No
         client.stop()
     assert returncode == 0, client.text()
     assert client.lines[-1] == "PASS", client.text()
+
+
+@pytest.mark.parametrize("value", ["inf", "1e12", "86401"])
+def test_restore_timeout_is_at_most_a_day(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A request the server has not taken is dropped after a day; beyond that
+    # the wait (and the request's expiry date) made no sense, and inf or 1e12
+    # ended in an OverflowError.
+    with pytest.raises(SystemExit) as info:
+        main(["sessions", "restore", "s", "--version", "1", "--timeout", value])
+    assert info.value.code == 2
+    assert "argument --timeout: at most 86400 seconds (a day)" in capsys.readouterr().err

@@ -202,10 +202,15 @@ def test_every_problem_is_one_line_naming_its_source(tmp_path: Path) -> None:
     [
         ("port = ", "is not valid TOML"),
         (None, "cannot read config file"),
+        ("# Zug\u00e4nge (saved in Latin-1)\nport = 0\n".encode("latin-1"), "is not UTF-8 text"),
     ],
 )
-def test_unusable_file(tmp_path: Path, text: str | None, problem: str) -> None:
-    path = write_config(tmp_path, text) if text is not None else str(tmp_path / "missing.toml")
+def test_unusable_file(tmp_path: Path, text: str | bytes | None, problem: str) -> None:
+    if isinstance(text, bytes):
+        (tmp_path / "latin-1.toml").write_bytes(text)
+        path = str(tmp_path / "latin-1.toml")
+    else:
+        path = write_config(tmp_path, text) if text is not None else str(tmp_path / "missing.toml")
     with pytest.raises(SettingsError) as info:
         serve_settings(["serve", "--config", path], {})
     [line] = info.value.problems

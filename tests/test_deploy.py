@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import ProcessCollector
 import trio
 from trio_websocket import ConnectionRejected
 
@@ -168,11 +169,15 @@ async def test_clients_through_the_documented_proxy(proxy: str, tmp_path: Path) 
                         async with tcp_client(port, f"/collab/t/{TOKEN}/ws/lab/ada2", local_address="127.0.0.2"):
                             pass
                     assert info.value.status_code == 429
+                    # The token as a query parameter (the other documented form): masked too.
+                    async with tcp_client(port, f"/collab/ws/lab/cy?since=0&token={TOKEN}", local_address="127.0.0.4") as cy:
+                        await expect_json(cy, "connection:ack")
                     # Plain HTTP through the proxy gets the server's text.
                     response = await plain_get(port, "/collab/")
                     assert response.startswith(b"HTTP/1.1 200 "), response
                     assert b"collab-trio WebSocket endpoint" in response
-                    assert b"/collab/ws/{session_id}/{user_id}" in response
+                    # The URL the client used, port included (tokens are on: the /t/TOKEN form).
+                    assert f"ws://127.0.0.1:{port}/collab/t/TOKEN/ws/{{session_id}}/{{user_id}}".encode() in response
             await server.wait_for("Refused 127.0.0.2: too many connections from this address")
             await server.wait_for(r"User bob left session lab")
         access_log = (tmp_path / "access.log").read_text() if proxy == "nginx" else front.output
@@ -202,6 +207,25 @@ def test_systemd_unit_runs_a_serve_command_the_cli_accepts() -> None:
     assert service["DynamicUser"] == "yes" and service["StateDirectory"] == "collab-trio"
     assert service["Environment"] == "COLLAB_TRIO_DATA_DIR=/var/lib/collab-trio"
     assert service["KillSignal"] == "SIGTERM"
+
+
+def test_systemd_unit_leaves_the_process_metrics_their_proc_files(tmp_path: Path) -> None:
+    # prometheus_client's process collector reads the boot time from /proc/stat:
+    # without it, /metrics has no process_* metrics at all (docs/OPERATIONS.md
+    # lists them). ProcSubset=pid hides /proc/stat; ProtectProc=invisible does not.
+    own = Path("/proc/self")
+    if not (own / "stat").exists():
+        pytest.skip("no /proc here")
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "stat").write_text((own / "stat").read_text())
+    pid = lambda: "self"  # noqa: E731
+    assert list(ProcessCollector(proc=str(proc), pid=pid, registry=None).collect()) == []  # as under ProcSubset=pid
+    (proc / "stat").write_text(Path("/proc/stat").read_text())
+    assert list(ProcessCollector(proc=str(proc), pid=pid, registry=None).collect())
+    service = unit()["Service"]
+    assert service.get("ProcSubset", "all") != "pid"
+    assert service["ProtectProc"] == "invisible"
 
 
 def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:

@@ -153,6 +153,24 @@ async def test_sighup_reloads_the_tokens_file(tmp_path: Path) -> None:
     assert old not in server.output and new not in server.output  # no token is ever logged
 
 
+async def test_sighup_with_a_tokens_file_that_is_not_utf8_keeps_the_tokens_and_the_server(tmp_path: Path) -> None:
+    token = "old-token-0001"
+    path = tmp_path / "tokens.toml"
+    path.write_text(tokens_toml(token), encoding="utf-8")
+    with trio.fail_after(START_TIMEOUT + 20):
+        async with server_process("--store", "memory", "--tokens", str(path)) as server:
+            async with tcp_client(server.port, f"/ws/team/alice?token={token}") as alice:
+                assert '"connection:ack"' in await alice.get_message()
+                # Edited and saved in Latin-1 (an umlaut in a comment).
+                path.write_bytes("# Zug\u00e4nge\n".encode("latin-1") + tokens_toml("new-token-0002").encode())
+                server.process.send_signal(signal.SIGHUP)
+                kept = await server.wait_for("Kept the previous tokens")
+                async with tcp_client(server.port, f"/ws/team/bob?token={token}") as bob:
+                    assert '"connection:ack"' in await bob.get_message()
+            assert await server.stop(signal.SIGTERM) == 0
+    assert kept.string.endswith(f"Kept the previous tokens (1 defined): tokens file {path} is not UTF-8 text")
+
+
 async def test_sighup_without_tokens_has_nothing_to_reload() -> None:
     with trio.fail_after(START_TIMEOUT + 20):
         async with server_process("--store", "memory") as server:

@@ -147,6 +147,11 @@ def test_paths_refused_under_a_base_and_with_a_token(path: str, base: str, statu
         ("/t/s3cret/elsewhere", "/t/***/elsewhere"),
         ("/ws/t/alice", "/ws/t/alice"),  # after ws: ids, shown
         ("/ws/s/u", "/ws/s/u"),
+        # A base path with a "ws" segment (--base-path /ws, /app/ws) is valid:
+        # the token after it is still the one parse_target reads.
+        ("/ws/t/s3cret/ws/s/u", "/ws/t/***/ws/s/u"),
+        ("/app/ws//t/s3cret/ws/s/u?since=1", "/app/ws//t/***/ws/s/u?since=1"),
+        ("/t/ws/ws/s/u", "/t/***/ws/s/u"),  # a token that reads "ws"
     ],
 )
 def test_redact_masks_the_token_segment(path: str, redacted: str) -> None:
@@ -154,7 +159,7 @@ def test_redact_masks_the_token_segment(path: str, redacted: str) -> None:
 
 
 token_text = st.text(st.characters(codec="utf-8", exclude_characters="/?#%"), min_size=8, max_size=40)
-base_paths = st.sampled_from(["", "/collab", "/a/b", "/t"])
+base_paths = st.sampled_from(["", "/collab", "/a/b", "/t", "/ws", "/app/ws/x"])
 
 
 @PURE

@@ -286,14 +286,24 @@ async def test_forbidden_strikes_count_within_ten_seconds(
         ("tokens.txt", '{"tokens": {"long-enough-token": "editor"}}',
          "tokens.txt: name it .toml or .json (the two accepted formats: TOML or JSON)"),
         ("tokens", '[tokens."long-enough-token"]\nrole = "editor"\n', "name it .toml or .json"),
+        # Saved in Latin-1 (a comment with an umlaut): not UTF-8.
+        ("tokens.toml", '# Zug\u00e4nge\n[tokens."long-enough-token"]\nrole = "editor"\n'.encode("latin-1"),
+         "tokens file {path} is not UTF-8 text"),
+        # A JSON escape that makes no UTF-8: a lone surrogate.
+        ("tokens.json", '{"tokens": {"\\ud800long-enough": "editor"}}', "token #1 is not valid Unicode text"),
     ],
     ids=["bad-role", "short-token", "not-toml", "not-json", "no-tokens", "bad-sessions", "missing-file",
-         "txt-suffix", "no-suffix"],
+         "txt-suffix", "no-suffix", "latin-1", "lone-surrogate"],
 )
 async def test_malformed_tokens_file_is_a_one_line_error(
-    tmp_path: Path, name: str, text: str | None, expected: str
+    tmp_path: Path, name: str, text: str | bytes | None, expected: str
 ) -> None:
-    path = tmp_path / name if text is None else tmp_file(tmp_path, name, text)
+    if isinstance(text, bytes):
+        path = tmp_path / name
+        path.write_bytes(text)
+    else:
+        path = tmp_path / name if text is None else tmp_file(tmp_path, name, text)
+    expected = expected.format(path=path)
     status, output = await run_cli(
         "serve", "--host", "127.0.0.1", "--port", "0", "--store", "memory", "--tokens", str(path)
     )

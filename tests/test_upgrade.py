@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -115,6 +116,25 @@ async def test_plain_get_under_a_base_path(start_server: Callable[..., Any], aut
     assert response.status_code == 200
     response, _, _ = await http_exchange(harness.listener.connect(), request_bytes("GET", "/collab/ws/s/u"))
     assert response.status_code == 426
+
+
+async def test_plain_get_with_tokens_on_says_where_the_token_goes(
+    start_server: Callable[..., Any], autojump_clock: trio.abc.Clock, tmp_path: Path
+) -> None:
+    # Stock Optiverse can only be given a server URL: with --tokens, the one the
+    # text names must carry the token (/t/TOKEN), or every join gets 401.
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[tokens."long-enough-token"]\nrole = "editor"\n', encoding="utf-8")
+    harness = await start_server(base_path="/collab", tokens_file=str(tokens))
+    response, body, _ = await http_exchange(harness.listener.connect(), request_bytes("GET", "/collab/"))
+    assert response.status_code == 200
+    assert body.decode() == (
+        "This is a collab-trio WebSocket endpoint; it serves no web pages.\n"
+        "Connect a WebSocket client to ws://collab.example:8765/collab/t/TOKEN/ws/{session_id}/{user_id}"
+        " (TOKEN: yours; or ?token=TOKEN)\n"
+        "Optiverse: set the Server URL to ws://collab.example:8765/collab/t/TOKEN\n"
+    )
+    assert b"long-enough-token" not in body
 
 
 async def test_a_host_header_that_is_not_a_host_is_not_repeated(

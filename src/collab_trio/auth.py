@@ -82,6 +82,10 @@ class TokenTable:
             where = f"{source}: token #{number}"
             if not isinstance(token, str) or len(token) < 8:
                 raise TokensFileError(f"{where} is shorter than 8 characters")
+            try:
+                token.encode("utf-8")
+            except UnicodeEncodeError:  # a JSON "\ud800" escape: no client could send it
+                raise TokensFileError(f"{where} is not valid Unicode text (a lone surrogate)") from None
             if isinstance(spec, str):
                 spec = {"role": spec}
             if not isinstance(spec, dict):
@@ -116,6 +120,9 @@ class TokenTable:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise TokensFileError(f"cannot read tokens file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            # Not said where: the bytes around it may be a token.
+            raise TokensFileError(f"tokens file {path} is not UTF-8 text") from None
         try:
             if path.suffix.lower() == ".toml":
                 data: Any = tomllib.loads(text)
@@ -163,13 +170,15 @@ def header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> str | None:
 def redact(path: str) -> str:
     """A request path safe to log: tokens, in the query or as a path segment, are masked.
 
-    The segment after a "t" segment before "ws" (or anywhere, when there is
-    no "ws" segment) is masked: `protocol.parse_target` takes the token from
-    no other place, whatever the base path.
+    The segment after a "t" segment is masked, but in the endpoint's own
+    "ws/{session}/{user}" (the last three segments): `protocol.parse_target`
+    takes the token from no other place, whatever the base path (which may
+    itself have a "ws" segment: --base-path /ws).
     """
     base, sep, query = path.partition("?")
     segments = base.split("/")
-    end = segments.index("ws") if "ws" in segments else len(segments)
+    endpoint = len(segments) >= 4 and segments[-3] == "ws"
+    end = len(segments) - 3 if endpoint else len(segments)
     masked = {i + 1 for i in range(min(end, len(segments) - 1)) if segments[i] == TOKEN_SEGMENT}
     base = "/".join("***" if i in masked and part else part for i, part in enumerate(segments))
     if not sep:

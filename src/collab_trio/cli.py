@@ -38,6 +38,7 @@ from .metrics import MetricsAddressError
 from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from .server import CollabServer, serve, tls_context_from
 from .store import StoreError
+from .store.database import REQUEST_TTL
 from .store.sqlite import database_path
 
 log = logging.getLogger("collab_trio")
@@ -68,6 +69,14 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError("seconds must be positive")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    """`sessions restore --timeout`: at most a day, as long as a request is kept (store.database.REQUEST_TTL)."""
+    value = _seconds(text)
+    if value > REQUEST_TTL.total_seconds():
+        raise argparse.ArgumentTypeError(f"at most {REQUEST_TTL.total_seconds():g} seconds (a day)")
     return value
 
 
@@ -190,7 +199,7 @@ def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
     restore.add_argument("session_id")
     restore.add_argument("--version", type=_count, required=True, metavar="N", help="the version (see history)")
     restore.add_argument(
-        "--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+        "--timeout", type=_wait_seconds, default=10.0, metavar="SECONDS",
         help="how long to wait for a running server to carry it out (default: %(default)g)",
     )
     _add_yes(restore)

@@ -91,6 +91,7 @@ class CollabServer:
             self,
             path=endpoint_template(self.config.base_path),
             counters=self.counters,
+            tokens_required=self.tokens is not None,
         )
 
     @property

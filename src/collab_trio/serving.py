@@ -40,7 +40,7 @@ from .config import ServerConfig
 from .auth import redact
 from .counters import Counters
 from .listen import interface_addresses
-from .protocol import ENDPOINT_TEMPLATE, CloseCode
+from .protocol import ENDPOINT_TEMPLATE, TOKEN_SEGMENT, CloseCode
 from .proxies import forwarded_client
 from .upgrade import MalformedRequest, RequestHead, read_request_head
 from .wire import WireStream
@@ -157,6 +157,8 @@ class WebSocketServer:
     # The path shown in the "Listening on" lines, and the line itself.
     path: str = ENDPOINT_TEMPLATE
     listening_message: str = "Listening on %s"
+    # Tokens are required: the plain-HTTP answer shows where one goes (/t/TOKEN).
+    tokens_required: bool = False
     # True from the moment a graceful stop starts: new handshakes are refused.
     closing: bool = False
     # Set when the listeners are closed (the port can be bound again).
@@ -361,10 +363,15 @@ class WebSocketServer:
         host = head.header(b"host") or ""
         if not _HOST.fullmatch(host):
             host = "HOST:PORT"  # not repeated: it is not a host name
-        url = f"{'wss' if secure else 'ws'}://{host}{self.path}"
+        endpoint, note = self.path, ""
+        if self.tokens_required and endpoint.endswith(ENDPOINT_TEMPLATE):
+            # The form stock Optiverse can send (protocol.TOKEN_SEGMENT).
+            endpoint = f"{endpoint[: -len(ENDPOINT_TEMPLATE)]}/{TOKEN_SEGMENT}/TOKEN{ENDPOINT_TEMPLATE}"
+            note = " (TOKEN: yours; or ?token=TOKEN)"
+        url = f"{'wss' if secure else 'ws'}://{host}{endpoint}"
         text = (
             "This is a collab-trio WebSocket endpoint; it serves no web pages.\n"
-            f"Connect a WebSocket client to {url}\n"
+            f"Connect a WebSocket client to {url}{note}\n"
         )
         if url.endswith(ENDPOINT_TEMPLATE):
             text += f"Optiverse: set the Server URL to {url[: -len(ENDPOINT_TEMPLATE)]}\n"

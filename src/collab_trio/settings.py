@@ -178,6 +178,9 @@ def _read_file(
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"config file {path} is not valid TOML: {exc}")
         return {}
+    except UnicodeDecodeError:  # tomllib decodes the bytes as UTF-8 itself
+        problems.append(f"config file {path} is not UTF-8 text")
+        return {}
     by_name = {option_name(action): action for action in actions}
     values: dict[str, Any] = {}
     seen: dict[str, str] = {}
