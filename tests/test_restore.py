@@ -100,7 +100,7 @@ async def test_a_design_overwritten_by_a_full_state_upload_is_restored_in_the_li
                     # Restore while the session is live, beside the running server.
                     restored = await restore_by_server(server, "design", 1)
                     assert restored == (
-                        "Restored version 1 of session design as op 4; members of the live session have it\n"
+                        "Restored version 1 of session design as op 4 by the running server (members connected to the session received it)\n"
                     )
                     await server.wait_for("Session design: a stored version was restored as op 4")
                     # Both members receive the design at once, with the next seq.
@@ -152,7 +152,7 @@ async def test_restore_through_the_server_of_a_session_that_is_not_live(data_dir
         await server.wait_for("Session bench closed: its last user left")
         assert [v["replaced_by"] for v in await history("bench")] == ["sync:update by alice"]
         assert await restore_by_server(server, "bench", 1) == (
-            "Restored version 1 of session bench as op 4; members of the live session have it\n"
+            "Restored version 1 of session bench as op 4 by the running server (members connected to the session received it)\n"
         )
         await server.wait_for("Restored version 1 of session bench")
         assert "Session bench: a stored version was restored" not in server.output  # not through a session

@@ -294,7 +294,7 @@ def _restore_by_server(db: Database, args: argparse.Namespace, pid: int | None) 
             db.run(lambda d: d.withdraw_request(request))
             if error is not None:
                 raise StoreError(f"the server could not restore version {number} of session {session_id}: {error}")
-            print(f"Restored version {number} of session {session_id} as op {seq}; members of the live session have it")
+            print(f"Restored version {number} of session {session_id} as op {seq} by the running server (members connected to the session received it)")
             return 0
         now = time.monotonic()
         if now - started >= args.timeout:
