@@ -312,17 +312,16 @@ class PgDatabase(Database):
 
     # -- leases ------------------------------------------------------------------
 
-    def acquire(self, session_id: str) -> int:
-        """Take the session's lease for this node; its new fencing number.
+    def acquire(self, session_id: str) -> tuple[int | None, str]:
+        """Take the session's lease for this node: (its new fence, this node),
+        or (None, the node that serves it).
 
         A lease is taken over only when it expired, or is this node's and no
         other node asked for it; every acquisition increments the fence, so
         no earlier holder (this node's earlier session object included) can
-        commit after it. Expiry is on the database's clock.
-
-        Raises:
-            SessionElsewhere: another live node holds it (that node is asked,
-                through `wanted_by`, to hand the session over).
+        commit after it. Expiry is on the database's clock. A node refused
+        asks the owner (`wanted_by`, kept: this returns, it doesn't raise)
+        to hand the session over.
         """
         self.conn.execute(
             "INSERT INTO leases (session_id, owner, fence, expires_at) VALUES (?, ?, 0, now())"
@@ -337,14 +336,20 @@ class PgDatabase(Database):
             (self.node_id, self.lease_timeout, session_id, self.node_id),
         ).fetchone()
         if row is not None:
-            return int(row[0])
+            return int(row[0]), self.node_id
         owner, wanted_by = self.conn.execute(
             "UPDATE leases SET wanted_by = CASE WHEN owner = ? THEN wanted_by ELSE ? END"
             " WHERE session_id = ? RETURNING owner, wanted_by",
             (self.node_id, self.node_id, session_id),
         ).fetchone()
         # Handing it over already: the node it goes to is the one to try.
-        raise SessionElsewhere(session_id, wanted_by if owner == self.node_id and wanted_by else owner)
+        return None, wanted_by if owner == self.node_id and wanted_by else owner
+
+    def load_leased(self, session_id: str) -> tuple[int | None, str, SessionDocument | None]:
+        """acquire(), then the document if the lease was taken (its row stays
+        locked until the transaction ends): (fence, owner, document)."""
+        fence, owner = self.acquire(session_id)
+        return fence, owner, None if fence is None else self.load(session_id)
 
     def check_fence(self, session_id: str, fence: int) -> None:
         """Refuse (LeaseLost) unless this node still holds the session's lease
@@ -488,7 +493,9 @@ class PostgresStore(SQLiteStore):
         Raises:
             SessionElsewhere: another live node serves it.
         """
-        fence, document = await self._submit(lambda db: (db.acquire(session_id), db.load(session_id)), JOB_BYTES)
+        fence, owner, document = await self._submit(lambda db: db.load_leased(session_id), JOB_BYTES)
+        if fence is None:
+            raise SessionElsewhere(session_id, owner)
         self._fences[session_id] = fence
         self._handing_over.discard(session_id)
         return document
