@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from collab_trio.document import COMMAND, Op
 from collab_trio.store import LeaseLost
@@ -200,3 +201,73 @@ async def test_readyz_is_503_while_postgres_is_unreachable(start_server, databas
     finally:
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_a_lease_nobody_renews_expires_on_the_database_clock_and_is_taken_over(
+    start_server, database_url: str
+) -> None:
+    # A node that took the lease and died: nobody renews it.
+    dead = PgDatabase(database_url, node_id="node-x", lease_timeout=3.0)
+    try:
+        assert dead.run(lambda d: d.acquire("s")) == (1, "node-x")
+    finally:
+        dead.close()
+    with trio.fail_after(3 * HANG):
+        b = await node(start_server, database_url, "node-b")
+        async with b.client("s", "bob") as bob:
+            assert await bob.expect_closed() == (1013, "session is served by node-x; retry")
+        # Clients retry; once the lease expired (3 s after it was taken) one gets in.
+        while True:
+            async with b.client("s", "bob") as bob:
+                try:
+                    assert (await bob.recv())["type"] == "connection:ack"
+                    break
+                except ConnectionClosed as closed:
+                    assert closed.reason.code == 1013
+            await trio.sleep(0.1)
+        with psycopg.connect(database_url) as conn:
+            owner, fence, expires_in = conn.execute(
+                "SELECT owner, fence, extract(epoch FROM expires_at - now()) FROM leases"
+            ).fetchone()
+        assert (owner, fence) == ("node-b", 2) and 50 < expires_in <= 60
+
+
+async def test_a_graceful_stop_releases_the_leases_after_the_last_commit(start_server, database_url: str) -> None:
+    with trio.fail_after(3 * HANG):
+        a = await node(start_server, database_url, "node-a")
+        async with a.joined("s", "alice") as alice:
+            await alice.send(add("one"))
+            await alice.expect("ack")
+            a.server.request_shutdown()
+            assert (await alice.expect_closed())[0] == 1001
+        with psycopg.connect(database_url) as conn:
+            while not conn.execute("SELECT expires_at <= now() FROM leases").fetchone()[0]:
+                conn.rollback()
+                await trio.sleep(0.05)
+        b = await node(start_server, database_url, "node-b")
+        async with b.joined("s", "bob") as bob:
+            await bob.send({"type": "sync:request"})
+            assert [i["uuid"] for i in (await bob.expect("sync:state"))["state"]["items"]] == ["one"]
+
+
+def test_the_postgres_store_needs_a_url_and_says_which_database_it_cannot_reach(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from collab_trio.testing import child_env
+
+    serve = subprocess.run(
+        [sys.executable, "-m", "collab_trio", "serve", "--port", "0", "--store", "postgres"],
+        capture_output=True, text=True, env=child_env(), timeout=HANG,
+    )
+    assert serve.returncode == 2
+    assert "the postgres store needs a database URL (--database-url postgresql://...)" in serve.stderr
+    listing = subprocess.run(
+        [sys.executable, "-m", "collab_trio", "sessions", "list",
+         "--database-url", f"postgresql://collab:secret@/collab?host={tmp_path}&connect_timeout=2"],
+        capture_output=True, text=True, env=child_env(), timeout=3 * HANG,
+    )
+    assert listing.returncode == 1 and listing.stdout == ""
+    [line] = listing.stderr.splitlines()
+    assert line.startswith(f"error: cannot connect to postgresql://collab:***@/collab?host={tmp_path}")
+    assert "secret" not in line

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,12 @@ def open_pool(url: str, *, max_size: int, timeout: float = 10.0) -> Any:
         StoreError: one line: psycopg missing, or why Postgres can't be reached.
     """
     require_psycopg()
+    # One direct attempt first: a wrong URL or a server that is down is
+    # reported at once, in libpq's words (the pool would retry quietly).
+    try:
+        psycopg.connect(url, connect_timeout=max(1, math.ceil(timeout))).close()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to {redact_url(url)}: {_first_line(exc)}") from None
     try:
         pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False, timeout=timeout,
@@ -163,14 +170,7 @@ def open_pool(url: str, *, max_size: int, timeout: float = 10.0) -> Any:
         pool.open(wait=True, timeout=timeout)
     except psycopg_pool.PoolTimeout:
         pool.close()
-        # The pool only says it timed out: one direct attempt says why.
-        try:
-            psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to {redact_url(url)}: {_first_line(exc)}") from None
         raise StoreError(f"cannot connect to {redact_url(url)} within {timeout:g} s") from None
-    except psycopg.Error as exc:
-        raise StoreError(f"cannot use {redact_url(url)}: {_first_line(exc)}") from None
     return pool
 
 
@@ -657,9 +657,11 @@ class _Borrowed:
 
 
 def node_id_default(port: int) -> str:
-    """hostname:port, the default --node-id."""
+    """The default --node-id: hostname:port, or hostname:pidPID with port 0
+    (a free port, not known yet when the store starts)."""
+    import os
     import socket
 
-    return f"{socket.gethostname()}:{port}"
+    return f"{socket.gethostname()}:{port}" if port else f"{socket.gethostname()}:pid{os.getpid()}"
 
 
