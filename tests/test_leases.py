@@ -67,15 +67,23 @@ def test_a_takeover_waits_for_a_commit_in_flight_and_loads_it(database_url: str)
         a.conn.execute("BEGIN")
         a.check_fence("s", fence)
         a.append("s", document.epoch, [op(1, "late")])
+        # node-a's renewal (another connection) does not wait for that commit.
+        renewer = PgDatabase(database_url, node_id="node-a", lease_timeout=60)
+        try:
+            assert renewer.run(lambda d: d.renew({"s": fence}, [])) == {"s": None}
+        finally:
+            renewer.close()
+        expire(database_url, "s")  # (the renewal renewed it: expired again)
         # ...when node-b takes the expired lease over: it must wait for that commit.
         taken: list[Any] = []
         takeover = threading.Thread(target=lambda: taken.append(b.run(lambda d: d.load_leased("s"))))
         takeover.start()
-        with psycopg.connect(database_url) as watcher:
+        # Autocommit: pg_stat_activity is read once per transaction.
+        with psycopg.connect(database_url, autocommit=True) as watcher:
             for _ in range(int(HANG / 0.01)):
                 (waiting,) = watcher.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND datname = current_database() AND starts_with(query, 'UPDATE leases')"
+                    " AND datname = current_database() AND position('FOR UPDATE' in query) > 0"
                 ).fetchone()
                 if waiting:
                     break

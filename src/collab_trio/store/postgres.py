@@ -17,8 +17,8 @@ a node's). Loading a session acquires it (a takeover only when it expired or
 is this node's, and every acquisition increments the fence); a background
 task renews all of the node's leases in one statement every
 lease_timeout / 3; and every commit checks owner and fence in its own
-transaction, locking the lease row (see PgDatabase.check_fence for why that
-makes a stale owner's commit impossible). A lost lease is reported to the
+transaction, locking the lease row against a takeover (see
+PgDatabase.check_fence for why that makes a stale owner's commit impossible). A lost lease is reported to the
 server (lease_changes) so that it closes the session's members (1012).
 """
 
@@ -33,11 +33,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
+import outcome
 import trio
 
 from ..document import Op, SessionDocument
 from ..history import KeptVersion
-from .base import LeaseChange, LeaseLost, SessionElsewhere, StoreError
+from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
 from .database import _SCHEMA, PENDING, TAKEN, Database, _describe
 from .sqlite import JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
 
@@ -94,7 +95,8 @@ def redact_url(url: str) -> str:
 
 @functools.lru_cache(maxsize=512)
 def _translate(sql: str) -> str:
-    """Database's SQL (sqlite3's qmark style) in psycopg's format style."""
+    """Database's SQL (sqlite3's qmark style) in psycopg's format style
+    (with parameters: psycopg reads % only then)."""
     if sql.startswith("BEGIN"):
         # A read transaction (BEGIN DEFERRED, Database.read) sees one state
         # across its statements, as a SQLite read transaction does.
@@ -127,7 +129,9 @@ class _Connection:
         return conn
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        return self._connection().execute(_translate(sql), params or None)
+        if not params:
+            return self._connection().execute(_translate(sql) if sql.startswith("BEGIN") else sql)
+        return self._connection().execute(_translate(sql), params)
 
     def executemany(self, sql: str, rows: Any) -> Any:
         cursor = self._connection().cursor()
@@ -248,6 +252,17 @@ class PgDatabase(Database):
             if self._own_pool:
                 self.pool.close()
 
+    def _commit(self, results: list[outcome.Outcome]) -> list[outcome.Outcome]:
+        """Database._commit(); but a COMMIT whose connection broke may or may
+        not have committed (SQLite never leaves that open): OutcomeUnknown,
+        so the session reloads what is stored instead of guessing."""
+        committed = super()._commit(results)
+        conn = self.conn.conn
+        if conn is not None and conn.broken and any(isinstance(r, outcome.Error) for r in committed):
+            unknown = OutcomeUnknown(f"the connection to {self.path} broke at COMMIT; the change may or may not be stored")
+            return [outcome.Error(unknown) for _ in committed]
+        return committed
+
     # SQLite's WAL housekeeping has nothing to do here.
     def run_jobs_now(self, jobs: list[Callable[[Database], Any]]) -> None:
         return None
@@ -328,6 +343,10 @@ class PgDatabase(Database):
             " ON CONFLICT (session_id) DO NOTHING",
             (session_id, NOBODY),
         )
+        # FOR UPDATE: waits for every commit in flight (they hold the row
+        # FOR KEY SHARE, see check_fence), and holds off new ones until this
+        # transaction ends.
+        self.conn.execute("SELECT 1 FROM leases WHERE session_id = ? FOR UPDATE", (session_id,))
         row = self.conn.execute(
             "UPDATE leases SET owner = ?, fence = fence + 1, wanted_by = NULL,"
             " expires_at = now() + make_interval(secs => ?)"
@@ -356,18 +375,25 @@ class PgDatabase(Database):
         with this fence, and hold the lease row until the transaction ends.
 
         Why this makes a stale owner's commit impossible: the row is locked
-        FOR SHARE in the commit's own transaction. A takeover is an UPDATE
-        of that row, so it waits for every commit in flight to end, and the
-        new owner then loads (after its UPDATE) a document that includes
-        them. A commit that starts after a takeover committed reads the new
-        fence (READ COMMITTED reads the latest committed row) and is
-        refused; one that meets a takeover in progress waits for it and
-        then re-reads the row: refused too. Expiry is not checked: a commit
-        after expiry but before any takeover is still the only writer, and
-        the takeover that follows waits for it.
+        FOR KEY SHARE in the commit's own transaction, and a takeover
+        (acquire) first locks it FOR UPDATE, the one lock that conflicts.
+        So a takeover waits for every commit in flight to end, and the new
+        owner then loads (in the same transaction, after the lock) a
+        document that includes them. A commit that starts after a takeover
+        committed reads the new fence (READ COMMITTED locks the latest
+        committed row version) and is refused; one that meets a takeover in
+        progress waits for it, then re-reads the row: refused too. Expiry is
+        not checked: a commit after expiry but before any takeover is still
+        the only writer, and the takeover that follows waits for it.
+
+        KEY SHARE rather than SHARE: renewals and releases are plain UPDATEs
+        of non-key columns (FOR NO KEY UPDATE), which KEY SHARE does not
+        block. With SHARE a renewal would wait for the writer's transaction,
+        and that transaction's next job for a session the renewal already
+        locked would wait for the renewal: a deadlock.
         """
         row = self.conn.execute(
-            "SELECT 1 FROM leases WHERE session_id = ? AND owner = ? AND fence = ? FOR SHARE",
+            "SELECT 1 FROM leases WHERE session_id = ? AND owner = ? AND fence = ? FOR KEY SHARE",
             (session_id, self.node_id, fence),
         ).fetchone()
         if row is None:
@@ -653,7 +679,7 @@ class _Borrowed:
         self.conn = conn
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        return self.conn.execute(_translate(sql), params or None)
+        return self.conn.execute(_translate(sql), params)
 
 
 def node_id_default(port: int) -> str:
