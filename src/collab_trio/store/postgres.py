@@ -600,8 +600,9 @@ class PostgresStore(SQLiteStore):
             with trio.move_on_after(interval):
                 await self._renew_now.wait()
             self._renew_now = trio.Event()
-            fences, released = dict(self._fences), self._released
-            self._released = []
+            # Released leases stay listed until released for sure: a keeper
+            # cancelled meanwhile (the store stops) leaves them to _release_all.
+            fences, released = dict(self._fences), list(self._released)
             renewed: dict[str, str | None] | None = None
             with trio.move_on_after(interval):
                 try:
@@ -614,13 +615,13 @@ class PostgresStore(SQLiteStore):
                 if self.unreachable is None:
                     self.unreachable = f"no answer from {self.path} within {interval:g} s"
                 log.warning("Could not renew the leases of %d session(s): %s", len(fences), self.unreachable)
-                self._released += released  # try again
                 if trio.current_time() - last_success >= self.lease_timeout:
                     for session_id, fence in fences.items():
                         self._lost(session_id, fence)
                 continue
             self.unreachable = None
             last_success = trio.current_time()
+            del self._released[: len(released)]
             for session_id, fence in fences.items():
                 if session_id not in renewed:
                     log.warning("Lost the lease of session %s (another node took it over)", session_id)
