@@ -40,7 +40,7 @@ from ..document import Op, SessionDocument
 from ..history import KeptVersion
 from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
 from .database import _SCHEMA, PENDING, TAKEN, Database, _describe
-from .sqlite import JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
+from .sqlite import CLOSED, JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
 
 try:
     import psycopg
@@ -555,6 +555,8 @@ class PostgresStore(SQLiteStore):
         await self._submit(job, snapshot_cost(snapshot))
 
     def _fence_of(self, session_id: str) -> int:
+        if self._closing or self._db is None:
+            raise StoreError(CLOSED)  # as SQLiteStore says it (its leases are gone too)
         fence = self._fences.get(session_id)
         if fence is None:
             raise LeaseLost(f"session {session_id!r} moved to another node (this node holds no lease on it)")
