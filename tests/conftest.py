@@ -96,6 +96,16 @@ def store_settings(request: pytest.FixtureRequest, data_dir: Path) -> Callable[[
     return settings
 
 
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The store of the `serve` and `sessions` processes this test starts,
+    through their environment (COLLAB_TRIO_STORE, COLLAB_TRIO_DATABASE_URL)."""
+    if request.param == "postgres":
+        monkeypatch.setenv("COLLAB_TRIO_STORE", "postgres")
+        monkeypatch.setenv("COLLAB_TRIO_DATABASE_URL", request.getfixturevalue("database_url"))
+    return request.param
+
+
 @pytest.fixture
 def start_server(nursery: trio.Nursery) -> Callable[..., Any]:
     """`harness = await start_server(idle_timeout=5, ...)`: a server with these settings."""

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from trio_websocket import WebSocketConnection
 
@@ -51,15 +50,6 @@ async def build_design(host: WebSocketConnection) -> int:
 
 async def history(session: str) -> list[dict[str, Any]]:
     return json.loads(await ok("history", session, "--json"))
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The store of the servers and admin commands this test starts (from the environment)."""
-    if request.param == "postgres":
-        monkeypatch.setenv("COLLAB_TRIO_STORE", "postgres")
-        monkeypatch.setenv("COLLAB_TRIO_DATABASE_URL", request.getfixturevalue("database_url"))
-    return request.param
 
 
 async def restore_by_server(server: ServerProcess, session: str, version: int) -> str:
