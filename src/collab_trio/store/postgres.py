@@ -409,6 +409,7 @@ class PgDatabase(Database):
                 ([s for s, _ in released], [f for _, f in released], self.node_id),
             )
         if not fences:
+            self.conn.execute("SELECT 1", ())  # still: is the database there? (readiness)
             return {}
         rows = self.conn.execute(
             "UPDATE leases SET expires_at = now() + make_interval(secs => ?)"
