@@ -638,3 +638,19 @@ def test_item_by_item_parsing_agrees_with_json_loads(items: list, separators: tu
     except ValueError:
         got = ("error",)
     assert repr(got) == repr(expected)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://collab:s3cret@db.internal/collab", "postgresql://collab:***@db.internal/collab"),
+        ("postgresql://collab@db.internal/collab?password=s3cret&sslmode=require",
+         "postgresql://collab@db.internal/collab?password=***&sslmode=require"),
+        ("host=db.internal password=s3cret dbname=collab", "host=db.internal password=*** dbname=collab"),
+        ("postgresql://collab@/collab?host=/run/postgresql", "postgresql://collab@/collab?host=/run/postgresql"),
+    ],
+)
+def test_database_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    from collab_trio.store.postgres import redact_url
+
+    assert redact_url(url) == shown

@@ -18,8 +18,9 @@ is this node's, and every acquisition increments the fence); a background
 task renews all of the node's leases in one statement every
 lease_timeout / 3; and every commit checks owner and fence in its own
 transaction, locking the lease row against a takeover (see
-PgDatabase.check_fence for why that makes a stale owner's commit impossible). A lost lease is reported to the
-server (lease_changes) so that it closes the session's members (1012).
+PgDatabase.check_fence for why that makes a stale owner's commit
+impossible). A lost lease is reported to the server (lease_changes) so that
+it closes the session's members (1012).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,10 @@ import attrs
 import outcome
 import trio
 
-from ..document import Op, SessionDocument
+from ..document import DEFAULT_RETENTION, Op, SessionDocument
 from ..history import KeptVersion
 from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
-from .database import _SCHEMA, PENDING, TAKEN, Database, _describe
+from .database import _SCHEMA, PENDING, SCHEMA_VERSION, TAKEN, Database, _describe
 from .sqlite import CLOSED, JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
 
 try:
@@ -81,15 +83,20 @@ def require_psycopg() -> None:
         )
 
 
+_PASSWORD_PARAMETER = re.compile(r"(password=)[^\s&]*")
+
+
 def redact_url(url: str) -> str:
-    """The database URL without its password, fit for logs and errors."""
+    """The database URL (or key=value conninfo) without its password, fit for logs and errors."""
+    url = _PASSWORD_PARAMETER.sub(r"\1***", url)
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "(a malformed database URL)"
-    if parts.password is None:
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -206,8 +213,6 @@ class PgDatabase(Database):
         timeout: float = 10.0,
     ) -> None:
         require_psycopg()
-        from .database import DEFAULT_RETENTION, SCHEMA_VERSION
-
         self.url = url
         self.path = redact_url(url)  # type: ignore[assignment]  # what messages name
         self.node_id = node_id
