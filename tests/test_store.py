@@ -654,3 +654,21 @@ def test_database_urls_are_shown_without_their_password(url: str, shown: str) ->
     from collab_trio.store.postgres import redact_url
 
     assert redact_url(url) == shown
+
+
+def test_the_embedded_store_needs_no_postgres_driver() -> None:
+    """`collab-trio serve` with no options (SQLite) never imports psycopg."""
+    import subprocess
+    import sys
+
+    from collab_trio.testing import child_env
+
+    code = (
+        "import sys\n"
+        "from collab_trio.cli import config_from, serve_settings\n"
+        "from collab_trio.store import make_store\n"
+        "store = make_store(config_from(serve_settings(['serve'], {}).values))\n"
+        "print(type(store).__name__, 'psycopg' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=HANG)
+    assert (done.returncode, done.stdout) == (0, "SQLiteStore False\n"), done.stderr
