@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import secrets
 import signal
@@ -247,7 +248,7 @@ async def check_list_show_export(docs: dict[str, Doc], tmp_path: Path) -> dict[s
     return rows
 
 
-async def test_list_show_export_while_running_and_after_stop(tmp_path: Path) -> None:
+async def test_list_show_export_while_running_and_after_stop(tmp_path: Path, store_kind: str) -> None:
     async with populated_server() as populated:
         # The sessions are live: alice and bob are still connected.
         running = await check_list_show_export(populated.docs, tmp_path)
@@ -258,10 +259,11 @@ async def test_list_show_export_while_running_and_after_stop(tmp_path: Path) -> 
         assert {**running[session], "size": ""} == {**stopped[session], "size": ""}
 
 
-async def test_list_of_an_empty_store(tmp_path: Path) -> None:
+async def test_list_of_an_empty_store(tmp_path: Path, store_kind: str) -> None:
     async with server_process() as server:
         # A server that never had a client has created the database, no session.
-        assert await ok("list") == f"No sessions stored in {tmp_path / 'collab-data' / 'collab.sqlite3'}\n"
+        where = os.environ["COLLAB_TRIO_DATABASE_URL"] if store_kind == "postgres" else tmp_path / "collab-data" / "collab.sqlite3"
+        assert await ok("list") == f"No sessions stored in {where}\n"
         await stop(server)
 
 
@@ -287,7 +289,7 @@ async def joined_doc(port: int, path_session: str) -> Doc:
     return Doc(answer["epoch"], answer["version"], answer["state"]["items"])
 
 
-async def test_import_creates_a_session_with_a_new_epoch(tmp_path: Path) -> None:
+async def test_import_creates_a_session_with_a_new_epoch(tmp_path: Path, store_kind: str) -> None:
     exported = tmp_path / "lab.json"
     async with populated_server() as populated:
         lab = populated.docs["lab"]
@@ -321,7 +323,7 @@ async def test_import_creates_a_session_with_a_new_epoch(tmp_path: Path) -> None
         await stop(server)
 
 
-async def test_import_into_a_live_session_makes_its_clients_reconnect(tmp_path: Path) -> None:
+async def test_import_into_a_live_session_makes_its_clients_reconnect(tmp_path: Path, store_kind: str) -> None:
     replacement = [
         {"uuid": "grating-9", "item_type": "grating", "x_mm": 9.0, "lines_per_mm": 600},
         {"uuid": "lens-1", "item_type": "lens", "x_mm": -1.0},
@@ -374,7 +376,7 @@ async def test_import_into_a_live_session_makes_its_clients_reconnect(tmp_path: 
 
 
 @pytest.mark.parametrize("server_running", [True, False], ids=["server-running", "server-stopped"])
-async def test_delete_and_prune(server_running: bool) -> None:
+async def test_delete_and_prune(server_running: bool, store_kind: str) -> None:
     async with populated_server() as populated:
         async with tcp_client(populated.port, "/ws/scratch/eve") as eve:
             await receive(eve, "connection:ack")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,11 +57,15 @@ async def restore_by_server(server: ServerProcess, session: str, version: int) -
     result = await sessions("restore", session, "--version", str(version), "--yes")
     assert result.returncode == 0, result
     pid = server.process.pid
-    assert result.stderr == f"Asked the running server (pid {pid}) to restore it; waiting up to 10 s\n"
+    # A Postgres node is named by its node id (hostname:pidPID with port 0).
+    who = f"node {socket.gethostname()}:pid{pid}" if os.environ.get("COLLAB_TRIO_STORE") == "postgres" else f"(pid {pid})"
+    assert result.stderr == f"Asked the running server {who} to restore it; waiting up to 10 s\n"
     return result.stdout
 
 
-async def test_a_design_overwritten_by_a_full_state_upload_is_restored_in_the_live_session(data_dir: Path) -> None:
+async def test_a_design_overwritten_by_a_full_state_upload_is_restored_in_the_live_session(
+    data_dir: Path, store_kind: str
+) -> None:
     async with server_process() as server:
         port = server.port
         async with tcp_client(port, "/ws/design/alice") as first:
@@ -162,7 +167,7 @@ async def test_restore_through_the_server_of_a_session_that_is_not_live(data_dir
         await stop(server)
 
 
-async def test_restore_without_a_server_and_its_errors(data_dir: Path) -> None:
+async def test_restore_without_a_server_and_its_errors(data_dir: Path, store_kind: str) -> None:
     async with server_process() as server:
         async with tcp_client(server.port, "/ws/lab/alice") as alice:
             await receive(alice, "connection:ack")
@@ -188,9 +193,11 @@ async def test_restore_without_a_server_and_its_errors(data_dir: Path) -> None:
         " add --yes to go ahead\n"
     )
     assert len(await history("lab")) == 1
-    # No server: restored here, in one transaction.
+    # No server: restored here, in one transaction (Postgres: with the
+    # session's lease row locked, so that no node loads it meanwhile).
+    nobody = "no node serves it" if store_kind == "postgres" else "no server running"
     assert await ok("restore", "lab", "--version", "1", "--yes") == (
-        "Restored version 1 of session lab as op 6 (no server running)\n"
+        f"Restored version 1 of session lab as op 6 ({nobody})\n"
     )
     exported = json.loads(await ok("export", "lab"))
     assert (exported["version"], exported["items"]) == (6, DESIGN)
