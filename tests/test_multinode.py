@@ -19,17 +19,22 @@ provides both); elsewhere they are skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from collab_trio.cluster_testing import Cluster, Editor, haproxy_binary, open_cluster, render_haproxy
-from collab_trio.testing import HANG, expect_json, tcp_client
+from collab_trio.testing import HANG, add_item, child_env, expect_json, recv_json, server_process, tcp_client
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "deploy" / "haproxy-cluster.cfg"
@@ -102,3 +107,195 @@ async def test_haproxy_routes_a_session_to_one_node_and_moves_only_a_dead_nodes_
                 else:
                     # Consistent hashing: a survivor's sessions stay where they were.
                     assert after[session] == set(), (session, after)
+
+
+# -- with the Postgres store: failover and fencing ---------------------------------------------
+
+LEASE_TIMEOUT = 3.0
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """A fresh database on the test Postgres (COLLAB_TRIO_TEST_DATABASE_URL)."""
+    url = os.environ.get("COLLAB_TRIO_TEST_DATABASE_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("COLLAB_TRIO_TEST_DATABASE_URL is not set; .ci/run provides Postgres")
+        pytest.skip("no Postgres (set COLLAB_TRIO_TEST_DATABASE_URL); CI runs this test")
+    name = f"multinode_{tmp_path.name.replace('-', '_').lower()}"[:60]
+    subprocess.run(["psql", url, "-q", "-c", f"CREATE DATABASE {name}"], check=True, timeout=HANG)
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def postgres_node(database_url: str, *extra: str) -> Callable[[str], list[str]]:
+    def args(name: str) -> list[str]:
+        return [
+            "--store", "postgres", "--database-url", database_url, "--node-id", name,
+            "--lease-timeout", str(LEASE_TIMEOUT), *extra,
+        ]
+    return args
+
+
+def export(database_url: str, session: str) -> dict[str, Any]:
+    """The stored document, read by the admin command (not through any node)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "collab_trio", "sessions", "export", session, "--database-url", database_url],
+        capture_output=True, text=True, timeout=HANG, env=child_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+async def stored_ops(port: int, session: str, epoch: str) -> list[dict[str, Any]]:
+    """Every op of the session in seq order, as a node loads them from the store (resume from 0)."""
+    async with tcp_client(port, f"/ws/{session}/auditor") as ws:
+        await expect_json(ws, "connection:ack")
+        await ws.send_message(json.dumps({"type": "sync:request", "since": 0, "epoch": epoch}))
+        while (message := await recv_json(ws))["type"] != "sync:ops":
+            assert message["type"] not in ("sync:state", "error"), message
+        return message["ops"]
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float) -> float:
+    """Wait (bounded) until `condition()` holds, checking every 20 ms; the time it took."""
+    start = trio.current_time()
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.02)
+        return trio.current_time() - start
+    raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+async def test_sigkill_of_a_node_loses_nothing_acknowledged(tmp_path: Path, database_url: str) -> None:
+    need_haproxy()
+    sessions = [f"room-{i}" for i in range(SESSIONS)]
+    with trio.fail_after(90):
+        async with open_cluster(CONFIG, tmp_path, postgres_node(database_url)) as cluster:
+            stop = trio.Event()
+            editors = [Editor(cluster.port, s, user, interval=0.2) for s in sessions for user in ("ada", "bob")]
+            async with trio.open_nursery() as nursery:
+                for editor in editors:
+                    nursery.start_soon(editor.run, stop)
+                await until(lambda: all(len(e.acked) >= 3 for e in editors), "every editor acknowledged", 20)
+                owners = {s: [n.name for n in cluster.nodes if s in n.sessions_joined()] for s in sessions}
+                assert all(len(nodes) == 1 for nodes in owners.values()), owners
+                counts = {n.name: sum(1 for o in owners.values() if o == [n.name]) for n in cluster.nodes}
+                victim = cluster.node(max(counts, key=lambda name: counts[name]))
+                moved = [s for s in sessions if owners[s] == [victim.name]]
+
+                victim.signal(signal.SIGKILL)
+                killed_at = trio.current_time()
+                affected = [e for e in editors if e.session in moved]
+                await until(
+                    lambda: all(e.served_after(killed_at) for e in affected),
+                    "every session of the killed node served again", LEASE_TIMEOUT + 5,
+                )
+                recovery = {
+                    s: max(e.served_after(killed_at) - killed_at for e in affected if e.session == s) for s in moved
+                }
+                print(
+                    f"\nkilled {victim.name} (owner of {len(moved)} of {SESSIONS} sessions, {counts});"
+                    f" served again after {min(recovery.values()):.2f}-{max(recovery.values()):.2f} s"
+                    f" (lease timeout {LEASE_TIMEOUT:g} s)"
+                )
+                # The others were never interrupted.
+                assert all(not e.closes for e in editors if e.session not in moved)
+                await until(lambda: all(len(e.ack_times) >= 2 and e.ack_times[-2] > killed_at for e in editors),
+                            "two more acks everywhere", 10)
+                stop.set()
+
+            acknowledged = sum(len(e.acked) for e in editors)
+            print(f"{acknowledged} changes acknowledged by {len(editors)} editors; closes seen: "
+                  f"{sorted({code for e in editors for _, code, _ in e.closes}, key=str)}")
+            for session in sessions:
+                pair = [e for e in editors if e.session == session]
+                assert not any(e.gaps for e in pair), [e.gaps for e in pair]
+                ops = await stored_ops(cluster.port, session, pair[0].epoch)
+                stored = export(database_url, session)
+                seqs = [op["seq"] for op in ops]
+                assert seqs == list(range(1, stored["version"] + 1)), (session, seqs)
+                op_ids = [op["op_id"] for op in ops]
+                assert len(op_ids) == len(set(op_ids)), f"{session}: a change stored twice"
+                at_seq = dict(zip(seqs, op_ids))
+                for editor in pair:
+                    for op_id, seq in editor.acked:
+                        assert at_seq.get(seq) == op_id, (session, op_id, seq)
+                    # The client's copy (relays, acks, resumes) is the stored document.
+                    assert editor.seq == stored["version"]
+                    assert editor.items == {item["uuid"]: item for item in stored["items"]}
+
+
+async def refusals_then_join(port: int, path: str, stack: AsyncExitStack, timeout: float) -> tuple[Any, list[Any]]:
+    """Connect until the node serves the session: (the open connection, the close reasons before it)."""
+    refusals = []
+    with trio.fail_after(timeout):
+        while True:
+            attempt = AsyncExitStack()
+            ws = await attempt.enter_async_context(tcp_client(port, path))
+            try:
+                await expect_json(ws, "connection:ack")
+            except ConnectionClosed as exc:
+                refusals.append(exc.reason)
+                await attempt.aclose()
+                await trio.sleep(0.2)
+                continue
+            stack.push_async_exit(attempt)
+            return ws, refusals
+
+
+async def edit(ws: Any, item_id: str) -> dict[str, Any]:
+    """Send one add_item (op_id = item_id); the answer to it (ack or error), skipping others' messages."""
+    await ws.send_message(json.dumps(add_item(item_id, {"by": item_id}, op_id=item_id)))
+    while (message := await recv_json(ws))["type"] not in ("ack", "error"):
+        pass
+    return message
+
+
+async def test_a_paused_owner_is_fenced_when_its_lease_moves(tmp_path: Path, database_url: str) -> None:
+    args = postgres_node(database_url)
+    with trio.fail_after(60):
+        async with server_process(*args("nodeA")) as node_a, server_process(*args("nodeB")) as node_b:
+            async with AsyncExitStack() as stack:
+                ada = await stack.enter_async_context(tcp_client(node_a.port, "/ws/fenced/ada"))
+                await expect_json(ada, "connection:ack")
+                assert (await edit(ada, "before-pause"))["type"] == "ack"
+
+                node_a.process.send_signal(signal.SIGSTOP)
+                try:
+                    paused_at = trio.current_time()
+                    bob, refusals = await refusals_then_join(
+                        node_b.port, "/ws/fenced/bob", stack, LEASE_TIMEOUT + 5
+                    )
+                    took = trio.current_time() - paused_at
+                    print(f"\nnodeB served the session {took:.2f} s after nodeA was paused; refusals: {refusals}")
+                    # While nodeA's lease lasted, nodeB said who owns the session.
+                    assert refusals and all(r.code == 1013 and "nodeA" in (r.reason or "") for r in refusals)
+                    assert took >= LEASE_TIMEOUT * 0.5
+                    assert (await edit(bob, "after-takeover"))["type"] == "ack"
+                    # Queued in nodeA's socket while it is stopped: the first thing it reads.
+                    await ada.send_message(json.dumps(add_item("stale", op_id="stale")))
+                finally:
+                    node_a.process.send_signal(signal.SIGCONT)
+
+                # nodeA wakes up: it may not commit "stale"; its member is sent away.
+                answers = []
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        answers.append(await recv_json(ada))
+                assert closed.value.reason.code == 1012, closed.value.reason
+                assert not [a for a in answers if a["type"] == "ack"], answers
+                errors = [a for a in answers if a["type"] == "error"]
+                assert all(e["code"] == "not_persisted" for e in errors), errors
+                print(f"nodeA's member got {[a['type'] + ':' + a.get('code', '') for a in answers]},"
+                      f" then {closed.value.reason}")
+
+                # nodeA serves the session no more: it names the new owner.
+                async with tcp_client(node_a.port, "/ws/fenced/ada") as again:
+                    with pytest.raises(ConnectionClosed) as refused:
+                        await expect_json(again, "connection:ack")
+                assert refused.value.reason.code == 1013 and "nodeB" in (refused.value.reason.reason or "")
+
+                assert (await edit(bob, "still-served"))["type"] == "ack"
+            stored = export(database_url, "fenced")
+            assert sorted(item["uuid"] for item in stored["items"]) == ["after-takeover", "before-pause", "still-served"]
+            assert node_a.process.returncode is None and node_b.process.returncode is None

@@ -254,7 +254,7 @@ class Editor:
             self.epoch = message["epoch"]
             return True
         elif kind == "sync:state":
-            self.items = {item["uuid"]: item for item in message["state"].get("items", [])}
+            self.items = {item["uuid"]: item for item in (message["state"] or {}).get("items", [])}
             self.seq, self.epoch = message["version"], message["epoch"]
             return True
         elif kind == "error":
