@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from collab_trio.cluster_testing import Cluster, Editor, haproxy_binary, open_cluster, render_haproxy
+from collab_trio.cluster_testing import Cluster, Editor, fresh_database, haproxy_binary, open_cluster, render_haproxy
 from collab_trio.testing import HANG, add_item, child_env, expect_json, recv_json, server_process, tcp_client
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,17 @@ CONFIG = REPO / "deploy" / "haproxy-cluster.cfg"
 SESSIONS = 20
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="HAProxy cluster tests run on Linux")
+
+
+def postgres_database(tmp_path: Path) -> str:
+    """A fresh database named after the test on $COLLAB_TRIO_TEST_DATABASE_URL; fail in CI, skip elsewhere without."""
+    url = os.environ.get("COLLAB_TRIO_TEST_DATABASE_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("COLLAB_TRIO_TEST_DATABASE_URL is not set; .ci/run provides Postgres")
+        pytest.skip("no Postgres (tools/pg_cluster.sh start DIR sets COLLAB_TRIO_TEST_DATABASE_URL); CI runs this")
+    name = "mn_" + re.sub(r"[^a-z0-9_]", "_", tmp_path.name.lower())[:40] + f"_{os.getpid()}"
+    return fresh_database(url, name)
 
 
 def need_haproxy() -> str:
@@ -116,15 +128,8 @@ LEASE_TIMEOUT = 3.0
 
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
-    """A fresh database on the test Postgres (COLLAB_TRIO_TEST_DATABASE_URL)."""
-    url = os.environ.get("COLLAB_TRIO_TEST_DATABASE_URL")
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("COLLAB_TRIO_TEST_DATABASE_URL is not set; .ci/run provides Postgres")
-        pytest.skip("no Postgres (set COLLAB_TRIO_TEST_DATABASE_URL); CI runs this test")
-    name = f"multinode_{tmp_path.name.replace('-', '_').lower()}"[:60]
-    subprocess.run(["psql", url, "-q", "-c", f"CREATE DATABASE {name}"], check=True, timeout=HANG)
-    return url.rsplit("/", 1)[0] + "/" + name
+    """A fresh database on the test Postgres ($COLLAB_TRIO_TEST_DATABASE_URL)."""
+    return postgres_database(tmp_path)
 
 
 def postgres_node(database_url: str, *extra: str) -> Callable[[str], list[str]]:
@@ -187,11 +192,11 @@ async def test_sigkill_of_a_node_loses_nothing_acknowledged(tmp_path: Path, data
                 killed_at = trio.current_time()
                 affected = [e for e in editors if e.session in moved]
                 await until(
-                    lambda: all(e.served_after(killed_at) for e in affected),
+                    lambda: all(e.served_again_after(killed_at) for e in affected),
                     "every session of the killed node served again", LEASE_TIMEOUT + 5,
                 )
                 recovery = {
-                    s: max(e.served_after(killed_at) - killed_at for e in affected if e.session == s) for s in moved
+                    s: max(e.served_again_after(killed_at) - killed_at for e in affected if e.session == s) for s in moved
                 }
                 print(
                     f"\nkilled {victim.name} (owner of {len(moved)} of {SESSIONS} sessions, {counts});"

@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -51,6 +53,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
         return int(probe.getsockname()[1])
+
+
+def fresh_database(url: str, name: str) -> str:
+    """Create database `name` on the Postgres server of `url` (with psql); the URL of the new database.
+
+    Raises:
+        HarnessError: psql failed (one line: its error).
+    """
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise HarnessError(f"not a plain database name: {name!r}")
+    try:
+        result = subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", f"CREATE DATABASE {name}"],
+            capture_output=True, text=True, timeout=HANG,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HarnessError(f"psql could not run: {exc}") from None
+    if result.returncode != 0:
+        raise HarnessError(f"CREATE DATABASE {name}: {result.stderr.strip()}")
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def haproxy_binary() -> str | None:
@@ -200,12 +223,16 @@ class Editor:
     acked: list[tuple[str, int]] = attrs.field(factory=list)
     # When each ack arrived (trio time), for "served again" and latencies.
     ack_times: list[float] = attrs.field(factory=list)
+    # When each connection (after its sync answer) began.
+    connected_times: list[float] = attrs.field(factory=list)
     latencies: list[float] = attrs.field(factory=list)
     closes: list[tuple[float, int | None, str]] = attrs.field(factory=list)
     errors: list[dict[str, Any]] = attrs.field(factory=list)
     gaps: list[str] = attrs.field(factory=list)
     attempts: int = 0
     connections: int = 0
+    # Other members' changes relayed to this one (deliveries).
+    relays: int = 0
     _counter: int = 0
     _pending: dict[str, Any] | None = None
     _sent_at: float = 0.0
@@ -242,6 +269,7 @@ class Editor:
         """Handle one message; True once it answered the sync request."""
         kind = message.get("type")
         if kind == "command" and "seq" in message:
+            self.relays += 1
             self._apply_op(message["seq"], message["command"])
         elif kind == "ack":
             self._acknowledged(message.get("op_id"), message["seq"])
@@ -280,6 +308,7 @@ class Editor:
             self.epoch = None  # a whole state, then
         await self._sync(ws)
         self.connections += 1
+        self.connected_times.append(trio.current_time())
         async with trio.open_nursery() as nursery:
 
             async def reader() -> None:
@@ -336,7 +365,13 @@ class Editor:
         else:
             self.closes.append((now, None, repr(exc)))
 
-    def served_after(self, moment: float) -> float | None:
-        """When the first change after `moment` was acknowledged (None: none was)."""
-        return next((t for t in self.ack_times if t > moment), None)
+    def served_again_after(self, moment: float) -> float | None:
+        """When a change was first acknowledged on a connection opened after `moment` (None: none was yet).
+
+        An ack that was on its way when the old connection broke does not count.
+        """
+        reconnected = next((t for t in self.connected_times if t > moment), None)
+        if reconnected is None:
+            return None
+        return next((t for t in self.ack_times if t > reconnected), None)
 
