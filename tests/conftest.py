@@ -5,8 +5,10 @@ The plumbing itself lives in collab_trio.testing, which tests import directly.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,48 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("COLLAB_TRIO_DATA_DIR", str(path))
     monkeypatch.chdir(tmp_path)
     return path
+
+
+# The throwaway Postgres cluster (tools/pg_cluster.sh; .ci/run starts one).
+TEST_DATABASE_URL_ENV = "COLLAB_TRIO_TEST_DATABASE_URL"
+STORES = ("sqlite", "postgres")
+
+
+@pytest.fixture
+def database_url() -> Iterator[str]:
+    """A database URL of its own for this test: a fresh schema on the test
+    cluster, dropped afterwards (safe beside other xdist workers).
+
+    Without a cluster the test is skipped, except under CI (env CI set),
+    where Postgres must be there: it fails.
+    """
+    base = os.environ.get(TEST_DATABASE_URL_ENV)
+    if not base:
+        why = f"no Postgres: ${TEST_DATABASE_URL_ENV} is not set (eval \"$(tools/pg_cluster.sh start DIR)\")"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide Postgres; {why}")
+        pytest.skip(why)
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:20]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    # Every connection of the URL works in that schema (libpq's options).
+    yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def store_settings(request: pytest.FixtureRequest, data_dir: Path) -> Callable[[str], dict[str, Any]]:
+    """`start_server(**store_settings("postgres"))`: the settings of a store by name."""
+
+    def settings(kind: str) -> dict[str, Any]:
+        if kind == "postgres":
+            return {"store": "postgres", "database_url": request.getfixturevalue("database_url")}
+        return {"store": kind, "data_dir": str(data_dir)}
+
+    return settings
 
 
 @pytest.fixture

@@ -33,6 +33,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max-message-size": ("2M", 2 * MIB),
     "idle-timeout": ("12.5", 12.5),
     "data-dir": ("elsewhere", "elsewhere"),
+    "database-url": ("postgresql://db.example/collab", "postgresql://db.example/collab"),
+    "node-id": ("node-b", "node-b"),
     "retention": ("77", 77),
     "tokens": ("tokens.toml", "tokens.toml"),
     "allowed-origin": ("https://lab.example", ["https://lab.example"]),
@@ -185,7 +187,7 @@ def test_every_problem_is_one_line_naming_its_source(tmp_path: Path) -> None:
     assert info.value.problems == [
         f"{path}: unknown key 'prot' (did you mean 'port'?)",
         f"{path}: idle-timeout: seconds must be positive",
-        f"{path}: store: invalid choice: 'disk' (choose from 'sqlite', 'memory')",
+        f"{path}: store: invalid choice: 'disk' (choose from 'sqlite', 'memory', 'postgres')",
         f"{path}: debug: expected true or false, got a string ('yes')",
         f"{path}: host: expected a string, got an integer (5)",
         f"{path}: 'print-config' can't be set in a config file",

@@ -1,5 +1,6 @@
-"""The SQLite store: journal, snapshots, compaction, admin operations, and the
-server on top of it (restart, resume, op_id de-duplication, store failures)."""
+"""The durable stores (SQLite, and Postgres where a test says so): journal,
+snapshots, compaction, admin operations, and the server on top of it
+(restart, resume, op_id de-duplication, store failures)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,27 @@ def op(seq: int, item_id: str, user: str = "alice", op_id: Any = None) -> Op:
     return Op(seq, user, COMMAND, f"2026-01-01T00:00:{seq % 60:02d}+00:00", command=command, op_id=op_id)
 
 
+def open_database(kind: str, request: pytest.FixtureRequest, data_dir: Path) -> Database:
+    """A Database of either store, on this test's data directory or database."""
+    if kind == "postgres":
+        from collab_trio.store.postgres import PgDatabase
+
+        return PgDatabase(request.getfixturevalue("database_url"), retention=5)
+    return Database(database_path(data_dir), retention=5)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, data_dir: Path) -> Database:
+    """The Store contract's rows, on SQLite and on Postgres."""
+    database = open_database(request.param, request, data_dir)
+    database.kind = request.param  # type: ignore[attr-defined]
+    yield database
+    database.close()
+
+
 @pytest.fixture
-def db(data_dir: Path) -> Database:
+def sqlite_db(data_dir: Path) -> Database:
+    """What only SQLite has: rows earlier versions wrote, its JSON functions."""
     database = Database(database_path(data_dir), retention=5)
     yield database
     database.close()
@@ -53,24 +73,24 @@ def session_rows(data_dir: Path) -> list[str]:
         reader.close()
 
 
-def test_loading_an_unknown_session_writes_nothing(db: Database, data_dir: Path) -> None:
+def test_loading_an_unknown_session_writes_nothing(db: Database, data_dir: Path, request: pytest.FixtureRequest) -> None:
     first = db.run(lambda d: d.load("s"))
     again = db.run(lambda d: d.load("s"))
     assert first.version == again.version == 0
     assert first.state("t") is None and again.state("t") is None
     # No row: each load may have a new epoch, which no client can hold with a version > 0.
-    assert session_rows(data_dir) == [] and db.session_ids() == []
+    assert db.read(lambda d: d.summaries()) == [] and db.session_ids() == []
     with pytest.raises(StoreError, match="no session 's'"):
         db.read(lambda d: d.info("s"))
     # Nor does a snapshot of the never-written document store anything.
     db.run(lambda d: d.save_snapshot("s", again.snapshot()))
-    assert session_rows(data_dir) == []
+    assert db.read(lambda d: d.summaries()) == []
     assert db.conn.execute("SELECT COUNT(*) FROM snapshots").fetchone() == (0,)
     # The first change stores the session, with the epoch of the document it changed.
     db.run(lambda d: d.append("s", again.epoch, [op(1, "a")]))
-    assert session_rows(data_dir) == ["s"]
+    assert [info.session_id for info in db.read(lambda d: d.summaries())] == ["s"]
     db.close()
-    reopened = Database(database_path(data_dir), retention=5)
+    reopened = open_database(db.kind, request, data_dir)
     try:
         for _ in range(2):
             document = reopened.run(lambda d: d.load("s"))
@@ -143,12 +163,12 @@ def test_rows_of_sessions_an_earlier_version_created_on_load_are_removed(data_di
         reader.close()
 
 
-def test_journal_replays_after_reopen(db: Database, data_dir: Path) -> None:
+def test_journal_replays_after_reopen(db: Database, data_dir: Path, request: pytest.FixtureRequest) -> None:
     epoch = db.run(lambda d: d.load("s")).epoch
     db.run(lambda d: d.append("s", epoch, [op(1, "a"), op(2, "b")]))
     db.run(lambda d: d.append("s", epoch, [op(3, "c", op_id="x")]))
     db.close()
-    reopened = Database(database_path(data_dir), retention=5)
+    reopened = open_database(db.kind, request, data_dir)
     try:
         document = reopened.run(lambda d: d.load("s"))
     finally:
@@ -283,9 +303,9 @@ async def test_commands_are_stored_before_anyone_hears_of_them(start_server, dat
             assert (await alice.expect("ack"))["seq"] == 1
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
-async def test_resume_with_sync_ops(start_server, data_dir: Path, store: str) -> None:
-    harness: Harness = await start_server(store=store, data_dir=str(data_dir), retention=5)
+@pytest.mark.parametrize("store", ["memory", "sqlite", "postgres"])
+async def test_resume_with_sync_ops(start_server, store_settings, store: str) -> None:
+    harness: Harness = await start_server(**store_settings(store), retention=5)
     with trio.fail_after(HANG):
         async with harness.joined("s", "alice") as alice:
             ack_epoch = harness.registry.sessions["s"].document.epoch
@@ -327,11 +347,9 @@ async def test_resume_with_sync_ops(start_server, data_dir: Path, store: str) ->
             assert [o["command"]["item_id"] for o in ops["ops"]] == ["g"]
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
-async def test_repeated_op_id_is_acknowledged_not_applied_twice(
-    start_server, data_dir: Path, store: str
-) -> None:
-    harness: Harness = await start_server(store=store, data_dir=str(data_dir))
+@pytest.mark.parametrize("store", ["memory", "sqlite", "postgres"])
+async def test_repeated_op_id_is_acknowledged_not_applied_twice(start_server, store_settings, store: str) -> None:
+    harness: Harness = await start_server(**store_settings(store))
     with trio.fail_after(HANG):
         async with harness.joined("s", "alice") as alice, harness.joined("s", "bob") as bob:
             await alice.expect("user:joined")
@@ -499,11 +517,9 @@ def test_replace_ops_survive_a_reload(db: Database) -> None:
     assert list(loaded.items) == ["x"] and loaded.version == 2
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
-async def test_sync_request_right_after_a_command_includes_it(
-    start_server, data_dir: Path, store: str
-) -> None:
-    harness: Harness = await start_server(store=store, data_dir=str(data_dir))
+@pytest.mark.parametrize("store", ["memory", "sqlite", "postgres"])
+async def test_sync_request_right_after_a_command_includes_it(start_server, store_settings, store: str) -> None:
+    harness: Harness = await start_server(**store_settings(store))
     with trio.fail_after(HANG):
         async with harness.joined("s", "alice") as alice:
             await alice.send(add("a"))
@@ -547,7 +563,8 @@ def test_large_snapshots_are_stored_in_lines_parsed_one_at_a_time() -> None:
     assert decode_items(text) == items
 
 
-def test_rows_written_by_the_stdlib_still_load(db: Database, data_dir: Path) -> None:
+def test_rows_written_by_the_stdlib_still_load(sqlite_db: Database, data_dir: Path) -> None:
+    db = sqlite_db
     # What earlier versions stored: compact stdlib JSON, big integers exact.
     items = [dict(item, item_type="lens") for item in ODD_ITEMS]
     db.conn.execute(
@@ -571,7 +588,8 @@ def test_rows_written_by_the_stdlib_still_load(db: Database, data_dir: Path) -> 
     assert (info.items, info.unreadable) == (5, None)
 
 
-def test_what_is_stored_now_is_plain_json_for_sqlite_and_the_admin_commands(db: Database) -> None:
+def test_what_is_stored_now_is_plain_json_for_sqlite_and_the_admin_commands(sqlite_db: Database) -> None:
+    db = sqlite_db
     epoch = db.run(lambda d: d.load("s")).epoch
     items = [dict(ODD_ITEMS[i % 4], uuid=f"i{i}") for i in range(3000)]
     db.run(lambda d: d.append("s", epoch, [Op(1, "alice", REPLACE, "t", items=items)]))

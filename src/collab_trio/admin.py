@@ -27,7 +27,7 @@ from typing import Any
 
 from .history import VersionInfo
 from .protocol import HandshakeRejected, check_id
-from .store import StoreError
+from .store import SessionElsewhere, StoreError
 from .store.database import DONE, FAILED, Database, SessionInfo, database_path
 from .store.sqlite import DataDirInUse, lock_data_dir
 
@@ -43,8 +43,16 @@ def _human_size(size: int) -> str:
 READS = ("list", "show", "history", "export", "backup")
 
 
-def _open(data_dir: str, *, readonly: bool) -> Database:
-    return Database(database_path(data_dir), create=False, readonly=readonly)
+def _open(args: argparse.Namespace, *, readonly: bool, create: bool = False) -> Database:
+    """The data directory's database, or the Postgres store's with --database-url."""
+    url = getattr(args, "database_url", None)
+    if url:
+        from .store.postgres import PgDatabase
+
+        return PgDatabase(url)
+    if create:
+        return Database(database_path(args.data_dir))
+    return Database(database_path(args.data_dir), create=False, readonly=readonly)
 
 
 def _print_list(infos: list[SessionInfo]) -> int:
@@ -158,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         except HandshakeRejected as exc:
             raise StoreError(exc.reason) from None
         items = _read_state(args.file)
-        db = Database(database_path(args.data_dir))
+        db = _open(args, readonly=False, create=True)
         try:
             if db.read(lambda d: d.exists(session_id)):
                 _confirm(args, f"Replace the document of session {session_id} (it is kept as a version)?")
@@ -167,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
             db.close()
         print(f"Imported {len(items)} item(s) into session {session_id} (new epoch {epoch})")
         return 0
-    db = _open(args.data_dir, readonly=action in READS)
+    db = _open(args, readonly=action in READS)
     try:
         if action == "list":
             # One read transaction, no document loaded: see Database.summaries.
@@ -266,11 +274,19 @@ def _restore(db: Database, args: argparse.Namespace) -> int:
     # Unknown session or version: said at once, before asking anything.
     items = db.read(lambda d: d.version_items(session_id, number))
     _confirm(args, f"Make version {number} ({len(items)} item(s)) the document of session {session_id}?")
+    if getattr(args, "database_url", None):
+        # The lease row, locked, says whether a live node serves the session.
+        try:
+            seq = db.run(lambda d: d.restore(session_id, number))
+        except SessionElsewhere as exc:
+            return _restore_by_server(db, args, f"node {exc.owner}")
+        print(f"Restored version {number} of session {session_id} as op {seq} (no node serves it)")
+        return 0
     data_dir = Path(args.data_dir)
     try:
         fd = lock_data_dir(data_dir)
     except DataDirInUse as exc:
-        return _restore_by_server(db, args, exc.pid)
+        return _restore_by_server(db, args, f"(pid {exc.pid})" if exc.pid else "(pid unknown)")
     try:
         # No server runs, and none can start on the directory until this is done.
         seq = db.run(lambda d: d.restore(session_id, number))
@@ -280,10 +296,10 @@ def _restore(db: Database, args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore_by_server(db: Database, args: argparse.Namespace, pid: int | None) -> int:
-    """Ask the server holding the data directory to restore, and wait for its answer."""
+def _restore_by_server(db: Database, args: argparse.Namespace, server: str) -> int:
+    """Ask the server holding the data directory (or the node serving the
+    session) to restore, and wait for its answer."""
     session_id, number = args.session_id, args.version
-    server = f"(pid {pid})" if pid else "(pid unknown)"
     request = db.run(lambda d: d.add_request(session_id, "restore", number, timeout=args.timeout))
     started = time.monotonic()
     said = started

@@ -22,7 +22,7 @@ import trio
 from . import __version__, settings
 from .admin import run_sessions_command
 from .auth import TokensFileError
-from .config import DATA_DIR_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig, split_address
+from .config import DATA_DIR_ENV, DATABASE_URL_ENV, DEFAULT_PORT, FSYNC_MODES, MIB, STORES, ServerConfig, split_address
 from .exceptions import leaf_exceptions
 from .metrics import MetricsAddressError
 from .logs import LOG_FORMATS, LOG_LEVELS, configure_logging
@@ -130,6 +130,16 @@ def _add_data_dir(parser: argparse.ArgumentParser, *, from_env: bool = True) -> 
     )
 
 
+def _add_database_url(parser: argparse.ArgumentParser, *, from_env: bool = True) -> None:
+    # `serve` reads $COLLAB_TRIO_DATABASE_URL through settings.py, like --data-dir.
+    default = os.environ.get(DATABASE_URL_ENV) if from_env else None
+    parser.add_argument(
+        "--database-url", default=default, metavar="URL",
+        help="postgresql://... : the sessions of the postgres store"
+        + (f" (default: ${DATABASE_URL_ENV}; else --data-dir)" if from_env else " (with --store postgres)"),
+    )
+
+
 def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (stable keys; see the README)")
 
@@ -152,14 +162,17 @@ def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
     listing = actions.add_parser("list", help="every stored session with its size")
     _add_json(listing)
     _add_data_dir(listing)
+    _add_database_url(listing)
     show = actions.add_parser("show", help="one session's details and items")
     show.add_argument("session_id")
     _add_json(show)
     _add_data_dir(show)
+    _add_database_url(show)
     history = actions.add_parser("history", help="the versions kept of a session's replaced documents")
     history.add_argument("session_id")
     _add_json(history)
     _add_data_dir(history)
+    _add_database_url(history)
     restore = actions.add_parser(
         "restore", help="make a kept version the session's document again (also while it is live)"
     )
@@ -171,27 +184,33 @@ def _add_sessions_commands(commands: argparse._SubParsersAction) -> None:
     )
     _add_yes(restore)
     _add_data_dir(restore)
+    _add_database_url(restore)
     export = actions.add_parser("export", help="a session's document as Optiverse state JSON")
     export.add_argument("session_id")
     export.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     _add_data_dir(export)
+    _add_database_url(export)
     load = actions.add_parser("import", help="make a JSON state the whole document of a session")
     load.add_argument("file", help="a JSON file from `sessions export` (or {\"items\": [...]})")
     load.add_argument("--as", dest="session_id", required=True, metavar="ID", help="the session to create or replace")
     _add_yes(load)
     _add_data_dir(load)
+    _add_database_url(load)
     delete = actions.add_parser("delete", help="remove a session, its history and its versions")
     delete.add_argument("session_id")
     _add_yes(delete)
     _add_data_dir(delete)
+    _add_database_url(delete)
     backup = actions.add_parser("backup", help="copy the whole database, consistently, while it is in use")
     backup.add_argument("file", help="the new database file to write")
     _add_data_dir(backup)
+    _add_database_url(backup)
     prune = actions.add_parser("prune", help="delete sessions with no activity for a while")
     prune.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
     prune.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
     _add_yes(prune)
     _add_data_dir(prune)
+    _add_database_url(prune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,9 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--store", choices=STORES, default=defaults.store,
-        help="sqlite: durable, in --data-dir (default); memory: lost on restart",
+        help="sqlite: durable, in --data-dir (default); memory: lost on restart;"
+        " postgres: in --database-url, shared by several nodes",
     )
     _add_data_dir(run, from_env=False)
+    _add_database_url(run, from_env=False)
+    run.add_argument(
+        "--node-id", metavar="NAME",
+        help="this node's name in session leases (postgres store; default: hostname:port)",
+    )
+    run.add_argument(
+        "--lease-timeout", type=_seconds, default=defaults.lease_timeout, metavar="SECONDS",
+        help="a session moves to another node this long after its node stopped"
+        " renewing its lease (postgres store; default: %(default)g)",
+    )
     run.add_argument(
         "--fsync", choices=FSYNC_MODES, default=defaults.fsync,
         help="normal: survives a crash of the process (default); full: also a power cut",
@@ -419,6 +449,9 @@ async def run_until_signalled(config: ServerConfig) -> int:
             log.info("Tokens required (%d defined in %s)", len(server.tokens or ()), config.tokens_file)
         if config.store == "memory":
             log.info("Sessions are kept in memory only: a restart loses them (--store memory)")
+        elif config.store == "postgres":
+            store = server.store
+            log.info("Sessions are stored in %s (node %s)", store.path, store.node_id)  # type: ignore[attr-defined]
         else:
             log.info(
                 "Sessions are stored in %s (fsync %s)",
@@ -517,7 +550,11 @@ def _serve(argv: Sequence[str]) -> int:
                 exc.strerror if not isinstance(exc, ssl.SSLError) and exc.strerror else exc,
             )
             return 1
-    config = config_from(args)
+    try:
+        config = config_from(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     status = 1
     try:
         status = trio.run(run_until_signalled, config)

@@ -6,7 +6,8 @@ import attrs
 
 DEFAULT_PORT = 8765
 DATA_DIR_ENV = "COLLAB_TRIO_DATA_DIR"
-STORES = ("sqlite", "memory")
+DATABASE_URL_ENV = "COLLAB_TRIO_DATABASE_URL"
+STORES = ("sqlite", "memory", "postgres")
 FSYNC_MODES = ("normal", "full")
 MIB = 1024 * 1024
 
@@ -76,6 +77,12 @@ class ServerConfig:
     # Where documents live: "sqlite" (durable, in data_dir) or "memory".
     store: str = attrs.field(default="sqlite", validator=attrs.validators.in_(STORES))
     data_dir: str = "collab-data"
+    # The postgres store's database (postgresql://...), shared by every node.
+    database_url: str | None = attrs.field(default=None)
+    # This node's name in session leases (postgres store); None: hostname:port.
+    node_id: str | None = None
+    # Seconds a node's session lease lasts unrenewed (renewed every third of it).
+    lease_timeout: float = attrs.field(default=10.0, validator=_positive)
     # "normal": survives a process crash; "full": also a power cut (fsync per commit).
     fsync: str = attrs.field(default="normal", validator=attrs.validators.in_(FSYNC_MODES))
     # Snapshot a session's document once this many bytes of changes (or the
@@ -142,6 +149,11 @@ class ServerConfig:
     def _check_tls(self, attribute: attrs.Attribute, value: str | None) -> None:
         if (self.certfile is None) != (value is None):
             raise ValueError("TLS needs both certfile and keyfile")
+
+    @database_url.validator
+    def _check_database_url(self, attribute: attrs.Attribute, value: str | None) -> None:
+        if self.store == "postgres" and not value:
+            raise ValueError("the postgres store needs a database URL (--database-url postgresql://...)")
 
     @port.validator
     def _check_port(self, attribute: attrs.Attribute, value: int) -> None:

@@ -60,7 +60,13 @@ class MetricsAddressError(OSError):
 
 
 def readiness(
-    *, accepting: bool, draining: bool, commit_failed_at: float | None, commit_error: str, now: float
+    *,
+    accepting: bool,
+    draining: bool,
+    commit_failed_at: float | None,
+    commit_error: str,
+    now: float,
+    store_unreachable: str | None = None,
 ) -> tuple[bool, str]:
     """Whether the server should get new clients, and why (one line).
 
@@ -70,11 +76,15 @@ def readiness(
         commit_failed_at: when the latest commit failed, if none succeeded since.
         commit_error: why it failed.
         now: the time on the same clock.
+        store_unreachable: why the store can't be reached (postgres: the
+            last lease renewal failed), if it can't.
     """
     if draining:
         return False, "draining: the server is shutting down"
     if not accepting:
         return False, "starting: the WebSocket port does not accept connections yet"
+    if store_unreachable is not None:
+        return False, f"the store is unreachable: {store_unreachable}"
     if commit_failed_at is not None and now - commit_failed_at < STORE_FAILURE_HOLD:
         return False, f"the store cannot commit: {commit_error}"
     return True, "ready"
@@ -113,6 +123,7 @@ class Monitor:
             commit_failed_at=counters.commit_failed_at,
             commit_error=counters.last_commit_error,
             now=trio.current_time(),
+            store_unreachable=None if server is None else server.registry.store.unreachable,
         )
 
     def respond(self, method: str, target: str) -> Response:

@@ -38,7 +38,11 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    # The session moved to another node (postgres store): reconnect.
+    SERVICE_RESTART = 1012
     TOO_SLOW = 1013
+    # The same code: another node serves the session; retry (postgres store).
+    TRY_AGAIN_LATER = 1013
     IDLE_TIMEOUT = 4000
     REPLACED = 4001
     RATE_LIMITED = 4002

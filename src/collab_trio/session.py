@@ -48,10 +48,14 @@ from .session_core import (
     WantCorrections,
     WantSnapshot,
 )
-from .store import AdminRequest, OutcomeUnknown, SessionReset, Store, StoreError
+from .store import AdminRequest, LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, SessionReset, Store, StoreError
 from .wire import WireStream, text_frame
 
 log = logging.getLogger(__name__)
+
+# Why a node closes the members of a session another node took over, or that
+# it hands over (postgres store).
+MOVED = "session moved; reconnect"
 
 
 @attrs.define(eq=False)
@@ -557,6 +561,13 @@ class Session:
     def _commit_error(self, batch: Batch, exc: StoreError) -> list[Effect]:
         """The effects of a commit the store refused or lost track of."""
         assert self.core is not None
+        if isinstance(exc, LeaseLost):
+            # Another node serves the session now: this one never commits
+            # for it again (the store refuses); its members reconnect there.
+            log.warning("Session %s: %s; closing it", self.session_id, exc)
+            return self.core.commit_failed(batch, error=str(exc)) + self.core.close_all(
+                CloseCode.SERVICE_RESTART, MOVED
+            )
         if not isinstance(exc, SessionReset):  # a reset is an administrator's doing, not a failure
             self.counters.commit_failed(str(exc), trio.current_time())
         if isinstance(exc, OutcomeUnknown):
@@ -621,9 +632,12 @@ class SessionRegistry:
             self._nursery = nursery
             requests = trio.CancelScope()
             nursery.start_soon(self._serve_requests, requests, name="admin requests")
+            leases = trio.CancelScope()
+            nursery.start_soon(self._follow_leases, leases, name="leases")
             task_status.started()
             await self._closed.wait()
             requests.cancel()
+            leases.cancel()
 
     async def _serve_requests(self, scope: trio.CancelScope) -> None:
         """Carry out what admin commands beside this server ask for (the
@@ -638,6 +652,24 @@ class SessionRegistry:
                 assert self._nursery is not None
                 for request in requests:
                     self._nursery.start_soon(self._carry_out_request, request, name=f"restore({request.session_id})")
+
+    async def _follow_leases(self, scope: trio.CancelScope) -> None:
+        """Stop serving the sessions the store says this node must give up
+        (postgres store): a lost lease at once (nothing more can be
+        committed), a handoff after the pending commits; either way the
+        members reconnect (1012) and land on the node that serves it."""
+        with scope:
+            while True:
+                for change in await self.store.lease_changes():
+                    self._move_away(change)
+
+    def _move_away(self, change: LeaseChange) -> None:
+        session = self.sessions.get(change.session_id)
+        if session is None:
+            return
+        log.info("Session %s moves to another node (lease %s)", change.session_id, change.kind)
+        session.close_all(CloseCode.SERVICE_RESTART, MOVED)
+        self.discard(session)
 
     async def _carry_out_request(self, request: AdminRequest) -> None:
         """One admin request, its outcome recorded for the command that waits."""
@@ -748,6 +780,9 @@ class SessionRegistry:
                 self.sessions[session_id] = session
                 try:
                     await self._nursery.start(self._run_session, session)
+                except SessionElsewhere as exc:
+                    self.discard(session)
+                    raise JoinRefused(CloseCode.TRY_AGAIN_LATER, f"session is served by {exc.owner}; retry") from None
                 except Exception:
                     self.discard(session)
                     log.exception("Could not load session %s", session_id)
@@ -786,7 +821,9 @@ class SessionRegistry:
                 self.draining[session.session_id] = session
 
     def forget(self, session: Session) -> None:
-        """Drop a finished session from the draining list (its statistics stay)."""
+        """Drop a finished session from the draining list (its statistics
+        stay) and give up its lease: everything it committed is answered."""
+        self.store.release(session.session_id)
         if session.core is not None:
             self.finished_stats.add(session.core.stats)
         if self.draining.get(session.session_id) is session:

@@ -7,16 +7,40 @@ transactions from a worker thread, with snapshots, so that nothing
 acknowledged is ever lost; its job queue is bounded in bytes and it locks
 its data directory against a second server. `Database` (database.py) is the
 synchronous sqlite3 layer the writer and the admin commands share.
+`PostgresStore` (postgres.py, imported only when asked for: psycopg is an
+extra) keeps the same rows in Postgres for several nodes, each session
+served by the node holding its lease.
 """
 
 from __future__ import annotations
 
 from ..config import ServerConfig
-from .base import AdminRequest, OutcomeUnknown, SessionReset, Store, StoreError
+from .base import (
+    AdminRequest,
+    LeaseChange,
+    LeaseLost,
+    OutcomeUnknown,
+    SessionElsewhere,
+    SessionReset,
+    Store,
+    StoreError,
+)
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["AdminRequest", "MemoryStore", "OutcomeUnknown", "SQLiteStore", "SessionReset", "Store", "StoreError", "make_store"]
+__all__ = [
+    "AdminRequest",
+    "LeaseChange",
+    "LeaseLost",
+    "MemoryStore",
+    "OutcomeUnknown",
+    "SQLiteStore",
+    "SessionElsewhere",
+    "SessionReset",
+    "Store",
+    "StoreError",
+    "make_store",
+]
 
 
 def make_store(config: ServerConfig) -> Store:
@@ -26,6 +50,20 @@ def make_store(config: ServerConfig) -> Store:
             retention=config.retention,
             history_bytes=config.history_bytes,
             fault_commit_delay=config.fault_commit_delay,
+        )
+    if config.store == "postgres":
+        from .postgres import PostgresStore, node_id_default, require_psycopg
+
+        require_psycopg()
+        return PostgresStore(
+            database_url=config.database_url or "",
+            node_id=config.node_id or node_id_default(config.port),
+            lease_timeout=config.lease_timeout,
+            retention=config.retention,
+            queue_bytes=config.store_queue_bytes,
+            fault_commit_delay=config.fault_commit_delay,
+            versions_kept=config.versions_kept,
+            versions_bytes=config.versions_bytes,
         )
     return SQLiteStore(
         config.data_dir,

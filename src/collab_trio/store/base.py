@@ -27,6 +27,28 @@ class OutcomeUnknown(StoreError):
     """The store gave up waiting for the disk: the change may or may not be stored."""
 
 
+class LeaseLost(StoreError):
+    """Another node took the session over (PostgresStore): this node must
+    never commit for it again; its members reconnect (1012)."""
+
+
+class SessionElsewhere(StoreError):
+    """Another live node serves the session (PostgresStore): retry (1013)."""
+
+    def __init__(self, session_id: str, owner: str) -> None:
+        super().__init__(f"session {session_id!r} is served by {owner}")
+        self.owner = owner
+
+
+@attrs.frozen
+class LeaseChange:
+    """A session this node must stop serving: its lease was "lost", or another
+    node "wanted" it (a graceful handoff)."""
+
+    session_id: str
+    kind: str
+
+
 @attrs.frozen
 class AdminRequest:
     """An admin command for the running server (see admin.py): restore
@@ -122,6 +144,18 @@ class Store(Protocol):
         Raises:
             StoreError: unknown session or version, or nothing stored.
         """
+
+    # Why the store can't be reached (PostgresStore: its last lease renewal
+    # failed), else None; /readyz is 503 meanwhile.
+    unreachable: str | None
+
+    def release(self, session_id: str) -> None:
+        """The session was unloaded and everything it committed is answered:
+        give up its lease (PostgresStore; the others hold no leases)."""
+
+    async def lease_changes(self) -> list[LeaseChange]:
+        """Wait for sessions this node must stop serving (never, for the
+        stores of one node)."""
 
     async def aclose(self) -> None:
         """Finish queued work (within a deadline) and release resources; called

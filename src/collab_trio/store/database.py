@@ -331,6 +331,10 @@ class Database:
             written by a newer collab-trio, permission denied, missing...).
     """
 
+    # What the driver raises (postgres.PgDatabase shares the transaction
+    # code and the jobs below with another driver: only its errors differ).
+    Error: type[Exception] = sqlite3.Error
+
     def __init__(
         self,
         path: str | Path,
@@ -474,7 +478,7 @@ class Database:
         """
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+        except self.Error as exc:
             error = StoreError(f"cannot start a transaction: {_describe(exc)}")
             return [outcome.Error(error) for _ in jobs]
         return self._run_in_transaction(jobs)
@@ -558,7 +562,7 @@ class Database:
             time.sleep(self.commit_delay)  # fault injection: a slow disk
         try:
             self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except self.Error as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             error = StoreError(f"commit failed: {_describe(exc)}")
@@ -577,7 +581,7 @@ class Database:
         try:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-        except sqlite3.Error:
+        except self.Error:
             pass  # the connection is unusable; the next BEGIN will say so
 
     def run(self, job: Callable[[Database], T]) -> T:
@@ -593,11 +597,11 @@ class Database:
         """
         try:
             self.conn.execute("BEGIN DEFERRED")
-        except sqlite3.Error as exc:
+        except self.Error as exc:
             raise StoreError(f"cannot start a read transaction: {_describe(exc)}") from None
         try:
             return job(self)
-        except sqlite3.Error as exc:
+        except self.Error as exc:
             raise StoreError(_describe(exc)) from None
         finally:
             if self.conn.in_transaction:
@@ -842,7 +846,7 @@ class Database:
             items = self._count_items(session_id, epoch, version)
         except StoreError as exc:
             return attrs.evolve(info, unreadable=str(exc).removeprefix(f"session {session_id!r}: "))
-        except sqlite3.Error as exc:
+        except self.Error as exc:
             return attrs.evolve(info, unreadable=_describe(exc))
         return attrs.evolve(info, items=items)
 
@@ -1048,15 +1052,19 @@ class Database:
         marked taken; expired ones are dropped, and any older than REQUEST_TTL."""
         if not self.conn.execute("SELECT 1 FROM requests LIMIT 1").fetchone():
             return []  # the common case: one read of an empty table
-        now = datetime.now(timezone.utc)
-        self.conn.execute("DELETE FROM requests WHERE state = ? AND expires_at <= ?", (PENDING, utc_timestamp(now)))
-        self.conn.execute("DELETE FROM requests WHERE created_at < ?", (utc_timestamp(now - REQUEST_TTL),))
+        self.drop_expired_requests()
         rows = self.conn.execute(
             "SELECT id, session_id, action, version FROM requests WHERE state = ? ORDER BY id", (PENDING,)
         ).fetchall()
         if rows:
             self.conn.execute("UPDATE requests SET state = ? WHERE state = ?", (TAKEN, PENDING))
         return rows
+
+    def drop_expired_requests(self) -> None:
+        """Delete requests not taken in time, and any older than REQUEST_TTL."""
+        now = datetime.now(timezone.utc)
+        self.conn.execute("DELETE FROM requests WHERE state = ? AND expires_at <= ?", (PENDING, utc_timestamp(now)))
+        self.conn.execute("DELETE FROM requests WHERE created_at < ?", (utc_timestamp(now - REQUEST_TTL),))
 
     def finish_request(self, request_id: int, *, seq: int | None = None, error: str | None = None) -> None:
         """Record a request's outcome: the seq it made, or why it failed."""

@@ -10,7 +10,7 @@ import trio
 
 from ..document import COMMAND, DEFAULT_HISTORY_BYTES, DEFAULT_RETENTION, REPLACE, Op, SessionDocument
 from ..history import KeptVersion
-from .base import AdminRequest, StoreError
+from .base import AdminRequest, LeaseChange, StoreError
 
 NO_VERSIONS = "the memory store keeps no versions (use --store sqlite)"
 
@@ -38,6 +38,8 @@ class MemoryStore:
     # Fault injection: seconds each commit or snapshot takes, like a slow disk.
     fault_commit_delay: float = 0.0
     documents: dict[str, SessionDocument] = attrs.field(factory=dict)
+    # Never set (see Store.unreachable).
+    unreachable: str | None = None
     _closed: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -94,6 +96,14 @@ class MemoryStore:
         """Nothing to write: the stored document is always current."""
         await trio.lowlevel.checkpoint()
         self._check_open()
+
+    def release(self, session_id: str) -> None:
+        """Nothing to give up: one node, no leases."""
+
+    async def lease_changes(self) -> list[LeaseChange]:
+        """Never any: one node, no leases."""
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
 
     async def next_requests(self) -> list[AdminRequest]:
         """None ever come: waits until the store closes.

@@ -50,7 +50,7 @@ import trio
 from ..config import ServerConfig
 from ..document import DEFAULT_RETENTION, Op, SessionDocument
 from ..history import DEFAULT_VERSIONS_BYTES, DEFAULT_VERSIONS_KEPT, KeptVersion
-from .base import AdminRequest, OutcomeUnknown, StoreError
+from .base import AdminRequest, LeaseChange, OutcomeUnknown, StoreError
 from .database import (
     DATABASE_NAME,
     SCHEMA_VERSION,
@@ -232,6 +232,8 @@ class SQLiteStore:
     checkpoints: int = 0
     # When the last commit() ended (see _commit_now).
     _last_commit: float = -math.inf
+    # Never set: a local file is always reachable (see Store.unreachable).
+    unreachable: str | None = None
 
     @property
     def path(self) -> Path:
@@ -665,6 +667,14 @@ class SQLiteStore:
         await self._submit(lambda db: db.save_snapshot(session_id, snapshot), snapshot_cost(snapshot))
 
     # -- versions and admin requests -------------------------------------------------
+
+    def release(self, session_id: str) -> None:
+        """Nothing to give up: one node, no leases."""
+
+    async def lease_changes(self) -> list[LeaseChange]:
+        """Never any: one node, no leases."""
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
 
     async def next_requests(self) -> list[AdminRequest]:
         """Wait for admin requests (`sessions restore` beside this server):
