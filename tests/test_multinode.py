@@ -13,20 +13,21 @@
   (not_persisted), its member is closed with 1012, and nothing it accepted
   after the takeover is stored.
 
-In CI (env CI set) a missing HAProxy or Postgres fails these tests (.ci/run
-provides both); elsewhere they are skipped with the reason.
+Postgres comes from conftest's `database_url` (a fresh schema on
+$COLLAB_TRIO_TEST_DATABASE_URL, which tools/pg_cluster.sh and .ci/run
+provide). In CI (env CI set) a missing HAProxy or Postgres fails these
+tests; elsewhere they are skipped with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from collab_trio.cluster_testing import Cluster, Editor, fresh_database, haproxy_binary, open_cluster, render_haproxy
+from collab_trio.cluster_testing import Cluster, Editor, haproxy_binary, open_cluster, render_haproxy
 from collab_trio.testing import HANG, add_item, child_env, expect_json, recv_json, server_process, tcp_client
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,17 +43,6 @@ CONFIG = REPO / "deploy" / "haproxy-cluster.cfg"
 SESSIONS = 20
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="HAProxy cluster tests run on Linux")
-
-
-def postgres_database(tmp_path: Path) -> str:
-    """A fresh database named after the test on $COLLAB_TRIO_TEST_DATABASE_URL; fail in CI, skip elsewhere without."""
-    url = os.environ.get("COLLAB_TRIO_TEST_DATABASE_URL")
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("COLLAB_TRIO_TEST_DATABASE_URL is not set; .ci/run provides Postgres")
-        pytest.skip("no Postgres (tools/pg_cluster.sh start DIR sets COLLAB_TRIO_TEST_DATABASE_URL); CI runs this")
-    name = "mn_" + re.sub(r"[^a-z0-9_]", "_", tmp_path.name.lower())[:40] + f"_{os.getpid()}"
-    return fresh_database(url, name)
 
 
 def need_haproxy() -> str:
@@ -124,12 +114,6 @@ async def test_haproxy_routes_a_session_to_one_node_and_moves_only_a_dead_nodes_
 # -- with the Postgres store: failover and fencing ---------------------------------------------
 
 LEASE_TIMEOUT = 3.0
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """A fresh database on the test Postgres ($COLLAB_TRIO_TEST_DATABASE_URL)."""
-    return postgres_database(tmp_path)
 
 
 def postgres_node(database_url: str, *extra: str) -> Callable[[str], list[str]]:
@@ -210,8 +194,8 @@ async def test_sigkill_of_a_node_loses_nothing_acknowledged(tmp_path: Path, data
                 stop.set()
 
             acknowledged = sum(len(e.acked) for e in editors)
-            print(f"{acknowledged} changes acknowledged by {len(editors)} editors; closes seen: "
-                  f"{sorted({code for e in editors for _, code, _ in e.closes}, key=str)}")
+            closes = sorted({f"{code} {reason}" for e in editors for _, code, reason in e.closes})
+            print(f"{acknowledged} changes acknowledged by {len(editors)} editors; closes seen: {closes}")
             for session in sessions:
                 pair = [e for e in editors if e.session == session]
                 assert not any(e.gaps for e in pair), [e.gaps for e in pair]
@@ -230,22 +214,21 @@ async def test_sigkill_of_a_node_loses_nothing_acknowledged(tmp_path: Path, data
                     assert editor.items == {item["uuid"]: item for item in stored["items"]}
 
 
-async def refusals_then_join(port: int, path: str, stack: AsyncExitStack, timeout: float) -> tuple[Any, list[Any]]:
-    """Connect until the node serves the session: (the open connection, the close reasons before it)."""
-    refusals = []
-    with trio.fail_after(timeout):
-        while True:
-            attempt = AsyncExitStack()
-            ws = await attempt.enter_async_context(tcp_client(port, path))
+@asynccontextmanager
+async def served(port: int, path: str, timeout: float, refusals: list[Any]) -> AsyncIterator[Any]:
+    """A connection once the node serves the session; the closes before that go to `refusals`."""
+    deadline = trio.current_time() + timeout
+    while True:
+        assert trio.current_time() < deadline, f"{path} not served within {timeout:g} s: {refusals}"
+        async with tcp_client(port, path) as ws:
             try:
                 await expect_json(ws, "connection:ack")
             except ConnectionClosed as exc:
                 refusals.append(exc.reason)
-                await attempt.aclose()
-                await trio.sleep(0.2)
-                continue
-            stack.push_async_exit(attempt)
-            return ws, refusals
+            else:
+                yield ws
+                return
+        await trio.sleep(0.2)
 
 
 async def edit(ws: Any, item_id: str) -> dict[str, Any]:
@@ -256,51 +239,50 @@ async def edit(ws: Any, item_id: str) -> dict[str, Any]:
     return message
 
 
-async def test_a_paused_owner_is_fenced_when_its_lease_moves(tmp_path: Path, database_url: str) -> None:
+async def test_a_paused_owner_is_fenced_when_its_lease_moves(database_url: str) -> None:
     args = postgres_node(database_url)
     with trio.fail_after(60):
         async with server_process(*args("nodeA")) as node_a, server_process(*args("nodeB")) as node_b:
-            async with AsyncExitStack() as stack:
-                ada = await stack.enter_async_context(tcp_client(node_a.port, "/ws/fenced/ada"))
+            async with tcp_client(node_a.port, "/ws/fenced/ada") as ada:
                 await expect_json(ada, "connection:ack")
                 assert (await edit(ada, "before-pause"))["type"] == "ack"
 
                 node_a.process.send_signal(signal.SIGSTOP)
+                paused_at = trio.current_time()
+                refusals: list[Any] = []
                 try:
-                    paused_at = trio.current_time()
-                    bob, refusals = await refusals_then_join(
-                        node_b.port, "/ws/fenced/bob", stack, LEASE_TIMEOUT + 5
-                    )
-                    took = trio.current_time() - paused_at
-                    print(f"\nnodeB served the session {took:.2f} s after nodeA was paused; refusals: {refusals}")
-                    # While nodeA's lease lasted, nodeB said who owns the session.
-                    assert refusals and all(r.code == 1013 and "nodeA" in (r.reason or "") for r in refusals)
-                    assert took >= LEASE_TIMEOUT * 0.5
-                    assert (await edit(bob, "after-takeover"))["type"] == "ack"
-                    # Queued in nodeA's socket while it is stopped: the first thing it reads.
-                    await ada.send_message(json.dumps(add_item("stale", op_id="stale")))
+                    async with served(node_b.port, "/ws/fenced/bob", LEASE_TIMEOUT + 5, refusals) as bob:
+                        took = trio.current_time() - paused_at
+                        print(f"\nnodeB served the session {took:.2f} s after nodeA was paused, after {len(refusals)} refusals: {refusals[0]}")
+                        # While nodeA's lease lasted, nodeB said who owns the session.
+                        assert refusals and all(r.code == 1013 and "nodeA" in (r.reason or "") for r in refusals)
+                        assert took >= LEASE_TIMEOUT * 0.5
+                        assert (await edit(bob, "after-takeover"))["type"] == "ack"
+                        # Queued in nodeA's socket while it is stopped: the first thing it reads.
+                        await ada.send_message(json.dumps(add_item("stale", op_id="stale")))
+                        node_a.process.send_signal(signal.SIGCONT)
+
+                        # nodeA wakes up: it may not commit "stale"; its member is sent away.
+                        answers = []
+                        with pytest.raises(ConnectionClosed) as closed:
+                            while True:
+                                answers.append(await recv_json(ada))
+                        assert closed.value.reason.code == 1012, closed.value.reason
+                        assert not [a for a in answers if a["type"] == "ack"], answers
+                        errors = [a for a in answers if a["type"] == "error"]
+                        assert all(e["code"] == "not_persisted" for e in errors), errors
+                        print(f"nodeA's member got {[a['type'] + ':' + a.get('code', '') for a in answers]},"
+                              f" then {closed.value.reason}")
+
+                        # nodeA serves the session no more: it names the new owner.
+                        async with tcp_client(node_a.port, "/ws/fenced/ada") as again:
+                            with pytest.raises(ConnectionClosed) as refused:
+                                await expect_json(again, "connection:ack")
+                        assert refused.value.reason.code == 1013 and "nodeB" in (refused.value.reason.reason or "")
+
+                        assert (await edit(bob, "still-served"))["type"] == "ack"
                 finally:
                     node_a.process.send_signal(signal.SIGCONT)
-
-                # nodeA wakes up: it may not commit "stale"; its member is sent away.
-                answers = []
-                with pytest.raises(ConnectionClosed) as closed:
-                    while True:
-                        answers.append(await recv_json(ada))
-                assert closed.value.reason.code == 1012, closed.value.reason
-                assert not [a for a in answers if a["type"] == "ack"], answers
-                errors = [a for a in answers if a["type"] == "error"]
-                assert all(e["code"] == "not_persisted" for e in errors), errors
-                print(f"nodeA's member got {[a['type'] + ':' + a.get('code', '') for a in answers]},"
-                      f" then {closed.value.reason}")
-
-                # nodeA serves the session no more: it names the new owner.
-                async with tcp_client(node_a.port, "/ws/fenced/ada") as again:
-                    with pytest.raises(ConnectionClosed) as refused:
-                        await expect_json(again, "connection:ack")
-                assert refused.value.reason.code == 1013 and "nodeB" in (refused.value.reason.reason or "")
-
-                assert (await edit(bob, "still-served"))["type"] == "ack"
             stored = export(database_url, "fenced")
             assert sorted(item["uuid"] for item in stored["items"]) == ["after-takeover", "before-pause", "still-served"]
             assert node_a.process.returncode is None and node_b.process.returncode is None

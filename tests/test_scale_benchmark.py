@@ -18,18 +18,11 @@ import pytest
 from collab_trio.cluster_testing import haproxy_binary
 from collab_trio.testing import child_env
 
-from .test_multinode import postgres_database
-
 REPO = Path(__file__).resolve().parents[1]
 SCALE = REPO / "benchmarks" / "scale.py"
 TIMEOUT = 120
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the HAProxy cluster runs on Linux")
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return postgres_database(tmp_path)
 
 
 def run_short(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,8 +24,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -53,27 +51,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
         return int(probe.getsockname()[1])
-
-
-def fresh_database(url: str, name: str) -> str:
-    """Create database `name` on the Postgres server of `url` (with psql); the URL of the new database.
-
-    Raises:
-        HarnessError: psql failed (one line: its error).
-    """
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
-        raise HarnessError(f"not a plain database name: {name!r}")
-    try:
-        result = subprocess.run(
-            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", f"CREATE DATABASE {name}"],
-            capture_output=True, text=True, timeout=HANG,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HarnessError(f"psql could not run: {exc}") from None
-    if result.returncode != 0:
-        raise HarnessError(f"CREATE DATABASE {name}: {result.stderr.strip()}")
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def haproxy_binary() -> str | None:
