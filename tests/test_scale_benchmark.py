@@ -51,7 +51,7 @@ def test_scale_short_prints_both_node_counts_and_the_failover(database_url: str)
     rows = {line.split()[0]: line.split() for line in lines[header + 2:header + 4]}
     assert set(rows) == {"1", "3"}, result.stdout
     for cells in rows.values():
-        assert len(cells) == 10 and float(cells[1]) > 0, cells  # deliveries happened
+        assert len(cells) == 11 and float(cells[1]) > 0, cells  # deliveries happened
     assert any(line.startswith("failover (3 nodes, SIGKILL") for line in lines), result.stdout
     assert any(line.startswith("limit: ") for line in lines), result.stdout
     print(result.stdout)
