@@ -118,10 +118,13 @@ class RunResult:
     acks: int
     latencies: list[float]
     cores: dict[str, float]
-    # Connections that ended during the measured window (should be 0).
+    # Connections that ended during the measured window (should be 0), by close code or error.
     reconnects: int = 0
+    close_reasons: dict[str, int] = attrs.field(factory=dict)
     failover: list[float] | None = None
     moved: int = 0
+    # HAProxy's DOWN/UP lines and the nodes' warnings, to explain closes.
+    notes: list[str] = attrs.field(factory=list)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -176,8 +179,10 @@ async def run(nodes: int, args: argparse.Namespace, work: Path, failover: bool) 
                 for name in ("nodes", "haproxy", "postgres", "generator")
             }
             cores["machine"] = (cpu1.machine_busy - cpu0.machine_busy) / machine * os.cpu_count() if machine else 0.0
-            reconnects = sum(1 for e in editors for when, _, _ in e.closes if t0 <= when <= t0 + elapsed)
-            result = RunResult(nodes, elapsed, deliveries, len(latencies), latencies, cores, reconnects)
+            window = [f"{code} {reason}".strip() for e in editors for when, code, reason in e.closes
+                      if t0 <= when <= t0 + elapsed]
+            reasons = {reason: window.count(reason) for reason in sorted(set(window))}
+            result = RunResult(nodes, elapsed, deliveries, len(latencies), latencies, cores, len(window), reasons)
             if failover:
                 owners = {
                     e.session: [n.name for n in cluster.nodes if e.session in n.sessions_joined()] for e in editors
@@ -198,6 +203,9 @@ async def run(nodes: int, args: argparse.Namespace, work: Path, failover: bool) 
                 result.failover = sorted(per_session.values())
                 result.moved = len(per_session)
             stop.set()
+        result.notes = [line for line in cluster.haproxy.lines if " is DOWN" in line or " is UP" in line][:6]
+        for node in cluster.nodes:
+            result.notes += [f"{node.name}: {line}" for line in node.server.lines if "WARNING" in line or "ERROR" in line][:4]
     return result
 
 
@@ -213,6 +221,10 @@ def table(results: list[RunResult], args: argparse.Namespace) -> str:
             f"  {c['nodes']:>12.2f}  {c['haproxy']:>7.2f}  {c['postgres']:>8.2f}  {c['generator']:>9.2f}"
             f"  {c['machine']:>7.2f}  {r.reconnects:>6}"
         )
+    for r in results:
+        if r.close_reasons:
+            lines.append(f"closes with {r.nodes} node(s): " + ", ".join(f"{n} x {why}" for why, n in r.close_reasons.items()))
+        lines += [f"  {note}" for note in r.notes if r.close_reasons]
     for r in results:
         if r.failover is not None:
             lines.append(
