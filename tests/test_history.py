@@ -182,9 +182,16 @@ def numbered(n: int) -> list[dict[str, Any]]:
     return [{"uuid": f"item-{n}", "n": n}]
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Any:
-    database = Database(database_path(tmp_path / "data"), versions_kept=3, versions_bytes=10_000)
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Versions in either store's database."""
+    if request.param == "postgres":
+        from collab_trio.store.postgres import PgDatabase
+
+        database = PgDatabase(request.getfixturevalue("database_url"), versions_kept=3, versions_bytes=10_000)
+    else:
+        database = Database(database_path(tmp_path / "data"), versions_kept=3, versions_bytes=10_000)
+    database.kind = request.param
     yield database
     database.close()
 
@@ -280,13 +287,17 @@ def test_delete_drops_the_versions_import_keeps_the_replaced_document_and_backup
         (1, "sync:update by alice", "alice", 1),
         (2, "import", ADMIN_USER, 2),
     ]
-    db.backup(tmp_path / "copy.sqlite3")
-    copy = Database(tmp_path / "copy.sqlite3", create=False, readonly=True)
-    try:
-        assert copy.read(lambda d: d.history("s")) == versions
-        assert copy.read(lambda d: d.version_items("s", 2)) == DEGRADED
-    finally:
-        copy.close()
+    if db.kind == "sqlite":
+        db.backup(tmp_path / "copy.sqlite3")
+        copy = Database(tmp_path / "copy.sqlite3", create=False, readonly=True)
+        try:
+            assert copy.read(lambda d: d.history("s")) == versions
+            assert copy.read(lambda d: d.version_items("s", 2)) == DEGRADED
+        finally:
+            copy.close()
+    else:
+        with pytest.raises(StoreError, match="pg_dump"):
+            db.backup(tmp_path / "copy.sqlite3")
     assert db.read(lambda d: d.info("s")).versions == 2
     db.run(lambda d: d.delete("s"))
     assert db.read(lambda d: d.conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]) == 0
@@ -325,10 +336,22 @@ def test_a_data_directory_of_schema_1_is_read_as_it_is_and_upgraded_by_a_writer(
 # -- the store ----------------------------------------------------------------------------
 
 
-async def test_the_store_keeps_versions_with_its_commits_and_hands_over_admin_requests(tmp_path: Path) -> None:
-    """SQLiteStore, real clock (its writer is a thread): a commit that fails
-    keeps no version, the settings bound them, requests come out once."""
-    config = ServerConfig(data_dir=str(tmp_path / "data"), versions_kept=2)
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_the_store_keeps_versions_with_its_commits_and_hands_over_admin_requests(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """SQLiteStore or PostgresStore, real clock (the writer is a thread): a
+    commit that fails keeps no version, the settings bound them, requests
+    come out once."""
+    if kind == "postgres":
+        from collab_trio.store.postgres import PgDatabase
+
+        url = request.getfixturevalue("database_url")
+        config = ServerConfig(store="postgres", database_url=url, versions_kept=2)
+        open_admin = lambda: PgDatabase(url)  # noqa: E731
+    else:
+        config = ServerConfig(data_dir=str(tmp_path / "data"), versions_kept=2)
+        open_admin = lambda: Database(database_path(tmp_path / "data"))  # noqa: E731
     store = make_store(config)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -344,7 +367,7 @@ async def test_the_store_keeps_versions_with_its_commits_and_hands_over_admin_re
             assert await store.version_items("s", 4) == numbered(4)
             with pytest.raises(StoreError, match=r"has no version 2 \(it has versions 3-4\)"):
                 await store.version_items("s", 2)
-            admin = Database(database_path(tmp_path / "data"))
+            admin = open_admin()
             try:
                 expired = admin.run(lambda d: d.add_request("s", "restore", 4, timeout=0))
                 request = admin.run(lambda d: d.add_request("s", "restore", 3, timeout=60))

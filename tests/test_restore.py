@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from trio_websocket import WebSocketConnection
 
@@ -51,16 +53,29 @@ async def history(session: str) -> list[dict[str, Any]]:
     return json.loads(await ok("history", session, "--json"))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The store of the servers and admin commands this test starts (from the environment)."""
+    if request.param == "postgres":
+        monkeypatch.setenv("COLLAB_TRIO_STORE", "postgres")
+        monkeypatch.setenv("COLLAB_TRIO_DATABASE_URL", request.getfixturevalue("database_url"))
+    return request.param
+
+
 async def restore_by_server(server: ServerProcess, session: str, version: int) -> str:
     """`sessions restore` beside a running server: its stdout (stderr says it waits)."""
     result = await sessions("restore", session, "--version", str(version), "--yes")
     assert result.returncode == 0, result
     pid = server.process.pid
-    assert result.stderr == f"Asked the running server (pid {pid}) to restore it; waiting up to 10 s\n"
+    # A Postgres node is named by its node id (hostname:pidPID with port 0).
+    who = f"node {socket.gethostname()}:pid{pid}" if os.environ.get("COLLAB_TRIO_STORE") == "postgres" else f"(pid {pid})"
+    assert result.stderr == f"Asked the running server {who} to restore it; waiting up to 10 s\n"
     return result.stdout
 
 
-async def test_a_design_overwritten_by_a_full_state_upload_is_restored_in_the_live_session(data_dir: Path) -> None:
+async def test_a_design_overwritten_by_a_full_state_upload_is_restored_in_the_live_session(
+    data_dir: Path, store_kind: str
+) -> None:
     async with server_process() as server:
         port = server.port
         async with tcp_client(port, "/ws/design/alice") as first:

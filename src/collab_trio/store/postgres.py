@@ -17,8 +17,8 @@ a node's). Loading a session acquires it (a takeover only when it expired or
 is this node's, and every acquisition increments the fence); a background
 task renews all of the node's leases in one statement every
 lease_timeout / 3; and every commit checks owner and fence in its own
-transaction, locking the lease row (see PgDatabase.check_fence for why that
-makes a stale owner's commit impossible). A lost lease is reported to the
+transaction, locking the lease row against a takeover (see
+PgDatabase.check_fence for why that makes a stale owner's commit impossible). A lost lease is reported to the
 server (lease_changes) so that it closes the session's members (1012).
 """
 
@@ -26,17 +26,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
+import outcome
 import trio
 
 from ..document import Op, SessionDocument
 from ..history import KeptVersion
-from .base import LeaseChange, LeaseLost, SessionElsewhere, StoreError
+from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
 from .database import _SCHEMA, PENDING, TAKEN, Database, _describe
 from .sqlite import JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
 
@@ -93,7 +95,8 @@ def redact_url(url: str) -> str:
 
 @functools.lru_cache(maxsize=512)
 def _translate(sql: str) -> str:
-    """Database's SQL (sqlite3's qmark style) in psycopg's format style."""
+    """Database's SQL (sqlite3's qmark style) in psycopg's format style
+    (with parameters: psycopg reads % only then)."""
     if sql.startswith("BEGIN"):
         # A read transaction (BEGIN DEFERRED, Database.read) sees one state
         # across its statements, as a SQLite read transaction does.
@@ -126,7 +129,9 @@ class _Connection:
         return conn
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        return self._connection().execute(_translate(sql), params or None)
+        if not params:
+            return self._connection().execute(_translate(sql) if sql.startswith("BEGIN") else sql)
+        return self._connection().execute(_translate(sql), params)
 
     def executemany(self, sql: str, rows: Any) -> Any:
         cursor = self._connection().cursor()
@@ -155,6 +160,12 @@ def open_pool(url: str, *, max_size: int, timeout: float = 10.0) -> Any:
         StoreError: one line: psycopg missing, or why Postgres can't be reached.
     """
     require_psycopg()
+    # One direct attempt first: a wrong URL or a server that is down is
+    # reported at once, in libpq's words (the pool would retry quietly).
+    try:
+        psycopg.connect(url, connect_timeout=max(1, math.ceil(timeout))).close()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot connect to {redact_url(url)}: {_first_line(exc)}") from None
     try:
         pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False, timeout=timeout,
@@ -163,14 +174,7 @@ def open_pool(url: str, *, max_size: int, timeout: float = 10.0) -> Any:
         pool.open(wait=True, timeout=timeout)
     except psycopg_pool.PoolTimeout:
         pool.close()
-        # The pool only says it timed out: one direct attempt says why.
-        try:
-            psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to {redact_url(url)}: {_first_line(exc)}") from None
         raise StoreError(f"cannot connect to {redact_url(url)} within {timeout:g} s") from None
-    except psycopg.Error as exc:
-        raise StoreError(f"cannot use {redact_url(url)}: {_first_line(exc)}") from None
     return pool
 
 
@@ -248,6 +252,17 @@ class PgDatabase(Database):
             if self._own_pool:
                 self.pool.close()
 
+    def _commit(self, results: list[outcome.Outcome]) -> list[outcome.Outcome]:
+        """Database._commit(); but a COMMIT whose connection broke may or may
+        not have committed (SQLite never leaves that open): OutcomeUnknown,
+        so the session reloads what is stored instead of guessing."""
+        committed = super()._commit(results)
+        conn = self.conn.conn
+        if conn is not None and conn.broken and any(isinstance(r, outcome.Error) for r in committed):
+            unknown = OutcomeUnknown(f"the connection to {self.path} broke at COMMIT; the change may or may not be stored")
+            return [outcome.Error(unknown) for _ in committed]
+        return committed
+
     # SQLite's WAL housekeeping has nothing to do here.
     def run_jobs_now(self, jobs: list[Callable[[Database], Any]]) -> None:
         return None
@@ -312,23 +327,26 @@ class PgDatabase(Database):
 
     # -- leases ------------------------------------------------------------------
 
-    def acquire(self, session_id: str) -> int:
-        """Take the session's lease for this node; its new fencing number.
+    def acquire(self, session_id: str) -> tuple[int | None, str]:
+        """Take the session's lease for this node: (its new fence, this node),
+        or (None, the node that serves it).
 
         A lease is taken over only when it expired, or is this node's and no
         other node asked for it; every acquisition increments the fence, so
         no earlier holder (this node's earlier session object included) can
-        commit after it. Expiry is on the database's clock.
-
-        Raises:
-            SessionElsewhere: another live node holds it (that node is asked,
-                through `wanted_by`, to hand the session over).
+        commit after it. Expiry is on the database's clock. A node refused
+        asks the owner (`wanted_by`, kept: this returns, it doesn't raise)
+        to hand the session over.
         """
         self.conn.execute(
             "INSERT INTO leases (session_id, owner, fence, expires_at) VALUES (?, ?, 0, now())"
             " ON CONFLICT (session_id) DO NOTHING",
             (session_id, NOBODY),
         )
+        # FOR UPDATE: waits for every commit in flight (they hold the row
+        # FOR KEY SHARE, see check_fence), and holds off new ones until this
+        # transaction ends.
+        self.conn.execute("SELECT 1 FROM leases WHERE session_id = ? FOR UPDATE", (session_id,))
         row = self.conn.execute(
             "UPDATE leases SET owner = ?, fence = fence + 1, wanted_by = NULL,"
             " expires_at = now() + make_interval(secs => ?)"
@@ -337,32 +355,45 @@ class PgDatabase(Database):
             (self.node_id, self.lease_timeout, session_id, self.node_id),
         ).fetchone()
         if row is not None:
-            return int(row[0])
+            return int(row[0]), self.node_id
         owner, wanted_by = self.conn.execute(
             "UPDATE leases SET wanted_by = CASE WHEN owner = ? THEN wanted_by ELSE ? END"
             " WHERE session_id = ? RETURNING owner, wanted_by",
             (self.node_id, self.node_id, session_id),
         ).fetchone()
         # Handing it over already: the node it goes to is the one to try.
-        raise SessionElsewhere(session_id, wanted_by if owner == self.node_id and wanted_by else owner)
+        return None, wanted_by if owner == self.node_id and wanted_by else owner
+
+    def load_leased(self, session_id: str) -> tuple[int | None, str, SessionDocument | None]:
+        """acquire(), then the document if the lease was taken (its row stays
+        locked until the transaction ends): (fence, owner, document)."""
+        fence, owner = self.acquire(session_id)
+        return fence, owner, None if fence is None else self.load(session_id)
 
     def check_fence(self, session_id: str, fence: int) -> None:
         """Refuse (LeaseLost) unless this node still holds the session's lease
         with this fence, and hold the lease row until the transaction ends.
 
         Why this makes a stale owner's commit impossible: the row is locked
-        FOR SHARE in the commit's own transaction. A takeover is an UPDATE
-        of that row, so it waits for every commit in flight to end, and the
-        new owner then loads (after its UPDATE) a document that includes
-        them. A commit that starts after a takeover committed reads the new
-        fence (READ COMMITTED reads the latest committed row) and is
-        refused; one that meets a takeover in progress waits for it and
-        then re-reads the row: refused too. Expiry is not checked: a commit
-        after expiry but before any takeover is still the only writer, and
-        the takeover that follows waits for it.
+        FOR KEY SHARE in the commit's own transaction, and a takeover
+        (acquire) first locks it FOR UPDATE, the one lock that conflicts.
+        So a takeover waits for every commit in flight to end, and the new
+        owner then loads (in the same transaction, after the lock) a
+        document that includes them. A commit that starts after a takeover
+        committed reads the new fence (READ COMMITTED locks the latest
+        committed row version) and is refused; one that meets a takeover in
+        progress waits for it, then re-reads the row: refused too. Expiry is
+        not checked: a commit after expiry but before any takeover is still
+        the only writer, and the takeover that follows waits for it.
+
+        KEY SHARE rather than SHARE: renewals and releases are plain UPDATEs
+        of non-key columns (FOR NO KEY UPDATE), which KEY SHARE does not
+        block. With SHARE a renewal would wait for the writer's transaction,
+        and that transaction's next job for a session the renewal already
+        locked would wait for the renewal: a deadlock.
         """
         row = self.conn.execute(
-            "SELECT 1 FROM leases WHERE session_id = ? AND owner = ? AND fence = ? FOR SHARE",
+            "SELECT 1 FROM leases WHERE session_id = ? AND owner = ? AND fence = ? FOR KEY SHARE",
             (session_id, self.node_id, fence),
         ).fetchone()
         if row is None:
@@ -488,7 +519,9 @@ class PostgresStore(SQLiteStore):
         Raises:
             SessionElsewhere: another live node serves it.
         """
-        fence, document = await self._submit(lambda db: (db.acquire(session_id), db.load(session_id)), JOB_BYTES)
+        fence, owner, document = await self._submit(lambda db: db.load_leased(session_id), JOB_BYTES)
+        if fence is None:
+            raise SessionElsewhere(session_id, owner)
         self._fences[session_id] = fence
         self._handing_over.discard(session_id)
         return document
@@ -646,13 +679,15 @@ class _Borrowed:
         self.conn = conn
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        return self.conn.execute(_translate(sql), params or None)
+        return self.conn.execute(_translate(sql), params)
 
 
 def node_id_default(port: int) -> str:
-    """hostname:port, the default --node-id."""
+    """The default --node-id: hostname:port, or hostname:pidPID with port 0
+    (a free port, not known yet when the store starts)."""
+    import os
     import socket
 
-    return f"{socket.gethostname()}:{port}"
+    return f"{socket.gethostname()}:{port}" if port else f"{socket.gethostname()}:pid{os.getpid()}"
 
 
