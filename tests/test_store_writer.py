@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import attrs
 import outcome
 import pytest
 import trio
@@ -45,6 +46,45 @@ def stored_version(data_dir: Path, session_id: str) -> int:
         reader.close()
 
 
+@attrs.define
+class Durable:
+    """A durable store of either kind, on this test's data directory or database."""
+
+    kind: str
+    data_dir: Path
+    url: str | None
+
+    def store(self, **settings: Any) -> SQLiteStore:
+        if self.kind == "postgres":
+            from collab_trio.store.postgres import PostgresStore
+
+            return PostgresStore(database_url=self.url, node_id="node-a", **settings)
+        return SQLiteStore(self.data_dir, **settings)
+
+    def document(self, session_id: str) -> Any:
+        """What a fresh reader loads of the session."""
+        if self.kind == "postgres":
+            from collab_trio.store.postgres import PgDatabase
+
+            reader = PgDatabase(self.url)
+        else:
+            reader = Database(database_path(self.data_dir), create=False, readonly=True)
+        try:
+            return reader.read(lambda d: d.load(session_id))
+        finally:
+            reader.close()
+
+    def version(self, session_id: str) -> int:
+        return self.document(session_id).version
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable(request: pytest.FixtureRequest, tmp_path: Path) -> Durable:
+    """The writer's contract holds for both durable stores (they share it)."""
+    url = request.getfixturevalue("database_url") if request.param == "postgres" else None
+    return Durable(request.param, tmp_path / "data", url)
+
+
 async def capture(results: dict[str, Any], name: str, fn: Any, *args: Any) -> None:
     """Run fn(*args) shielded, as a session does; record its outcome and when it came."""
     with trio.CancelScope(shield=True):
@@ -55,8 +95,8 @@ async def capture(results: dict[str, Any], name: str, fn: Any, *args: Any) -> No
 # -- every job gets an outcome -----------------------------------------------------------
 
 
-async def test_cancelled_writer_finishes_the_batch_in_flight_and_fails_the_queued(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "data", fault_commit_delay=0.3)
+async def test_cancelled_writer_finishes_the_batch_in_flight_and_fails_the_queued(durable: Durable) -> None:
+    store = durable.store(fault_commit_delay=0.3)
     results: dict[str, Any] = {}
     with trio.fail_after(HANG):
         async with trio.open_nursery() as callers:
@@ -82,16 +122,16 @@ async def test_cancelled_writer_finishes_the_batch_in_flight_and_fails_the_queue
         # At once: long before the 0.3 s transaction in flight was done.
         assert cancelled_at <= when < in_flight_done
     assert store.stopped.is_set() and store.queued_bytes == 0
-    assert (stored_version(tmp_path / "data", "a"), stored_version(tmp_path / "data", "b")) == (1, 0)
+    assert (durable.version("a"), durable.version("b")) == (1, 0)
     # A closed store says so; it never leaves a caller waiting.
     with pytest.raises(StoreError, match="closed"):
         await store.commit("a", epochs["a"], [op(2, "z")])
 
 
-async def test_forced_stop_with_two_sessions_committing_returns_within_a_second(tmp_path: Path) -> None:
+async def test_forced_stop_with_two_sessions_committing_returns_within_a_second(durable: Durable) -> None:
     """The second Ctrl+C: the whole tree is cancelled while two sessions wait in
     shielded commits on a slow disk (0.3 s a transaction)."""
-    store = SQLiteStore(tmp_path / "data", fault_commit_delay=0.3)
+    store = durable.store(fault_commit_delay=0.3)
     done: dict[str, list[str]] = {"s1": [], "s2": []}
     both_committed_twice = trio.Event()
 
@@ -127,11 +167,11 @@ async def test_forced_stop_with_two_sessions_committing_returns_within_a_second(
     # or a success: the loop ended either way), and what succeeded is stored.
     for session_id, answers in done.items():
         assert answers and all(a == "ok" for a in answers[:-1])
-        assert stored_version(tmp_path / "data", session_id) == answers.count("ok")
+        assert durable.version(session_id) == answers.count("ok")
 
 
-async def test_aclose_drains_the_queue(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "data", fault_commit_delay=0.05)
+async def test_aclose_drains_the_queue(durable: Durable) -> None:
+    store = durable.store(fault_commit_delay=0.05)
     results: dict[str, Any] = {}
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
@@ -143,7 +183,7 @@ async def test_aclose_drains_the_queue(tmp_path: Path) -> None:
             await store.aclose()
             assert store.stopped.is_set()
     assert [results[f"s{n}"][0] for n in range(1, 6)] == [outcome.Value(None)] * 5
-    assert stored_version(tmp_path / "data", "s") == 5
+    assert durable.version("s") == 5
 
 
 async def test_a_stuck_transaction_is_answered_within_the_close_timeout(tmp_path: Path) -> None:
@@ -183,10 +223,10 @@ async def test_a_stuck_transaction_is_answered_within_the_close_timeout(tmp_path
 # -- the queue is bounded in bytes ----------------------------------------------------------
 
 
-async def test_commits_wait_for_room_and_the_queue_never_exceeds_its_bound(tmp_path: Path) -> None:
+async def test_commits_wait_for_room_and_the_queue_never_exceeds_its_bound(durable: Durable) -> None:
     size = 3000
     bound = 2 * job_cost([op(1, "x", size=size)])  # room for two commits
-    store = SQLiteStore(tmp_path / "data", queue_bytes=bound, fault_commit_delay=0.02)
+    store = durable.store(queue_bytes=bound, fault_commit_delay=0.02)
     peak = 0
     committed: dict[str, int] = {}
 
@@ -218,14 +258,12 @@ async def test_commits_wait_for_room_and_the_queue_never_exceeds_its_bound(tmp_p
     assert store.transactions >= 15
     assert committed == {f"s{n}": 5 for n in range(6)}
     for n in range(6):
-        assert stored_version(tmp_path / "data", f"s{n}") == 5
+        assert durable.version(f"s{n}") == 5
 
 
-async def test_a_job_larger_than_the_bound_runs_alone_and_waiting_is_first_come_first_served(
-    tmp_path: Path,
-) -> None:
+async def test_a_job_larger_than_the_bound_runs_alone_and_waiting_is_first_come_first_served(durable: Durable) -> None:
     bound = 10_000
-    store = SQLiteStore(tmp_path / "data", queue_bytes=bound, fault_commit_delay=0.1)
+    store = durable.store(queue_bytes=bound, fault_commit_delay=0.1)
     epochs: dict[str, str] = {}
     done: list[str] = []
     names = ("huge", "first", "a", "b", "c")
@@ -263,11 +301,11 @@ async def test_a_job_larger_than_the_bound_runs_alone_and_waiting_is_first_come_
             assert sorted(done) == ["a", "b", "c"] and done[0] == "a"
             nursery.cancel_scope.cancel()
     for name in names:
-        assert stored_version(tmp_path / "data", name) == 1
+        assert durable.version(name) == 1
 
 
-async def test_a_commit_cancelled_while_waiting_for_room_enqueues_nothing(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "data", queue_bytes=1000, fault_commit_delay=0.1)
+async def test_a_commit_cancelled_while_waiting_for_room_enqueues_nothing(durable: Durable) -> None:
+    store = durable.store(queue_bytes=1000, fault_commit_delay=0.1)
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
@@ -282,11 +320,7 @@ async def test_a_commit_cancelled_while_waiting_for_room_enqueues_nothing(tmp_pa
             await store.commit("s", epoch, [op(1, "instead", size=100)])
             assert store.queued_bytes == 0
             nursery.cancel_scope.cancel()
-    reader = Database(database_path(tmp_path / "data"), create=False, readonly=True)
-    try:
-        assert list(reader.read(lambda d: d.load("s")).items) == ["instead"]
-    finally:
-        reader.close()
+    assert list(durable.document("s").items) == ["instead"]
 
 
 def test_make_store_passes_the_queue_bound_and_the_fault_delay(tmp_path: Path) -> None:

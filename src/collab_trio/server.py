@@ -3,8 +3,10 @@
     trio.run
      └─ serve()
          ├─ store.run()              started first: locks the data directory, then the
-         │                           writer; outlives everything below, so sessions
-         │                           commit and snapshot until their end
+         │   │                       writer; outlives everything below, so sessions
+         │   │                       commit and snapshot until their end
+         │   └─ lease keeper         postgres store: renews this node's session leases
+         │                           every lease_timeout/3; releases them all at the end
          ├─ metrics endpoint         with --metrics-address (metrics.py): /metrics, /livez,
          │                           /readyz from before the port opens until the graceful
          │                           stop is over; cancelled (its port freed) before the
@@ -14,6 +16,7 @@
                  ├─ SessionRegistry.run()   sessions nursery; the sessions' error boundary
                  │   ├─ admin requests      `sessions restore` beside the server: the store
                  │   │                      looks once a second; one task per restore
+                 │   ├─ leases              sessions whose lease was lost or asked for: 1012
                  │   └─ Session.run()       one nursery per live session, gone when it empties
                  │       ├─ committer       pending changes -> store -> relays and acks
                  │       ├─ snapshot        now and then, in the background

@@ -51,6 +51,14 @@ def make_store(config: ServerConfig) -> Store:
             history_bytes=config.history_bytes,
             fault_commit_delay=config.fault_commit_delay,
         )
+    # What both durable stores take from the settings.
+    durable = {
+        "retention": config.retention,
+        "queue_bytes": config.store_queue_bytes,
+        "fault_commit_delay": config.fault_commit_delay,
+        "versions_kept": config.versions_kept,
+        "versions_bytes": config.versions_bytes,
+    }
     if config.store == "postgres":
         from .postgres import PostgresStore, node_id_default, require_psycopg
 
@@ -59,18 +67,6 @@ def make_store(config: ServerConfig) -> Store:
             database_url=config.database_url or "",
             node_id=config.node_id or node_id_default(config.port),
             lease_timeout=config.lease_timeout,
-            retention=config.retention,
-            queue_bytes=config.store_queue_bytes,
-            fault_commit_delay=config.fault_commit_delay,
-            versions_kept=config.versions_kept,
-            versions_bytes=config.versions_bytes,
+            **durable,
         )
-    return SQLiteStore(
-        config.data_dir,
-        fsync=config.fsync,
-        retention=config.retention,
-        queue_bytes=config.store_queue_bytes,
-        fault_commit_delay=config.fault_commit_delay,
-        versions_kept=config.versions_kept,
-        versions_bytes=config.versions_bytes,
-    )
+    return SQLiteStore(config.data_dir, fsync=config.fsync, **durable)

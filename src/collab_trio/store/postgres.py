@@ -40,7 +40,7 @@ from ..document import Op, SessionDocument
 from ..history import KeptVersion
 from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
 from .database import _SCHEMA, PENDING, TAKEN, Database, _describe
-from .sqlite import JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
+from .sqlite import CLOSED, JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
 
 try:
     import psycopg
@@ -555,6 +555,8 @@ class PostgresStore(SQLiteStore):
         await self._submit(job, snapshot_cost(snapshot))
 
     def _fence_of(self, session_id: str) -> int:
+        if self._closing or self._db is None:
+            raise StoreError(CLOSED)  # as SQLiteStore says it (its leases are gone too)
         fence = self._fences.get(session_id)
         if fence is None:
             raise LeaseLost(f"session {session_id!r} moved to another node (this node holds no lease on it)")
@@ -600,8 +602,9 @@ class PostgresStore(SQLiteStore):
             with trio.move_on_after(interval):
                 await self._renew_now.wait()
             self._renew_now = trio.Event()
-            fences, released = dict(self._fences), self._released
-            self._released = []
+            # Released leases stay listed until released for sure: a keeper
+            # cancelled meanwhile (the store stops) leaves them to _release_all.
+            fences, released = dict(self._fences), list(self._released)
             renewed: dict[str, str | None] | None = None
             with trio.move_on_after(interval):
                 try:
@@ -614,13 +617,13 @@ class PostgresStore(SQLiteStore):
                 if self.unreachable is None:
                     self.unreachable = f"no answer from {self.path} within {interval:g} s"
                 log.warning("Could not renew the leases of %d session(s): %s", len(fences), self.unreachable)
-                self._released += released  # try again
                 if trio.current_time() - last_success >= self.lease_timeout:
                     for session_id, fence in fences.items():
                         self._lost(session_id, fence)
                 continue
             self.unreachable = None
             last_success = trio.current_time()
+            del self._released[: len(released)]
             for session_id, fence in fences.items():
                 if session_id not in renewed:
                     log.warning("Lost the lease of session %s (another node took it over)", session_id)
