@@ -163,6 +163,29 @@ async def test_a_node_asked_for_a_session_another_node_serves_says_who_and_it_is
             assert lease(database_url, "s") == ("node-b", 2, None)
 
 
+async def test_joins_that_wait_for_a_refused_load_are_told_the_owner_too(start_server, database_url: str) -> None:
+    with trio.fail_after(3 * HANG):
+        a = await node(start_server, database_url, "node-a")
+        # node-b's transactions take 0.5 s: the second join surely arrives
+        # while the first one's load (refused: node-a serves it) is in progress.
+        b = await node(start_server, database_url, "node-b", fault_commit_delay=0.5)
+        async with a.joined("s", "alice"):
+            closes: dict[str, tuple[int, str | None]] = {}
+
+            async def join(user: str) -> None:
+                async with b.client("s", user) as client:
+                    closes[user] = await client.expect_closed()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(join, "bob")
+                await trio.sleep(0.1)
+                nursery.start_soon(join, "carol")
+            assert closes == {
+                "bob": (1013, "session is served by node-a; retry"),
+                "carol": (1013, "session is served by node-a; retry"),
+            }
+
+
 async def test_a_renewal_that_finds_the_lease_lost_closes_the_members_at_once(
     start_server, database_url: str
 ) -> None:
