@@ -186,6 +186,59 @@ async def test_joins_that_wait_for_a_refused_load_are_told_the_owner_too(start_s
             }
 
 
+async def test_an_owner_stopped_inside_a_commit_holds_up_neither_the_takeover_nor_the_new_owner(
+    start_server, database_url: str
+) -> None:
+    a = PgDatabase(database_url, node_id="node-a", lease_timeout=2.0, timeout=2.0)
+    try:
+        fence, _, document = a.run(lambda d: d.load_leased("s"))
+        # node-a is stopped (SIGSTOP, a partition) between its fence check and
+        # its COMMIT: the transaction stays open, the lease row locked FOR KEY
+        # SHARE, and nobody renews the lease.
+        a.conn.execute("BEGIN")
+        a.check_fence("s", fence)
+        a.append("s", document.epoch, [op(1, "late")])
+        expire(database_url, "s")
+        with trio.fail_after(3 * HANG):
+            b = await node(start_server, database_url, "node-b", lease_timeout=2.0)
+            async with b.joined("t", "carol") as carol:
+                started = trio.current_time()
+                served: list[int] = []
+
+                async def bob_retries() -> None:
+                    while True:
+                        async with b.client("s", "bob") as bob:
+                            try:
+                                assert (await bob.recv())["type"] == "connection:ack"
+                            except ConnectionClosed as closed:
+                                assert closed.reason.code == 1013
+                            else:
+                                await bob.send({"type": "sync:request"})
+                                state = await bob.expect("sync:state")
+                                served.append(state["version"])
+                                return
+                        await trio.sleep(0.1)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(bob_retries)
+                    # Meanwhile node-b's other sessions commit as usual: a
+                    # takeover waits for the lock only briefly, in its writer.
+                    for i in range(10):
+                        sent = trio.current_time()
+                        await carol.send(add(f"c{i}"))
+                        assert (await carol.expect("ack"))["seq"] == i + 1
+                        assert trio.current_time() - sent < 1.5
+                        await trio.sleep(0.2)
+                # node-a's open transaction was ended by node-b's takeover (idle
+                # longer than a lease): node-b serves the session, without
+                # the change node-a never committed (nor acknowledged).
+                assert served == [0]
+                assert trio.current_time() - started < 2.0 + 5
+                assert lease(database_url, "s")[:2] == ("node-b", 2)
+    finally:
+        a.close()
+
+
 async def test_a_renewal_that_finds_the_lease_lost_closes_the_members_at_once(
     start_server, database_url: str
 ) -> None:

@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS leases (
 )
 # Held while the schema is created: nodes starting together don't race on it.
 SCHEMA_LOCK = 0x636F6C6C6162  # "collab"
+# The longest a takeover waits for the commits in flight on a lease row (s).
+LOCK_WAIT = 1.0
+# What collab-trio's connections are called in pg_stat_activity.
+APPLICATION_NAME = "collab-trio"
 # Owner of a lease row an admin command created only to lock it.
 NOBODY = ""
 
@@ -162,6 +166,7 @@ class _Connection:
 
 def open_pool(url: str, *, max_size: int, timeout: float = 10.0) -> Any:
     """A pool of autocommit connections (Database issues BEGIN and COMMIT itself).
+    Named APPLICATION_NAME in pg_stat_activity (see PgDatabase.acquire).
 
     Raises:
         StoreError: one line: psycopg missing, or why Postgres can't be reached.
@@ -175,8 +180,8 @@ def open_pool(url: str, *, max_size: int, timeout: float = 10.0) -> Any:
         raise StoreError(f"cannot connect to {redact_url(url)}: {_first_line(exc)}") from None
     try:
         pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False, timeout=timeout,
-            name="collab-trio",
+            url, min_size=1, max_size=max_size, kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
+            open=False, timeout=timeout, name="collab-trio",
         )
         pool.open(wait=True, timeout=timeout)
     except psycopg_pool.PoolTimeout:
@@ -350,8 +355,31 @@ class PgDatabase(Database):
         )
         # FOR UPDATE: waits for every commit in flight (they hold the row
         # FOR KEY SHARE, see check_fence), and holds off new ones until this
-        # transaction ends.
-        self.conn.execute("SELECT 1 FROM leases WHERE session_id = ? FOR UPDATE", (session_id,))
+        # transaction ends. Briefly: a commit in flight takes milliseconds,
+        # and this waits in the writer, in front of every other session's
+        # commits; the client retries (1013). A transaction that holds the
+        # row longer, of a lease nobody renews, is a stopped (SIGSTOP) or
+        # cut-off owner's, between its fence check and its COMMIT: it would
+        # hold the row (and its journal rows) for as long as its connection
+        # looks alive, hours for a partition. See _end_stale_transactions.
+        self.conn.execute("SAVEPOINT lease")
+        (before, _) = self.conn.execute(
+            "SELECT before, set_config('lock_timeout', ?, true)"
+            " FROM (SELECT current_setting('lock_timeout') AS before OFFSET 0) AS setting",
+            (f"{max(1, int(min(LOCK_WAIT, self.lease_timeout / 3) * 1000))}ms",),
+        ).fetchone()
+        try:
+            self.conn.execute("SELECT 1 FROM leases WHERE session_id = ? FOR UPDATE", (session_id,))
+        except psycopg.errors.LockNotAvailable:
+            self.conn.execute("ROLLBACK TO lease")  # (lock_timeout's too)
+            owner, expired = self.conn.execute(
+                "SELECT owner, expires_at <= now() FROM leases WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if expired:
+                self._end_stale_transactions()
+            raise SessionElsewhere(session_id, owner or "another node") from None
+        self.conn.execute("RELEASE lease")
+        self.conn.execute("SELECT set_config('lock_timeout', ?, true)", (before,))
         row = self.conn.execute(
             "UPDATE leases SET owner = ?, fence = fence + 1, wanted_by = NULL,"
             " expires_at = now() + make_interval(secs => ?)"
@@ -368,6 +396,36 @@ class PgDatabase(Database):
         ).fetchone()
         # Handing it over already: the node it goes to is the one to try.
         return None, wanted_by if owner == self.node_id and wanted_by else owner
+
+    def _end_stale_transactions(self) -> None:
+        """End the transactions of collab-trio connections that have been
+        idle for longer than a lease timeout: a node's own transactions
+        never are (their statements follow each other in one thread), a
+        stopped node's are. Its commit then fails (it was never
+        acknowledged), and the next takeover gets the lease row.
+
+        Postgres' idle_in_transaction_session_timeout would do it, but it
+        does not fire after psycopg's executemany (its pipeline ends with a
+        flush request after the Sync, which disarms the timer). Needs the
+        right to signal the other nodes' backends (the same role, or
+        pg_signal_backend); without it, a warning.
+        """
+        self.conn.execute("SAVEPOINT stale")
+        try:
+            ended = self.conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = ? AND pid <> pg_backend_pid()"
+                " AND state IN ('idle in transaction', 'idle in transaction (aborted)')"
+                " AND state_change < statement_timestamp() - make_interval(secs => ?)",
+                (APPLICATION_NAME, self.lease_timeout),
+            ).fetchone()[0]
+        except self.Error as exc:
+            self.conn.execute("ROLLBACK TO stale")
+            log.warning("Could not end a stopped node's transactions: %s", _describe(exc))
+        else:
+            if ended:
+                log.warning("Ended %d transaction(s) idle for over %g s (a stopped node's)", ended, self.lease_timeout)
+        self.conn.execute("RELEASE stale")
 
     def load_leased(self, session_id: str) -> tuple[int | None, str, SessionDocument | None]:
         """acquire(), then the document if the lease was taken (its row stays
