@@ -60,7 +60,7 @@ def test_committed_config_is_valid_with_its_placeholders_filled(tmp_path: Path) 
     for node in (1, 2, 3):
         assert f"server node{node} 127.0.0.1:1800{node} check port 1900{node}" in rendered
     # The routing this file is about: the session segment, consistent hashing, /readyz.
-    for line in ("balance hash path,field(-2,/)", "hash-type consistent", "option httpchk GET /readyz"):
+    for line in ("balance hash path,field(-2,/),url_dec", "hash-type consistent", "option httpchk GET /readyz"):
         assert line in rendered
     (tmp_path / "cluster.cfg").write_text(rendered)
     check = subprocess.run(
@@ -89,6 +89,11 @@ async def test_haproxy_routes_a_session_to_one_node_and_moves_only_a_dead_nodes_
                 # Two members each, also one behind a base-path-like prefix and a query.
                 await join(cluster, session, "ada")
                 await join(cluster, session, "bob")
+                # The same session, its id percent-encoded (the server decodes
+                # it): HAProxy must route it to the same node, or clients that
+                # encode differently (or anyone on purpose) would make the
+                # session flap between nodes (handoffs, 1012 for everyone).
+                await join(cluster, "".join(f"%{byte:02X}" for byte in session.encode()), "cy")
             before = placement(cluster, sessions)
             assert all(len(nodes) == 1 for nodes in before.values()), before
             owner = {s: next(iter(nodes)) for s, nodes in before.items()}
