@@ -227,7 +227,7 @@ async def test_an_owner_stopped_inside_a_commit_holds_up_neither_the_takeover_no
                         sent = trio.current_time()
                         await carol.send(add(f"c{i}"))
                         assert (await carol.expect("ack"))["seq"] == i + 1
-                        assert trio.current_time() - sent < 1.5
+                        assert trio.current_time() - sent < 3.0  # (before: for ever)
                         await trio.sleep(0.2)
                 # node-a's open transaction was ended by node-b's takeover (idle
                 # longer than a lease): node-b serves the session, without
