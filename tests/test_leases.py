@@ -17,7 +17,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from collab_trio.document import COMMAND, Op
-from collab_trio.store import LeaseLost
+from collab_trio.store import LeaseLost, SessionElsewhere
 from collab_trio.store.postgres import PgDatabase
 from collab_trio.testing import HANG, Harness
 
@@ -103,6 +103,36 @@ def test_a_takeover_waits_for_a_commit_in_flight_and_loads_it(database_url: str)
         assert lease(database_url, "s") == ("node-b", 2, "node-a")
     finally:
         a.close()
+        b.close()
+
+
+def test_a_node_stopped_inside_its_first_acquire_holds_up_nobody_for_long(database_url: str) -> None:
+    a = PgDatabase(database_url, node_id="node-a", lease_timeout=2.0, timeout=2.0)
+    b = PgDatabase(database_url, node_id="node-b", lease_timeout=2.0, timeout=2.0)
+    try:
+        # node-a is stopped inside the transaction that created the lease row.
+        a.conn.execute("BEGIN")
+        assert a.acquire("new") == (1, "node-a")
+        answers: list[Any] = []
+
+        def take_over() -> None:
+            for _ in range(int(HANG / 0.1)):
+                try:
+                    answers.append(b.run(lambda d: d.acquire("new")))
+                    return
+                except SessionElsewhere as exc:
+                    answers.append(exc.owner)
+                threading.Event().wait(0.1)
+
+        taker = threading.Thread(target=take_over)
+        taker.start()
+        taker.join(HANG)
+        # Refused (1013) while node-a's transaction was younger than a lease;
+        # then it was ended, and node-b got the lease (node-a's row never existed).
+        assert answers and answers[-1] == (1, "node-b"), answers
+        assert set(answers[:-1]) <= {"another node"}
+    finally:
+        a.close()  # (unblocks node-b if it still waits)
         b.close()
 
 

@@ -348,11 +348,6 @@ class PgDatabase(Database):
         asks the owner (`wanted_by`, kept: this returns, it doesn't raise)
         to hand the session over.
         """
-        self.conn.execute(
-            "INSERT INTO leases (session_id, owner, fence, expires_at) VALUES (?, ?, 0, now())"
-            " ON CONFLICT (session_id) DO NOTHING",
-            (session_id, NOBODY),
-        )
         # FOR UPDATE: waits for every commit in flight (they hold the row
         # FOR KEY SHARE, see check_fence), and holds off new ones until this
         # transaction ends. Briefly: a commit in flight takes milliseconds,
@@ -369,12 +364,18 @@ class PgDatabase(Database):
             (f"{max(1, int(min(LOCK_WAIT, self.lease_timeout / 3) * 1000))}ms",),
         ).fetchone()
         try:
+            # (The INSERT waits too if a stopped node's acquire inserted the row.)
+            self.conn.execute(
+                "INSERT INTO leases (session_id, owner, fence, expires_at) VALUES (?, ?, 0, now())"
+                " ON CONFLICT (session_id) DO NOTHING",
+                (session_id, NOBODY),
+            )
             self.conn.execute("SELECT 1 FROM leases WHERE session_id = ? FOR UPDATE", (session_id,))
         except psycopg.errors.LockNotAvailable:
             self.conn.execute("ROLLBACK TO lease")  # (lock_timeout's too)
             owner, expired = self.conn.execute(
                 "SELECT owner, expires_at <= now() FROM leases WHERE session_id = ?", (session_id,)
-            ).fetchone()
+            ).fetchone() or (None, True)
             if expired:
                 self._end_stale_transactions()
             raise SessionElsewhere(session_id, owner or "another node") from None
