@@ -408,8 +408,9 @@ class PgDatabase(Database):
         Postgres' idle_in_transaction_session_timeout would do it, but it
         does not fire after psycopg's executemany (its pipeline ends with a
         flush request after the Sync, which disarms the timer). Needs the
-        right to signal the other nodes' backends (the same role, or
-        pg_signal_backend); without it, a warning.
+        right to see and signal the other nodes' backends (one role for
+        all nodes, or pg_signal_backend and pg_read_all_stats): without
+        it, a warning or nothing ended.
         """
         self.conn.execute("SAVEPOINT stale")
         try:
