@@ -129,7 +129,7 @@ def test_a_node_stopped_inside_its_first_acquire_holds_up_nobody_for_long(databa
         taker.join(HANG)
         # Refused (1013) while node-a's transaction was younger than a lease;
         # then it was ended, and node-b got the lease (node-a's row never existed).
-        assert answers and answers[-1] == (1, "node-b"), answers
+        assert answers and answers[-1] == (2, "node-b"), answers  # (fence 1 was node-a's, rolled back)
         assert set(answers[:-1]) <= {"another node"}
     finally:
         a.close()  # (unblocks node-b if it still waits)
@@ -233,7 +233,7 @@ async def test_an_owner_stopped_inside_a_commit_holds_up_neither_the_takeover_no
             b = await node(start_server, database_url, "node-b", lease_timeout=2.0)
             async with b.joined("t", "carol") as carol:
                 started = trio.current_time()
-                served: list[int] = []
+                served: list[Any] = []
 
                 async def bob_retries() -> None:
                     while True:
@@ -245,7 +245,8 @@ async def test_an_owner_stopped_inside_a_commit_holds_up_neither_the_takeover_no
                             else:
                                 await bob.send({"type": "sync:request"})
                                 state = await bob.expect("sync:state")
-                                served.append(state["version"])
+                                # (Read while bob is there: the lease goes when the session empties.)
+                                served.append((state["version"], lease(database_url, "s")[:2]))
                                 return
                         await trio.sleep(0.1)
 
@@ -262,11 +263,31 @@ async def test_an_owner_stopped_inside_a_commit_holds_up_neither_the_takeover_no
                 # node-a's open transaction was ended by node-b's takeover (idle
                 # longer than a lease): node-b serves the session, without
                 # the change node-a never committed (nor acknowledged).
-                assert served == [0]
+                assert served == [(0, ("node-b", 3))]  # (fence 2: node-b's "t")
                 assert trio.current_time() - started < 2.0 + 5
-                assert lease(database_url, "s")[:2] == ("node-b", 2)
     finally:
         a.close()
+
+
+async def test_a_session_left_with_nothing_stored_keeps_no_lease_row(start_server, database_url: str) -> None:
+    with trio.fail_after(3 * HANG):
+        a = await node(start_server, database_url, "node-a")
+        # Any id a client makes up: joined, left, nothing stored.
+        for attempt in range(2):
+            async with a.joined(f"made-up-{attempt}", "mallory"):
+                pass
+        async with a.joined("kept", "alice") as alice:
+            await alice.send(add("one"))
+            await alice.expect("ack")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while conn.execute("SELECT count(*) FROM leases WHERE expires_at > now()").fetchone()[0]:
+                await trio.sleep(0.05)  # (released in the background)
+            rows = conn.execute("SELECT session_id, fence FROM leases").fetchall()
+        # The stored session's row stays (expired); the others are gone.
+        assert rows == [("kept", 3)]
+        # A made-up id joined again gets a fence no earlier holder had.
+        async with a.joined("made-up-0", "mallory"):
+            assert lease(database_url, "made-up-0")[:2] == ("node-a", 4)
 
 
 async def test_a_renewal_that_finds_the_lease_lost_closes_the_members_at_once(
