@@ -215,7 +215,12 @@ async def test_sigkill_of_a_node_loses_nothing_acknowledged(tmp_path: Path, data
                 stayed = sum(1 for s in sessions if s not in moved and after.get(s) == owner.get(s))
                 print(f"survivors' sessions still on their node: {stayed} of {SESSIONS - len(moved)}")
                 stop.set()
-
+            # Each editor resumed once more when it stopped, but its partner's
+            # last change may have been committed after that: once more, now
+            # that nobody edits (a resume by seq, as after any reconnect).
+            async with trio.open_nursery() as nursery:
+                for editor in editors:
+                    nursery.start_soon(editor.run, stop)
             acknowledged = sum(len(e.acked) for e in editors)
             closes = sorted({f"{code} {reason}" for e in editors for _, code, reason in e.closes})
             print(f"{acknowledged} changes acknowledged by {len(editors)} editors; closes seen: {closes}")
