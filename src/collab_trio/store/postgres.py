@@ -14,7 +14,8 @@ this module only when the postgres store or a database URL is asked for.
 Leases: a node serves a session only while it holds the session's row in
 `leases` (owner node, fencing number, expiry on the database's clock, never
 a node's). Loading a session acquires it (a takeover only when it expired or
-is this node's, and every acquisition increments the fence); a background
+is this node's, and every acquisition takes a new, larger fence from one
+sequence); a release deletes the row of a session with nothing stored; a background
 task renews all of the node's leases in one statement every
 lease_timeout / 3; and every commit checks owner and fence in its own
 transaction, locking the lease row against a takeover (see
