@@ -312,3 +312,14 @@ def test_any_file_and_environment_give_settings_or_one_line_problems(
             assert problem.startswith(f"{path}: ") or problem.split(":")[0] in environ, problem
     else:
         assert all(not source.startswith("env ") or source[4:] in environ for source in resolved.sources.values())
+
+
+def test_print_config_hides_the_database_password(capsys: pytest.CaptureFixture[str]) -> None:
+    url = "postgresql://collab:s3cret@db.example/collab?sslmode=require"
+    assert main(["serve", "--store", "postgres", "--database-url", url, "--port", "0", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert (
+        'database-url = "postgresql://collab:***@db.example/collab?sslmode=require"'
+        "  # command line; password hidden" in out.splitlines()
+    )

@@ -17,7 +17,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from collab_trio.document import COMMAND, Op
-from collab_trio.store import LeaseLost
+from collab_trio.store import LeaseLost, SessionElsewhere
 from collab_trio.store.postgres import PgDatabase
 from collab_trio.testing import HANG, Harness
 
@@ -106,6 +106,36 @@ def test_a_takeover_waits_for_a_commit_in_flight_and_loads_it(database_url: str)
         b.close()
 
 
+def test_a_node_stopped_inside_its_first_acquire_holds_up_nobody_for_long(database_url: str) -> None:
+    a = PgDatabase(database_url, node_id="node-a", lease_timeout=2.0, timeout=2.0)
+    b = PgDatabase(database_url, node_id="node-b", lease_timeout=2.0, timeout=2.0)
+    try:
+        # node-a is stopped inside the transaction that created the lease row.
+        a.conn.execute("BEGIN")
+        assert a.acquire("new") == (1, "node-a")
+        answers: list[Any] = []
+
+        def take_over() -> None:
+            for _ in range(int(HANG / 0.1)):
+                try:
+                    answers.append(b.run(lambda d: d.acquire("new")))
+                    return
+                except SessionElsewhere as exc:
+                    answers.append(exc.owner)
+                threading.Event().wait(0.1)
+
+        taker = threading.Thread(target=take_over)
+        taker.start()
+        taker.join(HANG)
+        # Refused (1013) while node-a's transaction was younger than a lease;
+        # then it was ended, and node-b got the lease (node-a's row never existed).
+        assert answers and answers[-1] == (2, "node-b"), answers  # (fence 1 was node-a's, rolled back)
+        assert set(answers[:-1]) <= {"another node"}
+    finally:
+        a.close()  # (unblocks node-b if it still waits)
+        b.close()
+
+
 # -- nodes and clients ---------------------------------------------------------------
 
 
@@ -161,6 +191,103 @@ async def test_a_node_asked_for_a_session_another_node_serves_says_who_and_it_is
             assert [i["uuid"] for i in state["state"]["items"]] == ["one"]
             assert (state["version"], state["epoch"]) == (1, epoch)
             assert lease(database_url, "s") == ("node-b", 2, None)
+
+
+async def test_joins_that_wait_for_a_refused_load_are_told_the_owner_too(start_server, database_url: str) -> None:
+    with trio.fail_after(3 * HANG):
+        a = await node(start_server, database_url, "node-a")
+        # node-b's transactions take 0.5 s: the second join surely arrives
+        # while the first one's load (refused: node-a serves it) is in progress.
+        b = await node(start_server, database_url, "node-b", fault_commit_delay=0.5)
+        async with a.joined("s", "alice"):
+            closes: dict[str, tuple[int, str | None]] = {}
+
+            async def join(user: str) -> None:
+                async with b.client("s", user) as client:
+                    closes[user] = await client.expect_closed()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(join, "bob")
+                await trio.sleep(0.1)
+                nursery.start_soon(join, "carol")
+            assert closes == {
+                "bob": (1013, "session is served by node-a; retry"),
+                "carol": (1013, "session is served by node-a; retry"),
+            }
+
+
+async def test_an_owner_stopped_inside_a_commit_holds_up_neither_the_takeover_nor_the_new_owner(
+    start_server, database_url: str
+) -> None:
+    a = PgDatabase(database_url, node_id="node-a", lease_timeout=2.0, timeout=2.0)
+    try:
+        fence, _, document = a.run(lambda d: d.load_leased("s"))
+        # node-a is stopped (SIGSTOP, a partition) between its fence check and
+        # its COMMIT: the transaction stays open, the lease row locked FOR KEY
+        # SHARE, and nobody renews the lease.
+        a.conn.execute("BEGIN")
+        a.check_fence("s", fence)
+        a.append("s", document.epoch, [op(1, "late")])
+        expire(database_url, "s")
+        with trio.fail_after(3 * HANG):
+            b = await node(start_server, database_url, "node-b", lease_timeout=2.0)
+            async with b.joined("t", "carol") as carol:
+                started = trio.current_time()
+                served: list[Any] = []
+
+                async def bob_retries() -> None:
+                    while True:
+                        async with b.client("s", "bob") as bob:
+                            try:
+                                assert (await bob.recv())["type"] == "connection:ack"
+                            except ConnectionClosed as closed:
+                                assert closed.reason.code == 1013
+                            else:
+                                await bob.send({"type": "sync:request"})
+                                state = await bob.expect("sync:state")
+                                # (Read while bob is there: the lease goes when the session empties.)
+                                served.append((state["version"], lease(database_url, "s")[:2]))
+                                return
+                        await trio.sleep(0.1)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(bob_retries)
+                    # Meanwhile node-b's other sessions commit as usual: a
+                    # takeover waits for the lock only briefly, in its writer.
+                    for i in range(10):
+                        sent = trio.current_time()
+                        await carol.send(add(f"c{i}"))
+                        assert (await carol.expect("ack"))["seq"] == i + 1
+                        assert trio.current_time() - sent < 3.0  # (before: for ever)
+                        await trio.sleep(0.2)
+                # node-a's open transaction was ended by node-b's takeover (idle
+                # longer than a lease): node-b serves the session, without
+                # the change node-a never committed (nor acknowledged).
+                assert served == [(0, ("node-b", 3))]  # (fence 2: node-b's "t")
+                assert trio.current_time() - started < 2.0 + 5
+    finally:
+        a.close()
+
+
+async def test_a_session_left_with_nothing_stored_keeps_no_lease_row(start_server, database_url: str) -> None:
+    with trio.fail_after(3 * HANG):
+        a = await node(start_server, database_url, "node-a")
+        # Any id a client makes up: joined, left, nothing stored.
+        for attempt in range(2):
+            async with a.joined(f"made-up-{attempt}", "mallory"):
+                pass
+        async with a.joined("kept", "alice") as alice:
+            await alice.send(add("one"))
+            await alice.expect("ack")
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            while conn.execute("SELECT count(*) FROM leases WHERE expires_at > now()").fetchone()[0]:
+                await trio.sleep(0.05)  # (released in the background)
+            rows = conn.execute("SELECT session_id, fence FROM leases").fetchall()
+        # The stored session's row stays (expired); the others are gone.
+        assert rows == [("kept", 3)]
+        # A made-up id joined again gets a fence no earlier holder had.
+        async with a.joined("made-up-0", "mallory"):
+            assert lease(database_url, "made-up-0")[:2] == ("node-a", 4)
 
 
 async def test_a_renewal_that_finds_the_lease_lost_closes_the_members_at_once(

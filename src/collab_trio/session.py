@@ -58,6 +58,11 @@ log = logging.getLogger(__name__)
 MOVED = "session moved; reconnect"
 
 
+def _served_elsewhere(exc: SessionElsewhere) -> JoinRefused:
+    """The refusal of a join of a session another live node serves: retry (1013)."""
+    return JoinRefused(CloseCode.TRY_AGAIN_LATER, f"session is served by {exc.owner}; retry")
+
+
 @attrs.define(eq=False)
 class RestoreTicket:
     """The outcome of one restore handed to a session's core (Restored)."""
@@ -83,6 +88,8 @@ class Session:
     # Set when the document is loaded and the nursery is open (or loading failed).
     ready: trio.Event = attrs.field(factory=trio.Event)
     load_failed: bool = False
+    # Why it failed, for the joins that waited for it (SessionElsewhere: 1013).
+    load_error: BaseException | None = None
     # Set when every change handed to the store has its outcome: a successor
     # may load the document from the store from then on.
     drained: trio.Event = attrs.field(factory=trio.Event)
@@ -148,8 +155,9 @@ class Session:
         try:
             try:
                 document = await self.store.load(self.session_id)
-            except BaseException:
+            except BaseException as exc:
                 self.load_failed = True
+                self.load_error = exc
                 raise
             finally:
                 self.ready.set()
@@ -782,7 +790,7 @@ class SessionRegistry:
                     await self._nursery.start(self._run_session, session)
                 except SessionElsewhere as exc:
                     self.discard(session)
-                    raise JoinRefused(CloseCode.TRY_AGAIN_LATER, f"session is served by {exc.owner}; retry") from None
+                    raise _served_elsewhere(exc) from None
                 except Exception:
                     self.discard(session)
                     log.exception("Could not load session %s", session_id)
@@ -795,6 +803,8 @@ class SessionRegistry:
             else:
                 await session.ready.wait()
                 if session.load_failed:
+                    if isinstance(session.load_error, SessionElsewhere):
+                        raise _served_elsewhere(session.load_error)
                     raise JoinRefused(CloseCode.INTERNAL_ERROR, "could not load the session")
             conn = session.try_join(ws, wire, user_id, remote=remote, can_write=can_write, resume=resume)
             if conn is not None:

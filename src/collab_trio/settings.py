@@ -280,7 +280,7 @@ def format_settings(parser: argparse.ArgumentParser, settings: Settings, *, titl
     """The effective settings as a TOML config file, each line with its source as a comment.
 
     Unset options (None) are shown commented out; the output, given to
-    --config, sets the same values.
+    --config, sets the same values (but a database URL's password, hidden).
     """
     lines = [
         f"# {title}",
@@ -295,6 +295,14 @@ def format_settings(parser: argparse.ArgumentParser, settings: Settings, *, titl
         if value is None:
             lines.append(f"# {name}: not set ({source})")
             continue
+        if action.dest == "database_url":
+            # Printed settings end up in tickets and chat: never the password
+            # (libpq also reads it from PGPASSWORD or ~/.pgpass).
+            from .store.postgres import redact_url
+
+            hidden = redact_url(value)
+            if hidden != value:
+                value, source = hidden, f"{source}; password hidden"
         text = tomli_w.dumps({name: _toml_value(value)}).rstrip("\n")
         lines.append(f"{text}  # {source}")
     return "\n".join(lines) + "\n"
