@@ -715,18 +715,10 @@ class SessionRegistry:
         while True:
             if self.closing:
                 raise StoreError("the server is shutting down")
-            waiting = self._restoring.get(session_id)
-            if waiting is not None:
-                await waiting.wait()
+            if await self._wait_for_predecessor(session_id):
                 continue
             session = self.sessions.get(session_id)
             if session is None:
-                predecessor = self.draining.get(session_id)
-                if predecessor is not None:
-                    await predecessor.drained.wait()
-                    if self.draining.get(session_id) is predecessor:
-                        del self.draining[session_id]
-                    continue
                 done = self._restoring[session_id] = trio.Event()
                 try:
                     return await self.store.restore(session_id, version)
@@ -743,6 +735,24 @@ class SessionRegistry:
             if self.sessions.get(session_id) is not session or session.closing:
                 continue  # it closed while the version was read
             return await session.restore(items, version)
+
+    async def _wait_for_predecessor(self, session_id: str) -> bool:
+        """Wait out what must end before `session_id` loads: a restore in the
+        store (load after it), or, with no live session, the drain of its
+        previous instance (its last changes are still being stored: load after
+        them). True if it waited: look again."""
+        restoring = self._restoring.get(session_id)
+        if restoring is not None:
+            await restoring.wait()
+            return True
+        if session_id not in self.sessions:
+            predecessor = self.draining.get(session_id)
+            if predecessor is not None:
+                await predecessor.drained.wait()
+                if self.draining.get(session_id) is predecessor:
+                    del self.draining[session_id]
+                return True
+        return False
 
     async def join(
         self,
@@ -764,19 +774,10 @@ class SessionRegistry:
         while True:
             if self.closing or self._nursery is None:
                 raise JoinRefused(CloseCode.GOING_AWAY, "server shutting down")
-            restoring = self._restoring.get(session_id)
-            if restoring is not None:
-                await restoring.wait()  # a restore in the store: load after it
+            if await self._wait_for_predecessor(session_id):
                 continue
             session = self.sessions.get(session_id)
             if session is None:
-                predecessor = self.draining.get(session_id)
-                if predecessor is not None:
-                    # Its last changes are still being stored: load after them.
-                    await predecessor.drained.wait()
-                    if self.draining.get(session_id) is predecessor:
-                        del self.draining[session_id]
-                    continue
                 session = Session(
                     session_id,
                     self.config,
