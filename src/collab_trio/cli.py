@@ -63,14 +63,23 @@ def byte_size(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("seconds must be positive")
-    return value
+def _positive_number(unit: str) -> Callable[[str], float]:
+    """An argparse type: a positive number of `unit` ("seconds", ...)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{unit} must be positive")
+        return value
+
+    return parse
+
+
+_seconds = _positive_number("seconds")
+_rate = _positive_number("messages per second")
 
 
 def _wait_seconds(text: str) -> float:
@@ -141,16 +150,6 @@ def _days(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError("days must not be negative")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of messages per second: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("messages per second must be positive")
     return value
 
 
