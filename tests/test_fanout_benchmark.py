@@ -7,14 +7,11 @@ timeout here only stops a hung run, and kills its whole process group
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-from collab_trio.testing import child_env
+from collab_trio.testing import child_env, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 FANOUT = REPO / "benchmarks" / "fanout.py"
@@ -23,17 +20,8 @@ SERVERS = ("reference", "collab-trio")
 
 
 def run_short() -> tuple[int, str, str]:
-    process = subprocess.Popen(
-        [sys.executable, str(FANOUT), "--short"], cwd=REPO, env=child_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"fanout.py --short ran over {TIMEOUT} s:\n{stdout}\n{stderr}") from None
-    return process.returncode, stdout, stderr
+    result = run_script("fanout.py --short", [sys.executable, str(FANOUT), "--short"], TIMEOUT, cwd=REPO, env=child_env())
+    return result.returncode, result.stdout, result.stderr
 
 
 def tables(stdout: str) -> dict[str, dict[str, dict[str, str]]]:

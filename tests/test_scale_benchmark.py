@@ -8,7 +8,6 @@ nodes and HAProxy too).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from collab_trio.cluster_testing import haproxy_binary
-from collab_trio.testing import child_env
+from collab_trio.testing import child_env, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = REPO / "benchmarks" / "scale.py"
@@ -26,17 +25,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 
 
 def run_short(*args: str) -> subprocess.CompletedProcess[str]:
-    process = subprocess.Popen(
-        [sys.executable, str(SCALE), "--short", *args], cwd=REPO, env=child_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"scale.py --short ran over {TIMEOUT} s:\n{stdout}\n{stderr}") from None
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    command = [sys.executable, str(SCALE), "--short", *args]
+    return run_script("scale.py --short", command, TIMEOUT, cwd=REPO, env=child_env())
 
 
 def test_scale_short_prints_both_node_counts_and_the_failover(database_url: str) -> None:

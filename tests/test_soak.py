@@ -7,12 +7,11 @@ child; it runs in a new process group so that a timeout kills the server too.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
+
+from collab_trio.testing import run_script
 
 SOAK = Path(__file__).resolve().parents[1] / "tools" / "soak.py"
 DURATION = 120
@@ -25,19 +24,12 @@ def test_soak_two_minutes() -> None:
         sys.executable, "-W", "always::ResourceWarning", str(SOAK),
         "--duration", str(DURATION), "--sessions", "4", "--clients", "5", "--seed", "1",
     ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"soak.py ran over {TIMEOUT} s:\n{stdout}\n{stderr}") from None
+    result = run_script("soak.py", command, TIMEOUT)
+    stdout, stderr = result.stdout, result.stderr
     output = f"{stdout}\n{stderr}"
     print(stdout)  # the progress lines and the report, shown by pytest -s or on failure
 
-    assert process.returncode == 0, output
+    assert result.returncode == 0, output
     report = stdout.split("=== soak report ===", 1)[1]
     lines = report.splitlines()
     assert "errors: 0" in lines, output

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,26 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), _PACKAGE_PARENT]))
     env.update(extra)
     return env
+
+
+def run_script(name: str, command: Sequence[str], timeout: float, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """Run a script (a benchmark, the soak tool) to its end, its output captured.
+
+    It runs in a process group of its own: past `timeout` the whole group
+    (its servers and generator processes too) is killed and HarnessError
+    raised with everything it printed.
+    """
+    process = subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, **popen,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise HarnessError(f"{name} ran over {timeout:g} s:\n{stdout}\n{stderr}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 async def assert_port_binds_again(port: int) -> None:
