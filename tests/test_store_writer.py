@@ -405,7 +405,10 @@ async def test_big_commits_keep_the_wal_bounded_in_bytes(tmp_path: Path) -> None
     assert stored_version(tmp_path / "data", "s") == 240
     assert max(sizes) <= WAL_SIZE_LIMIT + 1_000_000
     assert any(later < earlier for earlier, later in zip(sizes, sizes[1:]))  # cut back
-    assert min(sizes[sizes.index(max(sizes)):]) <= WAL_CHECKPOINT_BYTES
+    # Once past WAL_CHECKPOINT_BYTES it is cut back to it (the largest size
+    # may be in a later round of growth, still going when the commits end).
+    first_over = next(i for i, size in enumerate(sizes) if size > WAL_CHECKPOINT_BYTES)
+    assert min(sizes[first_over:]) <= WAL_CHECKPOINT_BYTES
 
 
 async def test_commits_on_the_event_loop_keep_the_wal_bounded(tmp_path: Path) -> None:
