@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,52 @@ def test_append_refuses_gaps_and_stale_epochs(db: Database) -> None:
         db.run(lambda d: d.append("s", "another-epoch", [op(2, "b")]))
     # Nothing was written by the failed jobs.
     assert db.run(lambda d: d.load("s")).version == 1
+
+
+def test_commits_on_the_event_loop_never_wait_and_leave_the_writers_settings_alone(data_dir: Path) -> None:
+    """run_jobs_now (the server's commits on the event loop) uses a connection
+    of its own: it gives way at once to another writer, while the writer
+    thread's connection keeps its busy timeout; both count what they wrote."""
+    db = Database(database_path(data_dir), busy_timeout=30.0, manual_checkpoints=True)
+    try:
+        epoch = db.run(lambda d: d.load("s")).epoch
+        assert db.since_checkpoint == 0
+        # An inline commit that writes counts toward the next checkpoint; one
+        # that writes nothing (on either connection) does not.
+        [done] = db.run_jobs_now([lambda d: d.append("s", epoch, [op(1, "a")])])
+        done.unwrap()
+        assert db.since_checkpoint == 1
+        [done] = db.run_jobs_now([lambda d: None])
+        done.unwrap()
+        db.run(lambda d: None)
+        assert db.since_checkpoint == 1
+        db.run(lambda d: d.append("s", epoch, [op(2, "b")]))
+        db.run_jobs_now([lambda d: d.append("s", epoch, [op(3, "c")])])[0].unwrap()
+        assert db.since_checkpoint == 3
+        # Each connection sees what the other committed.
+        assert db.run(lambda d: d.load("s")).version == 3
+        locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            assert db.run_jobs_now([lambda d: d.append("s", epoch, [op(4, "d")])]) is None
+            assert time.monotonic() - started < 10  # not the 30 s busy timeout
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+        # Nothing was written by the commit that gave way.
+        assert db.run(lambda d: d.load("s")).version == 3
+        # Inline commits never checkpoint by themselves (the server's thread
+        # does): the WAL only grows.
+        for seq in range(4, 1504):
+            db.run_jobs_now([lambda d, seq=seq: d.append("s", epoch, [op(seq, f"i{seq}")])])[0].unwrap()
+        busy, frames, copied = sqlite3.connect(database_path(data_dir)).execute(
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        ).fetchone()
+        assert frames > 1500, frames
+    finally:
+        db.close()
 
 
 def test_snapshot_then_compaction(db: Database) -> None:
