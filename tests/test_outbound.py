@@ -9,6 +9,10 @@ lockstep streams are clients that read only when the test says so.
 from __future__ import annotations
 
 import json
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -20,6 +24,7 @@ from wsproto.frame_protocol import Opcode
 
 from collab_trio.testing import (
     HANG,
+    LOOPBACK,
     OPCODE_TEXT,
     Harness,
     RawClient,
@@ -31,6 +36,94 @@ from collab_trio.testing import (
     sync_request,
 )
 from collab_trio.wire import WireStream, close_frame, text_frame
+
+# -- reading a plain socket --------------------------------------------------------
+
+
+@asynccontextmanager
+async def socket_wire() -> AsyncIterator[tuple[WireStream, trio.SocketStream]]:
+    """A WireStream on the server end of a loopback TCP connection (read with
+    os.read), and the client end; both closed after."""
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        theirs = await trio.open_tcp_stream(LOOPBACK, port)
+        ours = await listeners[0].accept()
+    finally:
+        await trio.aclose_forcefully(listeners[0])
+    wire = WireStream(ours)
+    try:
+        yield wire, theirs
+    finally:
+        await trio.aclose_forcefully(wire)
+        await trio.aclose_forcefully(theirs)
+
+
+async def test_a_plain_socket_is_read_in_order_to_its_end() -> None:
+    upgrade = b"GET /ws/s/alice HTTP/1.1\r\nHost: x\r\n\r\n"
+    sent = upgrade + b"".join(client_frame(OPCODE_TEXT, b"m%d" % n * 50) for n in range(3000))
+    got = bytearray()
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer), trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                await peer.send_all(sent)  # ~450 KB: full reads, then waits for more
+                await peer.send_eof()
+
+            nursery.start_soon(send)
+            while chunk := await wire.receive_some(4096):
+                got += chunk
+            assert await wire.receive_some(4096) == b""  # the end stays the end
+    assert got == sent  # nothing taken: trio-websocket gets every byte
+
+
+async def test_a_read_waiting_for_data_can_be_cancelled_and_read_again() -> None:
+    async with socket_wire() as (wire, peer):
+        with trio.move_on_after(0.05) as scope:
+            await wire.receive_some()
+        assert scope.cancelled_caught
+        await peer.send_all(b"late")
+        with trio.fail_after(HANG):
+            assert await wire.receive_some() == b"late"
+
+
+async def test_reading_a_closed_socket_says_so_every_time_and_leaves_the_loop_sound() -> None:
+    """A read after the close never waits on the closed descriptor (trio would
+    take fd -1 as busy for good: the next connection's read would fail)."""
+    with trio.fail_after(HANG):
+        for _ in range(3):
+            async with socket_wire() as (wire, peer):
+                await peer.send_all(b"hello")
+                assert await wire.receive_some() == b"hello"
+                await wire.aclose()
+                for _ in range(2):
+                    with pytest.raises(trio.ClosedResourceError):
+                        await wire.receive_some()
+
+
+async def test_closing_the_socket_wakes_a_waiting_read() -> None:
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, _), trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await wire.receive_some()
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            await wire.aclose()
+
+
+async def test_a_reset_connection_is_a_broken_stream() -> None:
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer):
+            # Closing with a zero linger sends a reset, not an end of stream.
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await peer.aclose()
+            with pytest.raises(trio.BrokenResourceError):
+                while await wire.receive_some():
+                    pass
+
 
 # -- frames --------------------------------------------------------------------
 
@@ -391,6 +484,9 @@ class _Owner:
 
     def connection_closed(self, conn: Any) -> None:
         self.closed.append(conn)
+
+    def has_room(self) -> bool:
+        return True
 
     async def wait_for_room(self) -> None: ...
 

@@ -28,6 +28,7 @@ same call, in order (trio-websocket gets the rest).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections import deque
@@ -39,6 +40,9 @@ import trio
 from .counters import Counters
 from .inbound import CLOSE, TEXT, Event, FrameReader
 
+# Bytes read from a plain socket at most, when trio-websocket doesn't say
+# (trio's own default).
+READ_SIZE = 65536
 # Bytes handed to one write of a stream that is not a plain socket (TLS,
 # memory): the write timeout applies to each piece, so it measures progress.
 WRITE_CHUNK = 64 * 1024
@@ -140,9 +144,11 @@ class WireStream(trio.abc.Stream):
         # tells a client that stays over its budget from one over it again.
         self.drains = 0
         socket = raw.socket if isinstance(raw, trio.SocketStream) else None
-        # Writing to the file descriptor without awaiting: only for plain
-        # sockets on POSIX (TLS needs its stream, Windows can't write() a socket).
+        # Writing to (and reading from) the file descriptor directly: only for
+        # plain sockets on POSIX (TLS needs its stream, Windows can't write() a socket).
         self._socket: Any = socket if os.name == "posix" else None
+        # The last read took everything there was (see _read_socket).
+        self._drained = True
 
     # -- what the session sees -------------------------------------------------
 
@@ -359,6 +365,8 @@ class WireStream(trio.abc.Stream):
                 data = self._received[:max_bytes] if max_bytes else self._received
                 self._received = self._received[len(data):]
                 await trio.lowlevel.checkpoint()
+            elif self._socket is not None:
+                data = await self._read_socket(max_bytes or READ_SIZE)
             else:
                 data = await self.raw.receive_some(max_bytes)
             if not data:
@@ -408,6 +416,41 @@ class WireStream(trio.abc.Stream):
         self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
         self.drains += 1
         return data, count
+
+    async def _read_socket(self, max_bytes: int) -> bytes:
+        """SocketStream.receive_some(), one schedule point and one read per call.
+
+        trio's recv tries the socket first and parks on EAGAIN, then yields
+        again after the read. A client's messages come one at a time, so
+        the first try after a read that emptied the socket buffer nearly
+        always fails: this waits for readability first then (what an
+        asyncio server does), and reads at once only after a full read.
+        """
+        socket = self._socket
+        wait, waited = self._drained, False
+        while True:
+            # (Never wait on a closed socket: trio would register fd -1.)
+            fd = socket.fileno()
+            if fd < 0:
+                await trio.lowlevel.checkpoint()
+                raise trio.ClosedResourceError("this socket was already closed")
+            if wait:
+                await trio.lowlevel.wait_readable(fd)
+                wait, waited = False, True
+                continue  # (it may have been closed meanwhile)
+            try:
+                data = os.read(fd, max_bytes)
+            except (BlockingIOError, InterruptedError):
+                wait = True
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("this socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            self._drained = len(data) < max_bytes
+            if not waited:
+                await trio.lowlevel.checkpoint()  # every call is a schedule point
+            return data
 
     def _write_now(self, data: bytes) -> int:
         """Write what the socket takes at once; 0 if it takes nothing or broke."""
