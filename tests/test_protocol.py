@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 from urllib.parse import quote
 
 import pytest
@@ -697,3 +700,19 @@ def test_an_empty_target_user_is_answered_unknown_user_by_the_session() -> None:
     [answer] = [effect.message for effect in effects]
     assert (answer.code, answer.ref) == (ErrorCode.UNKNOWN_USER, "sync:full_state")
     assert core.document.version == 0  # nothing replaced, nothing forwarded
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=0, max_value=253402300799 * 10**9 + 999_999_999))
+@example(1_796_622_373_999_999_999)  # the last nanosecond of a second
+@example(0)
+def test_utc_timestamp_is_the_iso_time_to_the_millisecond(ns: int) -> None:
+    """The stamp of ops, acks and pongs, formatted once per second and then
+    only its milliseconds: the same text as datetime's, for any time."""
+    expected = (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=ns // 10**6)).isoformat(
+        timespec="milliseconds"
+    )
+    with mock.patch.object(protocol, "time", SimpleNamespace(time_ns=lambda: ns)):
+        assert protocol.utc_timestamp() == expected
+    assert protocol.utc_timestamp(datetime.fromisoformat(expected)) == expected
+

@@ -83,6 +83,9 @@ class ConnectionOwner(Protocol):
     def connection_closed(self, conn: Connection) -> None:
         """close() ran: the connection reads and queues nothing more."""
 
+    def has_room(self) -> bool:
+        """The owner can take another frame now (wait_for_room would not wait)."""
+
     async def wait_for_room(self) -> bool | None:
         """Return when the owner can take another frame (back-pressure);
         true if that meant waiting."""
@@ -402,8 +405,8 @@ class Connection:
     async def _room_before_read(self) -> None:
         """_wait_for_room() for the wire (in trio-websocket's reader task),
         cut short by close()."""
-        if self.close_code is not None:
-            return
+        if self.close_code is not None or self.owner.has_room():
+            return  # the common case: no cancel scope to set up
         scope = self._read_wait = trio.CancelScope()
         try:
             with scope:

@@ -13,6 +13,7 @@ import json
 import math
 import operator
 import re
+import time
 import unicodedata
 from datetime import datetime, timezone
 from typing import Any
@@ -409,9 +410,18 @@ def decode(text: str | bytes) -> dict[str, Any]:
 
 
 def utc_timestamp(now: datetime | None = None) -> str:
-    """ISO 8601 UTC timestamp with millisecond precision."""
-    now = now or datetime.now(timezone.utc)
-    return now.isoformat(timespec="milliseconds")
+    """ISO 8601 UTC timestamp with millisecond precision (now, by default)."""
+    if now is not None:
+        return now.isoformat(timespec="milliseconds")
+    second, milli = divmod(time.time_ns() // 1_000_000, 1000)
+    return f"{_second_stamp(second)}.{milli:03d}+00:00"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_stamp(second: int) -> str:
+    # Every op, ack and pong is stamped: the date and time of the second are
+    # formatted once per second, not once per stamp (~3 us each).
+    return datetime.fromtimestamp(second, timezone.utc).isoformat(timespec="seconds")[: -len("+00:00")]
 
 
 # ---------------------------------------------------------------------------

@@ -332,6 +332,10 @@ class Session:
             )
         self._execute(effects)
 
+    def has_room(self) -> bool:
+        assert self.core is not None
+        return self.core.pending_bytes < self.config.max_pending_bytes
+
     async def wait_for_room(self) -> bool:
         assert self.core is not None
         waited = False
