@@ -395,6 +395,44 @@ def test_corrections_only_for_a_change_near_someone_elses() -> None:
     assert tracker.committed("cy", "m", arrived=9.0, now=9.0, level=UPDATE, force=True)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["ada", "bob", "cy"]),
+            st.sampled_from(["l1", "l2", "l3", "l4"]),
+            st.floats(min_value=0.0, max_value=0.7),  # time since the previous change
+            st.sampled_from([MOVE, UPDATE]),
+            st.booleans(),  # a correction is taken right after
+        ),
+        max_size=300,
+    )
+)
+def test_pruning_forgets_only_what_no_decision_needs(changes: list) -> None:
+    """The tracker prunes from the oldest item on (not a walk over all of
+    them); its decisions are those of one that never forgets anything."""
+    window = 1.0
+    tracker = CorrectionTracker(window=window, settle=0.15)
+    latest: dict[tuple[str, str], float] = {}  # (author, item) -> latest change
+    corrected: dict[tuple[str, str], float] = {}
+    now = 0.0
+    for user, item, gap, level, take in changes:
+        now += gap
+        cutoff = now - window
+        expected = corrected.get((user, item), cutoff) > cutoff or any(
+            author != user and when > cutoff for (author, other), when in latest.items() if other == item
+        )
+        assert tracker.committed(user, item, arrived=now, now=now, level=level) == expected
+        latest[(user, item)] = now
+        if take:
+            for taken_user, taken_item, _ in tracker.take_due(now + 0.2):
+                corrected[(taken_user, taken_item)] = now + 0.2
+            now += 0.2
+    # What is kept is bounded by the window: items changed within it.
+    tracker.take_due(now)
+    assert set(tracker._recent) <= {item for (_, item), when in latest.items() if when > now - window}
+
+
 def test_a_removed_item_is_remembered_while_its_op_is_retained() -> None:
     doc = SessionDocument(retention=3)
 

@@ -205,7 +205,8 @@ class CorrectionTracker:
     window: float = 1.0
     settle: float = 0.15
     # Per item: when each author's latest change of it was committed (and
-    # relayed to everyone else), and what kind of change it was.
+    # relayed to everyone else), and what kind of change it was. In the
+    # order of the items' latest changes, oldest first (see _prune).
     _recent: dict[str, dict[str, tuple[float, int]]] = attrs.field(factory=dict)
     # When a correction of an item went to a member (it is a relay too).
     _corrected: dict[tuple[str, str], float] = attrs.field(factory=dict)
@@ -219,9 +220,11 @@ class CorrectionTracker:
         `arrived`, is committed and relayed at `now`. True if it makes a
         correction due (`force`: due whatever came before)."""
         cutoff = arrived - self.window
-        authors = self._recent.get(item_id)
+        # Taken out and put back last: the item changed latest.
+        authors = self._recent.pop(item_id, None)
         if authors is None:
-            authors = self._recent[item_id] = {}
+            authors = {}
+        self._recent[item_id] = authors
         conflict = force or self._corrected.get((user_id, item_id), cutoff) > cutoff
         own = level
         for author, (when, kind) in authors.items():
@@ -280,12 +283,17 @@ class CorrectionTracker:
         return len(self._dirty)
 
     def _prune(self, now: float) -> None:
+        """Forget what is older than the window: items whose latest change is,
+        from the front of _recent, up to the first item changed since (the
+        cost is the items dropped, not all of them). Older authors of an item
+        changed since stay until it goes: committed() looks at their times."""
         cutoff = now - self.window
         for key in [k for k, t in self._corrected.items() if t <= cutoff]:
             del self._corrected[key]
-        for item_id in list(self._recent):
-            authors = self._recent[item_id]
-            for author in [a for a, (t, _) in authors.items() if t <= cutoff]:
-                del authors[author]
-            if not authors:
-                del self._recent[item_id]
+        gone: list[str] = []
+        for item_id, authors in self._recent.items():
+            if max((when for when, _ in authors.values()), default=cutoff) > cutoff:
+                break
+            gone.append(item_id)
+        for item_id in gone:
+            del self._recent[item_id]
