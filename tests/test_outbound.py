@@ -87,6 +87,28 @@ async def test_a_read_waiting_for_data_can_be_cancelled_and_read_again() -> None
             assert await wire.receive_some() == b"late"
 
 
+async def test_a_cancelled_read_takes_nothing_from_the_socket() -> None:
+    """A read that is cancelled (also after a full read, when the next one
+    reads at once) loses no bytes: what it would have read comes next, as
+    with trio's own SocketStream.receive_some."""
+    upgrade = b"GET /ws/s/alice HTTP/1.1\r\nHost: x\r\n\r\n"
+    sent = upgrade + b"".join(client_frame(OPCODE_TEXT, b"m%d" % n * 50) for n in range(100))
+    got = bytearray()
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer):
+            await peer.send_all(sent)
+            await peer.send_eof()
+            await trio.testing.wait_all_tasks_blocked()
+            got += await wire.receive_some(64)  # a full read: the next one reads at once
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await wire.receive_some(64)
+            assert scope.cancelled_caught
+            while chunk := await wire.receive_some(4096):
+                got += chunk
+    assert got == sent
+
+
 async def test_reading_a_closed_socket_says_so_every_time_and_leaves_the_loop_sound() -> None:
     """A read after the close never waits on the closed descriptor (trio would
     take fd -1 as busy for good: the next connection's read would fail)."""

@@ -438,6 +438,10 @@ class WireStream(trio.abc.Stream):
                 await trio.lowlevel.wait_readable(fd)
                 wait, waited = False, True
                 continue  # (it may have been closed meanwhile)
+            if not waited:
+                # A cancelled call reads nothing (as trio's recv): once read,
+                # the bytes are returned whatever happens.
+                await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 data = os.read(fd, max_bytes)
             except (BlockingIOError, InterruptedError):
@@ -449,7 +453,8 @@ class WireStream(trio.abc.Stream):
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             self._drained = len(data) < max_bytes
             if not waited:
-                await trio.lowlevel.checkpoint()  # every call is a schedule point
+                # Every call is a schedule point; shielded: nothing read is lost.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
     def _write_now(self, data: bytes) -> int:
