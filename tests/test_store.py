@@ -240,6 +240,24 @@ def test_commits_on_the_event_loop_never_wait_and_leave_the_writers_settings_alo
         db.close()
 
 
+def test_a_read_only_database_writes_nothing_on_the_event_loop_either(data_dir: Path) -> None:
+    """run_jobs_now on a read-only Database (the admin reads) gives way, as
+    run_jobs fails: its connection of its own must not be a writing one."""
+    writer = Database(database_path(data_dir))
+    try:
+        epoch = writer.run(lambda d: d.load("s")).epoch
+        writer.run(lambda d: d.append("s", epoch, [op(1, "a")]))
+    finally:
+        writer.close()
+    reader = Database(database_path(data_dir), create=False, readonly=True)
+    try:
+        results = reader.run_jobs_now([lambda d: d.append("s", epoch, [op(2, "b")])])
+        assert results is None or isinstance(results[0], outcome.Error)
+        assert reader.read(lambda d: d.load("s")).version == 1
+    finally:
+        reader.close()
+
+
 def test_snapshot_then_compaction(db: Database) -> None:
     document = db.run(lambda d: d.load("s"))
     ops = [op(seq, f"i{seq}") for seq in range(1, 13)]

@@ -506,6 +506,8 @@ class Database:
         this never overlaps run_jobs() (SQLiteStore's lock); either
         connection sees what the other committed.
         """
+        if self.readonly:
+            return None  # (as before: BEGIN IMMEDIATE fails on a read-only connection)
         now = self._now
         if now is None:
             try:
