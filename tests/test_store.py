@@ -232,9 +232,11 @@ def test_commits_on_the_event_loop_never_wait_and_leave_the_writers_settings_alo
         # does): the WAL only grows.
         for seq in range(4, 1504):
             db.run_jobs_now([lambda d, seq=seq: d.append("s", epoch, [op(seq, f"i{seq}")])])[0].unwrap()
-        busy, frames, copied = sqlite3.connect(database_path(data_dir)).execute(
-            "PRAGMA wal_checkpoint(PASSIVE)"
-        ).fetchone()
+        checker = sqlite3.connect(database_path(data_dir))
+        try:
+            busy, frames, copied = checker.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            checker.close()
         assert frames > 1500, frames
     finally:
         db.close()

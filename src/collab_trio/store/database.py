@@ -512,9 +512,14 @@ class Database:
         if now is None:
             try:
                 now = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-                self._configure(now)
             except sqlite3.Error as exc:
                 log.warning("Could not open a second connection to %s: %s", self.path, _describe(exc))
+                return None
+            try:
+                self._configure(now)
+            except sqlite3.Error as exc:
+                now.close()
+                log.warning("Could not set up a second connection to %s: %s", self.path, _describe(exc))
                 return None
             self._now = now
         try:
