@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collab_trio.document import COMMAND, REPLACE, Op, SessionDocument, message_size
+from collab_trio.document import COMMAND, REPLACE, Op, SessionDocument, item_size, make_item, message_size
 from collab_trio.protocol import Command, parse_client_message
 
 
@@ -252,8 +252,12 @@ def count_floats(value: Any) -> int:
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
-@given(st.lists(CHANGES, max_size=25), st.booleans())
-def test_size_tracking_agrees_with_the_encoded_document(changes: list[Any], ascii_only: bool) -> None:
+@given(st.lists(CHANGES, max_size=25), st.booleans(), st.booleans())
+def test_size_tracking_agrees_with_the_encoded_document(
+    changes: list[Any], ascii_only: bool, store_encoded: bool
+) -> None:
+    """`store_encoded`: each op's command was encoded by the store first, as
+    on the server (the item's size is then told from those bytes)."""
     doc = Doc()
     for action, item_id, data in changes:
         before = doc.size
@@ -268,7 +272,10 @@ def test_size_tracking_agrees_with_the_encoded_document(changes: list[Any], asci
             body: dict[str, Any] = {"action": action, "item_id": item_id, "item_type": "lens", "data": data}
             message = json.dumps({"type": "command", "command": body}, ensure_ascii=ascii_only)
             estimate = doc.estimate_growth(body, len(message.encode("utf-8")))
-            SessionDocument.apply(doc, Op(doc.version + 1, "alice", COMMAND, "t", command=body))
+            op = Op(doc.version + 1, "alice", COMMAND, "t", command=body)
+            if store_encoded:
+                op.command_json()
+            SessionDocument.apply(doc, op)
             growth = doc.size - before
             if action in ("move_item", "remove_item"):
                 assert growth == estimate  # exact
@@ -327,3 +334,46 @@ def test_ops_loaded_without_a_size_get_one_when_remembered() -> None:
     assert abs(kept.size - len(orjson.dumps(message))) <= 4
     doc.remember(sized(2, 600))
     assert [op.seq for op in doc.history] == [2]  # the two together exceed 1000 bytes
+
+
+ITEM_TYPES = st.none() | st.sampled_from(["lens", "mirror", "λ"]) | st.integers(0, 3)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    ITEM_IDS,
+    ITEM_TYPES,
+    st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=5) | DATA,
+    st.dictionaries(st.sampled_from(["action", "item_id", "note", "zz"]), JSON_VALUES, max_size=3),
+    st.booleans(),
+)
+def test_an_items_size_told_from_the_encoded_command_is_its_encoded_size(
+    item_id: str, item_type: Any, data: dict[str, Any], extra: dict[str, Any], data_first: bool
+) -> None:
+    command = {"data": data, **extra} if data_first else {**extra, "data": data}
+    command["item_type"] = item_type
+    item = make_item(item_id, item_type, data)
+    assert item_size(item, command, orjson.dumps(command)) == len(orjson.dumps(item))
+    assert item_size(item, command, None) == len(orjson.dumps(item))
+
+
+def test_an_op_holds_its_encoded_command_only_until_it_is_relayed() -> None:
+    """The bytes the store encoded are handed on, never kept in the history;
+    ops loaded from a store are never encoded for it."""
+    doc = Doc()
+    op = Op(1, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "a", "data": {"x_mm": 1}})
+    encoded = op.command_json()
+    assert encoded == orjson.dumps(op.command) and op.command_json() is encoded  # once
+    SessionDocument.apply(doc, op)
+    assert op.take_command_json() is encoded
+    assert op.cached_command_json() is None and op.take_command_json() is None
+    loaded = Op(2, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "b", "data": {}})
+    SessionDocument.apply(doc, loaded)
+    assert loaded.cached_command_json() is None
+    assert doc.size == items_json_size(doc)
+    # Not encoded by orjson (an integer beyond 64 bits): everyone encodes their own.
+    huge = Op(3, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "c", "data": {"n": 2**70}})
+    assert huge.command_json() is None
+    SessionDocument.apply(doc, huge)
+    assert doc.size == len(json.dumps(list(doc.items.values()), separators=(",", ":")))
+

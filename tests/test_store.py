@@ -739,3 +739,36 @@ def test_the_embedded_store_needs_no_postgres_driver() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=HANG)
     assert (done.returncode, done.stdout) == (0, "SQLiteStore False\n"), done.stderr
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["action", "item_id", "item_type", "data", "x"]), _VALUES, max_size=5),
+    st.none() | st.integers() | st.text(max_size=8),
+    st.booleans(),
+)
+def test_a_journal_record_and_a_relay_are_the_same_bytes_with_the_command_encoded_once(
+    command: dict, op_id: Any, encoded_first: bool
+) -> None:
+    """The record and the relay embed the command's one encoding (Op.command_json);
+    the bytes are those of encoding each whole, including where orjson can't
+    (an integer beyond 64 bits) and the stdlib writes them."""
+    from collab_trio.messages import Relay, encode_message_bytes
+    from collab_trio.protocol import encode_bytes
+    from collab_trio.store.database import _dumps, _op_to_json
+
+    op = Op(7, "alice", COMMAND, "2026-12-07T00:00:00.000+00:00", command=command, op_id=op_id)
+    if encoded_first:
+        op.command_json()
+    assert _op_to_json(op) == _dumps(op.to_record()).decode("utf-8")
+    relay = Relay(op, op.take_command_json())
+    assert encode_message_bytes(relay) == encode_bytes(op.relayed())
+

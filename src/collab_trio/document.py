@@ -86,6 +86,32 @@ class Op:
     # costs); not part of the record: 0 for an op loaded from the store until
     # a document remembers it (see message_size()).
     size: int = attrs.field(default=0, eq=False)
+    # The command as compact JSON while the op is in flight (command_json()).
+    _cache: dict[str, bytes] = attrs.field(factory=dict, init=False, eq=False, repr=False)
+
+    def command_json(self) -> bytes | None:
+        """The command as compact JSON, encoded once: the journal record, the
+        document's size of the item and the relay embed these bytes (a 1 MiB
+        command used to be encoded three times). Kept until
+        take_command_json(); None if there is no command or orjson can't
+        write it (then each encodes its own, as before)."""
+        cached = self._cache.get("command")
+        if cached is None and self.command is not None:
+            try:
+                cached = orjson.dumps(self.command)
+            except orjson.JSONEncodeError:
+                return None
+            self._cache["command"] = cached
+        return cached
+
+    def cached_command_json(self) -> bytes | None:
+        """command_json() if it was encoded, without encoding it."""
+        return self._cache.get("command")
+
+    def take_command_json(self) -> bytes | None:
+        """command_json() if it was encoded, no longer kept by the op (ops
+        stay in the history: they must not hold a second copy)."""
+        return self._cache.pop("command", None)
 
     def relayed(self) -> dict[str, Any]:
         """The `command` message other members receive for this op."""
@@ -237,7 +263,9 @@ class SessionDocument:
         if op.kind == REPLACE:
             self._replace(op.items or [])
         elif op.kind == COMMAND:
-            self._apply_command(op.command or {})
+            # The store's encoding of the command, if it made one (never made
+            # here: ops loaded from the store stay in the history).
+            self._apply_command(op.command or {}, op.cached_command_json())
         else:
             raise ValueError(f"unknown op kind {op.kind!r}")
         self.version = op.seq
@@ -341,7 +369,7 @@ class SessionDocument:
             self.history_size = 0  # emptied from outside (history.clear())
             self.tombstones.clear()
 
-    def _apply_command(self, command: dict[str, Any]) -> None:
+    def _apply_command(self, command: dict[str, Any], command_json: bytes | None = None) -> None:
         # Unknown actions are not applied but still take a seq: they are
         # relayed, and a client may resume past them.
         action = command.get("action")
@@ -352,13 +380,14 @@ class SessionDocument:
         data = command.get("data")
         data = data if isinstance(data, dict) else {}
         existing = self.items.get(item_id)
-        if action == "add_item":
-            self._store_item(item_id, make_item(item_id, command.get("item_type"), data))
-        elif action == "update_item":
-            # Replace the data but keep identity; an update of an item this
-            # server never saw (a host canvas shared before joining) adds it.
-            item_type = existing.get("item_type") if existing else None
-            self._store_item(item_id, make_item(item_id, item_type or command.get("item_type"), data))
+        if action in ("add_item", "update_item"):
+            item_type = command.get("item_type")
+            if action == "update_item" and existing and existing.get("item_type"):
+                # Replace the data but keep identity; an update of an item this
+                # server never saw (a host canvas shared before joining) adds it.
+                item_type = existing.get("item_type")
+            item = make_item(item_id, item_type, data)
+            self._store_item(item_id, item, item_size(item, command, command_json))
         elif action == "move_item":
             if existing is not None:
                 growth = _move_growth(existing, data)
@@ -371,8 +400,9 @@ class SessionDocument:
             if self.items.pop(item_id, None) is not None:
                 self._items_bytes -= self._item_sizes.pop(item_id, 0)
 
-    def _store_item(self, item_id: str, item: dict[str, Any]) -> None:
-        size = encoded_size(item)
+    def _store_item(self, item_id: str, item: dict[str, Any], size: int | None = None) -> None:
+        if size is None:
+            size = encoded_size(item)
         self._items_bytes += size - self._item_sizes.get(item_id, 0)
         self._item_sizes[item_id] = size
         self.items[item_id] = item
@@ -411,6 +441,27 @@ def item_data(item: dict[str, Any]) -> dict[str, Any]:
     """Inverse of make_item(): an item's fields but the `uuid` and
     `item_type` the server sets (a copy)."""
     return {name: value for name, value in item.items() if name not in ("uuid", "item_type")}
+
+
+def item_size(item: dict[str, Any], command: dict[str, Any], command_json: bytes | None) -> int:
+    """encoded_size() of the item make_item() built from `command`'s data,
+    from `command_json` (the command's encoding) when it can be told from
+    it without encoding the data again.
+
+    The data's own size is the command's minus the command with empty data
+    (the same keys in the same order); the item is the data with `uuid` and
+    `item_type` after it, unless the data has either key (make_item sets
+    them in place then).
+    """
+    data = command.get("data")
+    if command_json is None or not isinstance(data, dict) or "uuid" in data or "item_type" in data:
+        return encoded_size(item)
+    data_size = len(command_json) - encoded_size({**command, "data": {}}) + len("{}")
+    tail = {name: item[name] for name in ("uuid", "item_type") if name in item}
+    if not data:
+        return encoded_size(tail)
+    # "{" data's fields "," tail's fields "}"
+    return data_size + encoded_size(tail) - len("{}") + len(",")
 
 
 def make_item(item_id: str, item_type: Any, data: dict[str, Any]) -> dict[str, Any]:

@@ -10,10 +10,11 @@ from collections.abc import Hashable
 from typing import Any
 
 import attrs
+import orjson
 
 from . import __version__
 from .document import Op
-from .protocol import PROTOCOL_VERSION, ErrorCode, encode
+from .protocol import PROTOCOL_VERSION, ErrorCode, encode, encode_bytes
 
 SERVER_INFO = {"name": "collab-trio", "version": __version__, "protocol": PROTOCOL_VERSION}
 
@@ -150,9 +151,23 @@ class Relay:
     """The `command` message other members receive for a committed op."""
 
     op: Op
+    # The op's command as the store encoded it (Op.take_command_json), to
+    # embed as it is; None: encoded here.
+    command_json: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         return self.op.relayed()
+
+    def to_wire_bytes(self) -> bytes:
+        """encode_message_bytes() of this message."""
+        if self.command_json is not None:
+            message = self.op.relayed()
+            message["command"] = orjson.Fragment(self.command_json)
+            try:
+                return orjson.dumps(message)
+            except orjson.JSONEncodeError:
+                pass  # an op_id beyond 64 bits: the stdlib writes it
+        return encode_bytes(self.to_wire())
 
 
 @attrs.frozen
@@ -244,7 +259,9 @@ def encode_message(message: ServerMessage) -> str:
 
 def encode_message_bytes(message: ServerMessage) -> bytes:
     """The UTF-8 payload of one server message's text frame."""
-    return encode(message.to_wire()).encode("utf-8")
+    if type(message) is Relay:
+        return message.to_wire_bytes()
+    return encode_bytes(message.to_wire())
 
 
 # Notices of who is in the session: small, and never the reason a client is cut.

@@ -857,7 +857,7 @@ class SessionCore:
                 if entry.stale:
                     self.stats.merges += 1  # a stale field of the sender's kept out
                 self._apply_command(op, entry)
-                effects.append(Broadcast(Relay(op), exclude=op.user_id))
+                effects.append(Broadcast(Relay(op, op.take_command_json()), exclude=op.user_id))
                 ack_seconds.observe(now - entry.arrived)
                 ack = Ack(op.seq, op.op_id)
                 effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
