@@ -87,7 +87,10 @@ class Op:
     # a document remembers it (see message_size()).
     size: int = attrs.field(default=0, eq=False)
     # The command as compact JSON while the op is in flight (command_json()).
-    _cache: dict[str, bytes] = attrs.field(factory=dict, init=False, eq=False, repr=False)
+    # A slot, not a dict: ops stay in the history, and an object per op that
+    # the garbage collector tracks would bring its full collections (tens of
+    # ms with a few thousand items) sooner.
+    _json: bytes | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def command_json(self) -> bytes | None:
         """The command as compact JSON, encoded once: the journal record, the
@@ -95,23 +98,25 @@ class Op:
         command used to be encoded three times). Kept until
         take_command_json(); None if there is no command or orjson can't
         write it (then each encodes its own, as before)."""
-        cached = self._cache.get("command")
+        cached = self._json
         if cached is None and self.command is not None:
             try:
                 cached = orjson.dumps(self.command)
             except orjson.JSONEncodeError:
                 return None
-            self._cache["command"] = cached
+            object.__setattr__(self, "_json", cached)  # a cache: not part of the op's value
         return cached
 
     def cached_command_json(self) -> bytes | None:
         """command_json() if it was encoded, without encoding it."""
-        return self._cache.get("command")
+        return self._json
 
     def take_command_json(self) -> bytes | None:
         """command_json() if it was encoded, no longer kept by the op (ops
         stay in the history: they must not hold a second copy)."""
-        return self._cache.pop("command", None)
+        cached = self._json
+        object.__setattr__(self, "_json", None)
+        return cached
 
     def relayed(self) -> dict[str, Any]:
         """The `command` message other members receive for this op."""
