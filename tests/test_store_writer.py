@@ -664,3 +664,43 @@ async def test_memory_store_refuses_work_after_aclose() -> None:
     ):
         with pytest.raises(StoreError, match="the store is closed"):
             await call()
+
+
+async def test_commits_go_on_while_a_snapshot_is_encoded(durable: Durable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot is encoded before it joins the writer's queue, in a worker
+    thread: no session's commit waits for the encoding (only for the write)."""
+    from collab_trio.store import database, sqlite as sqlite_store
+
+    encoding, release = threading.Event(), threading.Event()
+    real = database.encode_items
+
+    def slow_encode(items: list[Any]) -> str:
+        encoding.set()
+        assert release.wait(HANG), "never released"
+        return real(items)
+
+    # Wherever it is encoded.
+    monkeypatch.setattr(sqlite_store, "encode_items", slow_encode)
+    monkeypatch.setattr(database, "encode_items", slow_encode)
+    store = durable.store()
+    with trio.fail_after(HANG / 2):  # (before the encoding gives up)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            a, b = await store.load("a"), await store.load("b")
+            await store.commit("a", a.epoch, [op(1, "x")])
+            a.apply(op(1, "x"))
+            results: dict[str, Any] = {}
+            async with trio.open_nursery() as callers:
+                callers.start_soon(capture, results, "snapshot", store.save_snapshot, "a", a.snapshot())
+                await trio.to_thread.run_sync(encoding.wait)
+                # The encoding is under way: commits of both sessions go on.
+                await store.commit("b", b.epoch, [op(1, "y")])
+                await store.commit("a", a.epoch, [op(2, "z")])
+                assert "snapshot" not in results
+                release.set()
+            results["snapshot"][0].unwrap()
+            nursery.cancel_scope.cancel()
+    assert durable.version("b") == 1
+    stored = durable.document("a")
+    assert stored.version == 2 and sorted(stored.items) == ["x", "z"]
+
