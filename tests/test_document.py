@@ -377,3 +377,30 @@ def test_an_op_holds_its_encoded_command_only_until_it_is_relayed() -> None:
     SessionDocument.apply(doc, huge)
     assert doc.size == len(json.dumps(list(doc.items.values()), separators=(",", ":")))
 
+
+
+def test_an_update_keeping_an_item_type_beyond_64_bits_is_measured_as_the_whole_item() -> None:
+    """An update keeps the item's own item_type; when that is an integer
+    beyond 64 bits the item is measured whole by the stdlib encoder (whose
+    floats are spelled differently from orjson's), also when the store
+    encoded the command with orjson (the data's share of those bytes is
+    orjson's spelling, so it can't be added to the stdlib's tail)."""
+    doc = Doc()
+    doc.apply(Op(1, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "a", "item_type": 2**70, "data": {}}))
+    update = Op(
+        2,
+        "alice",
+        COMMAND,
+        "t",
+        command={"action": "update_item", "item_id": "a", "item_type": "lens", "data": {"f": 1e-05}},
+    )
+    assert update.command_json() is not None  # the store encoded it
+    SessionDocument.apply(doc, update)
+    item = doc.items["a"]
+    assert item["item_type"] == 2**70
+    stdlib = len(json.dumps([item], separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    assert doc.size == stdlib
+    # What a reload of the same items measures.
+    assert SessionDocument.from_snapshot(doc.snapshot()).size == doc.size
+    command = update.command or {}
+    assert item_size(item, command, orjson.dumps(command)) == len(json.dumps(item, separators=(",", ":")))
