@@ -101,9 +101,13 @@ class Op:
         cached = self._json
         if cached is None and self.command is not None:
             try:
-                cached = orjson.dumps(self.command)
+                encoded = orjson.dumps(self.command)
             except orjson.JSONEncodeError:
                 return None
+            # A copy of exactly its length: orjson returns its output in the
+            # buffer it grew (about 32 KiB for a 3 KiB command), and this is
+            # kept for every op of a batch while its transaction runs.
+            cached = bytes(memoryview(encoded))
             object.__setattr__(self, "_json", cached)  # a cache: not part of the op's value
         return cached
 
