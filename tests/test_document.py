@@ -377,3 +377,52 @@ def test_an_op_holds_its_encoded_command_only_until_it_is_relayed() -> None:
     SessionDocument.apply(doc, huge)
     assert doc.size == len(json.dumps(list(doc.items.values()), separators=(",", ":")))
 
+
+
+def test_an_update_keeping_an_item_type_beyond_64_bits_is_measured_as_the_whole_item() -> None:
+    """An update keeps the item's own item_type; when that is an integer
+    beyond 64 bits the item is measured whole by the stdlib encoder (whose
+    floats are spelled differently from orjson's), also when the store
+    encoded the command with orjson (the data's share of those bytes is
+    orjson's spelling, so it can't be added to the stdlib's tail)."""
+    doc = Doc()
+    doc.apply(Op(1, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "a", "item_type": 2**70, "data": {}}))
+    update = Op(
+        2,
+        "alice",
+        COMMAND,
+        "t",
+        command={"action": "update_item", "item_id": "a", "item_type": "lens", "data": {"f": 1e-05}},
+    )
+    assert update.command_json() is not None  # the store encoded it
+    SessionDocument.apply(doc, update)
+    item = doc.items["a"]
+    assert item["item_type"] == 2**70
+    stdlib = len(json.dumps([item], separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    assert doc.size == stdlib
+    # What a reload of the same items measures.
+    assert SessionDocument.from_snapshot(doc.snapshot()).size == doc.size
+    command = update.command or {}
+    assert item_size(item, command, orjson.dumps(command)) == len(json.dumps(item, separators=(",", ":")))
+
+
+def test_an_encoded_command_holds_no_more_memory_than_its_bytes() -> None:
+    """The encoding an op keeps from the store's writer until it is relayed
+    (for a whole batch, while the transaction runs) is no larger in memory
+    than its bytes: orjson.dumps() returns its output in the buffer it grew
+    (about 32 KiB for a 3 KiB command), which a flood onto a slow disk
+    holds for every op of the batch in flight."""
+    import tracemalloc
+
+    command = {"action": "add_item", "item_id": "a", "item_type": "lens", "data": {"payload": "p" * 3000}}
+    tracemalloc.start()
+    try:
+        ops = [Op(n, "alice", COMMAND, "t", command=command) for n in range(1, 51)]
+        before = tracemalloc.get_traced_memory()[0]
+        encoded = [op.command_json() for op in ops]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    length = sum(len(e or b"") for e in encoded)
+    assert length == 50 * len(orjson.dumps(command))
+    assert held < 1.5 * length, (held, length)

@@ -101,9 +101,13 @@ class Op:
         cached = self._json
         if cached is None and self.command is not None:
             try:
-                cached = orjson.dumps(self.command)
+                encoded = orjson.dumps(self.command)
             except orjson.JSONEncodeError:
                 return None
+            # A copy of exactly its length: orjson returns its output in the
+            # buffer it grew (about 32 KiB for a 3 KiB command), and this is
+            # kept for every op of a batch while its transaction runs.
+            cached = bytes(memoryview(encoded))
             object.__setattr__(self, "_json", cached)  # a cache: not part of the op's value
         return cached
 
@@ -461,12 +465,19 @@ def item_size(item: dict[str, Any], command: dict[str, Any], command_json: bytes
     data = command.get("data")
     if command_json is None or not isinstance(data, dict) or "uuid" in data or "item_type" in data:
         return encoded_size(item)
-    data_size = len(command_json) - encoded_size({**command, "data": {}}) + len("{}")
     tail = {name: item[name] for name in ("uuid", "item_type") if name in item}
+    try:
+        tail_size = len(orjson.dumps(tail))
+    except orjson.JSONEncodeError:
+        # An item_type beyond 64 bits (an update keeps the item's own): the
+        # whole item is measured by the stdlib encoder, whose floats are
+        # not spelled as in the command's orjson bytes.
+        return encoded_size(item)
     if not data:
-        return encoded_size(tail)
+        return tail_size
+    data_size = len(command_json) - encoded_size({**command, "data": {}}) + len("{}")
     # "{" data's fields "," tail's fields "}"
-    return data_size + encoded_size(tail) - len("{}") + len(",")
+    return data_size + tail_size - len("{}") + len(",")
 
 
 def make_item(item_id: str, item_type: Any, data: dict[str, Any]) -> dict[str, Any]:

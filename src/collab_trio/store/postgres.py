@@ -645,7 +645,7 @@ class PostgresStore(SQLiteStore):
             db.check_fence(session_id, fence)
             db.save_snapshot(session_id, snapshot, text)
 
-        await self._submit(job, snapshot_cost(snapshot))
+        await self._submit(job, snapshot_cost(snapshot, text))
 
     def _fence_of(self, session_id: str) -> int:
         if self._closing or self._db is None:
