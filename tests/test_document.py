@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collab_trio.document import COMMAND, REPLACE, Op, SessionDocument, item_size, make_item, message_size
+from collab_trio.document import COMMAND, REPLACE, Op, SessionDocument, encode_command, item_size, make_item, message_size
 from collab_trio.protocol import Command, parse_client_message
 
 
@@ -256,8 +256,8 @@ def count_floats(value: Any) -> int:
 def test_size_tracking_agrees_with_the_encoded_document(
     changes: list[Any], ascii_only: bool, store_encoded: bool
 ) -> None:
-    """`store_encoded`: each op's command was encoded by the store first, as
-    on the server (the item's size is then told from those bytes)."""
+    """`store_encoded`: each op is applied with its command's encoding, as
+    the session does (the item's size is then told from those bytes)."""
     doc = Doc()
     for action, item_id, data in changes:
         before = doc.size
@@ -273,9 +273,7 @@ def test_size_tracking_agrees_with_the_encoded_document(
             message = json.dumps({"type": "command", "command": body}, ensure_ascii=ascii_only)
             estimate = doc.estimate_growth(body, len(message.encode("utf-8")))
             op = Op(doc.version + 1, "alice", COMMAND, "t", command=body)
-            if store_encoded:
-                op.command_json()
-            SessionDocument.apply(doc, op)
+            SessionDocument.apply(doc, op, encode_command(body) if store_encoded else None)
             growth = doc.size - before
             if action in ("move_item", "remove_item"):
                 assert growth == estimate  # exact
@@ -357,26 +355,20 @@ def test_an_items_size_told_from_the_encoded_command_is_its_encoded_size(
     assert item_size(item, command, None) == len(orjson.dumps(item))
 
 
-def test_an_op_holds_its_encoded_command_only_until_it_is_relayed() -> None:
-    """The bytes the store encoded are handed on, never kept in the history;
-    ops loaded from a store are never encoded for it."""
+def test_an_op_keeps_no_encoding_and_one_orjson_cannot_write_is_measured_whole() -> None:
+    """encode_command() is the session's, handed to the document and the
+    relay: the op itself keeps nothing (ops stay in the history)."""
     doc = Doc()
     op = Op(1, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "a", "data": {"x_mm": 1}})
-    encoded = op.command_json()
-    assert encoded == orjson.dumps(op.command) and op.command_json() is encoded  # once
-    SessionDocument.apply(doc, op)
-    assert op.take_command_json() is encoded
-    assert op.cached_command_json() is None and op.take_command_json() is None
-    loaded = Op(2, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "b", "data": {}})
-    SessionDocument.apply(doc, loaded)
-    assert loaded.cached_command_json() is None
+    encoded = encode_command(op.command)
+    assert encoded == orjson.dumps(op.command)
+    SessionDocument.apply(doc, op, encoded)
     assert doc.size == items_json_size(doc)
     # Not encoded by orjson (an integer beyond 64 bits): everyone encodes their own.
-    huge = Op(3, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "c", "data": {"n": 2**70}})
-    assert huge.command_json() is None
-    SessionDocument.apply(doc, huge)
+    huge = Op(2, "alice", COMMAND, "t", command={"action": "add_item", "item_id": "c", "data": {"n": 2**70}})
+    assert encode_command(huge.command) is None and encode_command(None) is None
+    SessionDocument.apply(doc, huge, None)
     assert doc.size == len(json.dumps(list(doc.items.values()), separators=(",", ":")))
-
 
 
 def test_an_update_keeping_an_item_type_beyond_64_bits_is_measured_as_the_whole_item() -> None:
@@ -394,8 +386,9 @@ def test_an_update_keeping_an_item_type_beyond_64_bits_is_measured_as_the_whole_
         "t",
         command={"action": "update_item", "item_id": "a", "item_type": "lens", "data": {"f": 1e-05}},
     )
-    assert update.command_json() is not None  # the store encoded it
-    SessionDocument.apply(doc, update)
+    encoded = encode_command(update.command)
+    assert encoded is not None  # orjson wrote the command
+    SessionDocument.apply(doc, update, encoded)
     item = doc.items["a"]
     assert item["item_type"] == 2**70
     stdlib = len(json.dumps([item], separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
@@ -404,25 +397,3 @@ def test_an_update_keeping_an_item_type_beyond_64_bits_is_measured_as_the_whole_
     assert SessionDocument.from_snapshot(doc.snapshot()).size == doc.size
     command = update.command or {}
     assert item_size(item, command, orjson.dumps(command)) == len(json.dumps(item, separators=(",", ":")))
-
-
-def test_an_encoded_command_holds_no_more_memory_than_its_bytes() -> None:
-    """The encoding an op keeps from the store's writer until it is relayed
-    (for a whole batch, while the transaction runs) is no larger in memory
-    than its bytes: orjson.dumps() returns its output in the buffer it grew
-    (about 32 KiB for a 3 KiB command), which a flood onto a slow disk
-    holds for every op of the batch in flight."""
-    import tracemalloc
-
-    command = {"action": "add_item", "item_id": "a", "item_type": "lens", "data": {"payload": "p" * 3000}}
-    tracemalloc.start()
-    try:
-        ops = [Op(n, "alice", COMMAND, "t", command=command) for n in range(1, 51)]
-        before = tracemalloc.get_traced_memory()[0]
-        encoded = [op.command_json() for op in ops]
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    length = sum(len(e or b"") for e in encoded)
-    assert length == 50 * len(orjson.dumps(command))
-    assert held < 1.5 * length, (held, length)

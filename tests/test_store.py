@@ -753,22 +753,15 @@ _VALUES = st.recursive(
 @given(
     st.dictionaries(st.sampled_from(["action", "item_id", "item_type", "data", "x"]), _VALUES, max_size=5),
     st.none() | st.integers() | st.text(max_size=8),
-    st.booleans(),
 )
-def test_a_journal_record_and_a_relay_are_the_same_bytes_with_the_command_encoded_once(
-    command: dict, op_id: Any, encoded_first: bool
-) -> None:
-    """The record and the relay embed the command's one encoding (Op.command_json);
-    the bytes are those of encoding each whole, including where orjson can't
-    (an integer beyond 64 bits) and the stdlib writes them."""
+def test_a_relay_embedding_the_encoded_command_is_the_same_bytes(command: dict, op_id: Any) -> None:
+    """A relay embeds the command's one encoding (encode_command); its bytes
+    are those of encoding it whole, also where orjson can't (an integer
+    beyond 64 bits) and the stdlib writes it."""
+    from collab_trio.document import encode_command
     from collab_trio.messages import Relay, encode_message_bytes
     from collab_trio.protocol import encode_bytes
-    from collab_trio.store.database import _dumps, _op_to_json
 
     op = Op(7, "alice", COMMAND, "2026-12-07T00:00:00.000+00:00", command=command, op_id=op_id)
-    if encoded_first:
-        op.command_json()
-    assert _op_to_json(op) == _dumps(op.to_record()).decode("utf-8")
-    relay = Relay(op, op.take_command_json())
-    assert encode_message_bytes(relay) == encode_bytes(op.relayed())
-
+    assert encode_message_bytes(Relay(op, encode_command(command))) == encode_bytes(op.relayed())
+    assert encode_message_bytes(Relay(op)) == encode_bytes(op.relayed())

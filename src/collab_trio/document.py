@@ -86,42 +86,6 @@ class Op:
     # costs); not part of the record: 0 for an op loaded from the store until
     # a document remembers it (see message_size()).
     size: int = attrs.field(default=0, eq=False)
-    # The command as compact JSON while the op is in flight (command_json()).
-    # A slot, not a dict: ops stay in the history, and an object per op that
-    # the garbage collector tracks would bring its full collections (tens of
-    # ms with a few thousand items) sooner.
-    _json: bytes | None = attrs.field(default=None, init=False, eq=False, repr=False)
-
-    def command_json(self) -> bytes | None:
-        """The command as compact JSON, encoded once: the journal record, the
-        document's size of the item and the relay embed these bytes (a 1 MiB
-        command used to be encoded three times). Kept until
-        take_command_json(); None if there is no command or orjson can't
-        write it (then each encodes its own, as before)."""
-        cached = self._json
-        if cached is None and self.command is not None:
-            try:
-                encoded = orjson.dumps(self.command)
-            except orjson.JSONEncodeError:
-                return None
-            # A copy of exactly its length: orjson returns its output in the
-            # buffer it grew (about 32 KiB for a 3 KiB command), and this is
-            # kept for every op of a batch while its transaction runs.
-            cached = bytes(memoryview(encoded))
-            object.__setattr__(self, "_json", cached)  # a cache: not part of the op's value
-        return cached
-
-    def cached_command_json(self) -> bytes | None:
-        """command_json() if it was encoded, without encoding it."""
-        return self._json
-
-    def take_command_json(self) -> bytes | None:
-        """command_json() if it was encoded, no longer kept by the op (ops
-        stay in the history: they must not hold a second copy)."""
-        cached = self._json
-        object.__setattr__(self, "_json", None)
-        return cached
-
     def relayed(self) -> dict[str, Any]:
         """The `command` message other members receive for this op."""
         message: dict[str, Any] = {
@@ -265,16 +229,16 @@ class SessionDocument:
         self.history_bytes = max_bytes
         self._trim_history()
 
-    def apply(self, op: Op) -> None:
-        """Apply the next op; its seq must be version + 1."""
+    def apply(self, op: Op, command_json: bytes | None = None) -> None:
+        """Apply the next op; its seq must be version + 1. `command_json`:
+        encode_command() of its command, if the caller has it (the item's
+        size is then told from it instead of encoding the item)."""
         if op.seq != self.version + 1:
             raise ValueError(f"op {op.seq} does not follow version {self.version}")
         if op.kind == REPLACE:
             self._replace(op.items or [])
         elif op.kind == COMMAND:
-            # The store's encoding of the command, if it made one (never made
-            # here: ops loaded from the store stay in the history).
-            self._apply_command(op.command or {}, op.cached_command_json())
+            self._apply_command(op.command or {}, command_json)
         else:
             raise ValueError(f"unknown op kind {op.kind!r}")
         self.version = op.seq
@@ -450,6 +414,19 @@ def item_data(item: dict[str, Any]) -> dict[str, Any]:
     """Inverse of make_item(): an item's fields but the `uuid` and
     `item_type` the server sets (a copy)."""
     return {name: value for name, value in item.items() if name not in ("uuid", "item_type")}
+
+
+def encode_command(command: dict[str, Any] | None) -> bytes | None:
+    """A committed command as compact JSON, encoded once for the document's
+    size of its item and the relay (a 1 MiB command was encoded three times;
+    the journal still encodes its own record). None if there is no command or
+    orjson can't write it (then each encodes its own)."""
+    if command is None:
+        return None
+    try:
+        return orjson.dumps(command)
+    except orjson.JSONEncodeError:
+        return None
 
 
 def item_size(item: dict[str, Any], command: dict[str, Any], command_json: bytes | None) -> int:

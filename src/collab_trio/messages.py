@@ -151,8 +151,8 @@ class Relay:
     """The `command` message other members receive for a committed op."""
 
     op: Op
-    # The op's command as the store encoded it (Op.take_command_json), to
-    # embed as it is; None: encoded here.
+    # The op's command as encode_command() wrote it, to embed as it is
+    # (the document measured the item with it); None: encoded here.
     command_json: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:

@@ -45,7 +45,7 @@ import attrs
 from .config import MIB
 from .counters import Counters
 from .convergence import EXISTENCE, MOVE, UPDATE, CorrectionTracker, FieldHistory, merge_update
-from .document import COMMAND, REPLACE, Op, SessionDocument, item_data, make_item, op_id_key
+from .document import COMMAND, REPLACE, Op, SessionDocument, encode_command, item_data, make_item, op_id_key
 from .history import ADMIN_USER, KeptVersion, replace_reason
 from .messages import (
     Ack,
@@ -856,8 +856,8 @@ class SessionCore:
             if isinstance(entry, PendingCommand):
                 if entry.stale:
                     self.stats.merges += 1  # a stale field of the sender's kept out
-                self._apply_command(op, entry)
-                effects.append(Broadcast(Relay(op, op.take_command_json()), exclude=op.user_id))
+                command_json = self._apply_command(op, entry)
+                effects.append(Broadcast(Relay(op, command_json), exclude=op.user_id))
                 ack_seconds.observe(now - entry.arrived)
                 ack = Ack(op.seq, op.op_id)
                 effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
@@ -892,9 +892,11 @@ class SessionCore:
             effects.append(WantCommit())
         return effects
 
-    def _apply_command(self, op: Op, entry: PendingCommand) -> None:
-        """Apply a committed command; a move or update may make a correction due."""
-        self.document.apply(op)
+    def _apply_command(self, op: Op, entry: PendingCommand) -> bytes | None:
+        """Apply a committed command; a move or update may make a correction
+        due. Returns the command's encoding (encode_command) for the relay."""
+        command_json = encode_command(op.command)
+        self.document.apply(op, command_json)
         command = op.command or {}
         action, item_id = command.get("action"), command.get("item_id")
         level = _CHANGE_LEVELS.get(action)
@@ -903,6 +905,7 @@ class SessionCore:
             self._tracker.committed(
                 op.user_id, item_id, arrived=entry.arrived, now=self.now(), level=level, force=entry.stale
             )
+        return command_json
 
     def _refused(self, entry: PendingCommand) -> list[Effect]:
         """A move or update of a removed item: an error, and the removal again."""

@@ -236,16 +236,7 @@ def _parse_array_stepwise(text: str) -> Any:
 
 
 def _op_to_json(op: Op) -> str:
-    record = op.to_record()
-    command = op.command_json()
-    if command is not None:
-        # The same bytes as encoding the record whole; encoded once (see Op.command_json).
-        record["command"] = orjson.Fragment(command)
-        try:
-            return orjson.dumps(record).decode("utf-8")
-        except orjson.JSONEncodeError:
-            record["command"] = op.command  # an op_id beyond 64 bits: the stdlib writes it
-    return _dumps(record).decode("utf-8")
+    return _dumps(op.to_record()).decode("utf-8")
 
 
 def _op_from_json(text: str) -> Op:
