@@ -704,34 +704,3 @@ async def test_commits_go_on_while_a_snapshot_is_encoded(durable: Durable, monke
     stored = durable.document("a")
     assert stored.version == 2 and sorted(stored.items) == ["x", "z"]
 
-
-
-async def test_a_queued_snapshot_counts_the_bytes_of_its_encoding(durable: Durable) -> None:
-    """A snapshot joins the queue encoded: the job holds its JSON text (a
-    whole document's worth, beside the document itself) until its outcome,
-    so the queue's byte bound counts that text, not an estimate per item."""
-    from collab_trio.store.database import encode_items
-
-    store = durable.store(fault_commit_delay=0.3)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            document = await store.load("a")
-            await store.commit("a", document.epoch, [op(1, "x")])
-            document.apply(op(1, "x"))
-            # Few items, each large: 256 bytes an item is far from their text.
-            for item in document.items.values():
-                item["blob"] = "b" * 200_000
-            snapshot = document.snapshot()
-            text = encode_items(snapshot["items"])
-            peak = 0
-            async with trio.open_nursery() as callers:
-                callers.start_soon(store.save_snapshot, "a", snapshot)
-                while True:  # until the snapshot's job was admitted and answered
-                    peak = max(peak, store.queued_bytes)
-                    if peak and not store.queued_bytes:
-                        break
-                    await trio.sleep(0.005)
-            assert peak >= len(text)
-            nursery.cancel_scope.cancel()
-    assert "blob" in durable.document("a").items["x"]

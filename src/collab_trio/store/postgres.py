@@ -645,7 +645,7 @@ class PostgresStore(SQLiteStore):
             db.check_fence(session_id, fence)
             db.save_snapshot(session_id, snapshot, text)
 
-        await self._submit(job, snapshot_cost(snapshot, text))
+        await self._submit(job, snapshot_cost(snapshot))
 
     def _fence_of(self, session_id: str) -> int:
         if self._closing or self._db is None:
