@@ -769,12 +769,8 @@ class Database:
             raise SessionReset(f"session {session_id!r} was deleted or replaced")
         raise StoreError(f"session {session_id!r}: op {ops[0].seq} does not follow stored version {row[1]}")
 
-    def save_snapshot(self, session_id: str, snapshot: dict[str, Any], items_text: str | None = None) -> None:
-        """Store a snapshot (never an older one) and compact the journal behind it.
-
-        `items_text`: encode_items() of its items, if the caller encoded them
-        already (outside the transaction: see SQLiteStore.save_snapshot).
-        """
+    def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
+        """Store a snapshot (never an older one) and compact the journal behind it."""
         row = self.conn.execute(
             "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
@@ -791,7 +787,7 @@ class Database:
                 session_id,
                 snapshot["version"],
                 int(snapshot["written"]),
-                encode_items(snapshot["items"]) if items_text is None else items_text,
+                encode_items(snapshot["items"]),
             ),
         )
         # Ops older than the retention window are only needed for resume; drop them.

@@ -43,7 +43,7 @@ from ..document import DEFAULT_RETENTION, Op, SessionDocument
 from ..history import KeptVersion
 from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
 from .database import _SCHEMA, PENDING, SCHEMA_VERSION, TAKEN, Database, _describe
-from .sqlite import CLOSED, JOB_BYTES, SQLiteStore, encode_snapshot, job_cost, snapshot_cost
+from .sqlite import CLOSED, JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
 
 try:
     import psycopg
@@ -639,11 +639,10 @@ class PostgresStore(SQLiteStore):
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """A fenced SQLiteStore.save_snapshot()."""
         fence = self._fence_of(session_id)
-        text = await encode_snapshot(snapshot)
 
         def job(db: PgDatabase) -> None:
             db.check_fence(session_id, fence)
-            db.save_snapshot(session_id, snapshot, text)
+            db.save_snapshot(session_id, snapshot)
 
         await self._submit(job, snapshot_cost(snapshot))
 

@@ -60,7 +60,6 @@ from .database import (
     SessionInfo,
     database_path,
     describe_dir_error,
-    encode_items,
 )
 
 __all__ = [
@@ -111,12 +110,6 @@ REQUEST_POLL = 1.0
 def job_cost(ops: list[Op], replaced: KeptVersion | None = None) -> int:
     """Bytes a commit of these ops (and of the version they displace) holds in the queue."""
     return JOB_BYTES + sum(OP_BYTES + op.size for op in ops) + (0 if replaced is None else replaced.size)
-
-
-async def encode_snapshot(snapshot: dict[str, Any]) -> str:
-    """encode_items() of a snapshot's items, in a worker thread (it encodes in
-    chunks: the event loop gets the GIL between them)."""
-    return await trio.to_thread.run_sync(encode_items, snapshot["items"])
 
 
 def snapshot_cost(snapshot: dict[str, Any]) -> int:
@@ -678,12 +671,8 @@ class SQLiteStore:
         await trio.lowlevel.checkpoint()
 
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
-        """Store a snapshot in the next group commit, encoded first in a
-        worker thread of its own: the writer's transaction, which every
-        session's commits wait for, only writes it (encoding 2,400 items took
-        about half of a 12 ms snapshot transaction; 100k items take far more)."""
-        text = await encode_snapshot(snapshot)
-        await self._submit(lambda db: db.save_snapshot(session_id, snapshot, text), snapshot_cost(snapshot))
+        """Store a snapshot in the next group commit (encoded in the writer thread)."""
+        await self._submit(lambda db: db.save_snapshot(session_id, snapshot), snapshot_cost(snapshot))
 
     # -- versions and admin requests -------------------------------------------------
 
