@@ -424,9 +424,13 @@ def encode_command(command: dict[str, Any] | None) -> bytes | None:
     if command is None:
         return None
     try:
-        return orjson.dumps(command)
+        encoded = orjson.dumps(command)
     except orjson.JSONEncodeError:
         return None
+    # A copy of exactly its length: orjson returns its output in the buffer
+    # it grew (~32 KiB for a 3 KiB command), and a batch's relays hold these
+    # until they are framed (a flood onto a slow disk: hundreds at once).
+    return bytes(memoryview(encoded))
 
 
 def item_size(item: dict[str, Any], command: dict[str, Any], command_json: bytes | None) -> int:
