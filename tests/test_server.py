@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 import pytest
 import trio
@@ -556,10 +557,10 @@ async def test_internal_error_in_commit_resets_only_that_session(
 ) -> None:
     real_apply = SessionDocument.apply
 
-    def buggy_apply(self: SessionDocument, op) -> None:  # noqa: ANN001
+    def buggy_apply(self: SessionDocument, op, *args: Any) -> None:  # noqa: ANN001
         if op.command and op.command.get("item_id") == "boom":
             raise RuntimeError("injected bug")
-        real_apply(self, op)
+        real_apply(self, op, *args)
 
     monkeypatch.setattr(SessionDocument, "apply", buggy_apply)
     async with harness.joined("other", "zoe") as zoe:
