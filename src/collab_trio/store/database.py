@@ -510,10 +510,8 @@ class Database:
             return None  # (as before: BEGIN IMMEDIATE fails on a read-only connection)
         now = self._now
         if now is None:
-            try:
-                now = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-            except sqlite3.Error as exc:
-                log.warning("Could not open a second connection to %s: %s", self.path, _describe(exc))
+            now = self._connection_aside("Opening a second connection")
+            if now is None:
                 return None
             try:
                 self._configure(now)
@@ -536,6 +534,15 @@ class Database:
         finally:
             self.conn = conn
 
+    def _connection_aside(self, doing: str) -> sqlite3.Connection | None:
+        """A connection of its own to the file (busy timeout 0, any thread);
+        None, with a warning naming what it was for, if it can't be opened."""
+        try:
+            return sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            log.warning("%s of %s failed: %s", doing, self.path, _describe(exc))
+            return None
+
     def wal_size(self) -> int:
         """Bytes of the WAL file (0 if there is none)."""
         try:
@@ -550,10 +557,8 @@ class Database:
         if the whole WAL was copied: the next write starts it over. The
         caller resets since_checkpoint and wal_restart_pending.
         """
-        try:
-            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            log.warning("Checkpoint of %s failed: %s", self.path, _describe(exc))
+        conn = self._connection_aside("Checkpoint")
+        if conn is None:
             return False
         try:
             busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
