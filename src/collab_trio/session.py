@@ -339,7 +339,7 @@ class Session:
     async def wait_for_room(self) -> bool:
         assert self.core is not None
         waited = False
-        while self.core.pending_bytes >= self.config.max_pending_bytes:
+        while not self.has_room():
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()

@@ -190,12 +190,13 @@ class JoinRefused(Exception):
 # -- pending changes -------------------------------------------------------------
 
 
-# A relay embeds the command's encoding (made for the document's size of the
-# item) from this size on; a smaller one encodes its own. Every relay of a
-# batch is made before any is framed, so the bytes of a batch of small
-# commands onto a slow disk (up to the store queue's 8 MiB) would all be held
-# at once, for a saving of a microsecond or two each.
-RELAY_SHARES_FROM = 64 * 1024
+# A committed command of this many bytes (its message) or more is encoded
+# once, for the document's size of its item and for the relay, which embeds
+# the bytes; a smaller one is measured and relayed as any (encoding it once
+# more would cost as much as it saves). Every relay of a batch is made before
+# any is framed: the bytes of a batch of small commands onto a slow disk (up
+# to the store queue's 8 MiB) would all be held at once.
+ENCODE_ONCE_FROM = 64 * 1024
 
 @attrs.define(eq=False)
 class _Change:
@@ -864,8 +865,6 @@ class SessionCore:
                 if entry.stale:
                     self.stats.merges += 1  # a stale field of the sender's kept out
                 command_json = self._apply_command(op, entry)
-                if command_json is not None and len(command_json) < RELAY_SHARES_FROM:
-                    command_json = None  # the relay encodes its own (see RELAY_SHARES_FROM)
                 effects.append(Broadcast(Relay(op, command_json), exclude=op.user_id))
                 ack_seconds.observe(now - entry.arrived)
                 ack = Ack(op.seq, op.op_id)
@@ -903,8 +902,9 @@ class SessionCore:
 
     def _apply_command(self, op: Op, entry: PendingCommand) -> bytes | None:
         """Apply a committed command; a move or update may make a correction
-        due. Returns the command's encoding (encode_command) for the relay."""
-        command_json = encode_command(op.command)
+        due. Returns the command's encoding for the relay, made for a large
+        command only (see ENCODE_ONCE_FROM)."""
+        command_json = encode_command(op.command) if op.size >= ENCODE_ONCE_FROM else None
         self.document.apply(op, command_json)
         command = op.command or {}
         action, item_id = command.get("action"), command.get("item_id")
