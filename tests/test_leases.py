@@ -9,6 +9,8 @@ wait is bounded with fail_after.
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -50,6 +52,23 @@ def expire(url: str, session_id: str) -> None:
 async def node(start_server: Any, url: str, name: str, **settings: Any) -> Harness:
     settings.setdefault("lease_timeout", 60.0)  # no renewal during a test unless it asks
     return await start_server(store="postgres", database_url=url, node_id=name, **settings)
+
+
+@asynccontextmanager
+async def once_served(harness: Harness, session_id: str, user: str) -> AsyncIterator[Any]:
+    """A member of `session_id` on `harness`, joined as soon as that node
+    serves it: each 1013 (the lease still held elsewhere) is retried, as a
+    client does, every 0.1 s (the lease expires on the database's clock)."""
+    while True:
+        async with harness.client(session_id, user) as client:
+            try:
+                assert (await client.recv())["type"] == "connection:ack"
+            except ConnectionClosed as closed:
+                assert closed.reason.code == 1013
+            else:
+                yield client
+                return
+        await trio.sleep(0.1)
 
 
 # -- the database: fence checked in the commit's own transaction ------------------
@@ -236,19 +255,11 @@ async def test_an_owner_stopped_inside_a_commit_holds_up_neither_the_takeover_no
                 served: list[Any] = []
 
                 async def bob_retries() -> None:
-                    while True:
-                        async with b.client("s", "bob") as bob:
-                            try:
-                                assert (await bob.recv())["type"] == "connection:ack"
-                            except ConnectionClosed as closed:
-                                assert closed.reason.code == 1013
-                            else:
-                                await bob.send({"type": "sync:request"})
-                                state = await bob.expect("sync:state")
-                                # (Read while bob is there: the lease goes when the session empties.)
-                                served.append((state["version"], lease(database_url, "s")[:2]))
-                                return
-                        await trio.sleep(0.1)
+                    async with once_served(b, "s", "bob") as bob:
+                        await bob.send({"type": "sync:request"})
+                        state = await bob.expect("sync:state")
+                        # (Read while bob is there: the lease goes when the session empties.)
+                        served.append((state["version"], lease(database_url, "s")[:2]))
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(bob_retries)
@@ -355,21 +366,13 @@ async def test_a_lease_nobody_renews_expires_on_the_database_clock_and_is_taken_
         async with b.client("s", "bob") as bob:
             assert await bob.expect_closed() == (1013, "session is served by node-x; retry")
         # Clients retry; once the lease expired (3 s after it was taken) one gets in.
-        while True:
-            async with b.client("s", "bob") as bob:
-                try:
-                    assert (await bob.recv())["type"] == "connection:ack"
-                except ConnectionClosed as closed:
-                    assert closed.reason.code == 1013
-                else:
-                    # (Read while bob is there: the lease goes when the session empties.)
-                    with psycopg.connect(database_url) as conn:
-                        owner, fence, expires_in = conn.execute(
-                            "SELECT owner, fence, extract(epoch FROM expires_at - now()) FROM leases"
-                        ).fetchone()
-                    assert (owner, fence) == ("node-b", 2) and 50 < expires_in <= 60
-                    break
-            await trio.sleep(0.1)
+        async with once_served(b, "s", "bob"):
+            # (Read while bob is there: the lease goes when the session empties.)
+            with psycopg.connect(database_url) as conn:
+                owner, fence, expires_in = conn.execute(
+                    "SELECT owner, fence, extract(epoch FROM expires_at - now()) FROM leases"
+                ).fetchone()
+            assert (owner, fence) == ("node-b", 2) and 50 < expires_in <= 60
 
 
 async def test_a_graceful_stop_releases_the_leases_after_the_last_commit(start_server, database_url: str) -> None:
