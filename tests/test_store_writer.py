@@ -475,11 +475,14 @@ async def test_commits_while_a_checkpoint_runs_go_on_at_once_and_never_start_the
     """While a checkpoint runs, a read transaction pins the WAL: a commit
     made on the event loop meanwhile, even once the checkpoint has copied
     everything, appends (a WAL that started over would have synced its
-    header there). The next write after it is the writer thread's."""
-    copied = threading.Event()
+    header there). The next write after it is the writer thread's. The
+    checkpoint starts only once the task whose commit made it due yields (its
+    relays go first: the checkpoint's thread competes for the GIL)."""
+    started, copied = threading.Event(), threading.Event()
     checkpoint = Database.checkpoint
 
     def checkpoint_and_tell(self: Database) -> bool:
+        started.set()
         try:
             return checkpoint(self)
         finally:
@@ -497,6 +500,10 @@ async def test_commits_while_a_checkpoint_runs_go_on_at_once_and_never_start_the
                 seq += 1
                 # A burst's commit: no pause needed to run at once.
                 assert store.commit_now("s", epoch, [op(seq, f"i{seq}", size=200)])
+            # Due, it starts once this task yields (the writer task starts it).
+            assert not started.is_set()
+            while not started.is_set():
+                await trio.sleep(0)
             # Block the event loop (no yield: the checkpoint can't report back)
             # until the checkpoint has copied everything.
             assert copied.wait(HANG)
