@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import importlib.metadata
 import logging
 import os
@@ -502,6 +503,12 @@ async def run_until_signalled(config: ServerConfig) -> int:
                 config.fsync,
             )
         log.info("collab-trio %s ready (Ctrl+C to stop)", __version__)
+        # What is alive now (modules, classes, the configuration, the store)
+        # lives as long as the process: out of the collector's scans. A full
+        # collection walked these ~48k objects in 18-60 ms, each time a pause
+        # of every session (a younger one walks only what came later).
+        gc.freeze()
+        log.debug("Startup objects left out of garbage collections: %d", gc.get_freeze_count())
 
     return await serve_until_signalled(partial(serve, config), ready, CollabServer.reload_tokens)
 
