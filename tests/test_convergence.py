@@ -434,19 +434,20 @@ def test_pruning_forgets_only_what_no_decision_needs(changes: list) -> None:
 
 
 def test_the_tracker_forgets_old_items_a_few_per_commit_not_all_at_once() -> None:
-    """Items out of the window go two per commit from the oldest on: no
-    commit walks them all (a periodic walk was a pause in busy sessions)."""
+    """Items out of the window go 16 every 8th commit, from the oldest on:
+    no commit walks them all (a periodic walk was a pause in busy sessions)."""
     tracker = CorrectionTracker(window=1.0, settle=0.15)
-    for i in range(100):
+    for i in range(96):
         tracker.committed("ada", f"l{i}", arrived=i * 0.001, now=i * 0.001, level=MOVE)
-    assert len(tracker._recent) == 100  # all within the window
-    for k in range(1, 51):
+    assert len(tracker._recent) == 96  # all within the window
+    for k in range(1, 57):
         tracker.committed("bob", "x", arrived=10.0 + k * 0.001, now=10.0 + k * 0.001, level=MOVE)
-        assert len(tracker._recent) == max(100 - 2 * k, 0) + 1
+        assert len(tracker._recent) == max(96 - 16 * (k // 8), 0) + 1
     assert list(tracker._recent) == ["x"]
     # An item changed within the window stops the forgetting: order is by latest change.
     tracker.committed("ada", "l0", arrived=10.5, now=10.5, level=MOVE)
-    tracker.committed("cy", "y", arrived=11.2, now=11.2, level=MOVE)
+    for k in range(7):  # the 8th commit from here forgets
+        tracker.committed("cy", "y", arrived=11.2, now=11.2, level=MOVE)
     assert list(tracker._recent) == ["l0", "y"]
 
 

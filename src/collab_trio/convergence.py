@@ -239,14 +239,15 @@ class CorrectionTracker:
             dirty.level = max(dirty.level, level)
         elif conflict:
             self._dirty[key] = _Dirty(now + self.settle, level)
-        # Two of the oldest items forgotten per commit, if out of the window
-        # (a commit adds at most one): _recent stays within the window at a
-        # bounded cost per commit. A walk over every item out of it at once,
-        # every 1024 commits, was a ~1 ms pause in a busy session.
-        self._forget_oldest(now - self.window, 2)
+        # Every 8th commit forgets up to 16 of the oldest items, if out of the
+        # window (a commit adds at most one): _recent stays within the window
+        # at a bounded cost per commit. A walk over every item out of it at
+        # once, every 1024 commits, was a ~1 ms pause in a busy session.
         self._commits += 1
-        if self._commits % 1024 == 0:
-            self._prune(now)
+        if not self._commits % 8:
+            self._forget_oldest(now - self.window, 16)
+            if not self._commits % 1024:
+                self._prune(now)
         return conflict
 
     def next_due(self) -> float | None:
