@@ -171,6 +171,37 @@ def test_snapshot_does_not_change_with_later_ops() -> None:
     assert snapshot["version"] == 1
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add_item", "move_item", "update_item", "remove_item"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.integers(-5, 5),
+        ),
+        max_size=40,
+    ),
+    st.integers(0, 40),
+)
+def test_no_op_changes_an_item_in_place(ops: list[tuple[str, str, int]], taken_at: int) -> None:
+    """A snapshot holds the document's own items, not copies: it stays that
+    of its version however the document moves on, because every op puts a
+    new item and none changes one in place."""
+    doc = Doc()
+    seen: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (item, its content when first seen)
+    snapshot, expected = doc.snapshot(), []
+    for i, (action, item_id, value) in enumerate(ops):
+        if i == taken_at:
+            snapshot, expected = doc.snapshot(), json.loads(json.dumps(list(doc.items.values())))
+        fields = {} if action == "remove_item" else {"x_mm": value, "note": "n" * abs(value)}
+        doc.apply(command(action, item_id=item_id, **fields))
+        seen += [(item, dict(item)) for item in doc.items.values()]
+    if taken_at >= len(ops):
+        snapshot, expected = doc.snapshot(), json.loads(json.dumps(list(doc.items.values())))
+    assert snapshot["items"] == expected
+    assert all(item == content for item, content in seen)
+
+
 # -- sizes -----------------------------------------------------------------------------
 
 

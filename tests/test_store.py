@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from collab_trio.document import COMMAND, REPLACE, Op
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store.database import SNAPSHOT_LINE_BYTES, _parse_array_stepwise, decode_items, encode_items
-from collab_trio.store.sqlite import Database, database_path
+from collab_trio.store.sqlite import JOB_BYTES, Database, database_path, snapshot_cost
 from collab_trio.testing import HANG, OPCODE_TEXT, Harness, client_frame, raw_connect, start_memory_server
 
 
@@ -669,6 +669,53 @@ def test_what_is_stored_now_is_plain_json_for_sqlite_and_the_admin_commands(sqli
     exported = db.read(lambda d: d.export("s"))
     assert exported["items"] == items
     assert db.run(lambda d: d.load("s")).items["i0"]["n"] == 2**64 + 1
+
+
+async def test_a_session_encodes_its_snapshot_a_piece_at_a_time_as_of_its_version(data_dir: Path) -> None:
+    """The session hands the store its snapshot as text (SQLiteStore.snapshot_text),
+    encoded ~32 KiB at a time: other tasks run in between, the document moves
+    on meanwhile, and what is stored is the document of the snapshot's version."""
+    from collab_trio.session import SNAPSHOT_STEP_BYTES, _encoded
+
+    store = SQLiteStore(data_dir)
+    moves = 0
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            document = await store.load("s")
+            items = [dict(ODD_ITEMS[i % 4], uuid=f"i{i}", item_type="lens") for i in range(3000)]
+            await store.commit("s", document.epoch, [Op(1, "alice", REPLACE, "t", items=items)])
+            document.apply(Op(1, "alice", REPLACE, "t", items=items))
+            snapshot = document.snapshot()
+            expected = json.loads(encode_items(snapshot["items"]))
+
+            async def move_on() -> None:
+                nonlocal moves
+                while True:
+                    seq = document.version + 1
+                    command = {"action": "move_item", "item_id": f"i{seq % 3000}", "data": {"x_mm": seq}}
+                    document.apply(Op(seq, "bob", COMMAND, "t", command=command))
+                    moves += 1
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(move_on)
+            encoded = await _encoded(snapshot)
+            nursery.cancel_scope.cancel()
+    assert "items" not in encoded and encoded["version"] == 1
+    assert len(encoded["text"]) > 8 * SNAPSHOT_STEP_BYTES
+    assert moves >= 8  # the event loop ran other tasks between the pieces
+    assert json.loads(encoded["text"]) == expected  # as of version 1, not of the moves since
+    assert decode_items(encoded["text"]) == expected
+    assert snapshot_cost(encoded) == JOB_BYTES + len(encoded["text"])  # counted by its text
+
+    reopened = SQLiteStore(data_dir)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reopened.run)
+            await reopened.save_snapshot("s", encoded)
+            loaded = await reopened.load("s")
+            nursery.cancel_scope.cancel()
+    assert list(loaded.items.values()) == expected
 
 
 def test_a_large_snapshot_an_earlier_version_wrote_loads_item_by_item() -> None:

@@ -274,15 +274,17 @@ class SessionDocument:
     def snapshot(self) -> dict[str, Any]:
         """What a store needs to rebuild this document without the ops.
 
-        Items are copied one level deep, which makes the snapshot independent
-        of later ops (they replace items or set their top-level fields), so a
-        writer thread may serialise it while the document moves on.
+        The items are the document's own: no op changes an item in place
+        (each puts a new one), so the snapshot stays that of this version
+        while the document moves on, and a writer thread or a task may
+        encode it later. No copy: at 3,600 items one took ~1.5 ms of the
+        event loop, and the young copies lengthened the next collections.
         """
         return {
             "epoch": self.epoch,
             "version": self.version,
             "written": self.written,
-            "items": [dict(item) for item in self.items.values()],
+            "items": list(self.items.values()),
         }
 
     @classmethod
@@ -366,9 +368,12 @@ class SessionDocument:
                 growth = _move_growth(existing, data)
                 self._items_bytes += growth
                 self._item_sizes[item_id] = self._item_sizes.get(item_id, 0) + growth
+                # A new dict: an item is never changed in place (snapshot()).
+                moved = dict(existing)
                 for field in MOVE_FIELDS:
                     if field in data:
-                        existing[field] = data[field]
+                        moved[field] = data[field]
+                self.items[item_id] = moved
         else:  # remove_item
             if self.items.pop(item_id, None) is not None:
                 self._items_bytes -= self._item_sizes.pop(item_id, 0)

@@ -118,6 +118,11 @@ class Store(Protocol):
             SessionReset, StoreError: as commit() (nothing was committed).
         """
 
+    # True if save_snapshot() writes the items as text: the caller may then
+    # hand them over encoded (snapshot["text"] from encode_items() or
+    # item_pieces() and items_text()) instead of as snapshot["items"].
+    snapshot_text: bool
+
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Record the document at snapshot["version"] so loading skips older ops.
 

@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -165,19 +165,49 @@ def encode_items(items: list[Any]) -> str:
     JSON either way, so json.loads and SQLite's JSON functions read it; an
     array written on one line (by earlier versions) loads as well.
     """
-    if not items:
-        return "[]"
-    lines: list[bytes] = []
+    return items_text(list(item_pieces(items, SNAPSHOT_LINE_BYTES)))
+
+
+def item_pieces(items: list[Any], piece_bytes: int) -> Iterator[bytes]:
+    """The items' JSON, without brackets, about `piece_bytes` at a time (the
+    first piece is 64 items; the next ones are sized from the items so far).
+    One orjson call each: a caller may yield the GIL or the event loop
+    between pieces."""
     start, count = 0, 64
     while start < len(items):
         chunk = items[start : start + count]
         text = _dumps(chunk)
-        lines.append(text[1:-1])  # without the chunk's own brackets
+        yield text[1:-1]  # without the chunk's own brackets
         start += len(chunk)
         per_item = max(1, len(text) // len(chunk))
-        count = max(1, min(65536, SNAPSHOT_LINE_BYTES // per_item))
+        count = max(1, min(65536, piece_bytes // per_item))
+
+
+def items_text(pieces: list[bytes]) -> str:
+    """encode_items()'s text from item_pieces(): the pieces grouped into lines
+    of at least SNAPSHOT_LINE_BYTES (but the last)."""
+    if not pieces:
+        return "[]"
+    lines: list[bytes] = []
+    line: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        line.append(piece)
+        size += len(piece)
+        if size >= SNAPSHOT_LINE_BYTES:
+            lines.append(b",".join(line))
+            line, size = [], 0
+    if line:
+        lines.append(b",".join(line))
     # Neither encoder writes a raw line break: every one is ours.
     return (b"[\n" + b",\n".join(lines) + b"\n]").decode("utf-8")
+
+
+def snapshot_text(snapshot: dict[str, Any]) -> str:
+    """The text of a snapshot's items: as encoded by its taker ("text", see
+    Session), or encoded here ("items")."""
+    text = snapshot.get("text")
+    return encode_items(snapshot["items"]) if text is None else text
 
 
 def decode_items(text: str) -> Any:
@@ -792,7 +822,7 @@ class Database:
                 session_id,
                 snapshot["version"],
                 int(snapshot["written"]),
-                encode_items(snapshot["items"]),
+                snapshot_text(snapshot),
             ),
         )
         # Ops older than the retention window are only needed for resume; drop them.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import trio
@@ -40,6 +40,8 @@ class MemoryStore:
     documents: dict[str, SessionDocument] = attrs.field(factory=dict)
     # Never set (see Store.unreachable).
     unreachable: str | None = None
+    # Snapshots are not written: nothing to encode (see Store.snapshot_text).
+    snapshot_text: ClassVar[bool] = False
     _closed: trio.Event = attrs.field(factory=trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

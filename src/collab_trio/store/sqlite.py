@@ -41,7 +41,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import outcome
@@ -98,8 +98,8 @@ WAL_SIZE_CHECK_EVERY = 8
 # this many more transactions.
 CHECKPOINT_RETRY = 20
 OP_BYTES = 128
-# A snapshot is encoded in the writer thread, not on the event loop, so its
-# cost is estimated per item rather than measured.
+# A snapshot handed over as items (encoded in the writer thread) is counted
+# per item; one handed over as text (Session encodes it) by its length.
 SNAPSHOT_ITEM_BYTES = 256
 CLOSED = "the store is closed"
 # Seconds between looks for admin requests (next_requests): one small read
@@ -113,7 +113,11 @@ def job_cost(ops: list[Op], replaced: KeptVersion | None = None) -> int:
 
 
 def snapshot_cost(snapshot: dict[str, Any]) -> int:
-    """Bytes a snapshot job is counted as (an estimate: nothing is encoded)."""
+    """Bytes a snapshot job is counted as: its text, or for items still to
+    encode an estimate per item."""
+    text = snapshot.get("text")
+    if text is not None:
+        return JOB_BYTES + len(text)
     return JOB_BYTES + SNAPSHOT_ITEM_BYTES * len(snapshot.get("items", ()))
 
 
@@ -236,6 +240,8 @@ class SQLiteStore:
     _last_commit: float = -math.inf
     # Never set: a local file is always reachable (see Store.unreachable).
     unreachable: str | None = None
+    # Session hands snapshots over encoded (see Store.snapshot_text).
+    snapshot_text: ClassVar[bool] = True
 
     @property
     def path(self) -> Path:
