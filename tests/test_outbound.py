@@ -297,7 +297,8 @@ async def test_only_bytes_nothing_can_replace_count_toward_1013(
         n = 0
         while not conn.closing:
             await alice.send(add_item(f"item-{n}", {"note": pad}))
-            await alice.expect("ack")
+            _, left = await alice.expect_ack()
+            assert left in ([], ["slow"])  # the relay of this change may close slow
             n += 1
             assert n < 100
     assert conn.close_code == 1013

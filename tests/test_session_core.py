@@ -511,6 +511,71 @@ def test_any_sequence_keeps_host_members_and_seq_order_consistent(actions: list[
         assert seqs == sorted(seqs)
 
 
+CHANGES = st.lists(
+    st.tuples(
+        st.sampled_from(["ada", "bob"]),
+        st.sampled_from(["add_item", "move_item", "update_item", "remove_item", "sync", "commit"]),
+        st.sampled_from(["l1", "l2"]),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(CHANGES)
+def test_relaying_a_single_change_first_changes_nothing_but_the_order(changes: list[tuple[str, str, str]]) -> None:
+    """relays_first() then committed() gives what committed() alone gives,
+    but the relay of a batch of one change comes first; the documents agree."""
+    plain, early = (core(document=SessionDocument(epoch="e")) for _ in range(2))
+    for c in (plain, early):
+        join(c, "ada")
+        join(c, "bob")
+    for user, action, item_id in [*changes, ("ada", "commit", "")]:
+        if action == "commit":
+            while (batch := plain.take_batch()) is not None:
+                expected = plain.committed(batch)
+                batch = early.take_batch()
+                assert batch is not None
+                relays = early.relays_first(batch)
+                got = early.committed(batch)
+                if relays:
+                    [relay] = relays
+                    assert len(batch.ops) == 1 and isinstance(relay.message, Relay)
+                    assert got == [e for e in expected if e != relay] and relay in expected
+                else:
+                    assert got == expected
+            assert early.take_batch() is None
+        elif action == "sync":
+            for c in (plain, early):
+                c.receive(user, user, '{"type":"sync:request"}')
+        else:
+            command = {"action": action, "item_type": "lens", "item_id": item_id, "data": {"x_mm": len(changes)}}
+            effects = [c.receive(user, user, frame({"type": "command", "command": command})) for c in (plain, early)]
+            assert effects[0] == effects[1]
+        assert plain.document.items == early.document.items
+        assert plain.document.version == early.document.version
+
+
+def test_a_batch_of_one_small_change_is_relayed_first_and_only_once() -> None:
+    c = core()
+    join(c, "ada")
+    join(c, "bob")
+    c.receive("ada", "ada", add("l1", op_id="o1"))
+    batch = c.take_batch()
+    assert batch is not None
+    [relay] = c.relays_first(batch)
+    assert relay.exclude == "ada" and relay.message.op.seq == 1
+    effects = c.committed(batch)
+    assert broadcasts(effects) == [] and sends(effects, "ada") == [Ack(1, "o1")]
+    assert "l1" in c.document.items
+    # Two changes in one batch: committed() relays them in order with their acks.
+    c.receive("ada", "ada", add("l2"))
+    c.receive("bob", "bob", add("l3"))
+    batch = c.take_batch()
+    assert batch is not None and c.relays_first(batch) == []
+    assert [b.message.op.seq for b in broadcasts(c.committed(batch))] == [2, 3]
+
+
 def test_a_batch_holds_at_most_max_batch_ops_changes_in_arrival_order() -> None:
     c = core(max_batch_ops=3)
     join(c, "alice")

@@ -542,6 +542,9 @@ class Session:
                     self._handoff = batch
                     return False
                 self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
+                relays = self.core.relays_first(batch)
+                if relays:
+                    self._execute(relays)
                 effects = self.core.committed(batch)
         else:
             effects = self.core.committed(batch)
@@ -562,6 +565,9 @@ class Session:
             except StoreError as exc:
                 return self._commit_error(batch, exc)
             self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
+            relays = self.core.relays_first(batch)
+            if relays:
+                self._execute(relays)
             return self.core.committed(batch)
         log.error(
             "The store did not answer a commit of session %s within %g s; closing it",

@@ -361,6 +361,8 @@ class SessionCore:
     # The PendingSync of each connection still in _pending (not yet in a batch).
     _waiting_syncs: dict[Conn, PendingSync] = attrs.field(factory=dict)
     _in_flight: Batch | None = None
+    # The batch in flight whose relay relays_first() gave out already.
+    _relayed_first: Batch | None = None
     # Bytes of changes received and not yet committed (queued or in flight).
     pending_bytes: int = 0
     # Sum of the `growth` of the changes queued or in flight.
@@ -846,8 +848,24 @@ class SessionCore:
         self._fields.record(item_id, current, merged, entry.user_id, self.now())
         return {**command, "data": merged}
 
+    def relays_first(self, batch: Batch) -> list[Effect]:
+        """The relay of a committed batch of one small command, to carry out
+        before committed(batch), which then leaves it out: the others get the
+        change without waiting for the document and its bookkeeping (~25 us
+        per change, the commonest batch). [] for any other batch: committed()
+        relays its ops in order with everything else."""
+        if batch is not self._in_flight or len(batch.entries) != 1 or len(batch.ops) != 1:
+            return []
+        entry, op = batch.entries[0], batch.ops[0]
+        if not isinstance(entry, PendingCommand) or op.size >= ENCODE_ONCE_FROM:
+            return []
+        self._relayed_first = batch
+        return [Broadcast(Relay(op, None), exclude=op.user_id)]
+
     def committed(self, batch: Batch) -> list[Effect]:
-        """The store has the batch: apply each op, relay it, acknowledge it."""
+        """The store has the batch: apply each op, relay it (unless
+        relays_first() did), acknowledge it."""
+        relayed, self._relayed_first = batch is self._relayed_first, None
         self._finish(batch)
         effects: list[Effect] = []
         ops = iter(batch.ops)
@@ -865,7 +883,8 @@ class SessionCore:
                 if entry.stale:
                     self.stats.merges += 1  # a stale field of the sender's kept out
                 command_json = self._apply_command(op, entry)
-                effects.append(Broadcast(Relay(op, command_json), exclude=op.user_id))
+                if not relayed:
+                    effects.append(Broadcast(Relay(op, command_json), exclude=op.user_id))
                 ack_seconds.observe(now - entry.arrived)
                 ack = Ack(op.seq, op.op_id)
                 effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]

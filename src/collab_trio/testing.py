@@ -467,6 +467,16 @@ class Client:
         assert message["type"] == msg_type, message
         return message
 
+    async def expect_ack(self) -> tuple[dict[str, Any], list[str]]:
+        """The next ack, and the users whose user:left came before it: the
+        relay of a change goes out before its ack, and may close a member
+        that fell behind (any other message fails)."""
+        left: list[str] = []
+        while (message := await self.recv())["type"] == "user:left":
+            left.append(message["user_id"])
+        assert message["type"] == "ack", message
+        return message, left
+
     async def expect_closed(self, timeout: float = HANG) -> tuple[int, str | None]:
         """Read until the server closes; return (code, reason)."""
         with trio.fail_after(timeout):
