@@ -706,7 +706,7 @@ async def test_a_session_encodes_its_snapshot_a_piece_at_a_time_as_of_its_versio
     assert moves >= 8  # the event loop ran other tasks between the pieces
     assert json.loads(encoded["text"]) == expected  # as of version 1, not of the moves since
     assert decode_items(encoded["text"]) == expected
-    assert snapshot_cost(encoded) == JOB_BYTES + len(encoded["text"])  # counted by its text
+    assert snapshot_cost(encoded) == JOB_BYTES + len(encoded["text"].encode("utf-8"))  # counted by its text
 
     reopened = SQLiteStore(data_dir)
     with trio.fail_after(HANG):
@@ -812,3 +812,22 @@ def test_a_relay_embedding_the_encoded_command_is_the_same_bytes(command: dict, 
     op = Op(7, "alice", COMMAND, "2026-12-07T00:00:00.000+00:00", command=command, op_id=op_id)
     assert encode_message_bytes(Relay(op, encode_command(command))) == encode_bytes(op.relayed())
     assert encode_message_bytes(Relay(op)) == encode_bytes(op.relayed())
+
+
+async def test_a_text_snapshot_is_counted_by_its_utf8_bytes_not_its_characters() -> None:
+    """The store's queue is bounded in bytes: a snapshot handed over as text
+    (Session._encoded) costs the bytes it is written as. Counted by its
+    characters, a document in Chinese or of emoji was counted at a third or
+    a quarter of its size, and the bound was overrun by that much."""
+    from collab_trio.session import _encoded
+
+    items = [{"uuid": f"i{i}", "item_type": "note", "label": "光学台" * 40 + "😀" * 20} for i in range(500)]
+    snapshot = {"epoch": "e", "version": 1, "written": True, "items": items}
+    encoded = await _encoded(snapshot)
+    size = len(encoded["text"].encode("utf-8"))
+    assert size > 2 * len(encoded["text"])
+    assert snapshot_cost(encoded) == JOB_BYTES + size
+    # Text handed over without its size (the Store protocol allows it).
+    bare = {key: value for key, value in encoded.items() if key != "text_bytes"}
+    assert snapshot_cost(bare) == JOB_BYTES + size
+    assert snapshot_cost({**bare, "text": "[]"}) == JOB_BYTES + 2

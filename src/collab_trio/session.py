@@ -48,7 +48,7 @@ from .session_core import (
     WantCorrections,
     WantSnapshot,
 )
-from .store.database import item_pieces, items_text
+from .store.database import item_pieces, items_json
 from .store import AdminRequest, LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, SessionReset, Store, StoreError
 from .wire import WireStream, text_frame
 
@@ -641,7 +641,10 @@ async def _encoded(snapshot: dict[str, Any]) -> dict[str, Any]:
         pieces.append(piece)
         await trio.lowlevel.checkpoint()
     encoded = {key: value for key, value in snapshot.items() if key != "items"}
-    encoded["text"] = items_text(pieces)
+    text = items_json(pieces)
+    encoded["text"] = text.decode("utf-8")
+    # What the store's queue counts it as (snapshot_cost): bytes, not characters.
+    encoded["text_bytes"] = len(text)
     return encoded
 
 

@@ -186,8 +186,13 @@ def item_pieces(items: list[Any], piece_bytes: int) -> Iterator[bytes]:
 def items_text(pieces: list[bytes]) -> str:
     """encode_items()'s text from item_pieces(): the pieces grouped into lines
     of at least SNAPSHOT_LINE_BYTES (but the last)."""
+    return items_json(pieces).decode("utf-8")
+
+
+def items_json(pieces: list[bytes]) -> bytes:
+    """items_text() as UTF-8 bytes (their length is what the text is written as)."""
     if not pieces:
-        return "[]"
+        return b"[]"
     lines: list[bytes] = []
     line: list[bytes] = []
     size = 0
@@ -200,7 +205,7 @@ def items_text(pieces: list[bytes]) -> str:
     if line:
         lines.append(b",".join(line))
     # Neither encoder writes a raw line break: every one is ours.
-    return (b"[\n" + b",\n".join(lines) + b"\n]").decode("utf-8")
+    return b"[\n" + b",\n".join(lines) + b"\n]"
 
 
 def snapshot_text(snapshot: dict[str, Any]) -> str:

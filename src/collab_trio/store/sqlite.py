@@ -113,11 +113,16 @@ def job_cost(ops: list[Op], replaced: KeptVersion | None = None) -> int:
 
 
 def snapshot_cost(snapshot: dict[str, Any]) -> int:
-    """Bytes a snapshot job is counted as: its text, or for items still to
-    encode an estimate per item."""
+    """Bytes a snapshot job is counted as: its text's UTF-8 bytes (Session's
+    `text_bytes`, else measured), or for items still to encode an estimate
+    per item."""
     text = snapshot.get("text")
     if text is not None:
-        return JOB_BYTES + len(text)
+        size = snapshot.get("text_bytes")
+        if size is None:
+            # UTF-8 bytes, not characters (isascii() is O(1)).
+            size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        return JOB_BYTES + size
     return JOB_BYTES + SNAPSHOT_ITEM_BYTES * len(snapshot.get("items", ()))
 
 
