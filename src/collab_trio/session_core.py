@@ -789,9 +789,10 @@ class SessionCore:
         else:
             reason = replace_reason("sync:update", entry.user_id)
         document = self.document
-        # A copy one level deep, as for snapshots: the store may encode it in
-        # its thread while this document moves on.
-        items = [dict(item) for item in document.items.values()]
+        # The document's own items, as for snapshots: no op changes one in
+        # place, so the store may encode them in its thread while this
+        # document moves on.
+        items = list(document.items.values())
         return KeptVersion(document.version, items, entry.user_id, reason, timestamp, document.size)
 
     def _command_to_store(
