@@ -635,7 +635,10 @@ class SQLiteStore:
             return
         self._checkpoint_soon = False
         database = self._db
-        if database is None or self._closing or self._checkpoint_done is not None:
+        if database is None or self._closing or self._checkpoint_done is not None or self._wal_full:
+            # (With the WAL past its limit the writer thread checkpoints before
+            # its next transaction, the connection held: a pin would stop the
+            # WAL from starting over then.)
             return
         database.since_checkpoint = 0
         # Pinned, no write starts the WAL over while the checkpoint runs, so
