@@ -48,8 +48,8 @@ from .session_core import (
     WantCorrections,
     WantSnapshot,
 )
-from .store.database import item_pieces, items_json
 from .store import AdminRequest, LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, SessionReset, Store, StoreError
+from .store.database import item_pieces, items_json
 from .wire import WireStream, text_frame
 
 log = logging.getLogger(__name__)
