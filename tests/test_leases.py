@@ -414,3 +414,36 @@ def test_the_postgres_store_needs_a_url_and_says_which_database_it_cannot_reach(
     [line] = listing.stderr.splitlines()
     assert line.startswith(f"error: cannot connect to postgresql://collab:***@/collab?host={tmp_path}")
     assert "secret" not in line
+
+
+async def test_a_session_joined_again_while_its_last_instance_unloads_keeps_its_lease(
+    start_server: Any, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instance that unloads stores its snapshot after its last commit, and
+    a member who joins meanwhile loads the session afresh (its changes are
+    stored). The old instance then gives its lease up: not the new one's."""
+    from collab_trio.store.postgres import PostgresStore
+
+    saving, go_on = trio.Event(), trio.Event()
+    save = PostgresStore.save_snapshot
+
+    async def held_save(self: PostgresStore, session_id: str, snapshot: dict[str, Any]) -> None:
+        saving.set()
+        await go_on.wait()
+        await save(self, session_id, snapshot)
+
+    monkeypatch.setattr(PostgresStore, "save_snapshot", held_save)
+    with trio.fail_after(3 * HANG):
+        a = await node(start_server, database_url, "node-a")
+        async with a.joined("s", "alice") as alice:
+            await alice.send(add("one"))
+            await alice.expect("ack")
+            old = a.registry.sessions["s"]
+        await saving.wait()  # the old instance unloads: its snapshot is held
+        async with a.joined("s", "alice") as alice:
+            assert a.registry.sessions["s"] is not old
+            go_on.set()
+            await old.finished.wait()
+            await alice.send(add("two"))
+            assert (await alice.expect("ack"))["seq"] == 2
+        assert lease(database_url, "s")[0] == "node-a"

@@ -871,8 +871,12 @@ class SessionRegistry:
 
     def forget(self, session: Session) -> None:
         """Drop a finished session from the draining list (its statistics
-        stay) and give up its lease: everything it committed is answered."""
-        self.store.release(session.session_id)
+        stay) and give up its lease: everything it committed is answered.
+        Not if a successor has loaded meanwhile (it may once this one's
+        commits were drained, while this one still stored its snapshot): the
+        lease is the successor's then."""
+        if self.sessions.get(session.session_id) in (None, session):
+            self.store.release(session.session_id)
         if session.core is not None:
             self.finished_stats.add(session.core.stats)
         if self.draining.get(session.session_id) is session:
