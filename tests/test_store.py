@@ -279,66 +279,6 @@ def test_snapshot_then_compaction(db: Database) -> None:
     assert len(db.run(lambda d: d.load("s")).items) == 12
 
 
-def test_the_journal_is_compacted_in_a_transaction_of_its_own_and_only_behind_a_stored_snapshot(db: Database) -> None:
-    document = db.run(lambda d: d.load("s"))
-    ops = [op(seq, f"i{seq}") for seq in range(1, 13)]
-    db.run(lambda d: d.append("s", document.epoch, ops))
-    for o in ops:
-        document.apply(o)
-    snapshot = document.snapshot()
-    db.run(lambda d: d.save_snapshot("s", snapshot, compact=False))
-
-    def seqs() -> list[int]:
-        return [r[0] for r in db.conn.execute("SELECT seq FROM journal ORDER BY seq")]
-
-    assert seqs() == list(range(1, 13))  # the snapshot alone
-    db.run(lambda d: d.compact_journal("s", "another epoch", 12))  # replaced since: nothing
-    db.run(lambda d: d.compact_journal("s", document.epoch, 13))  # no snapshot that recent: nothing
-    assert seqs() == list(range(1, 13))
-    # A few rows at a time, the oldest first, as the store does it.
-    assert db.run(lambda d: d.compact_journal("s", document.epoch, 12, limit=4)) == 4
-    assert seqs() == list(range(5, 13))
-    assert db.run(lambda d: d.compact_journal("s", document.epoch, 12, limit=4)) == 3
-    assert db.run(lambda d: d.compact_journal("s", document.epoch, 12)) == 0
-    assert seqs() == [8, 9, 10, 11, 12]  # retention 5 behind the snapshot at 12
-    assert db.run(lambda d: d.load("s")).version == 12
-    # Deleted and stored afresh (an import: a new epoch, seq from 1): a late
-    # compaction of the old epoch deletes nothing of it.
-    db.run(lambda d: d.delete("s"))
-    fresh = db.run(lambda d: d.load("s"))
-    db.run(lambda d: d.append("s", fresh.epoch, [op(seq, f"n{seq}") for seq in range(1, 9)]))
-    db.run(lambda d: d.compact_journal("s", document.epoch, 12))
-    assert seqs() == list(range(1, 9))
-
-
-async def test_the_store_saves_a_snapshot_then_compacts_in_another_transaction(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("collab_trio.store.sqlite.COMPACT_ROWS", 3)
-    store = SQLiteStore(data_dir, retention=5)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            document = await store.load("s")
-            ops = [op(seq, f"i{seq}") for seq in range(1, 13)]
-            await store.commit("s", document.epoch, ops)
-            for o in ops:
-                document.apply(o)
-            before = store.transactions
-            await store.save_snapshot("s", document.snapshot())
-            # The snapshot, then the 7 rows behind it 3, 3 and 1 at a time:
-            # commits may come in between.
-            assert store.transactions == before + 4
-            loaded = await store.load("s")
-            nursery.cancel_scope.cancel()
-    assert loaded.version == 12 and list(loaded.items) == [f"i{n}" for n in range(1, 13)]
-    database = Database(database_path(data_dir), retention=5)
-    try:
-        assert [r[0] for r in database.conn.execute("SELECT seq FROM journal ORDER BY seq")] == [8, 9, 10, 11, 12]
-    finally:
-        database.close()
-
-
 def test_admin_operations(db: Database) -> None:
     epoch = db.run(lambda d: d.load("s")).epoch
     db.run(lambda d: d.append("s", epoch, [op(1, "a"), op(2, "b")]))

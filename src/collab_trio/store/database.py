@@ -809,9 +809,8 @@ class Database:
             raise SessionReset(f"session {session_id!r} was deleted or replaced")
         raise StoreError(f"session {session_id!r}: op {ops[0].seq} does not follow stored version {row[1]}")
 
-    def save_snapshot(self, session_id: str, snapshot: dict[str, Any], *, compact: bool = True) -> None:
-        """Store a snapshot (never an older one) and, with `compact`, compact
-        the journal behind it (else compact_journal() does, later)."""
+    def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
+        """Store a snapshot (never an older one) and compact the journal behind it."""
         row = self.conn.execute(
             "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
@@ -831,39 +830,10 @@ class Database:
                 snapshot_text(snapshot),
             ),
         )
-        if compact:
-            self._drop_journal_behind(session_id, snapshot["version"])
-
-    def compact_journal(self, session_id: str, epoch: str, version: int, *, limit: int | None = None) -> int:
-        """save_snapshot()'s compaction, in transactions of its own: at most
-        `limit` rows (the oldest) at a time; how many it deleted. Nothing
-        unless the session is still of `epoch` and a snapshot of `version` or
-        later is stored (the session may have been replaced or deleted since)."""
-        row = self.conn.execute(
-            "SELECT sessions.epoch, snapshots.version FROM sessions"
-            " JOIN snapshots ON snapshots.session_id = sessions.session_id"
-            " WHERE sessions.session_id = ?",
-            (session_id,),
-        ).fetchone()
-        if row is None or row[0] != epoch or row[1] < version:
-            return 0
-        return self._drop_journal_behind(session_id, version, limit)
-
-    def _drop_journal_behind(self, session_id: str, version: int, limit: int | None = None) -> int:
         # Ops older than the retention window are only needed for resume; drop them.
-        if limit is None:
-            return int(
-                self.conn.execute(
-                    "DELETE FROM journal WHERE session_id = ? AND seq <= ?",
-                    (session_id, version - self.retention),
-                ).rowcount
-            )
-        return int(
-            self.conn.execute(
-                "DELETE FROM journal WHERE session_id = ? AND seq IN"
-                " (SELECT seq FROM journal WHERE session_id = ? AND seq <= ? ORDER BY seq LIMIT ?)",
-                (session_id, session_id, version - self.retention, limit),
-            ).rowcount
+        self.conn.execute(
+            "DELETE FROM journal WHERE session_id = ? AND seq <= ?",
+            (session_id, snapshot["version"] - self.retention),
         )
 
     def forget_unwritten(self) -> int:

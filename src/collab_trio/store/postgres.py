@@ -43,7 +43,7 @@ from ..document import DEFAULT_RETENTION, Op, SessionDocument
 from ..history import KeptVersion
 from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
 from .database import _SCHEMA, PENDING, SCHEMA_VERSION, TAKEN, Database, _describe
-from .sqlite import CLOSED, COMPACT_ROWS, JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
+from .sqlite import CLOSED, JOB_BYTES, SQLiteStore, job_cost, snapshot_cost
 
 try:
     import psycopg
@@ -642,17 +642,9 @@ class PostgresStore(SQLiteStore):
 
         def job(db: PgDatabase) -> None:
             db.check_fence(session_id, fence)
-            db.save_snapshot(session_id, snapshot, compact=False)
-
-        epoch, version = snapshot["epoch"], snapshot["version"]
-
-        def compaction(db: PgDatabase) -> int:
-            db.check_fence(session_id, fence)
-            return db.compact_journal(session_id, epoch, version, limit=COMPACT_ROWS)
+            db.save_snapshot(session_id, snapshot)
 
         await self._submit(job, snapshot_cost(snapshot))
-        while await self._submit(compaction, JOB_BYTES) == COMPACT_ROWS:
-            pass
 
     def _fence_of(self, session_id: str) -> int:
         if self._closing or self._db is None:

@@ -98,8 +98,6 @@ WAL_SIZE_CHECK_EVERY = 8
 # this many more transactions.
 CHECKPOINT_RETRY = 20
 OP_BYTES = 128
-# Journal rows a snapshot's compaction deletes per transaction (save_snapshot).
-COMPACT_ROWS = 256
 # A snapshot handed over as items (encoded in the writer thread) is counted
 # per item; one handed over as text (Session encodes it) by its length.
 SNAPSHOT_ITEM_BYTES = 256
@@ -709,16 +707,8 @@ class SQLiteStore:
         await trio.lowlevel.checkpoint()
 
     async def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
-        """Store a snapshot in the next group commit (its items encoded in
-        the writer thread, unless the session sent their text), then compact
-        the journal behind it COMPACT_ROWS rows at a time in later ones: the
-        commits that come meanwhile wait for one small step, not for all of
-        it (at 2,400 items, deleting ~1,400 rows in one go took ~4.6 ms)."""
-        epoch, version = snapshot["epoch"], snapshot["version"]
-        await self._submit(lambda db: db.save_snapshot(session_id, snapshot, compact=False), snapshot_cost(snapshot))
-        step = lambda db: db.compact_journal(session_id, epoch, version, limit=COMPACT_ROWS)  # noqa: E731
-        while await self._submit(step, JOB_BYTES) == COMPACT_ROWS:
-            pass
+        """Store a snapshot in the next group commit (encoded in the writer thread)."""
+        await self._submit(lambda db: db.save_snapshot(session_id, snapshot), snapshot_cost(snapshot))
 
     # -- versions and admin requests -------------------------------------------------
 
