@@ -542,15 +542,21 @@ class Session:
                     self._handoff = batch
                     return False
                 self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
-                relays = self.core.relays_first(batch)
-                if relays:
-                    self._execute(relays)
-                effects = self.core.committed(batch)
+                effects = self._committed(batch)
         else:
             effects = self.core.committed(batch)
         self._room.set()
         self._execute(effects)
         return True
+
+    def _committed(self, batch: Batch) -> list[Effect]:
+        """The store has the batch: a batch of one change is relayed now
+        (core.relays_first), then the core's effects of it."""
+        assert self.core is not None
+        relays = self.core.relays_first(batch)
+        if relays:
+            self._execute(relays)
+        return self.core.committed(batch)
 
     async def _commit(self, batch: Batch) -> list[Effect]:
         assert self.core is not None
@@ -565,10 +571,7 @@ class Session:
             except StoreError as exc:
                 return self._commit_error(batch, exc)
             self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
-            relays = self.core.relays_first(batch)
-            if relays:
-                self._execute(relays)
-            return self.core.committed(batch)
+            return self._committed(batch)
         log.error(
             "The store did not answer a commit of session %s within %g s; closing it",
             self.session_id,
