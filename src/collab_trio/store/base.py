@@ -120,7 +120,7 @@ class Store(Protocol):
 
     # True if save_snapshot() writes the items as text: the caller may then
     # hand them over encoded (snapshot["text"] from encode_items() or
-    # item_pieces() and items_text()) instead of as snapshot["items"], and
+    # item_pieces() and items_json()) instead of as snapshot["items"], and
     # may add snapshot["text_bytes"], the text's length in UTF-8.
     snapshot_text: bool
 

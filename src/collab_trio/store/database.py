@@ -165,7 +165,7 @@ def encode_items(items: list[Any]) -> str:
     JSON either way, so json.loads and SQLite's JSON functions read it; an
     array written on one line (by earlier versions) loads as well.
     """
-    return items_text(list(item_pieces(items, SNAPSHOT_LINE_BYTES)))
+    return items_json(list(item_pieces(items, SNAPSHOT_LINE_BYTES))).decode("utf-8")
 
 
 def item_pieces(items: list[Any], piece_bytes: int) -> Iterator[bytes]:
@@ -183,14 +183,9 @@ def item_pieces(items: list[Any], piece_bytes: int) -> Iterator[bytes]:
         count = max(1, min(65536, piece_bytes // per_item))
 
 
-def items_text(pieces: list[bytes]) -> str:
-    """encode_items()'s text from item_pieces(): the pieces grouped into lines
-    of at least SNAPSHOT_LINE_BYTES (but the last)."""
-    return items_json(pieces).decode("utf-8")
-
-
 def items_json(pieces: list[bytes]) -> bytes:
-    """items_text() as UTF-8 bytes (their length is what the text is written as)."""
+    """encode_items()'s text, as UTF-8 bytes, from item_pieces(): the pieces
+    grouped into lines of at least SNAPSHOT_LINE_BYTES (but the last)."""
     if not pieces:
         return b"[]"
     lines: list[bytes] = []
