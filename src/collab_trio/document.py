@@ -86,6 +86,7 @@ class Op:
     # costs); not part of the record: 0 for an op loaded from the store until
     # a document remembers it (see message_size()).
     size: int = attrs.field(default=0, eq=False)
+
     def relayed(self) -> dict[str, Any]:
         """The `command` message other members receive for this op."""
         message: dict[str, Any] = {

@@ -198,6 +198,7 @@ class JoinRefused(Exception):
 # to the store queue's 8 MiB) would all be held at once.
 ENCODE_ONCE_FROM = 64 * 1024
 
+
 @attrs.define(eq=False)
 class _Change:
     """What every pending change has: who sent it and whom to acknowledge."""
