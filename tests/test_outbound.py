@@ -136,6 +136,41 @@ async def test_closing_the_socket_wakes_a_waiting_read() -> None:
             await wire.aclose()
 
 
+async def test_a_frame_with_nothing_queued_is_written_at_once_and_a_short_write_keeps_the_order() -> None:
+    """write() of a frame when nothing is queued puts it on the socket before
+    returning (no queue, no writer task); when the socket takes only part of
+    one, the rest and every later frame go through the writer, in order."""
+    big = text_frame(b"b" * (8 << 20))  # more than the socket buffers take
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer), trio.open_nursery() as nursery:
+            wire.attach()
+            assert wire.write(text_frame(b"first"))
+            assert wire.queued_bytes == 0  # written, not queued
+            assert await peer.receive_some() == text_frame(b"first")
+
+            assert wire.write(big)
+            rest = wire.queued_bytes
+            assert 0 < rest < len(big) and wire.backlog == 0  # a started frame is not backlog
+            # Behind the rest (written with it as far as the socket takes them).
+            assert wire.write(text_frame(b"after"))
+            assert 0 < wire.queued_bytes <= rest + len(text_frame(b"after"))
+
+            done = trio.Event()
+            nursery.start_soon(wire.run_writer, done)
+            expected = big + text_frame(b"after")
+            got = bytearray()
+            while len(got) < len(expected):
+                got += await peer.receive_some(1 << 20)
+            assert got == expected
+            await trio.testing.wait_all_tasks_blocked()
+            assert wire.queued_bytes == 0
+            assert wire.write(text_frame(b"last"))  # the writer is idle: at once again
+            assert wire.queued_bytes == 0
+            assert await peer.receive_some() == text_frame(b"last")
+            done.set()
+            wire.wake()
+
+
 async def test_a_reset_connection_is_a_broken_stream() -> None:
     with trio.fail_after(HANG):
         async with socket_wire() as (wire, peer):

@@ -424,7 +424,16 @@ class Session:
                 self.counters.count_sent(server_message_type(message), len(recipients))
                 frame, key = _frame(message), replace_key(message)
                 notice = isinstance(message, NOTICES)
-                if key is None:
+                if key is None and not self._effects and not gathered and not self._corked:
+                    # The last effect, and nothing gathered for anyone: nothing
+                    # else goes to these members now, so each gets it written at
+                    # once (the first before the others are looked at).
+                    for conn in recipients:
+                        try:
+                            conn.send_frame(frame, notice=notice)  # type: ignore[attr-defined]
+                        except Exception:
+                            self._failed("writing to %s" % conn.user_id)
+                elif key is None:
                     for conn in recipients:
                         gathered.setdefault(conn, []).append(frame)  # type: ignore[arg-type]
                     if not notice:

@@ -184,6 +184,12 @@ class WireStream(trio.abc.Stream):
         if not self._attached or self._broken is not None or self._write_closed:
             return False
         if key is None:  # _append's common case, inline: this runs per recipient
+            if not corked and not self._queue and not self._writing and self._socket is not None:
+                # flush() of this one frame, without queueing it first.
+                self._enqueued += 1
+                self.drains += 1
+                self._send_now(data, 1)
+                return True
             self._queue.append(data)
             self._queued_bytes += len(data)
             self._enqueued += 1
@@ -230,6 +236,11 @@ class WireStream(trio.abc.Stream):
             self._wakeup.set()
             return
         data, count = self._take()
+        self._send_now(data, count)
+
+    def _send_now(self, data: bytes, count: int) -> None:
+        """Write `data` (the last `count` entries taken) as far as the socket
+        takes it at once; the writer task gets the rest."""
         sent = self._write_now(data)
         self.counters.bytes_sent += sent
         if sent == len(data):
