@@ -9,10 +9,11 @@ lockstep streams are clients that read only when the test says so.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -22,6 +23,13 @@ import wsproto
 from wsproto.events import CloseConnection, TextMessage
 from wsproto.frame_protocol import Opcode
 
+from collab_trio.config import ServerConfig
+from collab_trio.connection import Connection
+from collab_trio.messages import Error, Forwarded
+from collab_trio.protocol import ErrorCode
+from collab_trio.session import Session
+from collab_trio.session_core import Broadcast, Send, SessionCore
+from collab_trio.store import MemoryStore
 from collab_trio.testing import (
     HANG,
     LOOPBACK,
@@ -151,9 +159,10 @@ async def test_a_frame_with_nothing_queued_is_written_at_once_and_a_short_write_
             assert wire.write(big)
             rest = wire.queued_bytes
             assert 0 < rest < len(big) and wire.backlog == 0  # a started frame is not backlog
-            # Behind the rest (written with it as far as the socket takes them).
+            # Behind the rest, which is the writer's: queued, and only it is backlog.
             assert wire.write(text_frame(b"after"))
-            assert 0 < wire.queued_bytes <= rest + len(text_frame(b"after"))
+            assert wire.queued_bytes == rest + len(text_frame(b"after"))
+            assert wire.backlog == len(text_frame(b"after"))
 
             done = trio.Event()
             nursery.start_soon(wire.run_writer, done)
@@ -169,6 +178,68 @@ async def test_a_frame_with_nothing_queued_is_written_at_once_and_a_short_write_
             assert await peer.receive_some() == text_frame(b"last")
             done.set()
             wire.wake()
+
+
+def fill_socket(wire: WireStream) -> None:
+    """Write to the socket under `wire` until it takes nothing more (its peer does not read)."""
+    fd = wire._socket.fileno()
+    while True:
+        try:
+            os.write(fd, b"\0" * 65536)
+        except BlockingIOError:
+            return
+
+
+async def test_a_members_close_for_slowness_does_not_close_another_through_its_user_left() -> None:
+    """Two members behind: u1 takes nothing, u2 took part of a big broadcast.
+    u1's 1013 broadcasts user:left while u2's frames wait, corked, for the
+    same execution's flush: the notice joins them (one write), and the rest
+    of the frame u2's socket took part of stays that, not backlog: u2 stays.
+    (A second write of u2 then, which its socket took nothing of, counted
+    16 MiB as its backlog and closed it too.)"""
+    config = ServerConfig(max_queue_bytes=64 * 1024)
+    store = MemoryStore()
+    session = Session("s", config, store)
+    session.core = SessionCore("s", await store.load("s"), now=trio.current_time)
+    with trio.fail_after(HANG):
+        async with AsyncExitStack() as stack:
+            conns, peers = {}, {}
+            for user in ("u0", "u1", "u2"):  # u0 the host, and the sender
+                wire, peers[user] = await stack.enter_async_context(socket_wire())
+                conn = Connection(None, wire, user, config, session)  # type: ignore[arg-type]
+                session.core.join(conn, user, connected_at=conn.connected_at)
+                conns[user] = conn
+            fill_socket(conns["u1"].wire)  # stopped reading
+            fill_socket(conns["u2"].wire)
+            for _ in range(2):  # reads a little: its socket takes a little more
+                await peers["u2"].receive_some(48 * 1024)
+            await trio.lowlevel.wait_writable(conns["u2"].wire._socket)
+            big = Forwarded({"type": "sync:full_state", "items": "x" * (16 << 20), "user_id": "u0"})
+            # The broadcast is not the last effect: corked for u1 and u2, then
+            # flushed, u1 first.
+            session._execute([Broadcast(big, exclude="u0"), Send(conns["u0"], Error(ErrorCode.RATE_LIMITED, "x"))])
+            assert conns["u1"].close_code == 1013
+            u2 = conns["u2"]
+            assert u2.close_code is None and u2.wire.backlog == 0 < u2.wire.queued_bytes
+
+
+async def test_the_rest_of_a_frame_the_socket_took_part_of_is_left_to_the_writer() -> None:
+    """A frame written after it waits behind it (queued, its own size the only
+    backlog) instead of being written with it: a write the socket takes
+    nothing of would count the rest as backlog again."""
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer):
+            wire.attach()
+            fill_socket(wire)
+            for _ in range(2):
+                await peer.receive_some(48 * 1024)
+            await trio.lowlevel.wait_writable(wire._socket)  # takes part of what comes
+            assert wire.write(text_frame(b"b" * (1 << 20)))
+            rest = wire.queued_bytes
+            assert rest > 0 and wire.backlog == 0
+            small = text_frame(b"small")
+            assert wire.write(small)
+            assert wire.queued_bytes == rest + len(small) and wire.backlog == len(small)
 
 
 async def test_a_reset_connection_is_a_broken_stream() -> None:

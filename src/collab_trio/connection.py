@@ -203,12 +203,15 @@ class Connection:
         what one batch of changes sends a client goes out in one write, and
         the budget is checked then.
         """
-        if self.close_code is not None or not self.wire.write(frame, key, corked=cork is not None):
+        # Corked already (by an execution whose flush is still to come): the
+        # frame joins what that flush writes, whatever `cork` says.
+        corked = cork is not None or self._in_cork
+        if self.close_code is not None or not self.wire.write(frame, key, corked=corked):
             return  # closing: the message is not for this connection any more
-        if cork is not None:
+        if corked:
             if not self._in_cork:
                 self._in_cork = True
-                cork.append(self)
+                cork.append(self)  # type: ignore[union-attr]
             self._cork_counts = self._cork_counts or not notice
         elif not notice:
             self._check_budget()

@@ -232,7 +232,10 @@ class WireStream(trio.abc.Stream):
         """Write what was corked: at once if the socket takes it, else via the writer."""
         if not self._queue:
             return
-        if self._writing or self._socket is None or not self._attached:
+        if self._writing or self._started_bytes or self._socket is None or not self._attached:
+            # (The rest of a frame the socket took only part of moments ago is
+            # the writer's: written here with what came behind it, a write the
+            # socket took nothing of would count all of it as backlog again.)
             self._wakeup.set()
             return
         data, count = self._take()
