@@ -242,6 +242,36 @@ async def test_the_rest_of_a_frame_the_socket_took_part_of_is_left_to_the_writer
             assert wire.queued_bytes == rest + len(small) and wire.backlog == len(small)
 
 
+async def test_a_too_slow_clients_close_frame_follows_the_whole_frame_it_had_started() -> None:
+    """discard() (a 1013 close) keeps the rest of a frame the socket took part
+    of, also after another write queued behind it: the client gets that
+    frame whole, then the close frame, never a cut frame with a close in it.
+    (A flush used to re-queue the rest joined with the next frame as one
+    ordinary entry, which discard() dropped.)"""
+    big = text_frame(b"b" * (1 << 20))
+    close = close_frame(1013, "too slow")
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer), trio.open_nursery() as nursery:
+            wire.attach()
+            fill_socket(wire)
+            for _ in range(2):
+                await peer.receive_some(48 * 1024)
+            await trio.lowlevel.wait_writable(wire._socket)
+            assert wire.write(big)
+            assert 0 < wire.queued_bytes < len(big)
+            assert wire.write(text_frame(b"dropped"))
+            wire.discard()
+            wire.write_close(1013, "too slow")
+            done = trio.Event()
+            done.set()
+            nursery.start_soon(wire.run_writer, done)
+            got = bytearray()
+            while not got.endswith(close):
+                got += await peer.receive_some(1 << 20)
+            # (The zeros before it are what filled the socket.)
+            assert got[got.index(big[:10]) :] == big + close
+
+
 async def test_a_reset_connection_is_a_broken_stream() -> None:
     with trio.fail_after(HANG):
         async with socket_wire() as (wire, peer):

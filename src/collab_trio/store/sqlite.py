@@ -646,9 +646,11 @@ class SQLiteStore:
             # WAL from starting over then.)
             return
         database.since_checkpoint = 0
-        # Pinned, no write starts the WAL over while the checkpoint runs, so
-        # commits go on on the event loop meanwhile (they append). Else none
-        # runs here until the writer thread has started the WAL over.
+        # Pinned, no write starts the WAL over while the checkpoint runs: the
+        # writer thread's commits meanwhile append, and after a checkpoint
+        # they kept from copying everything, commits go on on the event loop
+        # at once. Else none runs here until the writer thread has started
+        # the WAL over.
         pinned = database.pin_wal()
         database.wal_restart_pending = not pinned
         token, done = trio.lowlevel.current_trio_token(), trio.Event()
