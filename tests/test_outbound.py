@@ -190,6 +190,15 @@ def fill_socket(wire: WireStream) -> None:
             return
 
 
+async def almost_full_socket(wire: WireStream, peer: trio.SocketStream) -> None:
+    """Fill the socket under `wire`, then let `peer` read a little: the socket
+    takes part of a big frame written next, not all of it."""
+    fill_socket(wire)
+    for _ in range(2):
+        await peer.receive_some(48 * 1024)
+    await trio.lowlevel.wait_writable(wire._socket)
+
+
 async def test_a_members_close_for_slowness_does_not_close_another_through_its_user_left() -> None:
     """Two members behind: u1 takes nothing, u2 took part of a big broadcast.
     u1's 1013 broadcasts user:left while u2's frames wait, corked, for the
@@ -210,10 +219,7 @@ async def test_a_members_close_for_slowness_does_not_close_another_through_its_u
                 session.core.join(conn, user, connected_at=conn.connected_at)
                 conns[user] = conn
             fill_socket(conns["u1"].wire)  # stopped reading
-            fill_socket(conns["u2"].wire)
-            for _ in range(2):  # reads a little: its socket takes a little more
-                await peers["u2"].receive_some(48 * 1024)
-            await trio.lowlevel.wait_writable(conns["u2"].wire._socket)
+            await almost_full_socket(conns["u2"].wire, peers["u2"])  # reads a little
             big = Forwarded({"type": "sync:full_state", "items": "x" * (16 << 20), "user_id": "u0"})
             # The broadcast is not the last effect: corked for u1 and u2, then
             # flushed, u1 first.
@@ -230,10 +236,7 @@ async def test_the_rest_of_a_frame_the_socket_took_part_of_is_left_to_the_writer
     with trio.fail_after(HANG):
         async with socket_wire() as (wire, peer):
             wire.attach()
-            fill_socket(wire)
-            for _ in range(2):
-                await peer.receive_some(48 * 1024)
-            await trio.lowlevel.wait_writable(wire._socket)  # takes part of what comes
+            await almost_full_socket(wire, peer)
             assert wire.write(text_frame(b"b" * (1 << 20)))
             rest = wire.queued_bytes
             assert rest > 0 and wire.backlog == 0
@@ -253,10 +256,7 @@ async def test_a_too_slow_clients_close_frame_follows_the_whole_frame_it_had_sta
     with trio.fail_after(HANG):
         async with socket_wire() as (wire, peer), trio.open_nursery() as nursery:
             wire.attach()
-            fill_socket(wire)
-            for _ in range(2):
-                await peer.receive_some(48 * 1024)
-            await trio.lowlevel.wait_writable(wire._socket)
+            await almost_full_socket(wire, peer)
             assert wire.write(big)
             assert 0 < wire.queued_bytes < len(big)
             assert wire.write(text_frame(b"dropped"))
