@@ -269,3 +269,44 @@ async def test_acknowledged_commands_survive_sigkill(store_kind: str) -> None:
                     assert streamer.join_epoch == expected[streamer.session].epoch
             record(streamers, expected)
             last_round = (round_no + 1, delay, snapshot_bytes, streamers)
+
+
+async def test_changes_only_in_the_pending_log_at_a_sigkill_are_stored_by_the_next_start(tmp_path) -> None:
+    """With the writer told to wait an hour, acknowledged changes are in the
+    pending log alone when the server is killed; the next server stores
+    them before anyone joins, and deletes the log."""
+    from collab_trio.store.database import Database, database_path
+    from collab_trio.store.pending_log import segment_numbers
+
+    data_dir = tmp_path / "data"
+    args = (*SERVER_ARGS, "--data-dir", str(data_dir))
+    with trio.fail_after(ROUND_TIMEOUT):
+        async with server_process(*args, "--pending-delay", "3600") as server:
+            async with tcp_client(server.port, "/ws/log-only/alice") as ws:
+                await expect_json(ws, "connection:ack")
+                for n in range(20):
+                    await ws.send_message(json.dumps(command("add_item", f"i{n}", {"x_mm": n}, op_id=f"o{n}")))
+                acks = [await expect_json(ws, "ack") for _ in range(20)]
+                assert [ack["seq"] for ack in acks] == list(range(1, 21))
+                server.process.kill()
+                with trio.fail_after(HANG):
+                    await server.process.wait()
+        reader = Database(database_path(data_dir), create=False, readonly=True)
+        try:
+            assert not reader.read(lambda d: d.exists("log-only"))  # SQLite never saw them
+        finally:
+            reader.close()
+        assert segment_numbers(data_dir)
+        async with server_process(*args) as server:
+            assert segment_numbers(data_dir) == [max(segment_numbers(data_dir))]  # only the new one
+            async with tcp_client(server.port, "/ws/log-only/bob") as ws:
+                ack = await expect_json(ws, "connection:ack")
+                assert ack["version"] == 20
+                await ws.send_message(json.dumps(sync_request()))
+                state = await expect_json(ws, "sync:state")
+                assert sorted(item["uuid"] for item in state["state"]["items"]) == sorted(f"i{n}" for n in range(20))
+            assert "Stored 20 acknowledged change(s) from the pending log" in "\n".join(server.lines)
+            server.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(HANG):
+                assert await server.process.wait() == 0
+    assert segment_numbers(data_dir) == []

@@ -27,7 +27,7 @@ from collab_trio.history import (
 from collab_trio.messages import Ack, Forwarded, SyncState
 from collab_trio.session_core import Broadcast, Restored, Send, SessionCore
 from collab_trio.store import SessionReset, StoreError, make_store
-from collab_trio.store.database import Database, database_path
+from collab_trio.store.database import SCHEMA_VERSION, Database, database_path
 
 NOW = "2026-12-02T10:00:00.000+00:00"
 DESIGN = [{"uuid": "lens-1", "item_type": "lens", "focal_length_mm": 50.0}, {"uuid": "m", "item_type": "mirror"}]
@@ -327,7 +327,7 @@ def test_a_data_directory_of_schema_1_is_read_as_it_is_and_upgraded_by_a_writer(
         reader.close()
     writer = Database(path, create=False)
     try:
-        assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert writer.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert writer.read(lambda d: d.history("s")) == []
     finally:
         writer.close()

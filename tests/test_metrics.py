@@ -311,7 +311,9 @@ def _headers(length: int) -> dict[str, str]:
 async def test_readyz_is_503_while_the_store_cannot_commit_then_200_again(
     start_server: Any, data_dir: Path
 ) -> None:
-    store = SQLiteStore(data_dir, busy_timeout=0.2)
+    # Without the pending log, which would take the changes and wait for the
+    # lock (test_pending_log.py: its store is unreachable once it gives up).
+    store = SQLiteStore(data_dir, busy_timeout=0.2, pending_log=False)
     harness: Harness = await start_server(
         store="sqlite", data_dir=str(data_dir), _store=store, metrics_address=f"{LOOPBACK}:0"
     )

@@ -826,35 +826,53 @@ from collab_trio.store import sqlite
 _append = sqlite.Database.append
 
 
-def append(self, session_id, epoch, ops):
+def append(self, session_id, epoch, ops, *args, **kwargs):
     if any((op.command or {}).get("item_id") == "boom" for op in ops):
         raise RecursionError("injected: maximum recursion depth exceeded while encoding a JSON object")
-    return _append(self, session_id, epoch, ops)
+    return _append(self, session_id, epoch, ops, *args, **kwargs)
 
 
 sqlite.Database.append = append
 """
 
 
+@pytest.mark.parametrize("fsync", ["full", "normal"])
 async def test_unexpected_store_error_fails_the_commit_not_the_server(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, fsync: str
 ) -> None:
+    """fsync full: the commit fails (not_persisted). fsync normal: the pending
+    log made the change durable (acknowledged); the database keeps refusing
+    it, the server serves on, stops cleanly, and the next start stores it."""
     (tmp_path / "sitecustomize.py").write_text(STORE_FAULT)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    data_dir = str(tmp_path / "data")
+    boom = '{"type":"command","command":{"action":"add_item","item_type":"lens","item_id":"boom","data":{}}}'
     with trio.fail_after(60):
-        async with server_process("--store", "sqlite") as server:
+        async with server_process("--store", "sqlite", "--fsync", fsync, "--data-dir", data_dir) as server:
             async with tcp_client(server.port, "/ws/s/alice") as alice:
                 assert message_type(await alice.get_message()) == "connection:ack"
-                await alice.send_message(
-                    '{"type":"command","command":{"action":"add_item","item_type":"lens","item_id":"boom","data":{}}}'
-                )
-                # Like any failed commit: refused with not_persisted, nothing relayed.
+                await alice.send_message(boom)
                 with trio.fail_after(5):
-                    error = json.loads(await alice.get_message())
-                assert (error["type"], error["code"]) == ("error", "not_persisted")
+                    answer = json.loads(await alice.get_message())
+                if fsync == "full":
+                    # Like any failed commit: refused with not_persisted, nothing relayed.
+                    assert (answer["type"], answer["code"]) == ("error", "not_persisted")
+                else:
+                    assert (answer["type"], answer["seq"]) == ("ack", 1)
+                    await server.wait_for("The database refused acknowledged changes; trying again", 5)
             with trio.fail_after(5):
                 async with tcp_client(server.port, "/ws/s/bob") as bob:
                     assert message_type(await bob.get_message()) == "connection:ack"
             server.process.send_signal(signal.SIGTERM)
             with trio.fail_after(5):
                 assert await server.process.wait() == 0
+        if fsync == "normal":
+            assert "1 acknowledged change(s) are left in the pending log" in server.output
+            monkeypatch.setenv("PYTHONPATH", "")  # the fault is gone
+            async with server_process("--store", "sqlite", "--data-dir", data_dir) as server:
+                async with tcp_client(server.port, "/ws/s/carol") as carol:
+                    ack = json.loads(await carol.get_message())
+                    assert (ack["type"], ack["version"]) == ("connection:ack", 1)
+                server.process.send_signal(signal.SIGTERM)
+                with trio.fail_after(5):
+                    assert await server.process.wait() == 0

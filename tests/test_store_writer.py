@@ -344,7 +344,7 @@ def attrs_evolve(config: ServerConfig, **changes: Any) -> ServerConfig:
 async def test_a_small_commit_on_an_idle_writer_never_waits_for_another_connection(tmp_path: Path) -> None:
     """A commit that runs on the event loop must not wait for SQLite's lock:
     while another connection writes, it goes to the thread, and the loop runs on."""
-    store = SQLiteStore(tmp_path / "data")
+    store = SQLiteStore(tmp_path / "data", pending_log=False)
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
@@ -415,7 +415,7 @@ async def test_commits_on_the_event_loop_keep_the_wal_bounded(tmp_path: Path) ->
     """After CHECKPOINT_EVERY commits a checkpoint runs in a thread, on a
     connection of its own; once it copied the WAL back into the database
     the next write starts the WAL over: it stops growing."""
-    store = SQLiteStore(tmp_path / "data")
+    store = SQLiteStore(tmp_path / "data", pending_log=False)
     wal = Path(str(database_path(tmp_path / "data")) + "-wal")
 
     seq, grown, again = 0, [], []
@@ -488,7 +488,7 @@ async def test_commits_while_a_checkpoint_runs_are_the_writer_threads_and_never_
         return checkpoint(self)
 
     monkeypatch.setattr(Database, "checkpoint", slow_checkpoint)
-    store = SQLiteStore(tmp_path / "data")
+    store = SQLiteStore(tmp_path / "data", pending_log=False)
     wal = Path(str(database_path(tmp_path / "data")) + "-wal")
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:

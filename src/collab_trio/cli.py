@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fault-commit-delay", type=_delay, default=defaults.fault_commit_delay,
         metavar="SECONDS", help=argparse.SUPPRESS,
     )
+    run.add_argument(
+        "--pending-delay", type=_delay, default=defaults.pending_delay,
+        metavar="SECONDS", help=argparse.SUPPRESS,
+    )
     _add_sessions_commands(commands)
     commands.add_parser(
         "smoke",

@@ -171,6 +171,10 @@ class ServerConfig:
     # Fault injection for tests and benchmarks: seconds each store transaction
     # is held up, as on a slow disk. 0 in production.
     fault_commit_delay: float = attrs.field(default=0.0)
+    # Seconds a change the pending log made durable (SQLite store, fsync
+    # "normal") waits for the changes after it to share its transaction.
+    # Tests raise it to find changes only in the log after a kill -9.
+    pending_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
     # -- access control (off unless set) --
     # A TOML or JSON file of tokens and roles; None: no authentication.
     tokens_file: str | None = None

@@ -32,6 +32,7 @@ from .document import SessionDocument
 from .messages import NOTICES, Forwarded, ServerMessage, encode_message_bytes, replace_key, server_message_type
 from .protocol import CloseCode, SyncRequest
 from .session_core import (
+    RESET_REASON,
     Batch,
     Broadcast,
     Close,
@@ -683,9 +684,22 @@ class SessionRegistry:
     # Sessions being restored in the store while not live: joins wait.
     _restoring: dict[str, trio.Event] = attrs.field(factory=dict)
 
+    def _reset_under_logged_change(self, session_id: str, epoch: str, message: str) -> None:
+        """The store found that an administrator deleted or replaced this
+        session while a change of it, acknowledged already, waited for the
+        database (SQLiteStore's pending log): its members reconnect, as for
+        a reset found by a commit."""
+        session = self.sessions.get(session_id)
+        if session is None or session.core is None or session.core.document.epoch != epoch:
+            return
+        log.warning("Session %s was reset by an administrator: %s", session_id, message)
+        session.close_all(CloseCode.GOING_AWAY, RESET_REASON)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sessions' nursery (and the admin requests task); returns
         after close_all() once every session ended."""
+        if hasattr(self.store, "on_reset"):
+            self.store.on_reset = self._reset_under_logged_change
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             requests = trio.CancelScope()

@@ -315,6 +315,10 @@ class _Member:
     can_write: bool
 
 
+# Why members are closed (1001) when an administrator deleted or replaced their session.
+RESET_REASON = "session was reset by an administrator; reconnect"
+
+
 @attrs.define(eq=False)
 class SessionCore:
     """Members, host, document and pending changes of one session; never awaits."""
@@ -1030,9 +1034,7 @@ class SessionCore:
             )
             effects += [Send(conn, refusal) for conn in (entry.conn, *entry.repeats)]
         if reset:
-            effects += self.close_all(
-                CloseCode.GOING_AWAY, "session was reset by an administrator; reconnect"
-            )
+            effects += self.close_all(CloseCode.GOING_AWAY, RESET_REASON)
         elif self._pending:
             effects.append(WantCommit())
         return effects

@@ -69,4 +69,4 @@ def make_store(config: ServerConfig) -> Store:
             lease_timeout=config.lease_timeout,
             **durable,
         )
-    return SQLiteStore(config.data_dir, fsync=config.fsync, **durable)
+    return SQLiteStore(config.data_dir, fsync=config.fsync, pending_delay=config.pending_delay, **durable)

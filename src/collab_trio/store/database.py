@@ -43,7 +43,7 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024
 DATABASE_NAME = "collab.sqlite3"
 # 2: versions and requests (readable by this version from 1 on: a data
 # directory written by 1 is upgraded by the first connection that writes).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FSYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
 
 _SCHEMA = """
@@ -90,7 +90,15 @@ CREATE TABLE IF NOT EXISTS requests (
     seq        INTEGER,
     error      TEXT
 );
+CREATE TABLE IF NOT EXISTS pending_position (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    segment INTEGER NOT NULL,
+    end_at  INTEGER NOT NULL
+);
 """
+# pending_position (schema 3): how far the pending log (store/pending_log.py)
+# is in this database, written in the transaction that stored it: a record
+# at or before it is never replayed, whatever happened to its session since.
 # Requests (admin commands a running server carries out, see admin.py):
 # state PENDING until the server takes one (TAKEN), then DONE (seq) or FAILED
 # (error). One not taken by `expires_at` (its command gave up) is never
@@ -267,6 +275,11 @@ def _parse_array_stepwise(text: str) -> Any:
 
 def _op_to_json(op: Op) -> str:
     return _dumps(op.to_record()).decode("utf-8")
+
+
+def op_record_text(op: Op) -> str:
+    """An op's stored record (the journal's `op` column, the pending log's)."""
+    return _op_to_json(op)
 
 
 def _op_from_json(text: str) -> Op:
@@ -724,9 +737,17 @@ class Database:
         _replay(session_id, document, rows, version)
         return document
 
-    def append(self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None = None) -> None:
+    def append(
+        self,
+        session_id: str,
+        epoch: str,
+        ops: list[Op],
+        replaced: KeptVersion | None = None,
+        texts: list[str] | None = None,
+    ) -> None:
         """Journal ops that follow the stored version of this epoch, and keep
         the document their first replacement displaced (`replaced`) as a version.
+        `texts`: the ops' records already encoded (op_record_text), if at hand.
 
         The first change of a session (seq 1, no row yet) creates its row,
         with the epoch the loaded document got.
@@ -740,13 +761,52 @@ class Database:
         ).rowcount
         if not moved:
             self._first_append(session_id, epoch, ops)
+        if texts is None:
+            texts = [_op_to_json(op) for op in ops]
         self.conn.executemany(
             "INSERT INTO journal (session_id, seq, op) VALUES (?, ?, ?)",
-            [(session_id, op.seq, _op_to_json(op)) for op in ops],
+            [(session_id, op.seq, text) for op, text in zip(ops, texts)],
         )
         if replaced is not None:
             replacing = next((op for op in ops if op.kind == REPLACE), None)
             self.keep_version(session_id, replaced, None if replacing is None else replacing.items or [])
+
+    # -- the pending log (store/pending_log.py) ---------------------------------
+
+    def note_pending_position(self, segment: int, offset: int) -> None:
+        """Everything of the pending log up to byte `offset` of segment
+        `segment` is in this transaction (or was refused: never to replay)."""
+        self.conn.execute(
+            "INSERT INTO pending_position (id, segment, end_at) VALUES (1, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET segment = excluded.segment, end_at = excluded.end_at"
+            " WHERE (excluded.segment, excluded.end_at) > (pending_position.segment, pending_position.end_at)",
+            (segment, offset),
+        )
+
+    def pending_position(self) -> tuple[int, int]:
+        """note_pending_position()'s latest (segment, offset); (0, 0) if none."""
+        row = self.conn.execute("SELECT segment, end_at FROM pending_position WHERE id = 1").fetchone()
+        return (0, 0) if row is None else (row[0], row[1])
+
+    def pending_record_state(self, session_id: str, epoch: str, texts: tuple[str, ...]) -> str:
+        """Where a pending log record past the position stands: "follows"
+        (append_texts() stores it), "present" (already stored) or "orphan"
+        (its session was deleted or replaced, or an op in between is missing)."""
+        first, last = _op_from_json(texts[0]).seq, _op_from_json(texts[-1]).seq
+        row = self.conn.execute(
+            "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            return "follows" if first == 1 else "orphan"
+        if row[0] != epoch:
+            return "orphan"
+        if row[1] >= last:
+            return "present"
+        return "follows" if row[1] == first - 1 else "orphan"
+
+    def append_texts(self, session_id: str, epoch: str, texts: list[str]) -> None:
+        """append() of ops given as their stored records (the pending log's)."""
+        self.append(session_id, epoch, [_op_from_json(text) for text in texts], texts=texts)
 
     def keep_version(
         self, session_id: str, kept: KeptVersion, replacing: list[dict[str, Any]] | None = None

@@ -3,7 +3,12 @@
 Everything a session asks for becomes a job in one queue. The writer task
 takes all queued jobs at once and runs them in one transaction in a worker
 thread (group commit), so the event loop never waits on the disk and many
-changes arriving together cost one commit. One exception: a small commit
+changes arriving together cost one commit. With fsync "normal" a small
+commit is first made durable by one append to the pending log
+(pending_log.py) and queued as a job nobody waits for: the writer lets such
+jobs wait up to `pending_delay` (0.1 s) for company, so one transaction
+stores many; a job someone waits for (a load, a snapshot) ends the wait,
+and the queue keeps its order. Without the log (`pending_log=False`), a small commit
 that finds the writer idle runs at once on the event loop, when that can't
 wait on the disk or on a lock (WAL with synchronous=NORMAL doesn't fsync at
 COMMIT; checkpoints, and the first write after one (which starts the WAL
@@ -50,7 +55,7 @@ import trio
 from ..config import ServerConfig
 from ..document import DEFAULT_RETENTION, Op, SessionDocument
 from ..history import DEFAULT_VERSIONS_BYTES, DEFAULT_VERSIONS_KEPT, KeptVersion
-from .base import AdminRequest, LeaseChange, OutcomeUnknown, StoreError
+from .base import AdminRequest, LeaseChange, OutcomeUnknown, SessionReset, StoreError
 from .database import (
     DATABASE_NAME,
     SCHEMA_VERSION,
@@ -60,7 +65,9 @@ from .database import (
     SessionInfo,
     database_path,
     describe_dir_error,
+    op_record_text,
 )
+from .pending_log import PendingLog, Segment, delete_segments, encode_record, open_segment, replay
 
 __all__ = [
     "DATABASE_NAME",
@@ -88,6 +95,17 @@ JOB_BYTES = 256
 # commit ended at least INLINE_AFTER_IDLE seconds ago (SQLiteStore._commit_now).
 INLINE_COMMIT_BYTES = 64 * 1024
 INLINE_AFTER_IDLE = 0.002
+# How long a change the pending log made durable waits for others to share
+# its transaction (SQLiteStore.pending_delay).
+PENDING_DELAY = 0.1
+# Sessions remembered as reset under acknowledged changes (see _finish_logged).
+RESETS_KEPT = 1024
+# Logged changes the database refused are tried again after this long
+# (doubling up to PENDING_RETRY_MAX); after PENDING_GIVE_UP seconds of
+# failures the store stops taking commits (they wait in the log for a restart).
+PENDING_RETRY = 0.1
+PENDING_RETRY_MAX = 2.0
+PENDING_GIVE_UP = 60.0
 # The WAL is checkpointed after this many transactions that wrote (or
 # database.WAL_CHECKPOINT_BYTES bytes of it, whichever comes first), in a
 # thread and on a connection of its own (SQLiteStore._after_commit).
@@ -105,6 +123,41 @@ CLOSED = "the store is closed"
 # Seconds between looks for admin requests (next_requests): one small read
 # transaction in the writer's turn, never one per commit.
 REQUEST_POLL = 1.0
+
+
+def _with_pending_position(jobs: list[_Job]) -> list[Callable[[Database], Any]]:
+    """The functions of a batch's jobs, then one that notes in the same
+    transaction how far the pending log is stored: up to the last logged
+    change of an unbroken run of them the database took (or refused for a
+    reset, never to be replayed). One it refused otherwise ends the run:
+    it and all after it stay to be replayed should the server stop now."""
+    reached: list[tuple[int, int]] = []
+    refused = False
+
+    def logged(fn: Callable[[Database], Any], mark: tuple[int, int]) -> Callable[[Database], Any]:
+        def run(db: Database) -> Any:
+            nonlocal refused
+            try:
+                value = fn(db)
+            except SessionReset:
+                if not refused:
+                    reached.append(mark)
+                raise
+            except BaseException:
+                refused = True
+                raise
+            if not refused:
+                reached.append(mark)
+            return value
+
+        return run
+
+    def note(db: Database) -> None:
+        if reached:
+            db.note_pending_position(*reached[-1])
+
+    fns = [job.fn if job.logged is None else logged(job.fn, (job.logged[2].number, job.logged[3])) for job in jobs]
+    return [*fns, note]
 
 
 def job_cost(ops: list[Op], replaced: KeptVersion | None = None) -> int:
@@ -183,6 +236,13 @@ class _Job:
     admitted: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     result: outcome.Outcome | None = None
+    # A change already durable in the pending log, that nobody waits for:
+    # (session_id, epoch), its segment and the offset past its record.
+    logged: tuple[str, str, Segment, int] | None = None
+    # When it was queued (trio time).
+    queued_at: float = 0.0
+    # Someone waits for it, and the writer should not wait for company.
+    urgent: bool = True
 
 
 @attrs.define(eq=False)
@@ -214,7 +274,35 @@ class SQLiteStore:
     # Bounds of each session's versions (history.py).
     versions_kept: int = DEFAULT_VERSIONS_KEPT
     versions_bytes: int = DEFAULT_VERSIONS_BYTES
+    # Seconds a change made durable by the pending log waits for the changes
+    # after it before the writer stores them in one transaction.
+    pending_delay: float = PENDING_DELAY
+    # False: no pending log; small commits run on the event loop instead
+    # (_commit_now), as they did before it.
+    pending_log: bool = True
     _db: Database | None = None
+    # Logged changes the database refused wait until then to be tried again.
+    _retry_at: float = -math.inf
+    _retry_delay: float = PENDING_RETRY
+    _failing_since: float | None = None
+    _closing_event: trio.Event = attrs.field(factory=trio.Event)
+    # The pending log (fsync "normal" only; see pending_log.py).
+    _pending: PendingLog | None = None
+    # Queued urgent jobs (someone waits for them soon).
+    _urgent_queued: int = 0
+    # Set when a job someone waits for is queued, or the store closes: the
+    # writer stops waiting for company for its logged jobs.
+    _urgent: trio.Event = attrs.field(factory=trio.Event)
+    # (session_id, epoch) an administrator deleted or replaced under changes
+    # the pending log had acknowledged: that session's next commit fails.
+    _resets: dict[tuple[str, str], SessionReset] = attrs.field(factory=dict)
+    # The database has refused changes the pending log had acknowledged for
+    # PENDING_GIVE_UP seconds: why. No commit is accepted until it takes them
+    # (they are tried again meanwhile; the log keeps them for a restart).
+    _broken: str | None = None
+    # Told (session_id, epoch, why) when the writer finds a session reset
+    # under a logged change (SessionRegistry closes its members).
+    on_reset: Callable[[str, str, str], None] | None = None
     _lock_fd: int | None = None
     _queue: deque[_Job] = attrs.field(factory=deque)
     _queued_bytes: int = 0
@@ -304,6 +392,15 @@ class SQLiteStore:
             os.close(fd)
             raise
         try:
+            # What the last run acknowledged and had not stored yet, first.
+            replay(database, self.data_dir)
+            if self.fsync == "normal" and self.pending_log:
+                self._pending = PendingLog.start(self.data_dir, database.read(lambda db: db.pending_position()))
+        except BaseException:
+            database.close()
+            os.close(fd)
+            raise
+        try:
             # Rows an earlier version left for sessions that were only visited.
             forgotten = database.run(lambda db: db.forget_unwritten())
         except StoreError as exc:
@@ -321,13 +418,40 @@ class SQLiteStore:
                     return
                 await self._wake.wait()
                 self._wake = trio.Event()
+            if self._retry_at > trio.current_time() and not self._closing:
+                with trio.move_on_at(self._retry_at):
+                    await self._closing_event.wait()
+            if not self._urgent_queued and not self._closing:
+                # Only logged changes, durable already: let those of the next
+                # few milliseconds share their transaction.
+                with trio.move_on_at(self._queue[0].queued_at + self.pending_delay):
+                    await self._urgent.wait()
+                if self._urgent.is_set():
+                    self._urgent = trio.Event()
             self._start_checkpoint()
             batch = _Batch(list(self._queue))
             self._queue.clear()
+            self._urgent_queued = 0
             self._in_flight = batch
             self._start_transaction(batch)
             await batch.done.wait()
             self._in_flight = None
+            if self._pending is not None:
+                await self._tend_pending_log(self._pending)
+
+    async def _tend_pending_log(self, pending: PendingLog) -> None:
+        """Move on to a new segment once the current one is full, and delete
+        those whose changes are all stored (in a thread: file system work)."""
+        if pending.full and pending.broken is None:
+            try:
+                segment = await trio.to_thread.run_sync(open_segment, self.data_dir, pending.next_number())
+            except StoreError as exc:
+                log.warning("The pending log goes on in its current segment: %s", exc)
+            else:
+                pending.switch_to(segment)
+        deletable = pending.take_deletable()
+        if deletable:
+            await trio.to_thread.run_sync(delete_segments, self.data_dir, deletable)
 
     def _start_transaction(self, batch: _Batch) -> None:
         # Synchronous on purpose: once taken, a batch is in the thread's
@@ -335,6 +459,8 @@ class SQLiteStore:
         assert self._db is not None
         database, token = self._db, trio.lowlevel.current_trio_token()
         jobs = [job.fn for job in batch.jobs]
+        if any(job.logged is not None for job in batch.jobs):
+            jobs = _with_pending_position(batch.jobs)
         wal_full, self._wal_full = self._wal_full, False
 
         def transact() -> list[outcome.Outcome]:
@@ -351,8 +477,8 @@ class SQLiteStore:
                     log.exception("Store writer error; %d job(s) failed", len(jobs))
                     database.abort_transaction()
                     error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
-                    return [outcome.Error(error) for _ in jobs]
-                return results
+                    return [outcome.Error(error) for _ in batch.jobs]
+                return results[: len(batch.jobs)]
 
         def deliver(result: outcome.Outcome) -> None:
             try:
@@ -372,9 +498,75 @@ class SQLiteStore:
         except BaseException as exc:  # noqa: BLE001 - reported to every job of the batch
             error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
             results = [outcome.Error(error) for _ in batch.jobs]
+        again: list[_Job] = []
         for job, job_result in zip(batch.jobs, results):
+            if job.logged is not None and not self._finish_logged(job.logged, job_result):
+                again.append(job)  # stays admitted, its bytes counted
+                continue
             self._finish(job, job_result)
+        if any(job.logged is not None for job in batch.jobs):
+            self._logged_outcome(again)
         batch.done.set()
+
+    def _logged_outcome(self, again: list[_Job]) -> None:
+        """Put logged changes the database refused back at the head of the
+        queue, to be tried again a little later (in order: those behind them
+        wait); give up after PENDING_GIVE_UP seconds of failures."""
+        now = trio.current_time()
+        if not again:
+            if self._broken is not None:
+                log.info("The database stores the acknowledged changes again")
+                self._broken = self.unreachable = None
+            self._failing_since, self._retry_delay = None, PENDING_RETRY
+            return
+        if self._closing:
+            # No more tries: they stay in the pending log, for the next start.
+            log.warning(
+                "%d acknowledged change(s) are left in the pending log in %s for the next start",
+                len(again),
+                self.data_dir,
+            )
+            for job in again:
+                self._finish(job, outcome.Error(StoreError(CLOSED)))
+            return
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._failing_since >= PENDING_GIVE_UP and self._broken is None:
+            self._broken = (
+                f"the database has refused changes already acknowledged for {PENDING_GIVE_UP:g} s;"
+                f" they are kept in the pending log in {self.data_dir} for the next start"
+            )
+            self.unreachable = self._broken
+            log.error("Store failing: %s", self._broken)
+        for job in reversed(again):
+            self._queue.appendleft(job)
+        self._retry_at = now + self._retry_delay
+        self._retry_delay = min(2 * self._retry_delay, PENDING_RETRY_MAX)
+
+    def _finish_logged(self, logged: tuple[str, str, Segment, int], result: outcome.Outcome) -> bool:
+        """The transaction's outcome for a change the pending log had made
+        durable (and the session relayed and acknowledged); False: the
+        database refused it, try again (a lock held too long, a full disk)."""
+        session_id, epoch, segment, _ = logged
+        assert self._pending is not None
+        if isinstance(result, outcome.Value):
+            self._pending.done(segment)
+            return True
+        exc = result.error
+        if isinstance(exc, SessionReset):
+            # An administrator deleted or replaced the session meanwhile: the
+            # change went with it (as if made just before). Its next commit
+            # fails, and the session closes its members as for any reset.
+            self._pending.done(segment)
+            if len(self._resets) >= RESETS_KEPT:
+                self._resets.pop(next(iter(self._resets)))
+            self._resets[(session_id, epoch)] = exc
+            if self.on_reset is not None:
+                self.on_reset(session_id, epoch, str(exc))
+            return True
+        if self._failing_since is None:
+            log.warning("The database refused acknowledged changes; trying again: %s", exc)
+        return False
 
     def _finish(self, job: _Job, result: outcome.Outcome) -> None:
         """Give a job its outcome, once; the first one given counts."""
@@ -417,6 +609,7 @@ class SQLiteStore:
                 await self._checkpoint_done.wait()
         database, fd = self._db, self._lock_fd
         self._db = self._lock_fd = None
+        pending, self._pending = self._pending, None
         if database is None and fd is None:
             return
         token, released = trio.lowlevel.current_trio_token(), trio.Event()
@@ -425,6 +618,11 @@ class SQLiteStore:
             # Waits for a transaction still running (one we stopped waiting for).
             with self._db_lock:
                 try:
+                    if pending is not None:
+                        if pending.all_stored():
+                            delete_segments(self.data_dir, pending.segments())
+                        else:
+                            pending.close()  # the next start replays the rest
                     if database is not None:
                         database.close()
                 except sqlite3.Error as exc:
@@ -452,8 +650,12 @@ class SQLiteStore:
 
     def _enqueue(self, job: _Job) -> None:
         job.admitted = True
+        job.queued_at = trio.current_time()
         self._queued_bytes += job.cost
         self._queue.append(job)
+        if job.urgent:
+            self._urgent_queued += 1
+            self._urgent.set()
         self._wake.set()
 
     def _release(self, cost: int) -> None:
@@ -464,11 +666,13 @@ class SQLiteStore:
         while self._waiting and not self._closed and self._fits(self._waiting[0].cost):
             self._enqueue(self._waiting.popleft())
 
-    async def _submit(self, fn: Callable[[Database], T], cost: int) -> T:
+    async def _submit(self, fn: Callable[[Database], T], cost: int, *, urgent: bool = True) -> T:
+        """Queue a job and wait for its outcome. Not `urgent`: it may wait up
+        to pending_delay with the logged changes (a poll nobody waits on)."""
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller enqueues nothing
         if self._closing or self._db is None:
             raise StoreError(CLOSED)
-        job = _Job(fn, cost)
+        job = _Job(fn, cost, urgent=urgent)
         if not self._waiting and self._fits(cost):
             self._enqueue(job)
         else:
@@ -511,6 +715,9 @@ class SQLiteStore:
         cost = job_cost(ops, replaced)
         job = lambda db: db.append(session_id, epoch, ops, replaced)  # noqa: E731
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self._log_commit(session_id, epoch, ops, replaced, cost):
+            self._last_commit = trio.current_time()
+            return
         result = self._commit_now(job, cost, after_pause=True)
         try:
             if result is None:
@@ -530,13 +737,58 @@ class SQLiteStore:
         Raises:
             StoreError: nothing was committed (SessionReset if an admin replaced it).
         """
-        result = self._commit_now(
-            lambda db: db.append(session_id, epoch, ops, replaced), job_cost(ops, replaced), after_pause=False
-        )
+        cost = job_cost(ops, replaced)
+        if self._log_commit(session_id, epoch, ops, replaced, cost):
+            self._last_commit = trio.current_time()
+            return True
+        result = self._commit_now(lambda db: db.append(session_id, epoch, ops, replaced), cost, after_pause=False)
         if result is None:
             return False
         self._last_commit = trio.current_time()
         result.unwrap()
+        return True
+
+    def _log_commit(
+        self, session_id: str, epoch: str, ops: list[Op], replaced: KeptVersion | None, cost: int
+    ) -> bool:
+        """Make a small commit durable with one append to the pending log and
+        queue it for the writer, who stores it within pending_delay with the
+        changes after it; False if this commit can't go that way (nothing
+        done): a version to keep, a big one, no room in the queue (it waits
+        its turn), jobs waiting for room (they go first), no log.
+
+        Raises:
+            StoreError: nothing was committed: the log could not be written,
+                the store is failing, or an administrator deleted or replaced
+                the session under changes already acknowledged (SessionReset).
+        """
+        if self._broken is not None:
+            raise StoreError(self._broken)
+        reset = self._resets.get((session_id, epoch))
+        if reset is not None:
+            raise reset
+        pending = self._pending
+        if (
+            pending is None
+            or pending.broken is not None
+            or replaced is not None
+            or self._closing
+            or self._db is None
+            or cost > INLINE_COMMIT_BYTES
+            or self.fault_commit_delay > 0
+            or self._waiting
+            or not self._fits(cost)
+        ):
+            return False
+        texts = [op_record_text(op) for op in ops]
+        segment, end = pending.append(encode_record(session_id, epoch, texts))
+        job = _Job(
+            lambda db: db.append(session_id, epoch, ops, None, texts),
+            cost,
+            logged=(session_id, epoch, segment, end),
+            urgent=False,
+        )
+        self._enqueue(job)
         return True
 
     def _commit_now(self, job: Callable[[Database], Any], cost: int, *, after_pause: bool) -> outcome.Outcome | None:
@@ -736,7 +988,8 @@ class SQLiteStore:
         """
         while True:
             try:
-                rows = await self._submit(lambda db: db.take_requests(), JOB_BYTES)
+                # Not urgent: a poll, and it must not make every change wait for it.
+                rows = await self._submit(lambda db: db.take_requests(), JOB_BYTES, urgent=False)
             except StoreError as exc:
                 if self._closing:
                     raise
@@ -776,6 +1029,8 @@ class SQLiteStore:
         """
         self._closing = True
         self._wake.set()
+        self._urgent.set()
+        self._closing_event.set()
         if not self._started:
             await trio.lowlevel.checkpoint()
             return

@@ -1,0 +1,316 @@
+"""The pending log (store/pending_log.py): a small commit is durable once
+appended to it, the writer stores it in SQLite a little later with the
+changes after it, and a restart replays whatever had not reached SQLite.
+
+The record format is tested without trio (hypothesis for what a record may
+hold); the store with real files, real SQLite and the real clock (its writer
+works in a thread; see test_store_writer.py). A process killed with SIGKILL
+is tests/test_crash.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collab_trio.document import COMMAND, Op
+from collab_trio.store import SessionReset, SQLiteStore, StoreError
+from collab_trio.store import pending_log
+from collab_trio.store.database import Database, database_path, op_record_text
+from collab_trio.store.pending_log import (
+    UNAPPLIED_PREFIX,
+    decode_records,
+    encode_record,
+    replay,
+    segment_numbers,
+    segment_path,
+)
+
+HANG = 10
+
+
+def op(seq: int, item_id: str) -> Op:
+    command = {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": {"x_mm": seq}}
+    return Op(seq, "alice", COMMAND, "2026-01-01T00:00:00+00:00", command=command)
+
+
+def stored(data_dir: Path, session_id: str) -> tuple[int, list[str]]:
+    """(version, item ids) a fresh reader of the database finds."""
+    reader = Database(database_path(data_dir), create=False, readonly=True)
+    try:
+        document = reader.read(lambda d: d.load(session_id))
+        return document.version, sorted(document.items)
+    finally:
+        reader.close()
+
+
+# -- the record format ---------------------------------------------------------------------
+
+texts = st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=4)
+
+
+@given(st.lists(st.tuples(st.text(max_size=20), st.text(max_size=20), texts), max_size=6))
+def test_records_read_back_as_written_each_with_its_end(records: list[tuple[str, str, list[str]]]) -> None:
+    data = b"".join(encode_record(*record) for record in records)
+    found, end = decode_records(data)
+    assert [(r.session_id, r.epoch, list(r.ops)) for r, _ in found] == records
+    assert end == len(data)
+    assert [past for _, past in found] == [
+        sum(len(encode_record(*record)) for record in records[: n + 1]) for n in range(len(records))
+    ]
+
+
+@given(texts, st.data())
+def test_a_record_cut_short_or_changed_ends_what_is_read(ops: list[str], data: st.DataObject) -> None:
+    first, second = encode_record("s", "e", ops), encode_record("s", "e", ["x"])
+    cut = data.draw(st.integers(min_value=0, max_value=len(second) - 1))
+    found, end = decode_records(first + second[:cut])
+    assert [r.ops for r, _ in found] == [tuple(ops)] and end == len(first)
+    # One byte of the JSON changed: the checksum no longer matches.
+    at = data.draw(st.integers(min_value=9, max_value=len(second) - 2))
+    damaged = second[:at] + bytes([second[at] ^ 0x01]) + second[at + 1 :]
+    found, end = decode_records(first + damaged + first)
+    assert len(found) == 1 and end == len(first)
+
+
+# -- replay ----------------------------------------------------------------------------------
+
+
+def write_segment(data_dir: Path, number: int, *records: bytes) -> None:
+    segment_path(data_dir, number).write_bytes(b"".join(records))
+
+
+def test_replay_stores_what_follows_skips_what_is_stored_and_sets_aside_the_rest(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    db = Database(database_path(data_dir))
+    try:
+        epoch = db.run(lambda d: d.load("s")).epoch
+        db.run(lambda d: d.append("s", epoch, [op(1, "a"), op(2, "b")]))
+        gone = db.run(lambda d: d.load("gone")).epoch
+        db.run(lambda d: d.append("gone", gone, [op(1, "g")]))
+        db.run(lambda d: d.delete("gone"))
+        write_segment(
+            data_dir,
+            3,
+            encode_record("s", epoch, [op_record_text(op(2, "b"))]),  # stored already
+            encode_record("s", epoch, [op_record_text(op(3, "c")), op_record_text(op(4, "d"))]),
+            encode_record("new", "e-new", [op_record_text(op(1, "n"))]),  # a session's first change
+            encode_record("gone", gone, [op_record_text(op(2, "g2"))]),  # deleted meanwhile
+        )
+        write_segment(data_dir, 4, encode_record("s", epoch, [op_record_text(op(5, "e"))]), b"0000abcd [\"s\"")
+        end_of_log = (4, segment_path(data_dir, 4).stat().st_size)
+        report = replay(db, data_dir)
+        assert (report.segments, report.applied, report.present, report.set_aside) == (2, 3, 1, 1)
+        assert segment_numbers(data_dir) == []
+        # The torn last line of the newest segment is dropped, not set aside;
+        # the next segment is numbered past these.
+        assert db.read(lambda d: d.pending_position()) == end_of_log
+        assert report.unapplied_file is not None and report.unapplied_file.name.startswith(UNAPPLIED_PREFIX)
+        kept, _ = decode_records(report.unapplied_file.read_bytes())
+        assert [(r.session_id, r.ops) for r, _ in kept] == [("gone", (op_record_text(op(2, "g2")),))]
+        # Run again (a crash right after): nothing left to do.
+        assert replay(db, data_dir).segments == 0
+    finally:
+        db.close()
+    assert stored(data_dir, "s") == (5, ["a", "b", "c", "d", "e"])
+    assert stored(data_dir, "new") == (1, ["n"])
+
+
+def test_replay_never_brings_back_what_the_database_had_and_lost_since(tmp_path: Path) -> None:
+    """A record at or before the database's pending position was stored:
+    a session deleted after that stays deleted, even its first change."""
+    data_dir = tmp_path / "data"
+    db = Database(database_path(data_dir))
+    try:
+        record = encode_record("s", "e1", [op_record_text(op(1, "a"))])
+        write_segment(data_dir, 1, record)
+        db.run(lambda d: d.append("s", "e1", [op(1, "a")]))
+        db.run(lambda d: d.note_pending_position(1, len(record)))
+        db.run(lambda d: d.delete("s"))
+        report = replay(db, data_dir)
+        assert (report.applied, report.present, report.set_aside) == (0, 1, 0)
+        assert not db.read(lambda d: d.exists("s"))
+    finally:
+        db.close()
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+async def test_a_logged_change_is_durable_before_sqlite_has_it_and_replayed_after_a_stop(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, pending_delay=3600)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            assert store.commit_now("s", epoch, [op(1, "a")])
+            await store.commit("s", epoch, [op(2, "b")])
+            assert stored(data_dir, "s") == (0, [])  # the log has them, SQLite not yet
+            [number] = segment_numbers(data_dir)
+            assert segment_path(data_dir, number).stat().st_size > 0
+            # Stopped without draining (as a kill would): the writer's queue is lost.
+            nursery.cancel_scope.cancel()
+    assert stored(data_dir, "s") == (0, [])
+    restarted = SQLiteStore(data_dir)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(restarted.run)
+            assert stored(data_dir, "s") == (2, ["a", "b"])
+            assert segment_numbers(data_dir) == [number + 1]  # a fresh segment, never a reused number
+            document = await restarted.load("s")
+            assert (document.epoch, document.version) == (epoch, 2)
+            assert restarted.commit_now("s", epoch, [op(3, "c")])
+            await restarted.aclose()
+    # A clean stop stores everything and leaves no segment behind.
+    assert stored(data_dir, "s") == (3, ["a", "b", "c"])
+    assert segment_numbers(data_dir) == []
+
+
+async def test_logged_changes_share_a_transaction_and_full_segments_go_once_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pending_log, "SEGMENT_BYTES", 2000)
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, pending_delay=0.05)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            before = store.transactions
+            for seq in range(1, 41):
+                assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
+            first = segment_numbers(data_dir)
+            assert len(first) == 1
+            while stored(data_dir, "s")[0] < 40:
+                await trio.sleep(0.01)
+            assert store.transactions - before == 1  # forty changes, one transaction
+            # The full segment is set aside for a new one, then deleted, stored.
+            while segment_numbers(data_dir) == first:
+                await trio.sleep(0.01)
+            while len(segment_numbers(data_dir)) > 1:
+                await trio.sleep(0.01)
+            assert segment_numbers(data_dir)[0] > first[0]
+            await store.aclose()
+
+
+async def test_a_database_locked_by_another_process_holds_changes_back_not_their_acknowledgement(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, busy_timeout=0.1, pending_delay=0.01)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                for seq in (1, 2, 3):
+                    assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
+                    await trio.sleep(0.15)  # the writer tries, and finds the lock
+                assert store.unreachable is None
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            while stored(data_dir, "s")[0] < 3:
+                await trio.sleep(0.01)
+            assert stored(data_dir, "s") == (3, ["i1", "i2", "i3"])
+            await store.aclose()
+    assert segment_numbers(data_dir) == []
+
+
+async def test_a_session_reset_under_a_logged_change_fails_its_next_commit(tmp_path: Path) -> None:
+    """An administrator replaced the session while a change of it waited in
+    the log: the change goes with the old document, the session's next
+    commit says so (and the session closes its members), nothing is replayed."""
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, pending_delay=0.2)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            await store.commit("s", epoch, [op(1, "a")])
+            while stored(data_dir, "s")[0] < 1:
+                await trio.sleep(0.01)
+            assert store.commit_now("s", epoch, [op(2, "b")])
+            admin = Database(database_path(data_dir), create=False)
+            try:
+                admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
+            finally:
+                admin.close()
+            await trio.sleep(0.4)  # the writer tried op 2
+            with pytest.raises(SessionReset):
+                store.commit_now("s", epoch, [op(3, "c")])
+            assert store.unreachable is None
+            new_epoch = (await store.load("s")).epoch
+            assert store.commit_now("s", new_epoch, [op(2, "after")])
+            nursery.cancel_scope.cancel()
+    restarted = SQLiteStore(data_dir)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(restarted.run)
+            await restarted.aclose()
+    assert stored(data_dir, "s") == (2, ["after", "imported"])
+    assert not any(name.startswith(UNAPPLIED_PREFIX) for name in os.listdir(data_dir))
+
+
+async def test_a_change_the_log_cannot_take_is_refused_and_nothing_of_it_stays(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            assert store.commit_now("s", epoch, [op(1, "a")])
+            pending = store._pending
+            assert pending is not None
+            # The segment's descriptor now refuses writes, as a failing disk would.
+            writable = pending.current.fd
+            pending.current.fd = os.open(segment_path(data_dir, pending.current.number), os.O_RDONLY)
+            try:
+                with pytest.raises(StoreError, match="cannot write the pending log"):
+                    store.commit_now("s", epoch, [op(2, "b")])
+            finally:
+                os.close(pending.current.fd)
+                pending.current.fd = writable
+            assert store.commit_now("s", epoch, [op(2, "c")])
+            await store.aclose()
+    assert stored(data_dir, "s") == (2, ["a", "c"])
+
+
+async def test_a_store_whose_database_refuses_logged_changes_for_long_is_unreachable_until_it_takes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collab_trio.store import sqlite
+
+    monkeypatch.setattr(sqlite, "PENDING_GIVE_UP", 0.3)
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, busy_timeout=0.05, pending_delay=0.01)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                assert store.commit_now("s", epoch, [op(1, "a")])
+                while store.unreachable is None:
+                    await trio.sleep(0.05)
+                assert "refused changes already acknowledged" in store.unreachable
+                with pytest.raises(StoreError, match="refused changes already acknowledged"):
+                    store.commit_now("s", epoch, [op(2, "b")])
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            while store.unreachable is not None:
+                await trio.sleep(0.05)
+            assert store.commit_now("s", epoch, [op(2, "b")])
+            await store.aclose()
+    assert stored(data_dir, "s") == (2, ["a", "b"])
