@@ -6,7 +6,9 @@ backup use a read-only connection and read transactions: in WAL mode a
 reader never blocks the server's commits, however big the database. import,
 delete and prune are short write transactions that wait (busy timeout) for
 the server's current commit to end; a live session they replace or delete
-closes its members (1001) at its next commit.
+closes its members (1001) at its next commit (a change the server's
+pending log had already acknowledged goes with the replaced document, and
+its session's members are closed as soon as the writer finds out).
 
 restore does not: when a server holds the data directory (its lock, see
 store/sqlite.py) it adds a row to the `requests` table and waits, bounded,
