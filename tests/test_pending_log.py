@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from collab_trio.document import COMMAND, Op
+from collab_trio.history import KeptVersion
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store import pending_log
 from collab_trio.store.database import Database, database_path, op_record_text
@@ -314,3 +316,271 @@ async def test_a_store_whose_database_refuses_logged_changes_for_long_is_unreach
             assert store.commit_now("s", epoch, [op(2, "b")])
             await store.aclose()
     assert stored(data_dir, "s") == (2, ["a", "b"])
+
+
+def unapplied_files(data_dir: Path) -> list[str]:
+    return [name for name in os.listdir(data_dir) if name.startswith(UNAPPLIED_PREFIX)]
+
+
+async def wait_until(predicate, step: float = 0.005) -> None:
+    while not predicate():
+        await trio.sleep(step)
+
+
+async def restart(data_dir: Path) -> None:
+    """A new server on the data directory: replay, then a clean stop."""
+    store = SQLiteStore(data_dir)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await store.aclose()
+
+
+# -- refusals, stops and offline commands (found by review) ----------------------------
+
+
+def fail_append_once(monkeypatch: pytest.MonkeyPatch, session_id: str, seq: int) -> list[int]:
+    """Database.append of (session_id, first seq `seq`) raises once, as a
+    statement SQLite rolled back alone would (SQLITE_FULL / IOERR inside a
+    savepoint): the job fails, the transaction goes on."""
+    real = Database.append
+    calls: list[int] = []
+
+    def append(self, sid, epoch, ops, replaced=None, texts=None):
+        if sid == session_id and ops[0].seq == seq and not calls:
+            calls.append(seq)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, sid, epoch, ops, replaced, texts)
+
+    monkeypatch.setattr(Database, "append", append)
+    return calls
+
+
+# -- a logged change refused while closing is skipped by the next replay ----------
+
+
+async def test_a_logged_change_refused_during_shutdown_is_replayed_by_the_next_start(tmp_path: Path) -> None:
+    """A's batch fails (the database locked by another process, a realistic
+    refusal) after aclose() began: A is finished "closed" and left in the
+    log. E, logged while A's batch ran, is then stored in the next batch and
+    notes the pending position past A: the next start skips A as stored."""
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, busy_timeout=0.5, pending_delay=0.01)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            a = (await store.load("a")).epoch
+            e = (await store.load("e")).epoch
+            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                assert store.commit_now("a", a, [op(1, "a1")])  # acknowledged
+                await wait_until(lambda: store._in_flight is not None)
+                first = store._in_flight
+                assert store.commit_now("e", e, [op(1, "e1")])  # acknowledged, queued behind A's batch
+                nursery.start_soon(store.aclose)
+                # A's batch fails on the lock (busy_timeout) while the store
+                # closes: A stays in the log, and so does E behind it.
+                await store.stopped.wait()
+                assert first.done.is_set()
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            await store.stopped.wait()
+    assert segment_numbers(data_dir)  # A is still in the log...
+    await restart(data_dir)
+    # ...and the next start must store it: it was acknowledged.
+    assert stored(data_dir, "e") == (1, ["e1"])
+    assert stored(data_dir, "a") == (1, ["a1"])
+
+
+# -- a batch that ends after the shutdown gave up on it crashes trio ------------
+
+
+async def test_a_logged_batch_that_finishes_after_the_store_stopped_does_not_crash_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """_shut_down gives an in-flight batch close_timeout, answers its jobs
+    (OutcomeUnknown) and sets _pending to None; when the thread finally
+    delivers, _finish_batch -> _finish_logged asserts `self._pending is not
+    None` inside a run_sync_soon callback: TrioInternalError."""
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, busy_timeout=1.0, close_timeout=0.2, pending_delay=0.01)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                assert store.commit_now("s", epoch, [op(1, "a")])
+                await wait_until(lambda: store._in_flight is not None)
+                await store.aclose()  # gives up on the batch (close_timeout)
+                assert store.stopped.is_set()
+                await trio.sleep(1.5)  # the thread's BEGIN times out and delivers
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+    # The event loop lived on; the change waits in the log for the next start.
+    assert segment_numbers(data_dir)
+    await restart(data_dir)
+    assert stored(data_dir, "s") == (1, ["a"])
+
+
+# -- a later change of a new session taken for a reset after its first failed ----
+
+
+async def test_the_second_change_of_a_new_session_survives_its_first_failing_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seq 1 of a new session (no row yet) fails in its savepoint; seq 2, in
+    the same batch, finds no row and gets SessionReset: it is finished as
+    'reset' (dropped, the session poisoned) although nobody reset anything,
+    and the retried seq 1 then moves the pending position past it."""
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, pending_delay=0.05)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            failed = fail_append_once(monkeypatch, "s", 1)
+            assert store.commit_now("s", epoch, [op(1, "a")])
+            assert store.commit_now("s", epoch, [op(2, "b")])
+            await wait_until(lambda: failed and stored(data_dir, "s")[0] >= 1)
+            await trio.sleep(0.3)
+            # Nobody reset the session: its next change is taken...
+            assert store.commit_now("s", epoch, [op(3, "c")])
+            await store.aclose()
+    # ...and both acknowledged changes are stored.
+    assert stored(data_dir, "s") == (3, ["a", "b", "c"])
+
+
+# -- a load behind a refused logged change does not see it ------------------------
+
+
+async def test_a_load_after_an_acknowledged_change_sees_it_even_if_its_first_try_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session unloaded after its change 2 was acknowledged (logged);
+    a member rejoins at once and the load is queued behind it. Change 2 fails
+    in its savepoint (retried later), the load in the same transaction runs
+    anyway and returns version 1: the new session gives seq 2 to another op,
+    relayed too. The retried change 2 is stored; the new seq 2 is refused
+    for ever (and skipped as 'present' by a replay)."""
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, pending_delay=0.05)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            await store.commit("s", epoch, [op(1, "a")])
+            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+            fail_append_once(monkeypatch, "s", 2)
+            assert store.commit_now("s", epoch, [op(2, "b")])  # acknowledged, relayed
+            document = await store.load("s")  # a successor session loads
+            assert document.version == 2, "the load does not see an acknowledged change"
+            await store.aclose()
+
+
+# -- an offline `sessions restore` after a kill takes the seq of a logged change ----
+
+
+async def test_an_offline_restore_after_a_kill_does_not_make_the_next_start_drop_a_logged_change(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    store = SQLiteStore(data_dir, pending_delay=0.01)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            await store.commit("s", epoch, [op(1, "a")])
+            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+            # A replacing change keeps version 1 (goes to the database directly).
+            replace = Op(2, "alice", "replace", "2026-01-01T00:00:00+00:00", items=[{"uuid": "r", "item_type": "lens"}])
+            kept = KeptVersion(1, [{"uuid": "a", "item_type": "lens"}], "alice", "replace", "2026-01-01T00:00:00+00:00")
+            await store.commit("s", epoch, [replace], kept)
+            await wait_until(lambda: stored(data_dir, "s")[0] == 2)
+            store.pending_delay = 3600
+            assert store.commit_now("s", epoch, [op(3, "b")])  # acknowledged: in the log only
+            nursery.cancel_scope.cancel()  # as a kill -9: the queue is lost, the log stays
+    assert stored(data_dir, "s")[0] == 2 and segment_numbers(data_dir)
+    # The operator restores version 1 with no server running (the real command).
+    env = {**os.environ, "COLLAB_TRIO_DATA_DIR": str(data_dir)}
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-m", "collab_trio", "sessions", "restore", "s", "--version", "1", "--yes"],
+            env=env, capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    await restart(data_dir)
+    # The restore stored the log's op 3 first, then became op 4.
+    assert stored(data_dir, "s") == (4, ["a"])
+    reader = sqlite3.connect(database_path(data_dir))
+    try:
+        [(text,)] = reader.execute("SELECT op FROM journal WHERE session_id = 's' AND seq = 3").fetchall()
+    finally:
+        reader.close()
+    assert text == op_record_text(op(3, "b"))
+    assert not unapplied_files(data_dir)
+
+
+# -- replay is not safe against a failure after its transaction --------------------
+
+
+def test_replay_that_cannot_write_its_unapplied_file_loses_nothing_when_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tmp_path / "data"
+    db = Database(database_path(data_dir))
+    try:
+        gone = db.run(lambda d: d.load("gone")).epoch
+        db.run(lambda d: d.append("gone", gone, [op(1, "g")]))
+        db.run(lambda d: d.delete("gone"))
+        segment_path(data_dir, 1).write_bytes(encode_record("gone", gone, [op_record_text(op(2, "g2"))]))
+        def fsync(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(pending_log.os, "fsync", fsync)  # the disk fails writing the unapplied file
+        with pytest.raises(StoreError):
+            replay(db, data_dir)
+        assert segment_numbers(data_dir) == [1]  # "the segments stay"
+        monkeypatch.undo()
+        report = replay(db, data_dir)  # the operator fixed the disk and restarts
+        assert report.set_aside == 1, report
+        kept, _ = decode_records(report.unapplied_file.read_bytes())
+        assert len(kept) == 1
+    finally:
+        db.close()
+
+
+async def test_nothing_after_a_refused_logged_change_is_stored_and_a_kill_then_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """y's change is refused at every try: x's first change, logged after
+    it, waits behind it (stored past the pending position it could come
+    back after an administrator deleted it). After a kill, a start without
+    the fault stores both, in order."""
+    data_dir = tmp_path / "data"
+    real = Database.append
+
+    def append(self, sid, epoch, ops, replaced=None, texts=None):
+        if sid == "y":
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, sid, epoch, ops, replaced, texts)
+
+    store = SQLiteStore(data_dir, pending_delay=0.05)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            y = (await store.load("y")).epoch
+            x = (await store.load("x")).epoch
+            monkeypatch.setattr(Database, "append", append)
+            assert store.commit_now("y", y, [op(1, "y1")])
+            assert store.commit_now("x", x, [op(1, "x1")])
+            await wait_until(lambda: store._failing_since is not None and store._retry_delay > 0.2)
+            assert stored(data_dir, "x") == (0, [])  # tried three times, never past y
+            nursery.cancel_scope.cancel()  # as a kill -9
+    monkeypatch.undo()
+    await restart(data_dir)
+    assert stored(data_dir, "y") == (1, ["y1"]) and stored(data_dir, "x") == (1, ["x1"])

@@ -31,7 +31,8 @@ from .history import VersionInfo
 from .protocol import HandshakeRejected, check_id
 from .store import SessionElsewhere, StoreError
 from .store.database import DONE, FAILED, Database, SessionInfo, database_path
-from .store.sqlite import DataDirInUse, lock_data_dir
+from .store.pending_log import replay, segment_numbers
+from .store.sqlite import DataDirInUse, data_dir_in_use, lock_data_dir
 
 
 def _human_size(size: int) -> str:
@@ -55,6 +56,41 @@ def _open(args: argparse.Namespace, *, readonly: bool, create: bool = False) -> 
     if create:
         return Database(database_path(args.data_dir))
     return Database(database_path(args.data_dir), create=False, readonly=readonly)
+
+
+def _settle_pending(args: argparse.Namespace, db: Database) -> None:
+    """Before a command writes the database of a data directory no server
+    holds: store what the pending log of a server stopped by force still
+    holds (acknowledged changes), as that server's next start would. A
+    running server's log is its own."""
+    if getattr(args, "database_url", None):
+        return
+    data_dir = Path(args.data_dir)
+    if not segment_numbers(data_dir):
+        return
+    try:
+        fd = lock_data_dir(data_dir)
+    except DataDirInUse:
+        return
+    try:
+        replay(db, data_dir)
+    finally:
+        os.close(fd)
+
+
+def _warn_pending(args: argparse.Namespace) -> None:
+    """A read of a data directory whose stopped server left acknowledged
+    changes in its pending log: they are not in what is read."""
+    if getattr(args, "database_url", None):
+        return
+    data_dir = Path(args.data_dir)
+    if segment_numbers(data_dir) and not data_dir_in_use(data_dir):
+        print(
+            f"warning: {data_dir}/pending-*.log holds changes a server acknowledged before it was"
+            " stopped by force; they are stored (and seen here) once a server starts on this"
+            " directory, or a sessions command that writes runs",
+            file=sys.stderr,
+        )
 
 
 def _print_list(infos: list[SessionInfo]) -> int:
@@ -170,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         items = _read_state(args.file)
         db = _open(args, readonly=False, create=True)
         try:
+            _settle_pending(args, db)
             if db.read(lambda d: d.exists(session_id)):
                 _confirm(args, f"Replace the document of session {session_id} (it is kept as a version)?")
             epoch = db.run(lambda d: d.import_state(session_id, items))
@@ -179,6 +216,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     db = _open(args, readonly=action in READS)
     try:
+        if action in READS:
+            _warn_pending(args)
+        elif action in ("delete", "prune") and not getattr(args, "dry_run", False):
+            _settle_pending(args, db)
         if action == "list":
             # One read transaction, no document loaded: see Database.summaries.
             infos = db.read(lambda d: d.summaries())
@@ -291,6 +332,8 @@ def _restore(db: Database, args: argparse.Namespace) -> int:
         return _restore_by_server(db, args, f"(pid {exc.pid})" if exc.pid else "(pid unknown)")
     try:
         # No server runs, and none can start on the directory until this is done.
+        # What a server stopped by force left in its pending log goes first.
+        replay(db, data_dir)
         seq = db.run(lambda d: d.restore(session_id, number))
     finally:
         os.close(fd)

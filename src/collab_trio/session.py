@@ -684,22 +684,26 @@ class SessionRegistry:
     # Sessions being restored in the store while not live: joins wait.
     _restoring: dict[str, trio.Event] = attrs.field(factory=dict)
 
-    def _reset_under_logged_change(self, session_id: str, epoch: str, message: str) -> None:
-        """The store found that an administrator deleted or replaced this
-        session while a change of it, acknowledged already, waited for the
-        database (SQLiteStore's pending log): its members reconnect, as for
-        a reset found by a commit."""
+    def _session_lost(self, session_id: str, epoch: str, why: str) -> None:
+        """The store found, storing a change it had acknowledged already
+        (SQLiteStore's pending log), that an administrator deleted or
+        replaced the session meanwhile ("reset"), or that the database
+        can't take the change ("refused"): the members saw it, so they
+        reconnect to what is stored."""
         session = self.sessions.get(session_id)
         if session is None or session.core is None or session.core.document.epoch != epoch:
             return
-        log.warning("Session %s was reset by an administrator: %s", session_id, message)
-        session.close_all(CloseCode.GOING_AWAY, RESET_REASON)
+        if why == "reset":
+            log.warning("Session %s was reset by an administrator", session_id)
+            session.close_all(CloseCode.GOING_AWAY, RESET_REASON)
+        else:
+            session.close_all(CloseCode.INTERNAL_ERROR, "a change could not be stored; reconnect")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sessions' nursery (and the admin requests task); returns
         after close_all() once every session ended."""
-        if hasattr(self.store, "on_reset"):
-            self.store.on_reset = self._reset_under_logged_change
+        if hasattr(self.store, "on_session_lost"):
+            self.store.on_session_lost = self._session_lost
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             requests = trio.CancelScope()

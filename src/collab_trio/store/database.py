@@ -801,7 +801,11 @@ class Database:
         if row[0] != epoch:
             return "orphan"
         if row[1] >= last:
-            return "present"
+            kept = self.conn.execute(
+                "SELECT op FROM journal WHERE session_id = ? AND seq = ?", (session_id, last)
+            ).fetchone()
+            # (A journal compacted behind a snapshot can't tell: take it as stored.)
+            return "present" if kept is None or kept[0] == texts[-1] else "orphan"
         return "follows" if row[1] == first - 1 else "orphan"
 
     def append_texts(self, session_id: str, epoch: str, texts: list[str]) -> None:
@@ -852,11 +856,12 @@ class Database:
             "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
         if row is None and ops[0].seq == 1:
-            now = utc_timestamp()
+            # Created when its first change was made (a logged change reaches
+            # the database a little later, or at the next start).
             self.conn.execute(
                 "INSERT INTO sessions (session_id, epoch, version, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (session_id, epoch, ops[-1].seq, now, ops[-1].timestamp),
+                (session_id, epoch, ops[-1].seq, ops[0].timestamp, ops[-1].timestamp),
             )
             return
         if row is None or row[0] != epoch:

@@ -303,6 +303,7 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
     unapplied: list[Record] = []
 
     def copy(database: Any) -> None:
+        unapplied.clear()
         for record in records:
             state = database.pending_record_state(record.session_id, record.epoch, record.ops)
             if state == "present":
@@ -313,36 +314,73 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
                 report.applied_ops += len(record.ops)
             else:
                 unapplied.append(record)
+        if unapplied or damaged:
+            # Written before the position commits: a failure here rolls it back.
+            report.unapplied_file = _set_aside(data_dir, unapplied, damaged)
         # Numbers go on past these segments (PendingLog.start).
         database.note_pending_position(*end_of_log)
 
     db.run(copy)
     report.set_aside = len(unapplied) + len(damaged)
-    if unapplied or damaged:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        target = data_dir / f"{UNAPPLIED_PREFIX}{stamp}-{os.getpid()}.log"
-        lines = [encode_record(r.session_id, r.epoch, list(r.ops)) for r in unapplied] + damaged
-        try:
-            with open(target, "wb") as file:
-                file.write(b"".join(lines))
-                file.flush()
-                os.fsync(file.fileno())
-        except OSError as exc:
-            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
-        report.unapplied_file = target
+    if report.unapplied_file is not None:
         log.error(
             "%d acknowledged change(s) from the pending log could not be stored"
             " (their session was deleted or replaced, or the log was damaged); kept in %s",
             report.set_aside,
-            target,
+            report.unapplied_file,
         )
     for number in numbers:
         try:
             os.unlink(segment_path(data_dir, number))
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise StoreError(f"cannot delete {segment_path(data_dir, number)}: {exc.strerror or exc}") from None
     if report.applied:
         log.info(
             "Stored %d acknowledged change(s) from the pending log of the last run", report.applied_ops
         )
     return report
+
+
+@attrs.define(eq=False)
+class SetAside:
+    """The running store's file of logged changes the database refused for
+    good (not a lock or a full disk: an error of the change itself), each
+    kept as its log line for the operator; created on first use."""
+
+    data_dir: Path
+    path: Path | None = None
+
+    def add(self, record: bytes) -> Path:
+        """Append one record, synced (writer thread only).
+
+        Raises:
+            OSError: it is not on disk.
+        """
+        if self.path is None:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.path = self.data_dir / f"{UNAPPLIED_PREFIX}{stamp}-{os.getpid()}-running.log"
+        with open(self.path, "ab") as file:
+            file.write(record)
+            file.flush()
+            os.fsync(file.fileno())
+        return self.path
+
+
+def _set_aside(data_dir: Path, unapplied: list[Record], damaged: list[bytes]) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    lines = [encode_record(r.session_id, r.epoch, list(r.ops)) for r in unapplied] + damaged
+    for n in range(1000):
+        target = data_dir / f"{UNAPPLIED_PREFIX}{stamp}-{os.getpid()}{'' if n == 0 else f'-{n}'}.log"
+        try:
+            with open(target, "xb") as file:
+                file.write(b"".join(lines))
+                file.flush()
+                os.fsync(file.fileno())
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
+        return target
+    raise StoreError(f"cannot find a free name for {UNAPPLIED_PREFIX}{stamp}")

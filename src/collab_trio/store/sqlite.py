@@ -67,7 +67,7 @@ from .database import (
     describe_dir_error,
     op_record_text,
 )
-from .pending_log import PendingLog, Segment, delete_segments, encode_record, open_segment, replay
+from .pending_log import PendingLog, Segment, SetAside, delete_segments, encode_record, open_segment, replay
 
 __all__ = [
     "DATABASE_NAME",
@@ -125,39 +125,82 @@ CLOSED = "the store is closed"
 REQUEST_POLL = 1.0
 
 
-def _with_pending_position(jobs: list[_Job]) -> list[Callable[[Database], Any]]:
+class _Deferred(StoreError):
+    """Not run: a logged change before it in its batch was refused (it goes
+    back to the queue behind that change, in order)."""
+
+
+class _SetAside(StoreError):
+    """A logged change the database refused for good (an error of the change
+    itself, not of the disk): kept in the running store's unapplied file."""
+
+
+def _with_pending_position(
+    jobs: list[_Job], set_aside: SetAside, *, note_position: bool = True
+) -> list[Callable[[Database], Any]]:
     """The functions of a batch's jobs, then one that notes in the same
     transaction how far the pending log is stored: up to the last logged
-    change of an unbroken run of them the database took (or refused for a
-    reset, never to be replayed). One it refused otherwise ends the run:
-    it and all after it stay to be replayed should the server stop now."""
+    change of an unbroken run of them the database took, or refused for a
+    reset (never to be replayed), or refused for good and kept in the
+    unapplied file (an error of the change itself; its session's members
+    reconnect). One refused by the disk or a lock (sqlite3.OperationalError)
+    ends the run: it and every job after it go back to the queue in order,
+    and stay to be replayed should the server stop now."""
     reached: list[tuple[int, int]] = []
     refused = False
 
-    def logged(fn: Callable[[Database], Any], mark: tuple[int, int]) -> Callable[[Database], Any]:
+    def deferrable(fn: Callable[[Database], Any]) -> Callable[[Database], Any]:
+        def run(db: Database) -> Any:
+            if refused:
+                raise _Deferred()
+            return fn(db)
+
+        return run
+
+    def logged(fn: Callable[[Database], Any], mark: tuple[int, int], record: bytes) -> Callable[[Database], Any]:
         def run(db: Database) -> Any:
             nonlocal refused
+            if refused or not note_position:
+                raise _Deferred()
             try:
                 value = fn(db)
             except SessionReset:
-                if not refused:
-                    reached.append(mark)
+                reached.append(mark)
                 raise
+            except sqlite3.OperationalError:
+                refused = True  # the disk or a lock: tried again
+                raise
+            except Exception as exc:
+                try:
+                    where = set_aside.add(record)
+                except OSError:
+                    refused = True
+                    raise exc from None
+                reached.append(mark)
+                raise _SetAside(f"{_describe_error(exc)}; kept in {where}") from exc
             except BaseException:
                 refused = True
                 raise
-            if not refused:
-                reached.append(mark)
+            reached.append(mark)
             return value
 
         return run
 
     def note(db: Database) -> None:
-        if reached:
+        if reached and note_position:
             db.note_pending_position(*reached[-1])
 
-    fns = [job.fn if job.logged is None else logged(job.fn, (job.logged[2].number, job.logged[3])) for job in jobs]
+    fns = [
+        deferrable(job.fn)
+        if job.logged is None
+        else logged(job.fn, (job.logged.segment.number, job.logged.end), job.logged.record)
+        for job in jobs
+    ]
     return [*fns, note]
+
+
+def _describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def job_cost(ops: list[Op], replaced: KeptVersion | None = None) -> int:
@@ -185,6 +228,24 @@ class DataDirInUse(StoreError):
     def __init__(self, message: str, pid: int | None) -> None:
         super().__init__(message)
         self.pid = pid
+
+
+def data_dir_in_use(data_dir: Path) -> bool:
+    """True if a server holds data_dir's lock now (changes nothing: a shared
+    try of the lock, released at once; False if there is no lock file)."""
+    try:
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (releases the shared lock, if taken)
+    return False
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -228,6 +289,18 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None  # empty while the holder writes it
 
 
+@attrs.frozen
+class _Logged:
+    """Where a logged change is: its session, its segment and the offset
+    past its record, and the record itself (kept aside if refused for good)."""
+
+    session_id: str
+    epoch: str
+    segment: Segment
+    end: int
+    record: bytes
+
+
 @attrs.define(eq=False)
 class _Job:
     fn: Callable[[Database], Any]
@@ -236,9 +309,8 @@ class _Job:
     admitted: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     result: outcome.Outcome | None = None
-    # A change already durable in the pending log, that nobody waits for:
-    # (session_id, epoch), its segment and the offset past its record.
-    logged: tuple[str, str, Segment, int] | None = None
+    # A change already durable in the pending log, that nobody waits for.
+    logged: _Logged | None = None
     # When it was queued (trio time).
     queued_at: float = 0.0
     # Someone waits for it, and the writer should not wait for company.
@@ -286,6 +358,9 @@ class SQLiteStore:
     _retry_delay: float = PENDING_RETRY
     _failing_since: float | None = None
     _closing_event: trio.Event = attrs.field(factory=trio.Event)
+    # A logged change was given up (left in the log) while closing: no job
+    # after it runs, and no batch notes a pending position past it.
+    _position_frozen: bool = False
     # The pending log (fsync "normal" only; see pending_log.py).
     _pending: PendingLog | None = None
     # Queued urgent jobs (someone waits for them soon).
@@ -294,15 +369,21 @@ class SQLiteStore:
     # writer stops waiting for company for its logged jobs.
     _urgent: trio.Event = attrs.field(factory=trio.Event)
     # (session_id, epoch) an administrator deleted or replaced under changes
-    # the pending log had acknowledged: that session's next commit fails.
-    _resets: dict[tuple[str, str], SessionReset] = attrs.field(factory=dict)
+    # the pending log had acknowledged, or with a change the database
+    # refused for good: that session's next commit fails.
+    _resets: dict[tuple[str, str], StoreError] = attrs.field(factory=dict)
+    # Where changes the database refused for good are kept (_SetAside).
+    _set_aside: SetAside = attrs.field(
+        init=False, default=attrs.Factory(lambda self: SetAside(self.data_dir), takes_self=True)
+    )
     # The database has refused changes the pending log had acknowledged for
     # PENDING_GIVE_UP seconds: why. No commit is accepted until it takes them
     # (they are tried again meanwhile; the log keeps them for a restart).
     _broken: str | None = None
-    # Told (session_id, epoch, why) when the writer finds a session reset
-    # under a logged change (SessionRegistry closes its members).
-    on_reset: Callable[[str, str, str], None] | None = None
+    # Told (session_id, epoch, "reset" or "refused") when the writer finds a
+    # session reset under a logged change, or a logged change the database
+    # refuses for good (SessionRegistry closes the session's members).
+    on_session_lost: Callable[[str, str, str], None] | None = None
     _lock_fd: int | None = None
     _queue: deque[_Job] = attrs.field(factory=deque)
     _queued_bytes: int = 0
@@ -432,6 +513,8 @@ class SQLiteStore:
             batch = _Batch(list(self._queue))
             self._queue.clear()
             self._urgent_queued = 0
+            if self._urgent.is_set():
+                self._urgent = trio.Event()  # set again by the next urgent job
             self._in_flight = batch
             self._start_transaction(batch)
             await batch.done.wait()
@@ -460,7 +543,7 @@ class SQLiteStore:
         database, token = self._db, trio.lowlevel.current_trio_token()
         jobs = [job.fn for job in batch.jobs]
         if any(job.logged is not None for job in batch.jobs):
-            jobs = _with_pending_position(batch.jobs)
+            jobs = _with_pending_position(batch.jobs, self._set_aside, note_position=not self._position_frozen)
         wal_full, self._wal_full = self._wal_full, False
 
         def transact() -> list[outcome.Outcome]:
@@ -498,8 +581,17 @@ class SQLiteStore:
         except BaseException as exc:  # noqa: BLE001 - reported to every job of the batch
             error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
             results = [outcome.Error(error) for _ in batch.jobs]
+        if self._pending is None:
+            # The store shut down and answered these jobs already (OutcomeUnknown).
+            for job, job_result in zip(batch.jobs, results):
+                self._finish(job, job_result)
+            batch.done.set()
+            return
         again: list[_Job] = []
         for job, job_result in zip(batch.jobs, results):
+            if isinstance(job_result, outcome.Error) and isinstance(job_result.error, _Deferred):
+                again.append(job)
+                continue
             if job.logged is not None and not self._finish_logged(job.logged, job_result):
                 again.append(job)  # stays admitted, its bytes counted
                 continue
@@ -526,8 +618,13 @@ class SQLiteStore:
                 len(again),
                 self.data_dir,
             )
-            for job in again:
+            # Nothing after them may be stored either (their order): every job
+            # still queued fails as on a cancelled stop.
+            self._position_frozen = True
+            for job in (*again, *self._queue, *self._waiting):
                 self._finish(job, outcome.Error(StoreError(CLOSED)))
+            self._queue.clear()
+            self._waiting.clear()
             return
         if self._failing_since is None:
             self._failing_since = now
@@ -540,29 +637,39 @@ class SQLiteStore:
             log.error("Store failing: %s", self._broken)
         for job in reversed(again):
             self._queue.appendleft(job)
+            if job.urgent and job.logged is None:
+                self._urgent_queued += 1
         self._retry_at = now + self._retry_delay
         self._retry_delay = min(2 * self._retry_delay, PENDING_RETRY_MAX)
 
-    def _finish_logged(self, logged: tuple[str, str, Segment, int], result: outcome.Outcome) -> bool:
+    def _finish_logged(self, logged: _Logged, result: outcome.Outcome) -> bool:
         """The transaction's outcome for a change the pending log had made
         durable (and the session relayed and acknowledged); False: the
         database refused it, try again (a lock held too long, a full disk)."""
-        session_id, epoch, segment, _ = logged
+        session_id, epoch, segment = logged.session_id, logged.epoch, logged.segment
         assert self._pending is not None
         if isinstance(result, outcome.Value):
             self._pending.done(segment)
             return True
         exc = result.error
-        if isinstance(exc, SessionReset):
-            # An administrator deleted or replaced the session meanwhile: the
-            # change went with it (as if made just before). Its next commit
-            # fails, and the session closes its members as for any reset.
+        if isinstance(exc, (SessionReset, _SetAside)):
+            # A reset: an administrator deleted or replaced the session
+            # meanwhile, and the change went with it (as if made just
+            # before). Set aside: the database can't take this change (kept
+            # for the operator): the session's members saw it, so they
+            # reconnect to what is stored. Either way the session's next
+            # commit fails, and its members are closed now.
             self._pending.done(segment)
+            if isinstance(exc, _SetAside):
+                log.error("Could not store an acknowledged change of session %s: %s", session_id, exc)
             if len(self._resets) >= RESETS_KEPT:
                 self._resets.pop(next(iter(self._resets)))
             self._resets[(session_id, epoch)] = exc
-            if self.on_reset is not None:
-                self.on_reset(session_id, epoch, str(exc))
+            if self.on_session_lost is not None:
+                try:
+                    self.on_session_lost(session_id, epoch, "reset" if isinstance(exc, SessionReset) else "refused")
+                except Exception:  # (a callback of the event loop's: never let it through)
+                    log.exception("Closing session %s failed", session_id)
             return True
         if self._failing_since is None:
             log.warning("The database refused acknowledged changes; trying again: %s", exc)
@@ -764,9 +871,9 @@ class SQLiteStore:
         """
         if self._broken is not None:
             raise StoreError(self._broken)
-        reset = self._resets.get((session_id, epoch))
-        if reset is not None:
-            raise reset
+        lost = self._resets.get((session_id, epoch))
+        if lost is not None:
+            raise (SessionReset if isinstance(lost, SessionReset) else StoreError)(str(lost))
         pending = self._pending
         if (
             pending is None
@@ -781,11 +888,12 @@ class SQLiteStore:
         ):
             return False
         texts = [op_record_text(op) for op in ops]
-        segment, end = pending.append(encode_record(session_id, epoch, texts))
+        record = encode_record(session_id, epoch, texts)
+        segment, end = pending.append(record)
         job = _Job(
             lambda db: db.append(session_id, epoch, ops, None, texts),
             cost,
-            logged=(session_id, epoch, segment, end),
+            logged=_Logged(session_id, epoch, segment, end, record),
             urgent=False,
         )
         self._enqueue(job)
