@@ -373,9 +373,7 @@ class SQLiteStore:
     # refused for good: that session's next commit fails.
     _resets: dict[tuple[str, str], StoreError] = attrs.field(factory=dict)
     # Where changes the database refused for good are kept (_SetAside).
-    _set_aside: SetAside = attrs.field(
-        init=False, default=attrs.Factory(lambda self: SetAside(self.data_dir), takes_self=True)
-    )
+    _set_aside: SetAside | None = None
     # The database has refused changes the pending log had acknowledged for
     # PENDING_GIVE_UP seconds: why. No commit is accepted until it takes them
     # (they are tried again meanwhile; the log keeps them for a restart).
@@ -543,6 +541,8 @@ class SQLiteStore:
         database, token = self._db, trio.lowlevel.current_trio_token()
         jobs = [job.fn for job in batch.jobs]
         if any(job.logged is not None for job in batch.jobs):
+            if self._set_aside is None:
+                self._set_aside = SetAside(self.data_dir)
             jobs = _with_pending_position(batch.jobs, self._set_aside, note_position=not self._position_frozen)
         wal_full, self._wal_full = self._wal_full, False
 
