@@ -33,8 +33,16 @@ from collab_trio.store.pending_log import (
     segment_numbers,
     segment_path,
 )
+from collab_trio.testing import Harness
 
 HANG = 10
+
+
+real_append = Database.append
+
+
+def add(item_id: str) -> dict:
+    return {"type": "command", "command": {"action": "add_item", "item_type": "lens", "item_id": item_id, "data": {}}}
 
 
 def op(seq: int, item_id: str) -> Op:
@@ -584,3 +592,220 @@ async def test_nothing_after_a_refused_logged_change_is_stored_and_a_kill_then_l
     monkeypatch.undo()
     await restart(data_dir)
     assert stored(data_dir, "y") == (1, ["y1"]) and stored(data_dir, "x") == (1, ["x1"])
+
+
+# -- changes the database refuses for good (found by a second review) ------------------
+
+
+def unapplied_records(data_dir: Path) -> list:
+    out = []
+    for name in sorted(os.listdir(data_dir)):
+        if name.startswith(UNAPPLIED_PREFIX):
+            out += [r for r, _ in decode_records((data_dir / name).read_bytes())[0]]
+    return out
+
+
+def refuse_item(monkeypatch: pytest.MonkeyPatch, item_id: str) -> None:
+    """Database.append raises a non-OperationalError for ops adding `item_id`
+    (an error of the change itself): the writer sets the change aside."""
+
+    def append(self, sid, epoch, ops, replaced=None, texts=None):
+        if any((o.command or {}).get("item_id") == item_id for o in ops):
+            raise RecursionError("injected: maximum recursion depth exceeded while encoding a JSON object")
+        return real_append(self, sid, epoch, ops, replaced, texts)
+
+    monkeypatch.setattr(Database, "append", append)
+
+
+# -- a set-aside change leaves its session unusable ---------------------------
+
+
+async def test_a_session_whose_change_was_set_aside_can_be_rejoined_and_written(
+    start_server, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1011 close tells members to reconnect "to what is stored". They
+    do: the session reloads (a new epoch, its unload snapshot refused as
+    ahead of what is stored). Its next change is taken and stored."""
+    store = SQLiteStore(data_dir, pending_delay=0.01)
+    harness: Harness = await start_server(store="sqlite", data_dir=str(data_dir), _store=store)
+    with trio.fail_after(HANG):
+        async with harness.joined("s", "alice") as alice:
+            await alice.send(add("a"))
+            assert (await alice.expect("ack"))["seq"] == 1
+            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+            refuse_item(monkeypatch, "boom")
+            await alice.send(add("boom"))
+            assert (await alice.expect("ack"))["seq"] == 2  # acknowledged (logged)
+            code, _ = await alice.expect_closed()
+            assert code == 1011
+        monkeypatch.undo()
+        await trio.sleep(0.2)  # the session unloads (its snapshot, if any, is stored)
+        async with harness.joined("s", "alice") as alice:
+            await alice.send(add("c"))
+            answer = await alice.recv()
+            assert answer["type"] == "ack", answer
+        await trio.sleep(0.2)
+    assert "c" in stored(data_dir, "s")[1]
+
+
+async def test_after_a_set_aside_the_reloaded_session_is_not_refused_for_ever(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store level, without the unload snapshot of the test above: the
+    successor session loads a new epoch and its commits are taken."""
+    store = SQLiteStore(data_dir, pending_delay=0.01)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            await store.commit("s", epoch, [op(1, "a")])
+            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+            refuse_item(monkeypatch, "boom")
+            lost: list[tuple[str, str, str]] = []
+            store.on_session_lost = lambda *args: lost.append(args)
+            assert store.commit_now("s", epoch, [op(2, "boom")])
+            await wait_until(lambda: lost)
+            monkeypatch.undo()
+            document = await store.load("s")  # the members reconnect: a successor loads
+            # A new epoch: no seq its members saw goes to another op.
+            assert document.epoch != epoch and document.version == 1
+            await store.commit("s", document.epoch, [op(2, "c")])
+            await store.aclose()
+    assert stored(data_dir, "s") == (2, ["a", "c"])
+
+
+# -- set aside inside a transaction that then fails as a whole ---------------
+
+
+def fault(monkeypatch: pytest.MonkeyPatch, *, boom_fails_always: bool) -> None:
+    """'boom' is refused for good (always, or its first try only); the first
+    change of session 'x' hits SQLITE_FULL in a way SQLite answers by rolling
+    the whole transaction back (as it does for FULL/IOERR/NOMEM): every job
+    of the batch fails, the transaction is gone."""
+    tries = {"boom": 0, "x": 0}
+
+    def append(self, sid, epoch, ops, replaced=None, texts=None):
+        if any((o.command or {}).get("item_id") == "boom" for o in ops):
+            tries["boom"] += 1
+            if boom_fails_always or tries["boom"] == 1:
+                raise RecursionError("injected: maximum recursion depth exceeded")
+        if sid == "x" and not tries["x"]:
+            tries["x"] += 1
+            self.conn.execute("ROLLBACK")  # what SQLite did on its own
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_append(self, sid, epoch, ops, replaced, texts)
+
+    monkeypatch.setattr(Database, "append", append)
+
+
+async def batch_of_boom_then_x(data_dir: Path, monkeypatch: pytest.MonkeyPatch, *, always: bool) -> list:
+    store = SQLiteStore(data_dir, pending_delay=0.05)
+    lost: list = []
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            s = (await store.load("s")).epoch
+            x = (await store.load("x")).epoch
+            await store.commit("s", s, [op(1, "a")])
+            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+            store.on_session_lost = lambda *args: lost.append(args)
+            fault(monkeypatch, boom_fails_always=always)
+            assert store.commit_now("s", s, [op(2, "boom")])
+            assert store.commit_now("x", x, [op(1, "x1")])  # same batch
+            await wait_until(lambda: stored(data_dir, "x")[0] == 1)
+            await trio.sleep(0.1)
+            await store.aclose()
+    return lost
+
+
+async def test_a_change_set_aside_in_a_transaction_that_then_failed_is_kept_once(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = await batch_of_boom_then_x(data_dir, monkeypatch, always=True)
+    assert [why for _, _, why in lost] == ["refused"]
+    assert len(unapplied_records(data_dir)) == 1  # once, though tried twice
+
+
+async def test_a_change_stored_at_its_retry_is_not_also_in_the_unapplied_file(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = await batch_of_boom_then_x(data_dir, monkeypatch, always=False)
+    assert stored(data_dir, "s") == (2, ["a", "boom"]) and lost == []
+    assert unapplied_records(data_dir) == []  # cut off with its transaction
+
+
+# -- replay of a change the database refuses for good --------------------------
+
+
+async def test_a_killed_servers_unstorable_change_does_not_stop_the_next_start(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed before the writer got to such a change, the next start sets it
+    aside (its session gets a new epoch) and starts."""
+    store = SQLiteStore(data_dir, pending_delay=3600)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            s = (await store.load("s")).epoch
+            t = (await store.load("t")).epoch
+            assert store.commit_now("s", s, [op(1, "boom")])  # acknowledged
+            assert store.commit_now("t", t, [op(1, "t1")])  # acknowledged
+            nursery.cancel_scope.cancel()  # as a kill -9
+    refuse_item(monkeypatch, "boom")
+    restarted = SQLiteStore(data_dir)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(restarted.run)
+            await restarted.aclose()
+    assert stored(data_dir, "t") == (1, ["t1"])
+    assert [r.session_id for r in unapplied_records(data_dir)] == ["s"]
+
+
+# -- the note job's failure is dropped; its batch commits without the position ----
+
+
+async def test_a_batch_whose_position_note_failed_does_not_commit_without_it(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed note job fails the whole transaction (tried again): no change
+    is stored past the position, so a session an administrator deletes
+    afterwards does not come back at the next start."""
+    real_note = Database.note_pending_position
+    failed: list[int] = []
+
+    def note(self, segment, offset):
+        if not failed:
+            failed.append(1)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_note(self, segment, offset)
+
+    store = SQLiteStore(data_dir, pending_delay=0.01)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            x = (await store.load("x")).epoch
+            monkeypatch.setattr(Database, "note_pending_position", note)
+            assert store.commit_now("x", x, [op(1, "x1")])
+            await wait_until(lambda: stored(data_dir, "x")[0] == 1)
+            admin = Database(database_path(data_dir), create=False)
+            try:
+                admin.run(lambda d: d.delete("x"))  # `sessions delete x` beside the server
+            finally:
+                admin.close()
+            # A kill -9 now: the segments stay as they are (a cancelled store
+            # would delete them, everything being stored).
+            kept = {n: segment_path(data_dir, n).read_bytes() for n in segment_numbers(data_dir)}
+            nursery.cancel_scope.cancel()
+    for n, data in kept.items():
+        segment_path(data_dir, n).write_bytes(data)
+    monkeypatch.undo()
+    restarted = SQLiteStore(data_dir)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(restarted.run)
+            await restarted.aclose()
+    reader = Database(database_path(data_dir), create=False, readonly=True)
+    try:
+        assert not reader.read(lambda d: d.exists("x")), "a deleted session came back"
+    finally:
+        reader.close()

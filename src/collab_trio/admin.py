@@ -66,7 +66,7 @@ def _settle_pending(args: argparse.Namespace, db: Database) -> None:
     if getattr(args, "database_url", None):
         return
     data_dir = Path(args.data_dir)
-    if not segment_numbers(data_dir):
+    if not segment_numbers(data_dir) or data_dir_in_use(data_dir):
         return
     try:
         fd = lock_data_dir(data_dir)
@@ -206,9 +206,9 @@ def _run(args: argparse.Namespace) -> int:
         items = _read_state(args.file)
         db = _open(args, readonly=False, create=True)
         try:
-            _settle_pending(args, db)
             if db.read(lambda d: d.exists(session_id)):
                 _confirm(args, f"Replace the document of session {session_id} (it is kept as a version)?")
+            _settle_pending(args, db)
             epoch = db.run(lambda d: d.import_state(session_id, items))
         finally:
             db.close()
@@ -218,8 +218,6 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if action in READS:
             _warn_pending(args)
-        elif action in ("delete", "prune") and not getattr(args, "dry_run", False):
-            _settle_pending(args, db)
         if action == "list":
             # One read transaction, no document loaded: see Database.summaries.
             infos = db.read(lambda d: d.summaries())
@@ -266,6 +264,7 @@ def _run(args: argparse.Namespace) -> int:
             if not db.read(lambda d: d.exists(args.session_id)):
                 raise StoreError(f"no session {args.session_id!r}")
             _confirm(args, f"Delete session {args.session_id}, its history and its versions?")
+            _settle_pending(args, db)
             db.run(lambda d: d.delete(args.session_id))
             print(f"Deleted session {args.session_id}")
         elif action == "backup":
@@ -280,6 +279,7 @@ def _run(args: argparse.Namespace) -> int:
                 stale = db.read(lambda d: d.stale(args.older_than))
                 if stale:
                     _confirm(args, f"Delete {len(stale)} session(s) with no activity for {days}?")
+                _settle_pending(args, db)
                 ids = db.run(lambda d: d.prune(args.older_than))
                 print(f"Deleted {len(ids)} session(s) with no activity for {days}")
             for session_id in ids:

@@ -24,7 +24,7 @@ import attrs
 import orjson
 import outcome
 
-from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument, replacement_items
+from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument, new_epoch, replacement_items
 from ..history import ADMIN_USER, KeptVersion, VersionInfo, digest, replace_reason, versions_to_drop, worth_keeping
 from ..protocol import loads, utc_timestamp
 from .base import SessionReset, StoreError
@@ -808,6 +808,14 @@ class Database:
             return "present" if kept is None or kept[0] == texts[-1] else "orphan"
         return "follows" if row[1] == first - 1 else "orphan"
 
+    def new_epoch_for(self, session_id: str, epoch: str) -> None:
+        """Give a stored session of this epoch a new one: its members saw a
+        change the database could not take, so no seq they saw may be given
+        to another op, and their session's later changes are refused."""
+        self.conn.execute(
+            "UPDATE sessions SET epoch = ? WHERE session_id = ? AND epoch = ?", (new_epoch(), session_id, epoch)
+        )
+
     def append_texts(self, session_id: str, epoch: str, texts: list[str]) -> None:
         """append() of ops given as their stored records (the pending log's)."""
         self.append(session_id, epoch, [_op_from_json(text) for text in texts], texts=texts)
@@ -872,11 +880,12 @@ class Database:
     def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Store a snapshot (never an older one) and compact the journal behind it."""
         row = self.conn.execute(
-            "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)
+            "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
-        if row is None or row[0] != snapshot["epoch"]:
-            # Never written (nothing to keep), or deleted or replaced meanwhile:
-            # this snapshot describes nothing stored.
+        if row is None or row[0] != snapshot["epoch"] or snapshot["version"] > row[1]:
+            # Never written (nothing to keep), or deleted or replaced meanwhile,
+            # or ahead of what is stored (a change its session saw that the
+            # database refused): this snapshot describes nothing stored.
             return
         self.conn.execute(
             "INSERT INTO snapshots (session_id, version, written, items) VALUES (?, ?, ?, ?)"

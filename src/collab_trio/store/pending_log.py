@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import time
 import zlib
 from pathlib import Path
@@ -246,6 +247,14 @@ def delete_segments(data_dir: Path, segments: list[Segment]) -> None:
             log.warning("Could not delete %s: %s", segment_path(data_dir, segment.number), exc)
 
 
+def refused_by_the_database(exc: BaseException) -> bool:
+    """An error of the disk, a lock, memory or the database file (to try
+    again), not of the change (IntegrityError, DataError, anything else)."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError))
+
+
 @attrs.define
 class ReplayReport:
     """What replay() did."""
@@ -309,7 +318,21 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
             if state == "present":
                 report.present += 1
             elif state == "follows":
-                database.append_texts(record.session_id, record.epoch, list(record.ops))
+                database.conn.execute("SAVEPOINT record")
+                try:
+                    database.append_texts(record.session_id, record.epoch, list(record.ops))
+                except Exception as exc:
+                    if not database.conn.in_transaction or refused_by_the_database(exc):
+                        raise  # (the disk, a lock: the next try may do)
+                    database.conn.execute("ROLLBACK TO record")
+                    database.conn.execute("RELEASE record")
+                    # The change itself can't be stored: set aside, and its
+                    # session gets a new epoch (its later records follow it aside).
+                    log.error("Could not store a change of session %s: %s: %s", record.session_id, type(exc).__name__, exc)
+                    database.new_epoch_for(record.session_id, record.epoch)
+                    unapplied.append(record)
+                    continue
+                database.conn.execute("RELEASE record")
                 report.applied += 1
                 report.applied_ops += len(record.ops)
             else:
@@ -347,13 +370,23 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
 class SetAside:
     """The running store's file of logged changes the database refused for
     good (not a lock or a full disk: an error of the change itself), each
-    kept as its log line for the operator; created on first use."""
+    kept as its log line for the operator; created on first use. Writer
+    thread only: a batch's records are added inside its transaction and
+    withdrawn (cut off) if that transaction does not commit."""
 
     data_dir: Path
     path: Path | None = None
+    # Bytes in the file when the current transaction began.
+    _committed_size: int = 0
+    # (session_id, epoch) given a new epoch: their later changes are set
+    # aside too (the database would take them for a reset). The current
+    # transaction's, until it commits.
+    epochs_gone: set[tuple[str, str]] = attrs.field(factory=set)
+    new_epochs_gone: set[tuple[str, str]] = attrs.field(factory=set)
 
-    def add(self, record: bytes) -> Path:
-        """Append one record, synced (writer thread only).
+    def add(self, record: bytes, session: tuple[str, str]) -> Path:
+        """Append one record, synced; its session gets a new epoch in this
+        transaction (the caller's note job).
 
         Raises:
             OSError: it is not on disk.
@@ -365,7 +398,21 @@ class SetAside:
             file.write(record)
             file.flush()
             os.fsync(file.fileno())
+        self.new_epochs_gone.add(session)
         return self.path
+
+    def gone(self, session: tuple[str, str]) -> bool:
+        return session in self.epochs_gone or session in self.new_epochs_gone
+
+    def transaction_ended(self, committed: bool) -> None:
+        """Keep what this transaction added, or cut it off."""
+        if committed:
+            self.epochs_gone |= self.new_epochs_gone
+            if self.path is not None:
+                self._committed_size = self.path.stat().st_size
+        elif self.path is not None and self.path.exists():
+            os.truncate(self.path, self._committed_size)
+        self.new_epochs_gone = set()
 
 
 def _set_aside(data_dir: Path, unapplied: list[Record], damaged: list[bytes]) -> Path:

@@ -67,7 +67,16 @@ from .database import (
     describe_dir_error,
     op_record_text,
 )
-from .pending_log import PendingLog, Segment, SetAside, delete_segments, encode_record, open_segment, replay
+from .pending_log import (
+    PendingLog,
+    Segment,
+    SetAside,
+    delete_segments,
+    encode_record,
+    open_segment,
+    refused_by_the_database,
+    replay,
+)
 
 __all__ = [
     "DATABASE_NAME",
@@ -143,41 +152,54 @@ def _with_pending_position(
     change of an unbroken run of them the database took, or refused for a
     reset (never to be replayed), or refused for good and kept in the
     unapplied file (an error of the change itself; its session's members
-    reconnect). One refused by the disk or a lock (sqlite3.OperationalError)
-    ends the run: it and every job after it go back to the queue in order,
-    and stay to be replayed should the server stop now."""
+    reconnect, and the session gets a new epoch in this transaction, so no
+    seq they saw goes to another op and its later logged changes are set
+    aside too). One refused by the disk, a lock or the database itself
+    (refused_by_the_database) ends the run: it and every job after it go
+    back to the queue in order, and stay to be replayed should the server
+    stop now. The caller calls set_aside.transaction_ended() (what was set
+    aside is cut off if the transaction does not commit)."""
     reached: list[tuple[int, int]] = []
     refused = False
 
     def deferrable(fn: Callable[[Database], Any]) -> Callable[[Database], Any]:
         def run(db: Database) -> Any:
-            if refused:
+            if refused or not note_position:
                 raise _Deferred()
             return fn(db)
 
         return run
 
-    def logged(fn: Callable[[Database], Any], mark: tuple[int, int], record: bytes) -> Callable[[Database], Any]:
+    def logged(fn: Callable[[Database], Any], logged: _Logged) -> Callable[[Database], Any]:
+        mark, session = (logged.segment.number, logged.end), (logged.session_id, logged.epoch)
+
+        def set_apart(exc: BaseException) -> _SetAside:
+            nonlocal refused
+            try:
+                where = set_aside.add(logged.record, session)
+            except OSError:
+                refused = True
+                raise exc from None
+            reached.append(mark)
+            return _SetAside(f"{_describe_error(exc)}; kept in {where}")
+
         def run(db: Database) -> Any:
             nonlocal refused
             if refused or not note_position:
                 raise _Deferred()
             try:
                 value = fn(db)
-            except SessionReset:
+            except SessionReset as exc:
+                if set_aside.gone(session):
+                    # Its epoch is gone because an earlier change was set aside.
+                    raise set_apart(exc) from exc
                 reached.append(mark)
-                raise
-            except sqlite3.OperationalError:
-                refused = True  # the disk or a lock: tried again
                 raise
             except Exception as exc:
-                try:
-                    where = set_aside.add(record)
-                except OSError:
-                    refused = True
-                    raise exc from None
-                reached.append(mark)
-                raise _SetAside(f"{_describe_error(exc)}; kept in {where}") from exc
+                if refused_by_the_database(exc):
+                    refused = True  # tried again
+                    raise
+                raise set_apart(exc) from exc
             except BaseException:
                 refused = True
                 raise
@@ -187,15 +209,18 @@ def _with_pending_position(
         return run
 
     def note(db: Database) -> None:
-        if reached and note_position:
-            db.note_pending_position(*reached[-1])
+        try:
+            for session_id, epoch in set_aside.new_epochs_gone:
+                db.new_epoch_for(session_id, epoch)
+            if reached and note_position:
+                db.note_pending_position(*reached[-1])
+        except BaseException:
+            # Nothing of the batch may be stored without these: all is tried again.
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
 
-    fns = [
-        deferrable(job.fn)
-        if job.logged is None
-        else logged(job.fn, (job.logged.segment.number, job.logged.end), job.logged.record)
-        for job in jobs
-    ]
+    fns = [deferrable(job.fn) if job.logged is None else logged(job.fn, job.logged) for job in jobs]
     return [*fns, note]
 
 
@@ -540,10 +565,12 @@ class SQLiteStore:
         assert self._db is not None
         database, token = self._db, trio.lowlevel.current_trio_token()
         jobs = [job.fn for job in batch.jobs]
+        set_aside = None
         if any(job.logged is not None for job in batch.jobs):
             if self._set_aside is None:
                 self._set_aside = SetAside(self.data_dir)
-            jobs = _with_pending_position(batch.jobs, self._set_aside, note_position=not self._position_frozen)
+            set_aside = self._set_aside
+            jobs = _with_pending_position(batch.jobs, set_aside, note_position=not self._position_frozen)
         wal_full, self._wal_full = self._wal_full, False
 
         def transact() -> list[outcome.Outcome]:
@@ -560,7 +587,13 @@ class SQLiteStore:
                     log.exception("Store writer error; %d job(s) failed", len(jobs))
                     database.abort_transaction()
                     error = StoreError(f"internal store error: {type(exc).__name__}: {exc}")
-                    return [outcome.Error(error) for _ in batch.jobs]
+                    results = [outcome.Error(error) for _ in jobs]
+                if set_aside is not None:
+                    # The note job runs last: its success means the transaction committed.
+                    try:
+                        set_aside.transaction_ended(committed=isinstance(results[-1], outcome.Value))
+                    except OSError as exc:
+                        log.error("Could not cut back %s: %s", set_aside.path, exc)
                 return results[: len(batch.jobs)]
 
         def deliver(result: outcome.Outcome) -> None:
