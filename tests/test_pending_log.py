@@ -809,3 +809,92 @@ async def test_a_batch_whose_position_note_failed_does_not_commit_without_it(
         assert not reader.read(lambda d: d.exists("x")), "a deleted session came back"
     finally:
         reader.close()
+
+
+# -- a job after a set-aside in the same batch sees the old epoch ---------------
+
+
+async def test_a_load_in_the_batch_of_a_set_aside_is_not_behind_it_in_the_same_epoch(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session unloaded right after its change 'boom' (seq 2) was
+    acknowledged; a member reconnects within pending_delay, and its load
+    joins the batch after 'boom'. 'boom' is set aside and the session's new
+    epoch is written at once, so the load gets the new epoch (never the old
+    one at version 1, behind an acknowledged change) and its commits are taken."""
+    store = SQLiteStore(data_dir, pending_delay=0.5)
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            epoch = (await store.load("s")).epoch
+            await store.commit("s", epoch, [op(1, "a")])
+            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+            refuse_item(monkeypatch, "boom")
+            assert store.commit_now("s", epoch, [op(2, "boom")])  # acknowledged (logged)
+            document = await store.load("s")  # urgent: the same batch, after 'boom'
+            monkeypatch.undo()
+            assert [r.session_id for r in unapplied_records(data_dir)] == ["s"]
+            assert (document.epoch, document.version) != (epoch, 1)
+            await store.commit("s", document.epoch, [op(2, "c")])
+            await store.aclose()
+    assert stored(data_dir, "s") == (2, ["a", "c"])
+
+
+# -- a gone epoch's change that can't be written aside is dropped as a reset ------
+
+
+async def test_a_change_of_a_gone_epoch_is_not_lost_when_the_unapplied_file_cannot_be_written(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'boom' (seq 2) is set aside; 'b' (seq 3, same epoch) was logged while
+    that batch ran. In the next batch 'b' finds its epoch gone and must be
+    set aside too, but the file can't be written (a directory stands in its
+    place): 'b' is tried again (never taken for an administrator's reset),
+    and once the file is back it is kept aside, not lost."""
+    store = SQLiteStore(data_dir, pending_delay=0.3)
+    token = None
+    lost: list[tuple[str, str, str]] = []
+    saved: dict[str, object] = {}
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            token = trio.lowlevel.current_trio_token()
+            epoch = (await store.load("s")).epoch
+            await store.commit("s", epoch, [op(1, "a")])
+            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+
+            def append(self, sid, ep, ops, replaced=None, texts=None):
+                if any((o.command or {}).get("item_id") == "boom" for o in ops):
+                    # While this batch runs, the session's next change is acknowledged.
+                    trio.from_thread.run_sync(
+                        lambda: store.commit_now("s", epoch, [op(3, "b")]), trio_token=token
+                    )
+                    raise RecursionError("injected: an error of the change itself")
+                return real_append(self, sid, ep, ops, replaced, texts)
+
+            monkeypatch.setattr(Database, "append", append)
+
+            def on_lost(*args: str) -> None:
+                lost.append(args)
+                if len(lost) == 1:
+                    # The unapplied file can't be written for a while (a real
+                    # OSError: a directory where the file was).
+                    path = store._set_aside.path
+                    saved["path"], saved["data"] = path, path.read_bytes()
+                    path.unlink()
+                    path.mkdir()
+                    saved["transactions"] = store.transactions
+
+            store.on_session_lost = on_lost
+            assert store.commit_now("s", epoch, [op(2, "boom")])
+            await wait_until(lambda: "transactions" in saved and store.transactions > saved["transactions"])
+            # Writable again: a change tried again would now be set aside.
+            path: Path = saved["path"]  # type: ignore[assignment]
+            path.rmdir()
+            path.write_bytes(saved["data"])  # type: ignore[arg-type]
+            await trio.sleep(0.5)
+            await store.aclose()
+    await restart(data_dir)  # nor does a replay bring it back
+    kept = [text for record in unapplied_records(data_dir) for text in record.ops]
+    assert any('"b"' in text for text in kept) or "b" in stored(data_dir, "s")[1], (lost, kept)

@@ -405,14 +405,22 @@ class SetAside:
         return session in self.epochs_gone or session in self.new_epochs_gone
 
     def transaction_ended(self, committed: bool) -> None:
-        """Keep what this transaction added, or cut it off."""
+        """Keep what this transaction added, or cut it off.
+
+        Raises:
+            OSError: the file could not be measured or cut back.
+        """
+        added, self.new_epochs_gone = self.new_epochs_gone, set()
         if committed:
-            self.epochs_gone |= self.new_epochs_gone
-            if self.path is not None:
-                self._committed_size = self.path.stat().st_size
-        elif self.path is not None and self.path.exists():
+            self.epochs_gone |= added
+        if self.path is None:
+            return
+        if not self.path.exists():
+            self._committed_size = 0
+        elif committed:
+            self._committed_size = self.path.stat().st_size
+        else:
             os.truncate(self.path, self._committed_size)
-        self.new_epochs_gone = set()
 
 
 def _set_aside(data_dir: Path, unapplied: list[Record], damaged: list[bytes]) -> Path:

@@ -173,36 +173,49 @@ def _with_pending_position(
     def logged(fn: Callable[[Database], Any], logged: _Logged) -> Callable[[Database], Any]:
         mark, session = (logged.segment.number, logged.end), (logged.session_id, logged.epoch)
 
-        def set_apart(exc: BaseException) -> _SetAside:
+        def set_apart(db: Database, exc: BaseException) -> _SetAside:
             nonlocal refused
+            # At once, in this job's savepoint: the jobs after it in this
+            # batch (a load, a snapshot, the session's next change) see it.
+            # First: should it fail, nothing is in the file yet.
+            db.new_epoch_for(*session)
             try:
                 where = set_aside.add(logged.record, session)
-            except OSError:
-                refused = True
-                raise exc from None
+            except OSError as error:
+                refused = True  # tried again (never taken for a reset)
+                raise StoreError(f"{_describe_error(exc)}; could not be kept aside: {error}") from None
             reached.append(mark)
+            # A value, not raised: raising would roll the epoch back with the savepoint.
             return _SetAside(f"{_describe_error(exc)}; kept in {where}")
 
         def run(db: Database) -> Any:
             nonlocal refused
             if refused or not note_position:
                 raise _Deferred()
+            db.conn.execute("SAVEPOINT change")
             try:
                 value = fn(db)
             except SessionReset as exc:
+                if not db.conn.in_transaction:
+                    raise
+                db.conn.execute("ROLLBACK TO change")
+                db.conn.execute("RELEASE change")
                 if set_aside.gone(session):
                     # Its epoch is gone because an earlier change was set aside.
-                    raise set_apart(exc) from exc
+                    return set_apart(db, exc)
                 reached.append(mark)
                 raise
             except Exception as exc:
-                if refused_by_the_database(exc):
+                if not db.conn.in_transaction or refused_by_the_database(exc):
                     refused = True  # tried again
                     raise
-                raise set_apart(exc) from exc
+                db.conn.execute("ROLLBACK TO change")
+                db.conn.execute("RELEASE change")
+                return set_apart(db, exc)
             except BaseException:
                 refused = True
                 raise
+            db.conn.execute("RELEASE change")
             reached.append(mark)
             return value
 
@@ -210,8 +223,6 @@ def _with_pending_position(
 
     def note(db: Database) -> None:
         try:
-            for session_id, epoch in set_aside.new_epochs_gone:
-                db.new_epoch_for(session_id, epoch)
             if reached and note_position:
                 db.note_pending_position(*reached[-1])
         except BaseException:
@@ -622,6 +633,8 @@ class SQLiteStore:
             return
         again: list[_Job] = []
         for job, job_result in zip(batch.jobs, results):
+            if isinstance(job_result, outcome.Value) and isinstance(job_result.value, _SetAside):
+                job_result = outcome.Error(job_result.value)
             if isinstance(job_result, outcome.Error) and isinstance(job_result.error, _Deferred):
                 again.append(job)
                 continue
