@@ -198,9 +198,10 @@ async def test_logged_changes_share_a_transaction_and_full_segments_go_once_stor
                 assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
             first = segment_numbers(data_dir)
             assert len(first) == 1
-            while stored(data_dir, "s")[0] < 40:
+            while store.transactions == before:  # (counted once the thread reports back)
                 await trio.sleep(0.01)
             assert store.transactions - before == 1  # forty changes, one transaction
+            assert stored(data_dir, "s")[0] == 40
             # The full segment is set aside for a new one, then deleted, stored.
             while segment_numbers(data_dir) == first:
                 await trio.sleep(0.01)
