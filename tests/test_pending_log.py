@@ -223,9 +223,11 @@ async def test_a_database_locked_by_another_process_holds_changes_back_not_their
             locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
             locker.execute("BEGIN EXCLUSIVE")
             try:
-                for seq in (1, 2, 3):
+                assert store.commit_now("s", epoch, [op(1, "i1")])
+                await wait_until(lambda: store._failing_since is not None)  # the writer found the lock
+                for seq in (2, 3):
                     assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
-                    await trio.sleep(0.15)  # the writer tries, and finds the lock
+                await wait_until(lambda: store._retry_delay >= 0.4)  # and twice more
                 assert store.unreachable is None
             finally:
                 locker.execute("ROLLBACK")
@@ -256,7 +258,7 @@ async def test_a_session_reset_under_a_logged_change_fails_its_next_commit(tmp_p
                 admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
             finally:
                 admin.close()
-            await trio.sleep(0.4)  # the writer tried op 2
+            await wait_until(lambda: ("s", epoch) in store._resets)  # the writer tried op 2
             with pytest.raises(SessionReset):
                 store.commit_now("s", epoch, [op(3, "c")])
             assert store.unreachable is None
@@ -424,9 +426,10 @@ async def test_a_logged_batch_that_finishes_after_the_store_stopped_does_not_cra
             try:
                 assert store.commit_now("s", epoch, [op(1, "a")])
                 await wait_until(lambda: store._in_flight is not None)
+                batch = store._in_flight
                 await store.aclose()  # gives up on the batch (close_timeout)
                 assert store.stopped.is_set()
-                await trio.sleep(1.5)  # the thread's BEGIN times out and delivers
+                await batch.done.wait()  # the thread's BEGIN times out and delivers
             finally:
                 locker.execute("ROLLBACK")
                 locker.close()
@@ -455,8 +458,7 @@ async def test_the_second_change_of_a_new_session_survives_its_first_failing_onc
             failed = fail_append_once(monkeypatch, "s", 1)
             assert store.commit_now("s", epoch, [op(1, "a")])
             assert store.commit_now("s", epoch, [op(2, "b")])
-            await wait_until(lambda: failed and stored(data_dir, "s")[0] >= 1)
-            await trio.sleep(0.3)
+            await wait_until(lambda: failed and stored(data_dir, "s")[0] >= 2)
             # Nobody reset the session: its next change is taken...
             assert store.commit_now("s", epoch, [op(3, "c")])
             await store.aclose()
@@ -640,13 +642,13 @@ async def test_a_session_whose_change_was_set_aside_can_be_rejoined_and_written(
             code, _ = await alice.expect_closed()
             assert code == 1011
         monkeypatch.undo()
-        await trio.sleep(0.2)  # the session unloads (its snapshot, if any, is stored)
+        # The session unloads (its snapshot, ahead of what is stored, is not kept).
+        await wait_until(lambda: "s" not in harness.registry.sessions and "s" not in harness.registry.draining)
         async with harness.joined("s", "alice") as alice:
             await alice.send(add("c"))
             answer = await alice.recv()
             assert answer["type"] == "ack", answer
-        await trio.sleep(0.2)
-    assert "c" in stored(data_dir, "s")[1]
+        await wait_until(lambda: "c" in stored(data_dir, "s")[1])
 
 
 async def test_after_a_set_aside_the_reloaded_session_is_not_refused_for_ever(
@@ -714,7 +716,6 @@ async def batch_of_boom_then_x(data_dir: Path, monkeypatch: pytest.MonkeyPatch, 
             assert store.commit_now("s", s, [op(2, "boom")])
             assert store.commit_now("x", x, [op(1, "x1")])  # same batch
             await wait_until(lambda: stored(data_dir, "x")[0] == 1)
-            await trio.sleep(0.1)
             await store.aclose()
     return lost
 
@@ -894,7 +895,7 @@ async def test_a_change_of_a_gone_epoch_is_not_lost_when_the_unapplied_file_cann
             path: Path = saved["path"]  # type: ignore[assignment]
             path.rmdir()
             path.write_bytes(saved["data"])  # type: ignore[arg-type]
-            await trio.sleep(0.5)
+            await wait_until(lambda: any('"b"' in t for r in unapplied_records(data_dir) for t in r.ops))
             await store.aclose()
     await restart(data_dir)  # nor does a replay bring it back
     kept = [text for record in unapplied_records(data_dir) for text in record.ops]
