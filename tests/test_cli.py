@@ -172,3 +172,41 @@ def test_restore_timeout_is_at_most_a_day(value: str, capsys: pytest.CaptureFixt
         main(["sessions", "restore", "s", "--version", "1", "--timeout", value])
     assert info.value.code == 2
     assert "argument --timeout: at most 86400 seconds (a day)" in capsys.readouterr().err
+
+
+MALLOC_PROBE = """
+import sys
+from collab_trio.cli import give_big_buffers_back
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
+
+fixed = sys.argv[1] == "fixed" and give_big_buffers_back()
+big = b"x" * (24 * 1024 * 1024)  # freed: glibc's own threshold would rise past 8 MiB
+del big
+before = rss()
+kept = []
+for _ in range(4):
+    buffer = b"x" * (8 * 1024 * 1024)  # a big frame, written, then gone
+    kept.append(len(buffer))
+    del buffer
+print(fixed, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
+def test_serve_gives_freed_big_buffers_back_to_the_os() -> None:
+    """With glibc's mmap threshold fixed at 1 MiB (what `serve` does first),
+    a freed 8 MiB buffer leaves the process; with glibc's own rising
+    threshold it stays in the heap."""
+    growth = {}
+    for mode in ("fixed", "glibc"):
+        done = subprocess.run(
+            [sys.executable, "-c", MALLOC_PROBE, mode], capture_output=True, text=True, timeout=60, check=True,
+            env=child_env(),
+        )
+        fixed, grown = done.stdout.split()
+        assert fixed == str(mode == "fixed")
+        growth[mode] = int(grown)
+    assert growth["fixed"] < 2 * 1024 * 1024 <= 6 * 1024 * 1024 <= growth["glibc"], growth
