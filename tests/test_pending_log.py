@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,18 @@ def stored(data_dir: Path, session_id: str) -> tuple[int, list[str]]:
         return document.version, sorted(document.items)
     finally:
         reader.close()
+
+
+@contextmanager
+def locked_by_another_process(data_dir: Path) -> Iterator[None]:
+    """The database's write lock, held by a connection of its own."""
+    locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
 
 
 # -- the record format ---------------------------------------------------------------------
@@ -220,18 +234,13 @@ async def test_a_database_locked_by_another_process_holds_changes_back_not_their
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             epoch = (await store.load("s")).epoch
-            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
-            locker.execute("BEGIN EXCLUSIVE")
-            try:
+            with locked_by_another_process(data_dir):
                 assert store.commit_now("s", epoch, [op(1, "i1")])
                 await wait_until(lambda: store._failing_since is not None)  # the writer found the lock
                 for seq in (2, 3):
                     assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
                 await wait_until(lambda: store._retry_delay >= 0.4)  # and twice more
                 assert store.unreachable is None
-            finally:
-                locker.execute("ROLLBACK")
-                locker.close()
             while stored(data_dir, "s")[0] < 3:
                 await trio.sleep(0.01)
             assert stored(data_dir, "s") == (3, ["i1", "i2", "i3"])
@@ -310,18 +319,13 @@ async def test_a_store_whose_database_refuses_logged_changes_for_long_is_unreach
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             epoch = (await store.load("s")).epoch
-            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
-            locker.execute("BEGIN EXCLUSIVE")
-            try:
+            with locked_by_another_process(data_dir):
                 assert store.commit_now("s", epoch, [op(1, "a")])
                 while store.unreachable is None:
                     await trio.sleep(0.05)
                 assert "refused changes already acknowledged" in store.unreachable
                 with pytest.raises(StoreError, match="refused changes already acknowledged"):
                     store.commit_now("s", epoch, [op(2, "b")])
-            finally:
-                locker.execute("ROLLBACK")
-                locker.close()
             while store.unreachable is not None:
                 await trio.sleep(0.05)
             assert store.commit_now("s", epoch, [op(2, "b")])
@@ -382,9 +386,7 @@ async def test_a_logged_change_refused_during_shutdown_is_replayed_by_the_next_s
             await nursery.start(store.run)
             a = (await store.load("a")).epoch
             e = (await store.load("e")).epoch
-            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
-            locker.execute("BEGIN EXCLUSIVE")
-            try:
+            with locked_by_another_process(data_dir):
                 assert store.commit_now("a", a, [op(1, "a1")])  # acknowledged
                 await wait_until(lambda: store._in_flight is not None)
                 first = store._in_flight
@@ -394,9 +396,6 @@ async def test_a_logged_change_refused_during_shutdown_is_replayed_by_the_next_s
                 # closes: A stays in the log, and so does E behind it.
                 await store.stopped.wait()
                 assert first.done.is_set()
-            finally:
-                locker.execute("ROLLBACK")
-                locker.close()
             await store.stopped.wait()
     assert segment_numbers(data_dir)  # A is still in the log...
     await restart(data_dir)
@@ -421,18 +420,13 @@ async def test_a_logged_batch_that_finishes_after_the_store_stopped_does_not_cra
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             epoch = (await store.load("s")).epoch
-            locker = sqlite3.connect(database_path(data_dir), isolation_level=None)
-            locker.execute("BEGIN EXCLUSIVE")
-            try:
+            with locked_by_another_process(data_dir):
                 assert store.commit_now("s", epoch, [op(1, "a")])
                 await wait_until(lambda: store._in_flight is not None)
                 batch = store._in_flight
                 await store.aclose()  # gives up on the batch (close_timeout)
                 assert store.stopped.is_set()
                 await batch.done.wait()  # the thread's BEGIN times out and delivers
-            finally:
-                locker.execute("ROLLBACK")
-                locker.close()
     # The event loop lived on; the change waits in the log for the next start.
     assert segment_numbers(data_dir)
     await restart(data_dir)
