@@ -272,42 +272,6 @@ async def test_a_too_slow_clients_close_frame_follows_the_whole_frame_it_had_sta
             assert got[got.index(big[:10]) :] == big + close
 
 
-async def test_a_queue_past_join_bytes_goes_out_in_order_in_pieces_a_big_frame_uncopied(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Behind the rest of a big frame the socket took part of, a big frame and
-    many small ones: the writer joins small ones up to JOIN_BYTES a write,
-    hands the big one over as it is (the very object), and the client gets
-    every byte in order."""
-    big, rest_of = text_frame(b"B" * (1 << 20)), text_frame(b"A" * (1 << 20))
-    smalls = [text_frame(b"s%05d" % n) for n in range(2000)]
-    written: list[int] = []
-    real_write = os.write
-
-    def write(fd: int, data: Any) -> int:
-        if (data.obj if isinstance(data, memoryview) else data) is big:
-            written.append(fd)  # the frame itself (or a view of it), never a copy or a join
-        return real_write(fd, data)
-
-    with trio.fail_after(HANG):
-        async with socket_wire() as (wire, peer), trio.open_nursery() as nursery:
-            wire.attach()
-            await almost_full_socket(wire, peer)
-            assert wire.write(rest_of)
-            assert 0 < wire.queued_bytes < len(rest_of)  # the socket took part of it
-            assert wire.write_many([*smalls[:1000], big, *smalls[1000:]])
-            monkeypatch.setattr("collab_trio.wire.os.write", write)
-            done = trio.Event()
-            done.set()
-            nursery.start_soon(wire.run_writer, done)
-            expected = rest_of + b"".join(smalls[:1000]) + big + b"".join(smalls[1000:])
-            got = bytearray()
-            while not got.endswith(smalls[-1]):
-                got += await peer.receive_some(1 << 20)
-            assert got[got.index(rest_of[:10]) :] == expected
-            assert written and wire.drains > 4  # in pieces, the big one alone
-
-
 async def test_a_reset_connection_is_a_broken_stream() -> None:
     with trio.fail_after(HANG):
         async with socket_wire() as (wire, peer):
