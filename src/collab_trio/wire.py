@@ -46,12 +46,6 @@ READ_SIZE = 65536
 # Bytes handed to one write of a stream that is not a plain socket (TLS,
 # memory): the write timeout applies to each piece, so it measures progress.
 WRITE_CHUNK = 64 * 1024
-# Queued frames are joined for one write while they come to at most this
-# many bytes; past it they are written one by one (a document-sized
-# sync:state, and the rest of one the socket took part of, are never copied
-# into a join: 150 sync:request of a 9 MB document by a client that never
-# reads made the server hold 18 MB more).
-JOIN_BYTES = 256 * 1024
 # Frames kept while no connection claims them yet (between the upgrade and
 # the join); beyond this they are not counted.
 UNCLAIMED_FRAMES = 1024
@@ -215,10 +209,9 @@ class WireStream(trio.abc.Stream):
         self._enqueued += len(frames)
         return True
 
-    def _append(self, data: bytes, key: Hashable | None, started: bool, *, front: bool = False) -> None:
+    def _append(self, data: bytes, key: Hashable | None, started: bool) -> None:
         # write() queues plain bytes itself; this is for the rest: keyed, or
-        # what is left of a frame after a short write (`front`: it goes
-        # before what is still queued, which came after it).
+        # what is left of a frame after a short write.
         if key is not None:
             old = self._keyed.get(key)
             if old is not None and old.data is not None:
@@ -226,10 +219,7 @@ class WireStream(trio.abc.Stream):
                 self._replaceable_bytes -= old.size
                 old.data = None
         entry = _Entry(data, key, started=started)
-        if front:
-            self._queue.appendleft(entry)
-        else:
-            self._queue.append(entry)
+        self._queue.append(entry)
         self._queued_bytes += entry.size
         if key is not None:
             self._keyed[key] = entry
@@ -250,8 +240,6 @@ class WireStream(trio.abc.Stream):
             return
         data, count = self._take()
         self._send_now(data, count)
-        if self._queue:
-            self._wakeup.set()  # (past JOIN_BYTES: the rest is the writer's)
 
     def _send_now(self, data: bytes, count: int) -> None:
         """Write `data` (the last `count` entries taken) as far as the socket
@@ -264,8 +252,7 @@ class WireStream(trio.abc.Stream):
             # The rest stands for the last entry: the writer finishes it.
             self._written += count - 1
             self._enqueued -= 1
-            # (A view: the rest of a big frame is not copied.)
-            self._append(memoryview(data)[sent:], None, started=sent > 0, front=True)  # type: ignore[arg-type]
+            self._append(data[sent:], None, started=sent > 0)
             self._wakeup.set()
         if self._progress_waiters:
             self._progressed()
@@ -429,12 +416,9 @@ class WireStream(trio.abc.Stream):
         self._progress = trio.Event()
 
     def _take(self) -> tuple[bytes, int]:
-        """Everything queued, joined for one write, and how many entries it
-        was; past JOIN_BYTES only the entries up to it (_take_some)."""
+        """Everything queued, joined for one write, and how many entries it was."""
         entries = self._queue
         count = len(entries)
-        if count > 1 and self._queued_bytes > JOIN_BYTES:
-            return self._take_some()
         if count == 1:
             first = entries.popleft()
             data = first if type(first) is bytes else first.data or b""
@@ -446,31 +430,6 @@ class WireStream(trio.abc.Stream):
         self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
         self.drains += 1
         return data, count
-
-    def _take_some(self) -> tuple[bytes, int]:
-        """_take() of the first entries, joined while they come to at most
-        JOIN_BYTES; one bigger than that alone, as it is (the others stay queued)."""
-        entries, parts, size = self._queue, [], 0
-        while entries:
-            first = entries[0]
-            data = first if type(first) is bytes else first.data or b""
-            if parts and size + len(data) > JOIN_BYTES:
-                break
-            entries.popleft()
-            if type(first) is not bytes:
-                if first.key is not None:
-                    if self._keyed.get(first.key) is first:
-                        del self._keyed[first.key]
-                    self._replaceable_bytes -= len(data)
-                elif first.started:
-                    self._started_bytes -= len(data)
-            parts.append(data)
-            size += len(data)
-            if size > JOIN_BYTES:
-                break
-        self._queued_bytes -= size
-        self.drains += 1
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), len(parts)
 
     async def _read_socket(self, max_bytes: int) -> bytes:
         """SocketStream.receive_some(), one schedule point and one read per call.
