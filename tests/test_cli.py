@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import platform
 import subprocess
 import sys
 import tomllib
@@ -195,7 +196,7 @@ print(fixed, rss() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc are Linux's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and its threshold are glibc's")
 def test_serve_gives_freed_big_buffers_back_to_the_os() -> None:
     """With glibc's mmap threshold fixed at 1 MiB (what `serve` does first),
     a freed 8 MiB buffer leaves the process; with glibc's own rising
@@ -210,3 +211,17 @@ def test_serve_gives_freed_big_buffers_back_to_the_os() -> None:
         assert fixed == str(mode == "fixed")
         growth[mode] = int(grown)
     assert growth["fixed"] < 2 * 1024 * 1024 <= 6 * 1024 * 1024 <= growth["glibc"], growth
+
+
+def test_give_big_buffers_back_where_ctypes_cannot_open_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Windows, ctypes.CDLL(None) raises TypeError (ctypes/__init__.py:
+    `if '/' in name`, cpython#83424): `serve` must go on without mallopt, not crash."""
+    import collab_trio.cli as cli
+
+    def windows_cdll(name: str | None, *args: object, **kwargs: object) -> object:
+        if "/" in name or "\\" in name:  # type: ignore[operator]  # CPython's CDLL.__init__ on Windows
+            raise AssertionError("not reached for name=None")
+        raise AssertionError("only CDLL(None) is expected")
+
+    monkeypatch.setattr(cli.ctypes, "CDLL", windows_cdll)
+    assert cli.give_big_buffers_back() is False

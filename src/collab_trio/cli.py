@@ -535,8 +535,9 @@ def give_big_buffers_back() -> bool:
     """Fix glibc's mmap threshold at BIG_BUFFER_BYTES; False where there is
     no mallopt (not glibc) or it refused."""
     try:
+        # (On Windows CDLL(None) raises TypeError.)
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
