@@ -856,9 +856,10 @@ class SQLiteStore:
         """Journal ops in the next group commit, once they fit in the queue;
         `replaced` is kept as a version in the same transaction.
 
-        A small commit that finds the writer idle runs at once on the event
-        loop (see _commit_now); everything else goes through the writer. The
-        first is a cancellation point but not a schedule point: the caller
+        A small commit is made durable by the pending log (_log_commit), or
+        without it, when it finds the writer idle, runs at once on the event
+        loop (_commit_now); everything else goes through the writer. Those
+        two are a cancellation point but not a schedule point: the caller
         (a session's committer) yields before its next batch anyway, and the
         task switch would cost as much as the commit.
 
@@ -866,11 +867,11 @@ class SQLiteStore:
             StoreError: nothing was committed (SessionReset if an admin replaced it).
         """
         cost = job_cost(ops, replaced)
-        job = lambda db: db.append(session_id, epoch, ops, replaced)  # noqa: E731
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._log_commit(session_id, epoch, ops, replaced, cost):
             self._last_commit = trio.current_time()
             return
+        job = lambda db: db.append(session_id, epoch, ops, replaced)  # noqa: E731
         result = self._commit_now(job, cost, after_pause=True)
         try:
             if result is None:
