@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,16 @@ def stored(data_dir: Path, session_id: str) -> tuple[int, list[str]]:
         return document.version, sorted(document.items)
     finally:
         reader.close()
+
+
+@asynccontextmanager
+async def running(store: SQLiteStore) -> AsyncIterator[trio.Nursery]:
+    """The store running in a nursery, all of it bounded by HANG (the writer
+    works in a thread: the real clock)."""
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            yield nursery
 
 
 @contextmanager
@@ -170,28 +180,24 @@ def test_replay_never_brings_back_what_the_database_had_and_lost_since(tmp_path:
 async def test_a_logged_change_is_durable_before_sqlite_has_it_and_replayed_after_a_stop(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, pending_delay=3600)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            assert store.commit_now("s", epoch, [op(1, "a")])
-            await store.commit("s", epoch, [op(2, "b")])
-            assert stored(data_dir, "s") == (0, [])  # the log has them, SQLite not yet
-            [number] = segment_numbers(data_dir)
-            assert segment_path(data_dir, number).stat().st_size > 0
-            # Stopped without draining (as a kill would): the writer's queue is lost.
-            nursery.cancel_scope.cancel()
+    async with running(store) as nursery:
+        epoch = (await store.load("s")).epoch
+        assert store.commit_now("s", epoch, [op(1, "a")])
+        await store.commit("s", epoch, [op(2, "b")])
+        assert stored(data_dir, "s") == (0, [])  # the log has them, SQLite not yet
+        [number] = segment_numbers(data_dir)
+        assert segment_path(data_dir, number).stat().st_size > 0
+        # Stopped without draining (as a kill would): the writer's queue is lost.
+        nursery.cancel_scope.cancel()
     assert stored(data_dir, "s") == (0, [])
     restarted = SQLiteStore(data_dir)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(restarted.run)
-            assert stored(data_dir, "s") == (2, ["a", "b"])
-            assert segment_numbers(data_dir) == [number + 1]  # a fresh segment, never a reused number
-            document = await restarted.load("s")
-            assert (document.epoch, document.version) == (epoch, 2)
-            assert restarted.commit_now("s", epoch, [op(3, "c")])
-            await restarted.aclose()
+    async with running(restarted):
+        assert stored(data_dir, "s") == (2, ["a", "b"])
+        assert segment_numbers(data_dir) == [number + 1]  # a fresh segment, never a reused number
+        document = await restarted.load("s")
+        assert (document.epoch, document.version) == (epoch, 2)
+        assert restarted.commit_now("s", epoch, [op(3, "c")])
+        await restarted.aclose()
     # A clean stop stores everything and leaves no segment behind.
     assert stored(data_dir, "s") == (3, ["a", "b", "c"])
     assert segment_numbers(data_dir) == []
@@ -203,26 +209,24 @@ async def test_logged_changes_share_a_transaction_and_full_segments_go_once_stor
     monkeypatch.setattr(pending_log, "SEGMENT_BYTES", 2000)
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, pending_delay=0.05)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            before = store.transactions
-            for seq in range(1, 41):
-                assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
-            first = segment_numbers(data_dir)
-            assert len(first) == 1
-            while store.transactions == before:  # (counted once the thread reports back)
-                await trio.sleep(0.01)
-            assert store.transactions - before == 1  # forty changes, one transaction
-            assert stored(data_dir, "s")[0] == 40
-            # The full segment is set aside for a new one, then deleted, stored.
-            while segment_numbers(data_dir) == first:
-                await trio.sleep(0.01)
-            while len(segment_numbers(data_dir)) > 1:
-                await trio.sleep(0.01)
-            assert segment_numbers(data_dir)[0] > first[0]
-            await store.aclose()
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        before = store.transactions
+        for seq in range(1, 41):
+            assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
+        first = segment_numbers(data_dir)
+        assert len(first) == 1
+        while store.transactions == before:  # (counted once the thread reports back)
+            await trio.sleep(0.01)
+        assert store.transactions - before == 1  # forty changes, one transaction
+        assert stored(data_dir, "s")[0] == 40
+        # The full segment is set aside for a new one, then deleted, stored.
+        while segment_numbers(data_dir) == first:
+            await trio.sleep(0.01)
+        while len(segment_numbers(data_dir)) > 1:
+            await trio.sleep(0.01)
+        assert segment_numbers(data_dir)[0] > first[0]
+        await store.aclose()
 
 
 async def test_a_database_locked_by_another_process_holds_changes_back_not_their_acknowledgement(
@@ -230,21 +234,19 @@ async def test_a_database_locked_by_another_process_holds_changes_back_not_their
 ) -> None:
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, busy_timeout=0.1, pending_delay=0.01)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            with locked_by_another_process(data_dir):
-                assert store.commit_now("s", epoch, [op(1, "i1")])
-                await wait_until(lambda: store._failing_since is not None)  # the writer found the lock
-                for seq in (2, 3):
-                    assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
-                await wait_until(lambda: store._retry_delay >= 0.4)  # and twice more
-                assert store.unreachable is None
-            while stored(data_dir, "s")[0] < 3:
-                await trio.sleep(0.01)
-            assert stored(data_dir, "s") == (3, ["i1", "i2", "i3"])
-            await store.aclose()
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        with locked_by_another_process(data_dir):
+            assert store.commit_now("s", epoch, [op(1, "i1")])
+            await wait_until(lambda: store._failing_since is not None)  # the writer found the lock
+            for seq in (2, 3):
+                assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
+            await wait_until(lambda: store._retry_delay >= 0.4)  # and twice more
+            assert store.unreachable is None
+        while stored(data_dir, "s")[0] < 3:
+            await trio.sleep(0.01)
+        assert stored(data_dir, "s") == (3, ["i1", "i2", "i3"])
+        await store.aclose()
     assert segment_numbers(data_dir) == []
 
 
@@ -254,31 +256,27 @@ async def test_a_session_reset_under_a_logged_change_fails_its_next_commit(tmp_p
     commit says so (and the session closes its members), nothing is replayed."""
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, pending_delay=0.2)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            await store.commit("s", epoch, [op(1, "a")])
-            while stored(data_dir, "s")[0] < 1:
-                await trio.sleep(0.01)
-            assert store.commit_now("s", epoch, [op(2, "b")])
-            admin = Database(database_path(data_dir), create=False)
-            try:
-                admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
-            finally:
-                admin.close()
-            await wait_until(lambda: ("s", epoch) in store._resets)  # the writer tried op 2
-            with pytest.raises(SessionReset):
-                store.commit_now("s", epoch, [op(3, "c")])
-            assert store.unreachable is None
-            new_epoch = (await store.load("s")).epoch
-            assert store.commit_now("s", new_epoch, [op(2, "after")])
-            nursery.cancel_scope.cancel()
+    async with running(store) as nursery:
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        while stored(data_dir, "s")[0] < 1:
+            await trio.sleep(0.01)
+        assert store.commit_now("s", epoch, [op(2, "b")])
+        admin = Database(database_path(data_dir), create=False)
+        try:
+            admin.run(lambda d: d.import_state("s", [{"uuid": "imported", "item_type": "lens"}]))
+        finally:
+            admin.close()
+        await wait_until(lambda: ("s", epoch) in store._resets)  # the writer tried op 2
+        with pytest.raises(SessionReset):
+            store.commit_now("s", epoch, [op(3, "c")])
+        assert store.unreachable is None
+        new_epoch = (await store.load("s")).epoch
+        assert store.commit_now("s", new_epoch, [op(2, "after")])
+        nursery.cancel_scope.cancel()
     restarted = SQLiteStore(data_dir)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(restarted.run)
-            await restarted.aclose()
+    async with running(restarted):
+        await restarted.aclose()
     assert stored(data_dir, "s") == (2, ["after", "imported"])
     assert not any(name.startswith(UNAPPLIED_PREFIX) for name in os.listdir(data_dir))
 
@@ -286,24 +284,22 @@ async def test_a_session_reset_under_a_logged_change_fails_its_next_commit(tmp_p
 async def test_a_change_the_log_cannot_take_is_refused_and_nothing_of_it_stays(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            assert store.commit_now("s", epoch, [op(1, "a")])
-            pending = store._pending
-            assert pending is not None
-            # The segment's descriptor now refuses writes, as a failing disk would.
-            writable = pending.current.fd
-            pending.current.fd = os.open(segment_path(data_dir, pending.current.number), os.O_RDONLY)
-            try:
-                with pytest.raises(StoreError, match="cannot write the pending log"):
-                    store.commit_now("s", epoch, [op(2, "b")])
-            finally:
-                os.close(pending.current.fd)
-                pending.current.fd = writable
-            assert store.commit_now("s", epoch, [op(2, "c")])
-            await store.aclose()
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        assert store.commit_now("s", epoch, [op(1, "a")])
+        pending = store._pending
+        assert pending is not None
+        # The segment's descriptor now refuses writes, as a failing disk would.
+        writable = pending.current.fd
+        pending.current.fd = os.open(segment_path(data_dir, pending.current.number), os.O_RDONLY)
+        try:
+            with pytest.raises(StoreError, match="cannot write the pending log"):
+                store.commit_now("s", epoch, [op(2, "b")])
+        finally:
+            os.close(pending.current.fd)
+            pending.current.fd = writable
+        assert store.commit_now("s", epoch, [op(2, "c")])
+        await store.aclose()
     assert stored(data_dir, "s") == (2, ["a", "c"])
 
 
@@ -315,21 +311,19 @@ async def test_a_store_whose_database_refuses_logged_changes_for_long_is_unreach
     monkeypatch.setattr(sqlite, "PENDING_GIVE_UP", 0.3)
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, busy_timeout=0.05, pending_delay=0.01)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            with locked_by_another_process(data_dir):
-                assert store.commit_now("s", epoch, [op(1, "a")])
-                while store.unreachable is None:
-                    await trio.sleep(0.05)
-                assert "refused changes already acknowledged" in store.unreachable
-                with pytest.raises(StoreError, match="refused changes already acknowledged"):
-                    store.commit_now("s", epoch, [op(2, "b")])
-            while store.unreachable is not None:
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        with locked_by_another_process(data_dir):
+            assert store.commit_now("s", epoch, [op(1, "a")])
+            while store.unreachable is None:
                 await trio.sleep(0.05)
-            assert store.commit_now("s", epoch, [op(2, "b")])
-            await store.aclose()
+            assert "refused changes already acknowledged" in store.unreachable
+            with pytest.raises(StoreError, match="refused changes already acknowledged"):
+                store.commit_now("s", epoch, [op(2, "b")])
+        while store.unreachable is not None:
+            await trio.sleep(0.05)
+        assert store.commit_now("s", epoch, [op(2, "b")])
+        await store.aclose()
     assert stored(data_dir, "s") == (2, ["a", "b"])
 
 
@@ -345,10 +339,8 @@ async def wait_until(predicate, step: float = 0.005) -> None:
 async def restart(data_dir: Path) -> None:
     """A new server on the data directory: replay, then a clean stop."""
     store = SQLiteStore(data_dir)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            await store.aclose()
+    async with running(store):
+        await store.aclose()
 
 
 # -- refusals, stops and offline commands (found by review) ----------------------------
@@ -381,22 +373,20 @@ async def test_a_logged_change_refused_during_shutdown_is_replayed_by_the_next_s
     notes the pending position past A: the next start skips A as stored."""
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, busy_timeout=0.5, pending_delay=0.01)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            a = (await store.load("a")).epoch
-            e = (await store.load("e")).epoch
-            with locked_by_another_process(data_dir):
-                assert store.commit_now("a", a, [op(1, "a1")])  # acknowledged
-                await wait_until(lambda: store._in_flight is not None)
-                first = store._in_flight
-                assert store.commit_now("e", e, [op(1, "e1")])  # acknowledged, queued behind A's batch
-                nursery.start_soon(store.aclose)
-                # A's batch fails on the lock (busy_timeout) while the store
-                # closes: A stays in the log, and so does E behind it.
-                await store.stopped.wait()
-                assert first.done.is_set()
+    async with running(store) as nursery:
+        a = (await store.load("a")).epoch
+        e = (await store.load("e")).epoch
+        with locked_by_another_process(data_dir):
+            assert store.commit_now("a", a, [op(1, "a1")])  # acknowledged
+            await wait_until(lambda: store._in_flight is not None)
+            first = store._in_flight
+            assert store.commit_now("e", e, [op(1, "e1")])  # acknowledged, queued behind A's batch
+            nursery.start_soon(store.aclose)
+            # A's batch fails on the lock (busy_timeout) while the store
+            # closes: A stays in the log, and so does E behind it.
             await store.stopped.wait()
+            assert first.done.is_set()
+        await store.stopped.wait()
     assert segment_numbers(data_dir)  # A is still in the log...
     await restart(data_dir)
     # ...and the next start must store it: it was acknowledged.
@@ -416,17 +406,15 @@ async def test_a_logged_batch_that_finishes_after_the_store_stopped_does_not_cra
     None` inside a run_sync_soon callback: TrioInternalError."""
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, busy_timeout=1.0, close_timeout=0.2, pending_delay=0.01)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            with locked_by_another_process(data_dir):
-                assert store.commit_now("s", epoch, [op(1, "a")])
-                await wait_until(lambda: store._in_flight is not None)
-                batch = store._in_flight
-                await store.aclose()  # gives up on the batch (close_timeout)
-                assert store.stopped.is_set()
-                await batch.done.wait()  # the thread's BEGIN times out and delivers
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        with locked_by_another_process(data_dir):
+            assert store.commit_now("s", epoch, [op(1, "a")])
+            await wait_until(lambda: store._in_flight is not None)
+            batch = store._in_flight
+            await store.aclose()  # gives up on the batch (close_timeout)
+            assert store.stopped.is_set()
+            await batch.done.wait()  # the thread's BEGIN times out and delivers
     # The event loop lived on; the change waits in the log for the next start.
     assert segment_numbers(data_dir)
     await restart(data_dir)
@@ -445,17 +433,15 @@ async def test_the_second_change_of_a_new_session_survives_its_first_failing_onc
     and the retried seq 1 then moves the pending position past it."""
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, pending_delay=0.05)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            failed = fail_append_once(monkeypatch, "s", 1)
-            assert store.commit_now("s", epoch, [op(1, "a")])
-            assert store.commit_now("s", epoch, [op(2, "b")])
-            await wait_until(lambda: failed and stored(data_dir, "s")[0] >= 2)
-            # Nobody reset the session: its next change is taken...
-            assert store.commit_now("s", epoch, [op(3, "c")])
-            await store.aclose()
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        failed = fail_append_once(monkeypatch, "s", 1)
+        assert store.commit_now("s", epoch, [op(1, "a")])
+        assert store.commit_now("s", epoch, [op(2, "b")])
+        await wait_until(lambda: failed and stored(data_dir, "s")[0] >= 2)
+        # Nobody reset the session: its next change is taken...
+        assert store.commit_now("s", epoch, [op(3, "c")])
+        await store.aclose()
     # ...and both acknowledged changes are stored.
     assert stored(data_dir, "s") == (3, ["a", "b", "c"])
 
@@ -474,17 +460,15 @@ async def test_a_load_after_an_acknowledged_change_sees_it_even_if_its_first_try
     for ever (and skipped as 'present' by a replay)."""
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, pending_delay=0.05)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            await store.commit("s", epoch, [op(1, "a")])
-            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
-            fail_append_once(monkeypatch, "s", 2)
-            assert store.commit_now("s", epoch, [op(2, "b")])  # acknowledged, relayed
-            document = await store.load("s")  # a successor session loads
-            assert document.version == 2, "the load does not see an acknowledged change"
-            await store.aclose()
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+        fail_append_once(monkeypatch, "s", 2)
+        assert store.commit_now("s", epoch, [op(2, "b")])  # acknowledged, relayed
+        document = await store.load("s")  # a successor session loads
+        assert document.version == 2, "the load does not see an acknowledged change"
+        await store.aclose()
 
 
 # -- an offline `sessions restore` after a kill takes the seq of a logged change ----
@@ -495,20 +479,18 @@ async def test_an_offline_restore_after_a_kill_does_not_make_the_next_start_drop
 ) -> None:
     data_dir = tmp_path / "data"
     store = SQLiteStore(data_dir, pending_delay=0.01)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            await store.commit("s", epoch, [op(1, "a")])
-            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
-            # A replacing change keeps version 1 (goes to the database directly).
-            replace = Op(2, "alice", "replace", "2026-01-01T00:00:00+00:00", items=[{"uuid": "r", "item_type": "lens"}])
-            kept = KeptVersion(1, [{"uuid": "a", "item_type": "lens"}], "alice", "replace", "2026-01-01T00:00:00+00:00")
-            await store.commit("s", epoch, [replace], kept)
-            await wait_until(lambda: stored(data_dir, "s")[0] == 2)
-            store.pending_delay = 3600
-            assert store.commit_now("s", epoch, [op(3, "b")])  # acknowledged: in the log only
-            nursery.cancel_scope.cancel()  # as a kill -9: the queue is lost, the log stays
+    async with running(store) as nursery:
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+        # A replacing change keeps version 1 (goes to the database directly).
+        replace = Op(2, "alice", "replace", "2026-01-01T00:00:00+00:00", items=[{"uuid": "r", "item_type": "lens"}])
+        kept = KeptVersion(1, [{"uuid": "a", "item_type": "lens"}], "alice", "replace", "2026-01-01T00:00:00+00:00")
+        await store.commit("s", epoch, [replace], kept)
+        await wait_until(lambda: stored(data_dir, "s")[0] == 2)
+        store.pending_delay = 3600
+        assert store.commit_now("s", epoch, [op(3, "b")])  # acknowledged: in the log only
+        nursery.cancel_scope.cancel()  # as a kill -9: the queue is lost, the log stays
     assert stored(data_dir, "s")[0] == 2 and segment_numbers(data_dir)
     # The operator restores version 1 with no server running (the real command).
     env = {**os.environ, "COLLAB_TRIO_DATA_DIR": str(data_dir)}
@@ -575,17 +557,15 @@ async def test_nothing_after_a_refused_logged_change_is_stored_and_a_kill_then_l
         return real(self, sid, epoch, ops, replaced, texts)
 
     store = SQLiteStore(data_dir, pending_delay=0.05)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            y = (await store.load("y")).epoch
-            x = (await store.load("x")).epoch
-            monkeypatch.setattr(Database, "append", append)
-            assert store.commit_now("y", y, [op(1, "y1")])
-            assert store.commit_now("x", x, [op(1, "x1")])
-            await wait_until(lambda: store._failing_since is not None and store._retry_delay > 0.2)
-            assert stored(data_dir, "x") == (0, [])  # tried three times, never past y
-            nursery.cancel_scope.cancel()  # as a kill -9
+    async with running(store) as nursery:
+        y = (await store.load("y")).epoch
+        x = (await store.load("x")).epoch
+        monkeypatch.setattr(Database, "append", append)
+        assert store.commit_now("y", y, [op(1, "y1")])
+        assert store.commit_now("x", x, [op(1, "x1")])
+        await wait_until(lambda: store._failing_since is not None and store._retry_delay > 0.2)
+        assert stored(data_dir, "x") == (0, [])  # tried three times, never past y
+        nursery.cancel_scope.cancel()  # as a kill -9
     monkeypatch.undo()
     await restart(data_dir)
     assert stored(data_dir, "y") == (1, ["y1"]) and stored(data_dir, "x") == (1, ["x1"])
@@ -651,23 +631,21 @@ async def test_after_a_set_aside_the_reloaded_session_is_not_refused_for_ever(
     """Store level, without the unload snapshot of the test above: the
     successor session loads a new epoch and its commits are taken."""
     store = SQLiteStore(data_dir, pending_delay=0.01)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            await store.commit("s", epoch, [op(1, "a")])
-            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
-            refuse_item(monkeypatch, "boom")
-            lost: list[tuple[str, str, str]] = []
-            store.on_session_lost = lambda *args: lost.append(args)
-            assert store.commit_now("s", epoch, [op(2, "boom")])
-            await wait_until(lambda: lost)
-            monkeypatch.undo()
-            document = await store.load("s")  # the members reconnect: a successor loads
-            # A new epoch: no seq its members saw goes to another op.
-            assert document.epoch != epoch and document.version == 1
-            await store.commit("s", document.epoch, [op(2, "c")])
-            await store.aclose()
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+        refuse_item(monkeypatch, "boom")
+        lost: list[tuple[str, str, str]] = []
+        store.on_session_lost = lambda *args: lost.append(args)
+        assert store.commit_now("s", epoch, [op(2, "boom")])
+        await wait_until(lambda: lost)
+        monkeypatch.undo()
+        document = await store.load("s")  # the members reconnect: a successor loads
+        # A new epoch: no seq its members saw goes to another op.
+        assert document.epoch != epoch and document.version == 1
+        await store.commit("s", document.epoch, [op(2, "c")])
+        await store.aclose()
     assert stored(data_dir, "s") == (2, ["a", "c"])
 
 
@@ -698,19 +676,17 @@ def fault(monkeypatch: pytest.MonkeyPatch, *, boom_fails_always: bool) -> None:
 async def batch_of_boom_then_x(data_dir: Path, monkeypatch: pytest.MonkeyPatch, *, always: bool) -> list:
     store = SQLiteStore(data_dir, pending_delay=0.05)
     lost: list = []
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            s = (await store.load("s")).epoch
-            x = (await store.load("x")).epoch
-            await store.commit("s", s, [op(1, "a")])
-            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
-            store.on_session_lost = lambda *args: lost.append(args)
-            fault(monkeypatch, boom_fails_always=always)
-            assert store.commit_now("s", s, [op(2, "boom")])
-            assert store.commit_now("x", x, [op(1, "x1")])  # same batch
-            await wait_until(lambda: stored(data_dir, "x")[0] == 1)
-            await store.aclose()
+    async with running(store):
+        s = (await store.load("s")).epoch
+        x = (await store.load("x")).epoch
+        await store.commit("s", s, [op(1, "a")])
+        await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+        store.on_session_lost = lambda *args: lost.append(args)
+        fault(monkeypatch, boom_fails_always=always)
+        assert store.commit_now("s", s, [op(2, "boom")])
+        assert store.commit_now("x", x, [op(1, "x1")])  # same batch
+        await wait_until(lambda: stored(data_dir, "x")[0] == 1)
+        await store.aclose()
     return lost
 
 
@@ -739,20 +715,16 @@ async def test_a_killed_servers_unstorable_change_does_not_stop_the_next_start(
     """Killed before the writer got to such a change, the next start sets it
     aside (its session gets a new epoch) and starts."""
     store = SQLiteStore(data_dir, pending_delay=3600)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            s = (await store.load("s")).epoch
-            t = (await store.load("t")).epoch
-            assert store.commit_now("s", s, [op(1, "boom")])  # acknowledged
-            assert store.commit_now("t", t, [op(1, "t1")])  # acknowledged
-            nursery.cancel_scope.cancel()  # as a kill -9
+    async with running(store) as nursery:
+        s = (await store.load("s")).epoch
+        t = (await store.load("t")).epoch
+        assert store.commit_now("s", s, [op(1, "boom")])  # acknowledged
+        assert store.commit_now("t", t, [op(1, "t1")])  # acknowledged
+        nursery.cancel_scope.cancel()  # as a kill -9
     refuse_item(monkeypatch, "boom")
     restarted = SQLiteStore(data_dir)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(restarted.run)
-            await restarted.aclose()
+    async with running(restarted):
+        await restarted.aclose()
     assert stored(data_dir, "t") == (1, ["t1"])
     assert [r.session_id for r in unapplied_records(data_dir)] == ["s"]
 
@@ -776,30 +748,26 @@ async def test_a_batch_whose_position_note_failed_does_not_commit_without_it(
         return real_note(self, segment, offset)
 
     store = SQLiteStore(data_dir, pending_delay=0.01)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            x = (await store.load("x")).epoch
-            monkeypatch.setattr(Database, "note_pending_position", note)
-            assert store.commit_now("x", x, [op(1, "x1")])
-            await wait_until(lambda: stored(data_dir, "x")[0] == 1)
-            admin = Database(database_path(data_dir), create=False)
-            try:
-                admin.run(lambda d: d.delete("x"))  # `sessions delete x` beside the server
-            finally:
-                admin.close()
-            # A kill -9 now: the segments stay as they are (a cancelled store
-            # would delete them, everything being stored).
-            kept = {n: segment_path(data_dir, n).read_bytes() for n in segment_numbers(data_dir)}
-            nursery.cancel_scope.cancel()
+    async with running(store) as nursery:
+        x = (await store.load("x")).epoch
+        monkeypatch.setattr(Database, "note_pending_position", note)
+        assert store.commit_now("x", x, [op(1, "x1")])
+        await wait_until(lambda: stored(data_dir, "x")[0] == 1)
+        admin = Database(database_path(data_dir), create=False)
+        try:
+            admin.run(lambda d: d.delete("x"))  # `sessions delete x` beside the server
+        finally:
+            admin.close()
+        # A kill -9 now: the segments stay as they are (a cancelled store
+        # would delete them, everything being stored).
+        kept = {n: segment_path(data_dir, n).read_bytes() for n in segment_numbers(data_dir)}
+        nursery.cancel_scope.cancel()
     for n, data in kept.items():
         segment_path(data_dir, n).write_bytes(data)
     monkeypatch.undo()
     restarted = SQLiteStore(data_dir)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(restarted.run)
-            await restarted.aclose()
+    async with running(restarted):
+        await restarted.aclose()
     reader = Database(database_path(data_dir), create=False, readonly=True)
     try:
         assert not reader.read(lambda d: d.exists("x")), "a deleted session came back"
@@ -819,20 +787,18 @@ async def test_a_load_in_the_batch_of_a_set_aside_is_not_behind_it_in_the_same_e
     epoch is written at once, so the load gets the new epoch (never the old
     one at version 1, behind an acknowledged change) and its commits are taken."""
     store = SQLiteStore(data_dir, pending_delay=0.5)
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            epoch = (await store.load("s")).epoch
-            await store.commit("s", epoch, [op(1, "a")])
-            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
-            refuse_item(monkeypatch, "boom")
-            assert store.commit_now("s", epoch, [op(2, "boom")])  # acknowledged (logged)
-            document = await store.load("s")  # urgent: the same batch, after 'boom'
-            monkeypatch.undo()
-            assert [r.session_id for r in unapplied_records(data_dir)] == ["s"]
-            assert (document.epoch, document.version) != (epoch, 1)
-            await store.commit("s", document.epoch, [op(2, "c")])
-            await store.aclose()
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+        refuse_item(monkeypatch, "boom")
+        assert store.commit_now("s", epoch, [op(2, "boom")])  # acknowledged (logged)
+        document = await store.load("s")  # urgent: the same batch, after 'boom'
+        monkeypatch.undo()
+        assert [r.session_id for r in unapplied_records(data_dir)] == ["s"]
+        assert (document.epoch, document.version) != (epoch, 1)
+        await store.commit("s", document.epoch, [op(2, "c")])
+        await store.aclose()
     assert stored(data_dir, "s") == (2, ["a", "c"])
 
 
@@ -852,45 +818,43 @@ async def test_a_change_of_a_gone_epoch_is_not_lost_when_the_unapplied_file_cann
     lost: list[tuple[str, str, str]] = []
     saved: dict[str, object] = {}
 
-    with trio.fail_after(HANG):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            token = trio.lowlevel.current_trio_token()
-            epoch = (await store.load("s")).epoch
-            await store.commit("s", epoch, [op(1, "a")])
-            await wait_until(lambda: stored(data_dir, "s")[0] == 1)
+    async with running(store):
+        token = trio.lowlevel.current_trio_token()
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        await wait_until(lambda: stored(data_dir, "s")[0] == 1)
 
-            def append(self, sid, ep, ops, replaced=None, texts=None):
-                if any((o.command or {}).get("item_id") == "boom" for o in ops):
-                    # While this batch runs, the session's next change is acknowledged.
-                    trio.from_thread.run_sync(
-                        lambda: store.commit_now("s", epoch, [op(3, "b")]), trio_token=token
-                    )
-                    raise RecursionError("injected: an error of the change itself")
-                return real_append(self, sid, ep, ops, replaced, texts)
+        def append(self, sid, ep, ops, replaced=None, texts=None):
+            if any((o.command or {}).get("item_id") == "boom" for o in ops):
+                # While this batch runs, the session's next change is acknowledged.
+                trio.from_thread.run_sync(
+                    lambda: store.commit_now("s", epoch, [op(3, "b")]), trio_token=token
+                )
+                raise RecursionError("injected: an error of the change itself")
+            return real_append(self, sid, ep, ops, replaced, texts)
 
-            monkeypatch.setattr(Database, "append", append)
+        monkeypatch.setattr(Database, "append", append)
 
-            def on_lost(*args: str) -> None:
-                lost.append(args)
-                if len(lost) == 1:
-                    # The unapplied file can't be written for a while (a real
-                    # OSError: a directory where the file was).
-                    path = store._set_aside.path
-                    saved["path"], saved["data"] = path, path.read_bytes()
-                    path.unlink()
-                    path.mkdir()
-                    saved["transactions"] = store.transactions
+        def on_lost(*args: str) -> None:
+            lost.append(args)
+            if len(lost) == 1:
+                # The unapplied file can't be written for a while (a real
+                # OSError: a directory where the file was).
+                path = store._set_aside.path
+                saved["path"], saved["data"] = path, path.read_bytes()
+                path.unlink()
+                path.mkdir()
+                saved["transactions"] = store.transactions
 
-            store.on_session_lost = on_lost
-            assert store.commit_now("s", epoch, [op(2, "boom")])
-            await wait_until(lambda: "transactions" in saved and store.transactions > saved["transactions"])
-            # Writable again: a change tried again would now be set aside.
-            path: Path = saved["path"]  # type: ignore[assignment]
-            path.rmdir()
-            path.write_bytes(saved["data"])  # type: ignore[arg-type]
-            await wait_until(lambda: any('"b"' in t for r in unapplied_records(data_dir) for t in r.ops))
-            await store.aclose()
+        store.on_session_lost = on_lost
+        assert store.commit_now("s", epoch, [op(2, "boom")])
+        await wait_until(lambda: "transactions" in saved and store.transactions > saved["transactions"])
+        # Writable again: a change tried again would now be set aside.
+        path: Path = saved["path"]  # type: ignore[assignment]
+        path.rmdir()
+        path.write_bytes(saved["data"])  # type: ignore[arg-type]
+        await wait_until(lambda: any('"b"' in t for r in unapplied_records(data_dir) for t in r.ops))
+        await store.aclose()
     await restart(data_dir)  # nor does a replay bring it back
     kept = [text for record in unapplied_records(data_dir) for text in record.ops]
     assert any('"b"' in text for text in kept) or "b" in stored(data_dir, "s")[1], (lost, kept)
