@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -43,7 +44,7 @@ from collab_trio.testing import (
     raw_connect,
     sync_request,
 )
-from collab_trio.wire import WireStream, close_frame, text_frame
+from collab_trio.wire import IOV_MAX, WireStream, close_frame, text_frame
 
 # -- reading a plain socket --------------------------------------------------------
 
@@ -243,6 +244,54 @@ async def test_the_rest_of_a_frame_the_socket_took_part_of_is_left_to_the_writer
             small = text_frame(b"small")
             assert wire.write(small)
             assert wire.queued_bytes == rest + len(small) and wire.backlog == len(small)
+
+
+async def test_queued_frames_go_out_in_one_write_without_a_copy_of_a_big_one() -> None:
+    """A flush writes what is queued with one writev() of the frames as they
+    are: neither the big frame behind small ones is copied into a joined
+    buffer, nor the rest of it the socket did not take (a view of it). A
+    never-reader sent a 9 MB sync:state used to pin two more copies."""
+    big = text_frame(b"b" * (16 << 20))
+    small = [text_frame(b"s%d" % i) for i in range(3)]
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer), trio.open_nursery() as nursery:
+            wire.attach()
+            await almost_full_socket(wire, peer)
+            tracemalloc.start()
+            try:
+                for frame in [*small, big]:
+                    assert wire.write(frame, corked=True)
+                wire.flush()
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert peak < 1 << 20
+            assert 0 < wire.queued_bytes < len(big) and wire.backlog == 0  # the rest, started
+            done = trio.Event()
+            done.set()
+            nursery.start_soon(wire.run_writer, done)
+            expected = b"".join(small) + big
+            got = bytearray()
+            while not got.endswith(big):
+                got += await peer.receive_some(1 << 20)
+            # (The zeros before them are what filled the socket.)
+            assert got[got.index(small[0]) :] == expected
+
+
+async def test_more_frames_than_one_writev_takes_are_written_whole_and_in_order() -> None:
+    frames = [text_frame(b"%d" % i) for i in range(3 * IOV_MAX + 7)]
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer):
+            wire.attach()
+            for frame in frames:
+                assert wire.write(frame, corked=True)
+            wire.flush()
+            assert wire.queued_bytes == 0  # the socket took every group
+            expected = b"".join(frames)
+            got = bytearray()
+            while len(got) < len(expected):
+                got += await peer.receive_some(1 << 20)
+            assert got == expected
 
 
 async def test_a_too_slow_clients_close_frame_follows_the_whole_frame_it_had_started() -> None:

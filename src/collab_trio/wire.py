@@ -50,6 +50,9 @@ WRITE_CHUNK = 64 * 1024
 # the join); beyond this they are not counted.
 UNCLAIMED_FRAMES = 1024
 
+# Buffers one writev() takes at most (POSIX IOV_MAX, 1024 on Linux).
+IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
 _LENGTH_16 = struct.Struct("!BBH")
 _LENGTH_64 = struct.Struct("!BBQ")
 
@@ -76,15 +79,27 @@ class WriteTimeout(Exception):
     """The client's socket accepted no bytes for the write timeout."""
 
 
+Buffer = bytes | memoryview
+
+
 class _Entry:
-    """One queued write: its bytes, the key that may replace it, its size."""
+    """One queued write: its bytes, the key that may replace it, its size.
+
+    The rest of a write the socket took only part of is one entry too: the
+    buffers it had still to write (views of the frames, not copies).
+    """
 
     __slots__ = ("data", "key", "size", "started")
 
-    def __init__(self, data: bytes | None, key: Hashable | None, *, started: bool = False) -> None:
+    def __init__(self, data: Buffer | list[Buffer] | None, key: Hashable | None, *, started: bool = False) -> None:
         self.data = data
         self.key = key
-        self.size = 0 if data is None else len(data)
+        if data is None:
+            self.size = 0
+        elif type(data) is list:
+            self.size = sum(map(len, data))
+        else:
+            self.size = len(data)  # type: ignore[arg-type]
         # The rest of a frame the socket took part of: in flight, like a batch
         # the writer holds, so not backlog (one message may be big).
         self.started = started
@@ -188,7 +203,7 @@ class WireStream(trio.abc.Stream):
                 # flush() of this one frame, without queueing it first.
                 self._enqueued += 1
                 self.drains += 1
-                self._send_now(data, 1)
+                self._send_now([data], len(data), 1)
                 return True
             self._queue.append(data)
             self._queued_bytes += len(data)
@@ -209,7 +224,7 @@ class WireStream(trio.abc.Stream):
         self._enqueued += len(frames)
         return True
 
-    def _append(self, data: bytes, key: Hashable | None, started: bool) -> None:
+    def _append(self, data: Buffer | list[Buffer], key: Hashable | None, started: bool) -> None:
         # write() queues plain bytes itself; this is for the rest: keyed, or
         # what is left of a frame after a short write.
         if key is not None:
@@ -238,21 +253,21 @@ class WireStream(trio.abc.Stream):
             # socket took nothing of would count all of it as backlog again.)
             self._wakeup.set()
             return
-        data, count = self._take()
-        self._send_now(data, count)
+        pieces, size, count = self._take()
+        self._send_now(pieces, size, count)
 
-    def _send_now(self, data: bytes, count: int) -> None:
-        """Write `data` (the last `count` entries taken) as far as the socket
-        takes it at once; the writer task gets the rest."""
-        sent = self._write_now(data)
+    def _send_now(self, pieces: list[Buffer], size: int, count: int) -> None:
+        """Write `pieces` (`size` bytes, the last `count` entries taken) as far
+        as the socket takes them at once; the writer task gets the rest."""
+        sent = self._write_now(pieces)
         self.counters.bytes_sent += sent
-        if sent == len(data):
+        if sent == size:
             self._written += count
         else:
             # The rest stands for the last entry: the writer finishes it.
             self._written += count - 1
             self._enqueued -= 1
-            self._append(data[sent:], None, started=sent > 0)
+            self._append(_after(pieces, sent), None, started=sent > 0)
             self._wakeup.set()
         if self._progress_waiters:
             self._progressed()
@@ -306,10 +321,10 @@ class WireStream(trio.abc.Stream):
                     if not self._queue and not until.is_set():
                         await self._wakeup.wait()
                     continue
-                data, count = self._take()
+                pieces, _, count = self._take()
                 self._writing = True
                 try:
-                    await self._write_all(data)
+                    await self._write_all(pieces)
                 finally:
                     self._writing = False
                 self._written += count
@@ -415,21 +430,32 @@ class WireStream(trio.abc.Stream):
         self._progress.set()
         self._progress = trio.Event()
 
-    def _take(self) -> tuple[bytes, int]:
-        """Everything queued, joined for one write, and how many entries it was."""
+    def _take(self) -> tuple[list[Buffer], int, int]:
+        """Everything queued, as the buffers of one write (not joined: a
+        big frame is never copied), their bytes, and how many entries it was."""
         entries = self._queue
         count = len(entries)
         if count == 1:
             first = entries.popleft()
-            data = first if type(first) is bytes else first.data or b""
+            if type(first) is bytes:
+                pieces, size = [first], len(first)
+            else:
+                pieces, size = _buffers(first.data), first.size  # type: ignore[union-attr]
         else:
-            data = b"".join([e if type(e) is bytes else e.data or b"" for e in entries])
+            pieces, size = [], 0
+            for entry in entries:
+                if type(entry) is bytes:
+                    pieces.append(entry)
+                    size += len(entry)
+                elif entry.data is not None:  # type: ignore[union-attr]
+                    pieces += _buffers(entry.data)  # type: ignore[union-attr]
+                    size += entry.size  # type: ignore[union-attr]
             entries.clear()
         if self._keyed:
             self._keyed.clear()
         self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
         self.drains += 1
-        return data, count
+        return pieces, size, count
 
     async def _read_socket(self, max_bytes: int) -> bytes:
         """SocketStream.receive_some(), one schedule point and one read per call.
@@ -471,20 +497,23 @@ class WireStream(trio.abc.Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
-    def _write_now(self, data: bytes) -> int:
+    def _write_now(self, pieces: list[Buffer]) -> int:
         """Write what the socket takes at once; 0 if it takes nothing or broke."""
         fd = self._socket.fileno()
         if fd < 0:
             return 0  # closed: the writer reports it
         try:
-            return os.write(fd, data)
+            return _write(fd, pieces)
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
             return 0  # reset or broken pipe: the writer's own write reports it
 
-    async def _write_all(self, data: bytes) -> None:
+    async def _write_all(self, pieces: list[Buffer]) -> None:
         if self._socket is None:
+            # TLS or a memory stream: small frames joined, so that one record
+            # carries many; the write timeout applies to each chunk.
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             for start in range(0, len(data), WRITE_CHUNK):
                 chunk = data[start : start + WRITE_CHUNK]
                 with trio.move_on_after(self.write_timeout) as scope:
@@ -493,23 +522,68 @@ class WireStream(trio.abc.Stream):
                     raise WriteTimeout(f"no bytes accepted for {self.write_timeout:g} s")
                 self.counters.bytes_sent += len(chunk)
             return
-        view = memoryview(data)
-        while view:
+        while pieces:
             fd = self._socket.fileno()
             if fd < 0:
                 raise trio.ClosedResourceError("socket closed")
             try:
-                sent = os.write(fd, view)
+                sent = _write(fd, pieces)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
             self.counters.bytes_sent += sent
-            view = view[sent:]
-            if view:
+            pieces = _after(pieces, sent)
+            if pieces:
                 with trio.move_on_after(self.write_timeout) as scope:
                     await trio.lowlevel.wait_writable(self._socket)
                 if scope.cancelled_caught:
                     raise WriteTimeout(f"no bytes accepted for {self.write_timeout:g} s")
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+def _buffers(data: Buffer | list[Buffer] | None) -> list[Buffer]:
+    """An entry's data as a list of buffers (none for a replaced entry)."""
+    if data is None:
+        return []
+    return data if type(data) is list else [data]  # type: ignore[list-item]
+
+
+def _write(fd: int, pieces: list[Buffer]) -> int:
+    """One write of `pieces` in order (writev: no join); the bytes written.
+
+    More buffers than one writev() takes are written IOV_MAX at a time, while
+    the socket takes each group whole.
+    """
+    if len(pieces) <= 1:
+        return os.write(fd, pieces[0]) if pieces else 0
+    if len(pieces) <= IOV_MAX:
+        return os.writev(fd, pieces)
+    sent = 0
+    for start in range(0, len(pieces), IOV_MAX):
+        group = pieces[start : start + IOV_MAX]
+        try:
+            written = os.writev(fd, group)
+        except (BlockingIOError, InterruptedError):
+            if sent:
+                return sent
+            raise
+        sent += written
+        if written < sum(map(len, group)):
+            break
+    return sent
+
+
+def _after(pieces: list[Buffer], sent: int) -> list[Buffer]:
+    """What of `pieces` is still to write after `sent` bytes of them were
+    (a frame written in part continues as a view: no copy)."""
+    for index, piece in enumerate(pieces):
+        size = len(piece)
+        if sent < size:
+            rest = pieces[index:] if index else list(pieces)
+            if sent:
+                rest[0] = memoryview(piece)[sent:]
+            return rest
+        sent -= size
+    return []
