@@ -50,8 +50,18 @@ WRITE_CHUNK = 64 * 1024
 # the join); beyond this they are not counted.
 UNCLAIMED_FRAMES = 1024
 
-# Buffers one writev() takes at most (POSIX IOV_MAX, 1024 on Linux).
-IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+def _iov_max() -> int:
+    """Buffers one writev() takes at most (POSIX IOV_MAX: 1024 on Linux; 16,
+    the least POSIX allows, where the system doesn't say)."""
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 16
+    return min(value, 1024) if value > 0 else 16
+
+
+IOV_MAX = _iov_max()
 
 _LENGTH_16 = struct.Struct("!BBH")
 _LENGTH_64 = struct.Struct("!BBQ")
