@@ -8,6 +8,7 @@ lockstep streams are clients that read only when the test says so.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -44,6 +45,7 @@ from collab_trio.testing import (
     raw_connect,
     sync_request,
 )
+from collab_trio import wire as wire_module
 from collab_trio.wire import IOV_MAX, WireStream, close_frame, text_frame
 
 # -- reading a plain socket --------------------------------------------------------
@@ -292,6 +294,40 @@ async def test_more_frames_than_one_writev_takes_are_written_whole_and_in_order(
             while len(got) < len(expected):
                 got += await peer.receive_some(1 << 20)
             assert got == expected
+
+
+async def test_groups_written_before_a_socket_broke_count_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More frames than one writev() takes go in groups; when the socket breaks
+    after a group went out, that group is written (counted in bytes_sent,
+    not queued again) and the rest waits for the writer, which reports the
+    break."""
+
+    class BreaksAfterOneWritev:
+        def __init__(self) -> None:
+            self.out = bytearray()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def writev(self, fd: int, buffers: list[bytes]) -> int:
+            if self.out:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            for buffer in buffers:
+                self.out += buffer
+            return sum(map(len, buffers))
+
+    fake_os = BreaksAfterOneWritev()
+    monkeypatch.setattr(wire_module, "os", fake_os)
+    monkeypatch.setattr(wire_module, "IOV_MAX", 2)
+    frames = [text_frame(b"%d" % i * 10) for i in range(4)]
+    async with socket_wire() as (wire, _):
+        wire.attach()
+        for frame in frames:
+            assert wire.write(frame, corked=True)
+        wire.flush()
+        assert bytes(fake_os.out) == frames[0] + frames[1]
+        assert wire.counters.bytes_sent == len(frames[0] + frames[1])
+        assert wire.queued_bytes == len(frames[2] + frames[3])
 
 
 async def test_a_too_slow_clients_close_frame_follows_the_whole_frame_it_had_started() -> None:

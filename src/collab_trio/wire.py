@@ -575,7 +575,9 @@ def _write(fd: int, pieces: list[Buffer]) -> int:
         group = pieces[start : start + IOV_MAX]
         try:
             written = os.writev(fd, group)
-        except (BlockingIOError, InterruptedError):
+        except OSError:
+            # Full, or broken: what the earlier groups wrote is written (a
+            # broken socket fails the next write, with nothing written).
             if sent:
                 return sent
             raise
