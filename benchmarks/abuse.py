@@ -17,9 +17,9 @@ Scenarios (--only takes these names):
                 30 KB commands at 50/s for 20 s (--write-timeout 5): when the
                 never-reader is closed (readers' user:left, reason too_slow),
                 the server's RSS growth, and the readers' p99 latency against
-                a baseline run without the never-reader (two rounds of each,
-                alternating, three rounds of each; the change is the median
-                of the rounds' changes (--short: one round)).
+                a baseline run without the never-reader (three rounds of
+                each, alternating; the change is the median of the rounds'
+                changes; --short: one round).
   sync_flood    a ~9 MB document (sessions import; 1 KB items), then a client
                 that never reads sends 150 sync:request: the server's RSS
                 growth (the peak from before the flood until a few seconds
@@ -64,8 +64,8 @@ import os
 import re
 import secrets
 import signal
-import statistics
 import socket
+import statistics
 import struct
 import subprocess
 import sys

@@ -320,14 +320,15 @@ async def test_groups_written_before_a_socket_broke_count_as_written(monkeypatch
     monkeypatch.setattr(wire_module, "os", fake_os)
     monkeypatch.setattr(wire_module, "IOV_MAX", 2)
     frames = [text_frame(b"%d" % i * 10) for i in range(4)]
-    async with socket_wire() as (wire, _):
-        wire.attach()
-        for frame in frames:
-            assert wire.write(frame, corked=True)
-        wire.flush()
-        assert bytes(fake_os.out) == frames[0] + frames[1]
-        assert wire.counters.bytes_sent == len(frames[0] + frames[1])
-        assert wire.queued_bytes == len(frames[2] + frames[3])
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, _):
+            wire.attach()
+            for frame in frames:
+                assert wire.write(frame, corked=True)
+            wire.flush()
+            assert bytes(fake_os.out) == frames[0] + frames[1]
+            assert wire.counters.bytes_sent == len(frames[0] + frames[1])
+            assert wire.queued_bytes == len(frames[2] + frames[3])
 
 
 async def test_a_too_slow_clients_close_frame_follows_the_whole_frame_it_had_started() -> None:
