@@ -248,6 +248,13 @@ async def test_the_rest_of_a_frame_the_socket_took_part_of_is_left_to_the_writer
             assert wire.queued_bytes == rest + len(small) and wire.backlog == len(small)
 
 
+def write_at_once(wire: WireStream, frames: list[bytes]) -> None:
+    """Queue `frames` corked, then flush them: one write of all of them."""
+    for frame in frames:
+        assert wire.write(frame, corked=True)
+    wire.flush()
+
+
 async def test_queued_frames_go_out_in_one_write_without_a_copy_of_a_big_one() -> None:
     """A flush writes what is queued with one writev() of the frames as they
     are: neither the big frame behind small ones is copied into a joined
@@ -261,9 +268,7 @@ async def test_queued_frames_go_out_in_one_write_without_a_copy_of_a_big_one() -
             await almost_full_socket(wire, peer)
             tracemalloc.start()
             try:
-                for frame in [*small, big]:
-                    assert wire.write(frame, corked=True)
-                wire.flush()
+                write_at_once(wire, [*small, big])
                 _, peak = tracemalloc.get_traced_memory()
             finally:
                 tracemalloc.stop()
@@ -285,9 +290,7 @@ async def test_more_frames_than_one_writev_takes_are_written_whole_and_in_order(
     with trio.fail_after(HANG):
         async with socket_wire() as (wire, peer):
             wire.attach()
-            for frame in frames:
-                assert wire.write(frame, corked=True)
-            wire.flush()
+            write_at_once(wire, frames)
             assert wire.queued_bytes == 0  # the socket took every group
             expected = b"".join(frames)
             got = bytearray()
@@ -323,9 +326,7 @@ async def test_groups_written_before_a_socket_broke_count_as_written(monkeypatch
     with trio.fail_after(HANG):
         async with socket_wire() as (wire, _):
             wire.attach()
-            for frame in frames:
-                assert wire.write(frame, corked=True)
-            wire.flush()
+            write_at_once(wire, frames)
             assert bytes(fake_os.out) == frames[0] + frames[1]
             assert wire.counters.bytes_sent == len(frames[0] + frames[1])
             assert wire.queued_bytes == len(frames[2] + frames[3])
