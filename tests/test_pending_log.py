@@ -27,6 +27,7 @@ from collab_trio.history import KeptVersion
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store import pending_log
 from collab_trio.store.database import Database, database_path, op_record_text
+from collab_trio.store.sqlite import data_dir_in_use
 from collab_trio.store.pending_log import (
     UNAPPLIED_PREFIX,
     decode_records,
@@ -337,7 +338,11 @@ async def wait_until(predicate, step: float = 0.005) -> None:
 
 
 async def restart(data_dir: Path) -> None:
-    """A new server on the data directory: replay, then a clean stop."""
+    """A new server on the data directory: replay, then a clean stop. It
+    waits for the last store to release the directory first: a close that
+    outlasted close_timeout finishes in the background."""
+    with trio.fail_after(10):
+        await wait_until(lambda: not data_dir_in_use(data_dir))
     store = SQLiteStore(data_dir)
     async with running(store):
         await store.aclose()
