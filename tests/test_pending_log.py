@@ -10,6 +10,7 @@ is tests/test_crash.py's.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import sys
@@ -27,7 +28,7 @@ from collab_trio.history import KeptVersion
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store import pending_log
 from collab_trio.store.database import Database, database_path, op_record_text
-from collab_trio.store.sqlite import data_dir_in_use
+from collab_trio.store.sqlite import LOCK_NAME
 from collab_trio.store.pending_log import (
     UNAPPLIED_PREFIX,
     decode_records,
@@ -341,8 +342,12 @@ async def restart(data_dir: Path) -> None:
     """A new server on the data directory: replay, then a clean stop. It
     waits for the last store to release the directory first: a close that
     outlasted close_timeout finishes in the background."""
-    with trio.fail_after(10):
-        await wait_until(lambda: not data_dir_in_use(data_dir))
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR)
+    try:
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+    finally:
+        os.close(fd)  # (releases it)
     store = SQLiteStore(data_dir)
     async with running(store):
         await store.aclose()
