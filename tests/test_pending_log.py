@@ -64,6 +64,12 @@ def stored(data_dir: Path, session_id: str) -> tuple[int, list[str]]:
         reader.close()
 
 
+async def wait_until(predicate, step: float = 0.005) -> None:
+    """Poll `predicate` until it holds (the callers run inside fail_after)."""
+    while not predicate():
+        await trio.sleep(step)
+
+
 @asynccontextmanager
 async def running(store: SQLiteStore) -> AsyncIterator[trio.Nursery]:
     """The store running in a nursery, all of it bounded by HANG (the writer
@@ -218,15 +224,12 @@ async def test_logged_changes_share_a_transaction_and_full_segments_go_once_stor
             assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
         first = segment_numbers(data_dir)
         assert len(first) == 1
-        while store.transactions == before:  # (counted once the thread reports back)
-            await trio.sleep(0.01)
+        await wait_until(lambda: store.transactions != before)  # (counted once the thread reports back)
         assert store.transactions - before == 1  # forty changes, one transaction
         assert stored(data_dir, "s")[0] == 40
         # The full segment is set aside for a new one, then deleted, stored.
-        while segment_numbers(data_dir) == first:
-            await trio.sleep(0.01)
-        while len(segment_numbers(data_dir)) > 1:
-            await trio.sleep(0.01)
+        await wait_until(lambda: segment_numbers(data_dir) != first)
+        await wait_until(lambda: len(segment_numbers(data_dir)) <= 1)
         assert segment_numbers(data_dir)[0] > first[0]
         await store.aclose()
 
@@ -245,8 +248,7 @@ async def test_a_database_locked_by_another_process_holds_changes_back_not_their
                 assert store.commit_now("s", epoch, [op(seq, f"i{seq}")])
             await wait_until(lambda: store._retry_delay >= 0.4)  # and twice more
             assert store.unreachable is None
-        while stored(data_dir, "s")[0] < 3:
-            await trio.sleep(0.01)
+        await wait_until(lambda: stored(data_dir, "s")[0] >= 3)
         assert stored(data_dir, "s") == (3, ["i1", "i2", "i3"])
         await store.aclose()
     assert segment_numbers(data_dir) == []
@@ -261,8 +263,7 @@ async def test_a_session_reset_under_a_logged_change_fails_its_next_commit(tmp_p
     async with running(store) as nursery:
         epoch = (await store.load("s")).epoch
         await store.commit("s", epoch, [op(1, "a")])
-        while stored(data_dir, "s")[0] < 1:
-            await trio.sleep(0.01)
+        await wait_until(lambda: stored(data_dir, "s")[0] >= 1)
         assert store.commit_now("s", epoch, [op(2, "b")])
         admin = Database(database_path(data_dir), create=False)
         try:
@@ -317,13 +318,11 @@ async def test_a_store_whose_database_refuses_logged_changes_for_long_is_unreach
         epoch = (await store.load("s")).epoch
         with locked_by_another_process(data_dir):
             assert store.commit_now("s", epoch, [op(1, "a")])
-            while store.unreachable is None:
-                await trio.sleep(0.05)
+            await wait_until(lambda: store.unreachable is not None)
             assert "refused changes already acknowledged" in store.unreachable
             with pytest.raises(StoreError, match="refused changes already acknowledged"):
                 store.commit_now("s", epoch, [op(2, "b")])
-        while store.unreachable is not None:
-            await trio.sleep(0.05)
+        await wait_until(lambda: store.unreachable is None)
         assert store.commit_now("s", epoch, [op(2, "b")])
         await store.aclose()
     assert stored(data_dir, "s") == (2, ["a", "b"])
@@ -331,11 +330,6 @@ async def test_a_store_whose_database_refuses_logged_changes_for_long_is_unreach
 
 def unapplied_files(data_dir: Path) -> list[str]:
     return [name for name in os.listdir(data_dir) if name.startswith(UNAPPLIED_PREFIX)]
-
-
-async def wait_until(predicate, step: float = 0.005) -> None:
-    while not predicate():
-        await trio.sleep(step)
 
 
 async def restart(data_dir: Path) -> None:
