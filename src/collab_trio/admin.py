@@ -66,12 +66,12 @@ def _settle_pending(args: argparse.Namespace, db: Database) -> None:
     if getattr(args, "database_url", None):
         return
     data_dir = Path(args.data_dir)
-    if not segment_numbers(data_dir) or data_dir_in_use(data_dir):
+    if not segment_numbers(data_dir):
         return
     try:
         fd = lock_data_dir(data_dir)
     except DataDirInUse:
-        return
+        return  # a running server's log is its own
     try:
         replay(db, data_dir)
     finally:

@@ -702,8 +702,7 @@ class SessionRegistry:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sessions' nursery (and the admin requests task); returns
         after close_all() once every session ended."""
-        if hasattr(self.store, "on_session_lost"):
-            self.store.on_session_lost = self._session_lost
+        self.store.on_session_lost = self._session_lost
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             requests = trio.CancelScope()

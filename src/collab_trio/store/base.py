@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -154,6 +155,12 @@ class Store(Protocol):
     # Why the store can't be reached (PostgresStore: its last lease renewal
     # failed), else None; /readyz is 503 meanwhile.
     unreachable: str | None
+
+    # Told (session_id, epoch, "reset" or "refused") when the store finds,
+    # after acknowledging a change (SQLiteStore's pending log), that the
+    # session was reset under it or that the database refuses it for good;
+    # the server sets it (SessionRegistry closes the session's members).
+    on_session_lost: Callable[[str, str, str], None] | None
 
     def release(self, session_id: str) -> None:
         """The session was unloaded and everything it committed is answered:

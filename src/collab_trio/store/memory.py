@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -40,6 +41,8 @@ class MemoryStore:
     documents: dict[str, SessionDocument] = attrs.field(factory=dict)
     # Never set (see Store.unreachable).
     unreachable: str | None = None
+    # Never called: every commit is answered when it is made (see Store.on_session_lost).
+    on_session_lost: Callable[[str, str, str], None] | None = None
     # Snapshots are not written: nothing to encode (see Store.snapshot_text).
     snapshot_text: ClassVar[bool] = False
     _closed: trio.Event = attrs.field(factory=trio.Event)

@@ -414,9 +414,8 @@ class SQLiteStore:
     # PENDING_GIVE_UP seconds: why. No commit is accepted until it takes them
     # (they are tried again meanwhile; the log keeps them for a restart).
     _broken: str | None = None
-    # Told (session_id, epoch, "reset" or "refused") when the writer finds a
-    # session reset under a logged change, or a logged change the database
-    # refuses for good (SessionRegistry closes the session's members).
+    # See Store.on_session_lost: the writer finds a session reset under a
+    # logged change, or a logged change the database refuses for good.
     on_session_lost: Callable[[str, str, str], None] | None = None
     _lock_fd: int | None = None
     _queue: deque[_Job] = attrs.field(factory=deque)
