@@ -392,8 +392,7 @@ class SetAside:
             OSError: it is not on disk.
         """
         if self.path is None:
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            self.path = self.data_dir / f"{UNAPPLIED_PREFIX}{stamp}-{os.getpid()}-running.log"
+            self.path = self.data_dir / f"{_unapplied_stem()}-running.log"
         with open(self.path, "ab") as file:
             file.write(record)
             file.flush()
@@ -423,11 +422,17 @@ class SetAside:
             os.truncate(self.path, self._committed_size)
 
 
-def _set_aside(data_dir: Path, unapplied: list[Record], damaged: list[bytes]) -> Path:
+def _unapplied_stem() -> str:
+    """pending-unapplied-<UTC time>-<pid>: the start of a set-aside file's name."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{UNAPPLIED_PREFIX}{stamp}-{os.getpid()}"
+
+
+def _set_aside(data_dir: Path, unapplied: list[Record], damaged: list[bytes]) -> Path:
     lines = [encode_record(r.session_id, r.epoch, list(r.ops)) for r in unapplied] + damaged
+    stem = _unapplied_stem()
     for n in range(1000):
-        target = data_dir / f"{UNAPPLIED_PREFIX}{stamp}-{os.getpid()}{'' if n == 0 else f'-{n}'}.log"
+        target = data_dir / f"{stem}{'' if n == 0 else f'-{n}'}.log"
         try:
             with open(target, "xb") as file:
                 file.write(b"".join(lines))
@@ -438,4 +443,4 @@ def _set_aside(data_dir: Path, unapplied: list[Record], damaged: list[bytes]) ->
         except OSError as exc:
             raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
         return target
-    raise StoreError(f"cannot find a free name for {UNAPPLIED_PREFIX}{stamp}")
+    raise StoreError(f"cannot find a free name for {stem}")
