@@ -162,10 +162,17 @@ def _with_pending_position(
     reached: list[tuple[int, int]] = []
     refused = False
 
+    def defer_if_stopped() -> None:
+        if refused or not note_position:
+            raise _Deferred()
+
+    def roll_back_change(db: Database) -> None:
+        db.conn.execute("ROLLBACK TO change")
+        db.conn.execute("RELEASE change")
+
     def deferrable(fn: Callable[[Database], Any]) -> Callable[[Database], Any]:
         def run(db: Database) -> Any:
-            if refused or not note_position:
-                raise _Deferred()
+            defer_if_stopped()
             return fn(db)
 
         return run
@@ -190,16 +197,14 @@ def _with_pending_position(
 
         def run(db: Database) -> Any:
             nonlocal refused
-            if refused or not note_position:
-                raise _Deferred()
+            defer_if_stopped()
             db.conn.execute("SAVEPOINT change")
             try:
                 value = fn(db)
             except SessionReset as exc:
                 if not db.conn.in_transaction:
                     raise
-                db.conn.execute("ROLLBACK TO change")
-                db.conn.execute("RELEASE change")
+                roll_back_change(db)
                 if set_aside.gone(session):
                     # Its epoch is gone because an earlier change was set aside.
                     return set_apart(db, exc)
@@ -209,8 +214,7 @@ def _with_pending_position(
                 if not db.conn.in_transaction or refused_by_the_database(exc):
                     refused = True  # tried again
                     raise
-                db.conn.execute("ROLLBACK TO change")
-                db.conn.execute("RELEASE change")
+                roll_back_change(db)
                 return set_apart(db, exc)
             except BaseException:
                 refused = True
@@ -868,7 +872,6 @@ class SQLiteStore:
         cost = job_cost(ops, replaced)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._log_commit(session_id, epoch, ops, replaced, cost):
-            self._last_commit = trio.current_time()
             return
         job = lambda db: db.append(session_id, epoch, ops, replaced)  # noqa: E731
         result = self._commit_now(job, cost, after_pause=True)
@@ -892,7 +895,6 @@ class SQLiteStore:
         """
         cost = job_cost(ops, replaced)
         if self._log_commit(session_id, epoch, ops, replaced, cost):
-            self._last_commit = trio.current_time()
             return True
         result = self._commit_now(lambda db: db.append(session_id, epoch, ops, replaced), cost, after_pause=False)
         if result is None:
@@ -943,6 +945,7 @@ class SQLiteStore:
             urgent=False,
         )
         self._enqueue(job)
+        self._last_commit = job.queued_at
         return True
 
     def _commit_now(self, job: Callable[[Database], Any], cost: int, *, after_pause: bool) -> outcome.Outcome | None:
