@@ -273,13 +273,9 @@ def _parse_array_stepwise(text: str) -> Any:
     return items
 
 
-def _op_to_json(op: Op) -> str:
-    return _dumps(op.to_record()).decode("utf-8")
-
-
 def op_record_text(op: Op) -> str:
     """An op's stored record (the journal's `op` column, the pending log's)."""
-    return _op_to_json(op)
+    return _dumps(op.to_record()).decode("utf-8")
 
 
 def _op_from_json(text: str) -> Op:
@@ -762,7 +758,7 @@ class Database:
         if not moved:
             self._first_append(session_id, epoch, ops)
         if texts is None:
-            texts = [_op_to_json(op) for op in ops]
+            texts = [op_record_text(op) for op in ops]
         self.conn.executemany(
             "INSERT INTO journal (session_id, seq, op) VALUES (?, ?, ?)",
             [(session_id, op.seq, text) for op, text in zip(ops, texts)],

@@ -68,7 +68,7 @@ class Record:
 
     session_id: str
     epoch: str
-    # Each op's stored record, as JSON text (database._op_to_json).
+    # Each op's stored record, as JSON text (database.op_record_text).
     ops: tuple[str, ...]
 
 
