@@ -862,3 +862,83 @@ async def test_a_change_of_a_gone_epoch_is_not_lost_when_the_unapplied_file_cann
     await restart(data_dir)  # nor does a replay bring it back
     kept = [text for record in unapplied_records(data_dir) for text in record.ops]
     assert any('"b"' in text for text in kept) or "b" in stored(data_dir, "s")[1], (lost, kept)
+
+
+# -- consecutive logged changes of one session share one append ----------------------
+
+
+async def test_consecutive_logged_changes_of_a_session_are_stored_with_one_append(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer stores a run of one session's logged changes with one
+    Database.append (one UPDATE, one INSERT of all rows), not one each; a
+    change of another session in between starts a new run."""
+    appended: list[tuple[str, list[int]]] = []
+
+    def append(self, sid, epoch, ops, replaced=None, texts=None):
+        appended.append((sid, [o.seq for o in ops]))
+        return real_append(self, sid, epoch, ops, replaced, texts)
+
+    store = SQLiteStore(data_dir, pending_delay=3600)  # one transaction, at the close
+    async with running(store):
+        s = (await store.load("s")).epoch
+        t = (await store.load("t")).epoch
+        monkeypatch.setattr(Database, "append", append)
+        for seq, item in enumerate(["s1", "s2", "s3"], start=1):
+            assert store.commit_now("s", s, [op(seq, item)])
+        assert store.commit_now("t", t, [op(1, "t1")])
+        assert store.commit_now("s", s, [op(4, "s4")])
+        assert store.commit_now("s", s, [op(5, "s5")])
+        await store.aclose()
+    assert appended == [("s", [1, 2, 3]), ("t", [1]), ("s", [4, 5])]
+    assert stored(data_dir, "s") == (5, ["s1", "s2", "s3", "s4", "s5"])
+    assert stored(data_dir, "t") == (1, ["t1"])
+    assert not any(name.startswith(UNAPPLIED_PREFIX) for name in os.listdir(data_dir))
+
+
+async def test_a_change_refused_among_consecutive_ones_is_set_aside_as_if_each_were_stored_alone(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's one append fails for 'boom': each change is then tried on
+    its own. The one before it is stored; 'boom' is set aside, and with it
+    the change after it (its session got a new epoch); the other session's
+    change in the same transaction is stored."""
+    lost: list = []
+    store = SQLiteStore(data_dir, pending_delay=3600)
+    async with running(store):
+        s = (await store.load("s")).epoch
+        t = (await store.load("t")).epoch
+        store.on_session_lost = lambda *args: lost.append(args)
+        refuse_item(monkeypatch, "boom")
+        assert store.commit_now("s", s, [op(1, "a")])
+        assert store.commit_now("s", s, [op(2, "boom")])
+        assert store.commit_now("s", s, [op(3, "c")])
+        assert store.commit_now("t", t, [op(1, "t1")])
+        await store.aclose()
+    assert stored(data_dir, "s")[1] == ["a"]
+    assert stored(data_dir, "t") == (1, ["t1"])
+    assert [(r.session_id, r.ops) for r in unapplied_records(data_dir)] == [
+        ("s", (op_record_text(op(2, "boom")),)),
+        ("s", (op_record_text(op(3, "c")),)),
+    ]
+    assert [(sid, why) for sid, _, why in lost] == [("s", "refused")] * 2  # reported for each
+
+
+async def test_a_run_of_changes_whose_transaction_sqlite_rolled_back_is_stored_at_the_retry(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite rolls the whole transaction back under the run's append (disk
+    full): every change of it goes back to the queue, in order, and the
+    retry stores them all; nothing is set aside."""
+    lost: list = []
+    store = SQLiteStore(data_dir, pending_delay=0.05)
+    async with running(store):
+        x = (await store.load("x")).epoch
+        store.on_session_lost = lambda *args: lost.append(args)
+        fault(monkeypatch, boom_fails_always=False)  # x's first append: the transaction is gone
+        for seq, item in enumerate(["x1", "x2", "x3"], start=1):
+            assert store.commit_now("x", x, [op(seq, item)])  # one batch
+        await wait_until(lambda: stored(data_dir, "x")[0] == 3)
+        await store.aclose()
+    assert stored(data_dir, "x") == (3, ["x1", "x2", "x3"])
+    assert lost == [] and unapplied_records(data_dir) == []

@@ -282,6 +282,10 @@ def _op_from_json(text: str) -> Op:
     return Op.from_record(_loads(text))
 
 
+class TransactionAborted(StoreError):
+    """SQLite rolled the whole transaction back: nothing of it is stored."""
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -611,6 +615,20 @@ class Database:
     def _run_in_transaction(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome]:
         if len(jobs) == 1:
             return self._run_alone(jobs[0])
+        try:
+            results = self.run_each(jobs)
+        except TransactionAborted as exc:
+            return [outcome.Error(exc) for _ in jobs]
+        return self._commit(results)
+
+    def run_each(self, jobs: list[Callable[[Database], Any]]) -> list[outcome.Outcome]:
+        """Run jobs in the open transaction, each in a savepoint of its own:
+        one that fails is rolled back alone. One outcome each.
+
+        Raises:
+            TransactionAborted: SQLite rolled the whole transaction back
+                (e.g. disk full): earlier jobs' work is gone too.
+        """
         results: list[outcome.Outcome] = []
         for job in jobs:
             self.conn.execute("SAVEPOINT job")
@@ -618,17 +636,16 @@ class Database:
                 value = job(self)
             except Exception as exc:  # noqa: BLE001 - any failure of one job stays that job's
                 if not self.conn.in_transaction:
-                    # SQLite rolled the whole transaction back (e.g. disk full):
-                    # earlier jobs' work is gone too.
-                    error = StoreError(f"transaction aborted: {_describe(exc)}")
-                    return [outcome.Error(error) for _ in jobs]
+                    if isinstance(exc, TransactionAborted):
+                        raise
+                    raise TransactionAborted(f"transaction aborted: {_describe(exc)}") from exc
                 self.conn.execute("ROLLBACK TO job")
                 self.conn.execute("RELEASE job")
                 results.append(outcome.Error(exc if isinstance(exc, StoreError) else _wrapped(exc)))
             else:
                 self.conn.execute("RELEASE job")
                 results.append(outcome.Value(value))
-        return self._commit(results)
+        return results
 
     def _run_alone(self, job: Callable[[Database], Any]) -> list[outcome.Outcome]:
         """_run_in_transaction() of one job: no savepoint, the transaction is

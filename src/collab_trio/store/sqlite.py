@@ -146,7 +146,7 @@ class _SetAside(StoreError):
 
 def _with_pending_position(
     jobs: list[_Job], set_aside: SetAside, *, note_position: bool = True
-) -> list[Callable[[Database], Any]]:
+) -> tuple[list[Callable[[Database], Any]], list[int]]:
     """The functions of a batch's jobs, then one that notes in the same
     transaction how far the pending log is stored: up to the last logged
     change of an unbroken run of them the database took, or refused for a
@@ -158,7 +158,11 @@ def _with_pending_position(
     (refused_by_the_database) ends the run: it and every job after it go
     back to the queue in order, and stay to be replayed should the server
     stop now. The caller calls set_aside.transaction_ended() (what was set
-    aside is cut off if the transaction does not commit)."""
+    aside is cut off if the transaction does not commit).
+
+    Consecutive logged changes of one session run as one function (see
+    together()): the second list holds how many jobs each function runs,
+    and _per_job() gives the outcomes back one per job."""
     reached: list[tuple[int, int]] = []
     refused = False
 
@@ -235,8 +239,57 @@ def _with_pending_position(
                 db.conn.execute("ROLLBACK")
             raise
 
-    fns = [deferrable(job.fn) if job.logged is None else logged(job.fn, job.logged) for job in jobs]
-    return [*fns, note]
+    def together(run: list[_Job]) -> Callable[[Database], Any]:
+        # Consecutive changes of one session: one append (one UPDATE and one
+        # INSERT of all their rows) instead of six statements each. Should
+        # the database refuse it, each is tried on its own, as above: the
+        # one at fault is refused alone.
+        first, last = run[0].logged, run[-1].logged
+        assert first is not None and last is not None
+        ops = [op for job in run for op in job.logged.ops]  # type: ignore[union-attr]
+        texts = [text for job in run for text in job.logged.texts]  # type: ignore[union-attr]
+        singles = [logged(job.fn, job.logged) for job in run]  # type: ignore[arg-type]
+
+        def run_together(db: Database) -> _Each:
+            defer_if_stopped()
+            db.conn.execute("SAVEPOINT together")
+            try:
+                db.append(first.session_id, first.epoch, ops, None, texts)
+            except Exception:
+                if not db.conn.in_transaction:
+                    raise  # the whole transaction is gone: run_each reports it for every job
+                db.conn.execute("ROLLBACK TO together")
+                db.conn.execute("RELEASE together")
+                return _Each(db.run_each(singles))
+            db.conn.execute("RELEASE together")
+            reached.append((last.segment.number, last.end))
+            return _Each(outcome.Value(None) for _ in run)
+
+        return run_together
+
+    units: list[Callable[[Database], Any]] = []
+    sizes: list[int] = []
+    start = 0
+    while start < len(jobs):
+        end = start + 1
+        if jobs[start].logged is not None:
+            while end < len(jobs) and _appends_after(jobs[end], jobs[end - 1]):
+                end += 1
+        job = jobs[start]
+        if end - start > 1:
+            units.append(together(jobs[start:end]))
+        elif job.logged is None:
+            units.append(deferrable(job.fn))
+        else:
+            units.append(logged(job.fn, job.logged))
+        sizes.append(end - start)
+        start = end
+    return [*units, note], [*sizes, 1]
+
+
+def _appends_after(job: _Job, previous: _Job) -> bool:
+    """`job` is a logged change that continues `previous`'s (see _Logged.follows)."""
+    return job.logged is not None and previous.logged is not None and job.logged.follows(previous.logged)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -332,13 +385,41 @@ def _read_pid(fd: int) -> int | None:
 @attrs.frozen
 class _Logged:
     """Where a logged change is: its session, its segment and the offset
-    past its record, and the record itself (kept aside if refused for good)."""
+    past its record, and the record itself (kept aside if refused for good);
+    and what the job stores (Database.append of these ops, these records)."""
 
     session_id: str
     epoch: str
     segment: Segment
     end: int
     record: bytes
+    ops: list[Op]
+    texts: list[str]
+
+    def follows(self, other: _Logged) -> bool:
+        """This change's ops come right after `other`'s, in the same session and epoch."""
+        return (
+            self.session_id == other.session_id
+            and self.epoch == other.epoch
+            and self.ops[0].seq == other.ops[-1].seq + 1
+        )
+
+
+class _Each(list):  # type: ignore[type-arg]
+    """The outcomes of several jobs run as one (see _with_pending_position)."""
+
+
+def _per_job(results: list[outcome.Outcome], sizes: list[int]) -> list[outcome.Outcome]:
+    """One outcome per job, from those of `sizes` jobs run as one each."""
+    out: list[outcome.Outcome] = []
+    for result, size in zip(results, sizes):
+        if size == 1:
+            out.append(result)
+        elif isinstance(result, outcome.Value) and isinstance(result.value, _Each):
+            out += result.value
+        else:
+            out += [result] * size  # the same failure (deferred, transaction aborted) for each
+    return out
 
 
 @attrs.define(eq=False)
@@ -579,12 +660,13 @@ class SQLiteStore:
         assert self._db is not None
         database, token = self._db, trio.lowlevel.current_trio_token()
         jobs = [job.fn for job in batch.jobs]
+        sizes = [1] * len(jobs)
         set_aside = None
         if any(job.logged is not None for job in batch.jobs):
             if self._set_aside is None:
                 self._set_aside = SetAside(self.data_dir)
             set_aside = self._set_aside
-            jobs = _with_pending_position(batch.jobs, set_aside, note_position=not self._position_frozen)
+            jobs, sizes = _with_pending_position(batch.jobs, set_aside, note_position=not self._position_frozen)
         wal_full, self._wal_full = self._wal_full, False
 
         def transact() -> list[outcome.Outcome]:
@@ -608,7 +690,7 @@ class SQLiteStore:
                         set_aside.transaction_ended(committed=isinstance(results[-1], outcome.Value))
                     except OSError as exc:
                         log.error("Could not cut back %s: %s", set_aside.path, exc)
-                return results[: len(batch.jobs)]
+                return _per_job(results, sizes)[: len(batch.jobs)]
 
         def deliver(result: outcome.Outcome) -> None:
             try:
@@ -941,7 +1023,7 @@ class SQLiteStore:
         job = _Job(
             lambda db: db.append(session_id, epoch, ops, None, texts),
             cost,
-            logged=_Logged(session_id, epoch, segment, end, record),
+            logged=_Logged(session_id, epoch, segment, end, record, ops, texts),
             urgent=False,
         )
         self._enqueue(job)
