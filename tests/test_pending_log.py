@@ -942,3 +942,41 @@ async def test_a_run_of_changes_whose_transaction_sqlite_rolled_back_is_stored_a
         await store.aclose()
     assert stored(data_dir, "x") == (3, ["x1", "x2", "x3"])
     assert lost == [] and unapplied_records(data_dir) == []
+
+
+async def test_a_savepoint_failing_while_a_run_is_tried_change_by_change_rolls_the_batch_back(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's append fails for 'boom', and while its changes are tried
+    one by one a statement of the savepoints fails after 'a' was stored and
+    'boom' set aside: the whole transaction is rolled back (what was set
+    aside is cut off with it) and tried again, which ends as if nothing had
+    failed: 'boom' and the change after it are set aside once each."""
+    refuse_item(monkeypatch, "boom")
+    real_run_each = Database.run_each
+    failed = []
+
+    def run_each(self, jobs):
+        # The run's changes one by one (the batch itself is the run, t's change and the note).
+        if len(jobs) == 3 and all(job.__name__ == "run" for job in jobs) and not failed:
+            failed.append(True)
+            real_run_each(self, jobs[:2])
+            raise MemoryError("injected: a savepoint statement failed")
+        return real_run_each(self, jobs)
+
+    monkeypatch.setattr(Database, "run_each", run_each)
+    store = SQLiteStore(data_dir, pending_delay=0.05)
+    async with running(store):
+        s = (await store.load("s")).epoch
+        t = (await store.load("t")).epoch
+        for seq, item in enumerate(["a", "boom", "c"], start=1):
+            assert store.commit_now("s", s, [op(seq, item)])  # one batch
+        assert store.commit_now("t", t, [op(1, "t1")])
+        await wait_until(lambda: stored(data_dir, "t")[0] == 1)
+        await store.aclose()
+    assert failed
+    assert stored(data_dir, "s")[1] == ["a"]
+    assert [(r.session_id, r.ops) for r in unapplied_records(data_dir)] == [
+        ("s", (op_record_text(op(2, "boom")),)),
+        ("s", (op_record_text(op(3, "c")),)),
+    ]

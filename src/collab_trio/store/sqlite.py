@@ -63,6 +63,7 @@ from .database import (
     WAL_SIZE_LIMIT,
     Database,
     SessionInfo,
+    TransactionAborted,
     database_path,
     describe_dir_error,
     op_record_text,
@@ -250,6 +251,20 @@ def _with_pending_position(
         texts = [text for job in run for text in job.logged.texts]  # type: ignore[union-attr]
         singles = [logged(job.fn, job.logged) for job in run]  # type: ignore[arg-type]
 
+        def each_alone(db: Database) -> list[outcome.Outcome]:
+            try:
+                return db.run_each(singles)
+            except TransactionAborted:
+                raise
+            except BaseException:
+                # A savepoint statement itself failed (or memory ran out):
+                # what the singles stored or set aside can't be told from
+                # what was undone. Nothing of the batch may be stored then:
+                # all is tried again (as when the note fails).
+                if db.conn.in_transaction:
+                    db.conn.execute("ROLLBACK")
+                raise
+
         def run_together(db: Database) -> _Each:
             defer_if_stopped()
             db.conn.execute("SAVEPOINT together")
@@ -260,7 +275,7 @@ def _with_pending_position(
                     raise  # the whole transaction is gone: run_each reports it for every job
                 db.conn.execute("ROLLBACK TO together")
                 db.conn.execute("RELEASE together")
-                return _Each(db.run_each(singles))
+                return _Each(each_alone(db))
             db.conn.execute("RELEASE together")
             reached.append((last.segment.number, last.end))
             return _Each(outcome.Value(None) for _ in run)
