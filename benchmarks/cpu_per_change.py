@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Server CPU per change, thread by thread, one change at a time: collab-trio against the reference relay.
+
+    python benchmarks/cpu_per_change.py [--changes 4000] [--users 10] [--rounds 5]
+        [--servers reference,collab-trio] [--short]
+
+benchmarks/fanout.py measures the servers under its asyncio load generator,
+whose processes compete with the server for this machine's two cores; its
+fixed-rate figures move by 20% from one run to the next. This script asks a
+narrower question with less noise: what one change costs the server.
+
+One session of `--users` clients in this process (plain blocking sockets,
+masked frames made by hand: next to no client CPU). User 0 sends an
+Optiverse-sized `add_item`; every other user reads its relay and user 0
+its `ack`; then the next. So the server handles exactly one change at a
+time, never a batch. After a warm-up (a tenth of the changes, at least
+50) the server's CPU time over `--changes` changes is read from
+/proc/PID/task/*/stat: user and system time, and per thread (the event
+loop's, and the others': collab-trio's SQLite writer). Servers are started
+fresh for every run exactly as benchmarks/fanout.py starts them, and
+alternate within each round; the table gives the median of the rounds and,
+in brackets, the lowest (a busy machine only adds).
+
+Nothing about speed is asserted. The exit status is 0 when every run ran and
+2 when one could not (a server that doesn't start, a client that can't join
+or gets no answer within `--timeout` seconds). Progress goes to stderr, the
+table to stdout. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from abuse import OP_CLOSE, OP_TEXT, frame  # noqa: E402 - the sibling benchmark's masked client frames
+from fanout import (  # noqa: E402 - the sibling benchmark's servers, as it starts them
+    COLLAB,
+    REFERENCE,
+    SERVERS,
+    BenchError,
+    ServerUnderTest,
+    bounded,
+    lens_data,
+    machine_facts,
+    name_list,
+    progress,
+    start_server,
+)
+
+EXIT_OK, EXIT_BROKEN = 0, 2
+SESSION = "cpu-per-change"
+# Join notices still coming in are read until the clients were quiet this long.
+QUIET = 0.3
+SHORT = {"changes": 200, "users": 3, "rounds": 1}
+
+
+class ClientError(Exception):
+    """A client could not join, or got no (or a wrong) answer in time."""
+
+
+@attrs.define(eq=False)
+class Client:
+    """One user: a blocking socket, the bytes read and not yet parsed."""
+
+    user: str
+    sock: socket.socket
+    buffer: bytearray = attrs.field(factory=bytearray)
+
+    @classmethod
+    def join(cls, port: int, user: str, timeout: float) -> Client:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET /ws/{SESSION}/{user} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        client = cls(user, sock)
+        while b"\r\n\r\n" not in client.buffer:
+            client._read()
+        head, _, rest = bytes(client.buffer).partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise ClientError(f"{user}: upgrade refused: {head.splitlines()[0].decode(errors='replace')}")
+        client.buffer = bytearray(rest)
+        return client
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise ClientError(f"{self.user}: no answer in time") from None
+        if not data:
+            raise ClientError(f"{self.user}: the server closed the connection")
+        self.buffer += data
+
+    def _frame(self) -> tuple[int, bytes] | None:
+        """The next whole (unmasked) server frame in the buffer, taken out of it."""
+        buffer = self.buffer
+        if len(buffer) < 2:
+            return None
+        size, start = buffer[1] & 0x7F, 2
+        if size >= 126:
+            start = 4 if size == 126 else 10
+            if len(buffer) < start:
+                return None
+            size = int.from_bytes(buffer[2:start], "big")
+        if len(buffer) < start + size:
+            return None
+        opcode, payload = buffer[0] & 0x0F, bytes(buffer[start : start + size])
+        del buffer[: start + size]
+        return opcode, payload
+
+    def message(self) -> bytes:
+        """The next text message (pings are left unanswered: a run is short)."""
+        while True:
+            taken = self._frame()
+            if taken is None:
+                self._read()
+                continue
+            opcode, payload = taken
+            if opcode == OP_TEXT:
+                return payload
+            if opcode == OP_CLOSE:
+                raise ClientError(f"{self.user}: closed by the server: {payload[2:].decode(errors='replace')}")
+
+    def drain(self) -> None:
+        """Drop what arrived until nothing came for QUIET seconds (join notices)."""
+        self.sock.settimeout(QUIET)
+        try:
+            while True:
+                self._read()
+        except ClientError:
+            pass
+        finally:
+            self.sock.settimeout(None)
+        self.buffer.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
+    """{thread id: (name, user ticks, system ticks)} of a process, from /proc."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw.rsplit(")", 1)[1].split()
+        # utime and stime are fields 14 and 15; after the ")" the count starts at field 3.
+        out[int(tid)] = (name, int(fields[11]), int(fields[12]))
+    return out
+
+
+@attrs.frozen
+class RunResult:
+    server: str
+    changes: int
+    user_us: float
+    system_us: float
+    main_us: float
+    other_us: float
+    round_trip_us: float
+
+    @property
+    def total_us(self) -> float:
+        return self.user_us + self.system_us
+
+
+def change_payload(number: int) -> bytes:
+    """An Optiverse-sized add_item (fanout.py's, as its sender sends it)."""
+    command = {
+        "type": "command",
+        "op_id": f"user-0:{number}",
+        "command": {
+            "action": "add_item", "item_type": "lens", "item_id": f"it-{number}",
+            "data": lens_data(math.cos(number / 50) * 200, math.sin(number / 50) * 100, number % 360,
+                              n=number, sent_ns=time.monotonic_ns()),
+        },
+    }
+    return orjson.dumps(command)
+
+
+def one_change(sender: Client, receivers: list[Client], number: int) -> None:
+    sender.sock.sendall(frame(OP_TEXT, change_payload(number)))
+    for receiver in receivers:
+        receiver.message()
+    while b'"ack"' not in sender.message():
+        pass
+
+
+def measure(server: ServerUnderTest, args: argparse.Namespace) -> RunResult:
+    clients = [Client.join(server.port, f"user-{i}", args.timeout) for i in range(args.users)]
+    try:
+        for client in clients:
+            client.drain()
+        sender, receivers = clients[0], clients[1:]
+        warmup = max(50, args.changes // 10)
+        for number in range(warmup):
+            one_change(sender, receivers, number)
+        before, started = thread_ticks(server.pid), time.monotonic()
+        for number in range(warmup, warmup + args.changes):
+            one_change(sender, receivers, number)
+        after, ended = thread_ticks(server.pid), time.monotonic()
+    finally:
+        for client in clients:
+            client.close()
+    per_tick = 1e6 / os.sysconf("SC_CLK_TCK") / args.changes
+    main = after[server.pid][1] + after[server.pid][2] - sum(before[server.pid][1:])
+    used = {
+        tid: user + system - sum(before.get(tid, (name, 0, 0))[1:]) for tid, (name, user, system) in after.items()
+    }
+    return RunResult(
+        server=server.name,
+        changes=args.changes,
+        user_us=sum(after[t][1] - before.get(t, ("", 0, 0))[1] for t in after) * per_tick,
+        system_us=sum(after[t][2] - before.get(t, ("", 0, 0))[2] for t in after) * per_tick,
+        main_us=main * per_tick,
+        other_us=(sum(used.values()) - main) * per_tick,
+        round_trip_us=(ended - started) / args.changes * 1e6,
+    )
+
+
+def run_all(args: argparse.Namespace) -> tuple[list[RunResult], int]:
+    results: list[RunResult] = []
+    failed = 0
+    total = args.rounds * len(args.servers)
+    for round_ in range(args.rounds):
+        for index, name in enumerate(args.servers):
+            step = f"[{round_ * len(args.servers) + index + 1:2d}/{total}] {name}"
+            progress(f"{step} ...")
+            try:
+                server = start_server(name, args)
+            except BenchError as exc:
+                progress(f"{step}: could not run: {exc}")
+                failed += 1
+                continue
+            try:
+                result = measure(server, args)
+            except (ClientError, OSError) as exc:
+                progress(f"{step}: could not run: {exc}")
+                failed += 1
+                continue
+            finally:
+                server.stop()
+            results.append(result)
+            progress(
+                f"{step}: {result.total_us:.1f} us/change ({result.user_us:.1f} user, {result.system_us:.1f} system;"
+                f" main thread {result.main_us:.1f}, others {result.other_us:.1f}), round trip {result.round_trip_us:.0f} us"
+            )
+    return results, failed
+
+
+ROWS = (
+    ("server CPU us/change", "total_us"),
+    ("  user", "user_us"),
+    ("  system", "system_us"),
+    ("  event loop thread", "main_us"),
+    ("  other threads", "other_us"),
+    ("round trip us/change (client)", "round_trip_us"),
+)
+
+
+def format_table(results: list[RunResult], args: argparse.Namespace) -> str:
+    by_server = {name: [r for r in results if r.server == name] for name in args.servers}
+    rounds = max((len(runs) for runs in by_server.values()), default=0)
+    lines = [
+        f"== {args.users} users, {args.changes:,} add_item one at a time"
+        + (f"  (median of {rounds} rounds; lowest in brackets)" if rounds > 1 else "")
+    ]
+    ratio = COLLAB in by_server and REFERENCE in by_server
+    header = f"  {'':32s}" + "".join(f"  {name:>16s}" for name in args.servers) + ("  collab/ref" if ratio else "")
+    lines += [header, "  " + "-" * (len(header) - 2)]
+    for label, key in ROWS:
+        cells, medians = [], {}
+        for name in args.servers:
+            values = [getattr(r, key) for r in by_server[name]]
+            if not values:
+                cells.append(f"  {'could not run':>16s}")
+                continue
+            medians[name] = statistics.median(values)
+            text = f"{medians[name]:.1f}" + (f" ({min(values):.1f})" if len(values) > 1 else "")
+            cells.append(f"  {text:>16s}")
+        line = f"  {label:32s}" + "".join(cells)
+        if ratio:
+            ref, collab = medians.get(REFERENCE), medians.get(COLLAB)
+            line += f"  {collab / ref:10.2f}" if ref and collab is not None else f"  {'-':>10s}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--changes", type=bounded(int, 10, 1_000_000), default=4000, help="changes measured per run (4000)")
+    add("--users", type=bounded(int, 2, 100), default=10, help="users in the session: 1 sender, the rest receive (10)")
+    add("--rounds", type=bounded(int, 1, 50), default=5, help="runs per server, alternating (5)")
+    add("--servers", type=name_list(SERVERS), default=list(SERVERS), help="reference,collab-trio (both)")
+    add("--timeout", type=bounded(float, 1, 600), default=20.0, help="seconds any answer may take (20)")
+    add("--short", action="store_true", help="a run of a few seconds (CI): " + ", ".join(
+        f"--{k} {v}" for k, v in SHORT.items()))
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.short:
+        for key, value in SHORT.items():
+            setattr(args, key, value)
+    # What fanout.start_server and machine_facts need to know.
+    args.collab_store, args.reference_json, args.generators = "sqlite", "json", 0
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    facts = machine_facts(args)
+    # Its load line is fanout.py's: this load is the clients in this process.
+    facts[-1] = f"load:    {args.users} blocking clients in this process, one change at a time; commands ~{len(change_payload(0))} bytes"
+    print("\n".join(facts) + "\n", flush=True)
+    results, failed = run_all(args)
+    print(format_table(results, args))
+    print(f"\nall {len(results)} runs ran" if not failed else f"\n{failed} run(s) could not run")
+    return EXIT_OK if not failed else EXIT_BROKEN
+
+
+if __name__ == "__main__":
+    sys.exit(main())
