@@ -716,3 +716,68 @@ def test_utc_timestamp_is_the_iso_time_to_the_millisecond(ns: int) -> None:
         assert protocol.utc_timestamp() == expected
     assert protocol.utc_timestamp(datetime.fromisoformat(expected)) == expected
 
+
+
+# -- big messages and the garbage collector ------------------------------------------
+
+
+def many_arrays(count: int) -> str:
+    """A command holding `count` empty arrays, padded to be within the
+    container limit (protocol.CONTAINER_BYTES per container)."""
+    pad = "x" * (protocol.CONTAINER_BYTES * count)
+    return (
+        '{"type":"command","command":{"action":"add_item","item_type":"lens","item_id":"x",'
+        '"data":{"pad":"%s","v":[%s]}}}' % (pad, ",".join(["[]"] * count))
+    )
+
+
+@pytest.fixture
+def frozen_state(monkeypatch: pytest.MonkeyPatch):
+    """A fresh _Frozen record, and the collector as it was afterwards."""
+    import gc
+
+    monkeypatch.setattr(protocol, "_frozen", protocol._Frozen())
+    gc.collect()
+    yield protocol._frozen
+    gc.unfreeze()
+    gc.collect()
+
+
+def test_a_message_of_many_containers_is_left_out_of_the_collectors_generations(frozen_state) -> None:
+    import gc
+
+    before = gc.get_freeze_count()
+    message = protocol.decode(many_arrays(protocol.FREEZE_CONTAINERS))
+    assert len(message["command"]["data"]["v"]) == protocol.FREEZE_CONTAINERS
+    assert gc.get_freeze_count() >= before + protocol.FREEZE_CONTAINERS
+    assert frozen_state.containers >= protocol.FREEZE_CONTAINERS and frozen_state.releases == 0
+    # A smaller one is not.
+    frozen = gc.get_freeze_count()
+    protocol.decode(many_arrays(protocol.FREEZE_CONTAINERS // 2))
+    assert gc.get_freeze_count() == frozen
+
+
+def test_garbage_frozen_with_a_message_is_collected_at_the_next_release(
+    frozen_state, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import weakref
+
+    monkeypatch.setattr(protocol, "RELEASE_AFTER_CONTAINERS", 3 * protocol.FREEZE_CONTAINERS)
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.me = cycle  # type: ignore[attr-defined]
+    alive = weakref.ref(cycle)
+    del cycle
+    protocol.decode(many_arrays(protocol.FREEZE_CONTAINERS))  # frozen with it: not collected
+    gc.collect()
+    assert alive() is not None and frozen_state.releases == 0
+    for _ in range(2):  # 3 x FREEZE_CONTAINERS frozen: the release
+        protocol.decode(many_arrays(protocol.FREEZE_CONTAINERS))
+    assert frozen_state.releases == 1 and frozen_state.containers == 0
+    assert alive() is None
+    # What was alive at the release is frozen again, and sets when the next one is due.
+    assert frozen_state.alive_at_release >= protocol.FREEZE_CONTAINERS and gc.get_freeze_count() > 0
