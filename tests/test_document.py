@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -428,3 +429,34 @@ def test_an_update_keeping_an_item_type_beyond_64_bits_is_measured_as_the_whole_
     assert SessionDocument.from_snapshot(doc.snapshot()).size == doc.size
     command = update.command or {}
     assert item_size(item, command, orjson.dumps(command)) == len(json.dumps(item, separators=(",", ":")))
+
+
+@settings(max_examples=300)
+@given(
+    data=DATA,
+    op_id=st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=10),
+    user=st.text(st.characters(codec="utf-8"), min_size=1, max_size=10),
+)
+def test_an_ops_record_with_its_command_encoded_already_is_the_same_text(data: dict, op_id: Any, user: str) -> None:
+    """op_record_text() puts a large command's encoding (Op.command_json)
+    in place: the text is exactly the one encoding the record whole gives,
+    and it reads back as the same op."""
+    from collab_trio.store.database import _op_from_json, op_record_text
+
+    command = {"action": "add_item", "item_type": "lens", "item_id": "a", "data": data}
+    plain = Op(7, user, COMMAND, "2026-12-07T10:00:00.000+00:00", command=command, op_id=op_id)
+    encoded = attrs.evolve(plain, command_json=encode_command(command))
+    assert encoded.command_json is not None
+    assert op_record_text(encoded) == op_record_text(plain)
+    assert _op_from_json(op_record_text(encoded)) == plain
+
+
+def test_the_history_keeps_an_op_without_its_commands_encoding() -> None:
+    """A large command's encoding serves its record and relay; the history
+    (bounded by the messages' bytes) does not keep it as well."""
+    document = SessionDocument()
+    command = {"action": "add_item", "item_type": "lens", "item_id": "a", "data": {"x_mm": 1}}
+    op = Op(1, "u", COMMAND, "t", command=command, size=100, command_json=encode_command(command))
+    document.apply(op, op.command_json)
+    assert document.items["a"]["x_mm"] == 1
+    assert document.history[-1].command_json is None and document.history[-1] == op

@@ -86,6 +86,10 @@ class Op:
     # costs); not part of the record: 0 for an op loaded from the store until
     # a document remembers it (see message_size()).
     size: int = attrs.field(default=0, eq=False)
+    # The command as compact JSON, made once for a large one (encode_command;
+    # session_core.ENCODE_ONCE_FROM) and used by its stored record, the
+    # document and the relay; None otherwise. Not part of the record.
+    command_json: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     def relayed(self) -> dict[str, Any]:
         """The `command` message other members receive for this op."""
@@ -317,6 +321,8 @@ class SessionDocument:
         """
         if op.size <= 0:
             op = attrs.evolve(op, size=message_size(op))
+        if op.command_json is not None:
+            op = attrs.evolve(op, command_json=None)  # the history's bounds count the message only
         self.history.append(op)
         self.history_size += op.size
         if op.op_id is not None:
@@ -423,10 +429,10 @@ def item_data(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode_command(command: dict[str, Any] | None) -> bytes | None:
-    """A committed command as compact JSON, encoded once for the document's
-    size of its item and the relay (a 1 MiB command was encoded three times;
-    the journal still encodes its own record). None if there is no command or
-    orjson can't write it (then each encodes its own)."""
+    """A command as compact JSON, encoded once for its stored record, the
+    document's size of its item and the relay (a 1 MiB command was encoded
+    three times). None if there is no command or orjson can't write it (then
+    each encodes its own)."""
     if command is None:
         return None
     try:

@@ -775,6 +775,8 @@ class SessionCore:
                     items=entry.items if isinstance(entry, PendingReplace) else None,
                     op_id=entry.op_id,
                     size=entry.size,
+                    # Encoded once, for its record, the document and the relay.
+                    command_json=encode_command(command) if entry.size >= ENCODE_ONCE_FROM else None,
                 )
             )
         batch = Batch(entries, tuple(ops), self.document.epoch, self._displaced(entries, timestamp))
@@ -929,7 +931,9 @@ class SessionCore:
         """Apply a committed command; a move or update may make a correction
         due. Returns the command's encoding for the relay, made for a large
         command only (see ENCODE_ONCE_FROM)."""
-        command_json = encode_command(op.command) if op.size >= ENCODE_ONCE_FROM else None
+        command_json = op.command_json
+        if command_json is None and op.size >= ENCODE_ONCE_FROM:
+            command_json = encode_command(op.command)
         self.document.apply(op, command_json)
         command = op.command or {}
         action, item_id = command.get("action"), command.get("item_id")

@@ -274,8 +274,17 @@ def _parse_array_stepwise(text: str) -> Any:
 
 
 def op_record_text(op: Op) -> str:
-    """An op's stored record (the journal's `op` column, the pending log's)."""
-    return _dumps(op.to_record()).decode("utf-8")
+    """An op's stored record (the journal's `op` column, the pending log's).
+
+    A large command's encoding made already (Op.command_json) is put in
+    place rather than encoded again: the same bytes as encoding the record
+    whole (orjson writes the keys in order, compact).
+    """
+    if op.command_json is None or op.command is None:
+        return _dumps(op.to_record()).decode("utf-8")
+    head = _dumps({"seq": op.seq, "user_id": op.user_id, "kind": op.kind, "timestamp": op.timestamp})
+    tail = _dumps({"items": op.items, "op_id": op.op_id})
+    return b"".join((head[:-1], b',"command":', op.command_json, b",", tail[1:])).decode("utf-8")
 
 
 def _op_from_json(text: str) -> Op:
