@@ -282,8 +282,13 @@ def op_record_text(op: Op) -> str:
     """
     if op.command_json is None or op.command is None:
         return _dumps(op.to_record()).decode("utf-8")
-    head = _dumps({"seq": op.seq, "user_id": op.user_id, "kind": op.kind, "timestamp": op.timestamp})
-    tail = _dumps({"items": op.items, "op_id": op.op_id})
+    try:
+        head = orjson.dumps({"seq": op.seq, "user_id": op.user_id, "kind": op.kind, "timestamp": op.timestamp})
+        tail = orjson.dumps({"items": op.items, "op_id": op.op_id})
+    except orjson.JSONEncodeError:
+        # (An op_id beyond 64 bits.) The stdlib then writes the whole record,
+        # command included, as it always did: its floats differ from orjson's.
+        return _dumps(op.to_record()).decode("utf-8")
     return b"".join((head[:-1], b',"command":', op.command_json, b",", tail[1:])).decode("utf-8")
 
 

@@ -313,7 +313,11 @@ def _describe_error(exc: BaseException) -> str:
 
 def job_cost(ops: list[Op], replaced: KeptVersion | None = None) -> int:
     """Bytes a commit of these ops (and of the version they displace) holds in the queue."""
-    return JOB_BYTES + sum(OP_BYTES + op.size for op in ops) + (0 if replaced is None else replaced.size)
+    return (
+        JOB_BYTES
+        + sum(OP_BYTES + op.size + (0 if op.command_json is None else len(op.command_json)) for op in ops)
+        + (0 if replaced is None else replaced.size)
+    )
 
 
 def snapshot_cost(snapshot: dict[str, Any]) -> int:
