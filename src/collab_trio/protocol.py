@@ -206,9 +206,9 @@ def loads(data: bytes | str, *, containers: int = 0) -> Any:
 # A message of at least this many arrays and objects is left out of the
 # collector's generations once parsed.
 FREEZE_CONTAINERS = 8192
-# Frozen containers since the last release that make the next one due: a
-# quarter of what was frozen after it (CPython's own rule for full
-# collections), and at least this many.
+# The next release is due once the containers frozen since the last one
+# reach a quarter of the objects alive (and frozen again) at it, CPython's
+# own rule for full collections, and at least this many.
 RELEASE_AFTER_CONTAINERS = 1 << 20
 
 
