@@ -214,6 +214,8 @@ class Editor:
     _pending: dict[str, Any] | None = None
     _sent_at: float = 0.0
     _acked_event: trio.Event = attrs.field(factory=trio.Event)
+    # Relays that came while a resume was answered (None: not resuming).
+    _early: list[tuple[int, dict[str, Any]]] | None = None
 
     def _next_change(self) -> dict[str, Any]:
         self._counter += 1
@@ -247,7 +249,13 @@ class Editor:
         kind = message.get("type")
         if kind == "command" and "seq" in message:
             self.relays += 1
-            self._apply_op(message["seq"], message["command"])
+            if self._early is not None:
+                # A change committed while the resume request waited behind
+                # it (the server answers that request after it): applied in
+                # seq order once the answer brought what came before.
+                self._early.append((message["seq"], message["command"]))
+            else:
+                self._apply_op(message["seq"], message["command"])
         elif kind == "ack":
             self._acknowledged(message.get("op_id"), message["seq"])
         elif kind == "sync:ops":
@@ -272,9 +280,15 @@ class Editor:
         if self.epoch is not None:
             request.update(since=self.seq, epoch=self.epoch)
         await ws.send_message(json.dumps(request))
-        with trio.fail_after(HANG):
-            while not self._receive(json.loads(await ws.get_message())):
-                pass
+        self._early = []
+        try:
+            with trio.fail_after(HANG):
+                while not self._receive(json.loads(await ws.get_message())):
+                    pass
+        finally:
+            early, self._early = self._early, None
+        for seq, command in early:
+            self._apply_op(seq, command)  # those the answer had already are skipped
 
     async def _connected(self, ws: Any, stop: trio.Event) -> None:
         ack = json.loads(await ws.get_message())
