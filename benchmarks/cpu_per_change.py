@@ -76,6 +76,8 @@ class Client:
 
     user: str
     sock: socket.socket
+    # Seconds any read may wait (ClientError past it).
+    timeout: float
     buffer: bytearray = attrs.field(factory=bytearray)
 
     @classmethod
@@ -87,7 +89,7 @@ class Client:
             f"GET /ws/{SESSION}/{user} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
         )
-        client = cls(user, sock)
+        client = cls(user, sock, timeout)
         while b"\r\n\r\n" not in client.buffer:
             client._read()
         head, _, rest = bytes(client.buffer).partition(b"\r\n\r\n")
@@ -144,7 +146,7 @@ class Client:
         except ClientError:
             pass
         finally:
-            self.sock.settimeout(None)
+            self.sock.settimeout(self.timeout)
         self.buffer.clear()
 
     def close(self) -> None:
