@@ -240,7 +240,10 @@ class Editor:
         now = trio.current_time()
         self.ack_times.append(now)
         self.latencies.append(now - self._sent_at)
-        self._apply_op(seq, self._pending["command"])
+        if self._early is not None:
+            self._early.append((seq, self._pending["command"]))  # after the resume's answer, as relays
+        else:
+            self._apply_op(seq, self._pending["command"])
         self._pending = None
         self._acked_event.set()
 
@@ -251,8 +254,8 @@ class Editor:
             self.relays += 1
             if self._early is not None:
                 # A change committed while the resume request waited behind
-                # it (the server answers that request after it): applied in
-                # seq order once the answer brought what came before.
+                # it (the server answers that request after it): applied, in
+                # the order they came, once the answer brought what came before.
                 self._early.append((message["seq"], message["command"]))
             else:
                 self._apply_op(message["seq"], message["command"])
