@@ -415,6 +415,10 @@ class _Logged:
     ops: list[Op]
     texts: list[str]
 
+    def store(self, db: Database) -> None:
+        """The job: the change's ops, with the records the log holds."""
+        db.append(self.session_id, self.epoch, self.ops, None, self.texts)
+
     def follows(self, other: _Logged) -> bool:
         """This change's ops come right after `other`'s, in the same session and epoch."""
         return (
@@ -1039,12 +1043,8 @@ class SQLiteStore:
         texts = [op_record_text(op) for op in ops]
         record = encode_record(session_id, epoch, texts)
         segment, end = pending.append(record)
-        job = _Job(
-            lambda db: db.append(session_id, epoch, ops, None, texts),
-            cost,
-            logged=_Logged(session_id, epoch, segment, end, record, ops, texts),
-            urgent=False,
-        )
+        logged = _Logged(session_id, epoch, segment, end, record, ops, texts)
+        job = _Job(logged.store, cost, logged=logged, urgent=False)
         self._enqueue(job)
         self._last_commit = job.queued_at
         return True
