@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import unicodedata
+import weakref
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -734,8 +736,6 @@ def many_arrays(count: int) -> str:
 @pytest.fixture
 def frozen_state(monkeypatch: pytest.MonkeyPatch):
     """A fresh _Frozen record, and the collector as it was afterwards."""
-    import gc
-
     monkeypatch.setattr(protocol, "_frozen", protocol._Frozen())
     gc.collect()
     yield protocol._frozen
@@ -744,8 +744,6 @@ def frozen_state(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_message_of_many_containers_is_left_out_of_the_collectors_generations(frozen_state) -> None:
-    import gc
-
     before = gc.get_freeze_count()
     message = protocol.decode(many_arrays(protocol.FREEZE_CONTAINERS))
     assert len(message["command"]["data"]["v"]) == protocol.FREEZE_CONTAINERS
@@ -760,9 +758,6 @@ def test_a_message_of_many_containers_is_left_out_of_the_collectors_generations(
 def test_garbage_frozen_with_a_message_is_collected_at_the_next_release(
     frozen_state, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gc
-    import weakref
-
     monkeypatch.setattr(protocol, "RELEASE_AFTER_CONTAINERS", 3 * protocol.FREEZE_CONTAINERS)
 
     class Node:
