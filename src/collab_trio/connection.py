@@ -203,11 +203,20 @@ class Connection:
         what one batch of changes sends a client goes out in one write, and
         the budget is checked then.
         """
+        if self.close_code is not None:
+            return  # closing: the message is not for this connection any more
+        if key is None and cork is None and not self._in_cork:
+            # The commonest case, per recipient of every relay: written at once.
+            backlog = self.wire.send(frame)
+            over = backlog > self.config.max_queue_bytes or self._over_budget_since is not None
+            if over and not notice and backlog >= 0:
+                self._check_budget()
+            return
         # Corked already (by an execution whose flush is still to come): the
         # frame joins what that flush writes, whatever `cork` says.
         corked = cork is not None or self._in_cork
-        if self.close_code is not None or not self.wire.write(frame, key, corked=corked):
-            return  # closing: the message is not for this connection any more
+        if not self.wire.write(frame, key, corked=corked):
+            return  # the writer is gone
         if corked:
             if not self._in_cork:
                 self._in_cork = True

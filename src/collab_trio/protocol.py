@@ -714,7 +714,7 @@ class Ping:
     """`ping`: the application heartbeat."""
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
 class Command:
     """`command`: an edit of one item."""
 

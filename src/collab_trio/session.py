@@ -175,7 +175,8 @@ class Session:
                 history_bytes=self.config.history_bytes,
                 max_document_size=self.config.max_document_size,
                 max_message_size=self.config.max_message_size,
-                now=trio.current_time,
+                # trio.current_time(), one call instead of three (it asks the run's clock).
+                now=trio.lowlevel.current_clock().current_time,
                 corrections_enabled=self.config.corrections,
                 correction_window=self.config.correction_window,
                 correction_settle=self.config.correction_settle,
@@ -370,18 +371,20 @@ class Session:
                     self._failed("carrying out %s" % type(effect).__name__)
         finally:
             self._executing = False
-            for conn in list(self._gathered):
-                try:
-                    self._hand_over(conn)
-                except Exception:
-                    self._failed("writing to %s" % conn.user_id)
-            # Everything these effects sent a member goes out in one write.
-            corked, self._corked = self._corked, []
-            for conn in corked:
-                try:
-                    conn.flush()
-                except Exception:
-                    self._failed("writing to %s" % conn.user_id)
+            if self._gathered:
+                for conn in list(self._gathered):
+                    try:
+                        self._hand_over(conn)
+                    except Exception:
+                        self._failed("writing to %s" % conn.user_id)
+            if self._corked:
+                # Everything these effects sent a member goes out in one write.
+                corked, self._corked = self._corked, []
+                for conn in corked:
+                    try:
+                        conn.flush()
+                    except Exception:
+                        self._failed("writing to %s" % conn.user_id)
 
     def _failed(self, doing: str) -> None:
         """Log the exception being handled once, then close the session (1011)."""
@@ -411,7 +414,10 @@ class Session:
                 self._last_sent, self._last_frame = message, _frame(message)
             self.counters.count_sent(server_message_type(message))
             conn, key = effect.conn, replace_key(message)
-            if key is None:
+            if key is None and not self._effects and not gathered and not self._corked:
+                # The last effect, and nothing gathered (a change's ack): written at once.
+                conn.send_frame(self._last_frame)  # type: ignore[attr-defined]
+            elif key is None:
                 gathered.setdefault(conn, []).append(self._last_frame)  # type: ignore[arg-type]
                 self._gathered_count.add(conn)  # type: ignore[arg-type]
             else:
@@ -542,7 +548,8 @@ class Session:
         if batch is None:
             return True
         if batch.ops:
-            started = trio.current_time()
+            now = self.core.now
+            started = now()
             try:
                 done = self.store.commit_now(self.session_id, batch.epoch, list(batch.ops), batch.replaced)
             except StoreError as exc:
@@ -551,7 +558,7 @@ class Session:
                 if not done:
                     self._handoff = batch
                     return False
-                self.counters.commit_succeeded(len(batch.ops), trio.current_time() - started)
+                self.counters.commit_succeeded(len(batch.ops), now() - started)
                 effects = self._committed(batch)
         else:
             effects = self.core.committed(batch)

@@ -95,7 +95,7 @@ MOVE_ALLOWANCE = 128
 # -- effects -------------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
 class Send:
     """Queue `message` for one connection."""
 
@@ -103,7 +103,7 @@ class Send:
     message: ServerMessage
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
 class Broadcast:
     """Queue `message` for every member but `exclude` (a user id), encoded once."""
 
@@ -136,7 +136,7 @@ class Refuse:
     ref: str
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
 class WantCommit:
     """Changes are pending: the runner should take a batch when it can."""
 
@@ -267,7 +267,7 @@ class PendingSync:
 Pending = PendingCommand | PendingReplace | PendingSync
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
 class Batch:
     """Pending entries taken for one commit, and the ops of the changes among them."""
 
@@ -358,6 +358,8 @@ class SessionCore:
     _tracker: CorrectionTracker = attrs.field(init=False)
     # Members by user id, in join order (a reconnect keeps its place).
     _members: dict[str, _Member] = attrs.field(factory=dict)
+    # connections() by `exclude`, while the members stay.
+    _recipients: dict[str | None, list[Conn]] = attrs.field(factory=dict)
     host: str | None = None
     # True once the last member left or close_all() ran: no more joins.
     closed: bool = False
@@ -400,8 +402,16 @@ class SessionCore:
         return list(self._members)
 
     def connections(self, exclude: str | None = None) -> list[Conn]:
-        """The members' connections, in join order, but user `exclude`'s."""
-        return [m.conn for m in self._members.values() if m.user_id != exclude]
+        """The members' connections, in join order, but user `exclude`'s.
+
+        The same list (not to be changed) while the members stay: every
+        relay asks for it, members come and go rarely."""
+        recipients = self._recipients.get(exclude)
+        if recipients is None:
+            if len(self._recipients) >= len(self._members) + 1:
+                self._recipients.clear()  # bounded: one list per member, and one for all
+            recipients = self._recipients[exclude] = [m.conn for m in self._members.values() if m.user_id != exclude]
+        return recipients
 
     def connection_of(self, user_id: str) -> Conn | None:
         """The current connection of a member."""
@@ -436,6 +446,7 @@ class SessionCore:
         # Assigning to an existing key keeps its place: a reconnecting user keeps
         # its seniority (and host role) instead of going to the back of the line.
         self._members[user_id] = _Member(conn, user_id, connected_at, can_write)
+        self._recipients.clear()
         if self.host is None:
             self.host = user_id
         effects: list[Effect] = [Send(conn, self._ack(user_id))]
@@ -454,6 +465,7 @@ class SessionCore:
         if not self.is_member(conn, user_id):
             return []  # replaced by a newer connection, or already gone
         del self._members[user_id]
+        self._recipients.clear()
         self._tracker.forget_user(user_id)
         effects: list[Effect] = []
         host_left = self.host == user_id
@@ -779,7 +791,8 @@ class SessionCore:
                     command_json=encode_command(command) if entry.size >= ENCODE_ONCE_FROM else None,
                 )
             )
-        batch = Batch(entries, tuple(ops), self.document.epoch, self._displaced(entries, timestamp))
+        displaced = self._displaced(entries, timestamp) if replaced else None
+        batch = Batch(entries, tuple(ops), self.document.epoch, displaced)
         self._in_flight = batch
         return batch
 

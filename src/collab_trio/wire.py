@@ -206,15 +206,11 @@ class WireStream(trio.abc.Stream):
         `corked`: nothing is written until flush(), so that what one batch of
         changes sends this client goes out in one write.
         """
+        if key is None and not corked:
+            return self.send(data) >= 0
         if not self._attached or self._broken is not None or self._write_closed:
             return False
-        if key is None:  # _append's common case, inline: this runs per recipient
-            if not corked and not self._queue and not self._writing and self._socket is not None:
-                # flush() of this one frame, without queueing it first.
-                self._enqueued += 1
-                self.drains += 1
-                self._send_now([data], len(data), 1)
-                return True
+        if key is None:
             self._queue.append(data)
             self._queued_bytes += len(data)
             self._enqueued += 1
@@ -223,6 +219,43 @@ class WireStream(trio.abc.Stream):
         if not corked:
             self.flush()
         return True
+
+    def send(self, data: bytes) -> int:
+        """write(data) (no key, not corked): written at once when nothing is
+        queued before it. Returns the backlog after it, -1 once the writer is
+        gone. The common case, per recipient of every message: one
+        os.write() and two counters."""
+        if (
+            self._queue
+            or self._writing
+            or self._socket is None
+            or not self._attached
+            or self._broken is not None
+            or self._write_closed
+        ):
+            if not self._attached or self._broken is not None or self._write_closed:
+                return -1
+            self._queue.append(data)
+            self._queued_bytes += len(data)
+            self._enqueued += 1
+            self.flush()
+            return self.backlog
+        # flush() of this one frame, without queueing it first: what
+        # _send_now() does for one buffer, inline.
+        self.drains += 1
+        fd = self._socket.fileno()
+        try:
+            sent = os.write(fd, data) if fd >= 0 else 0
+        except OSError:
+            sent = 0  # full, or broken: the writer's own write reports a broken socket
+        if sent == len(data):
+            # Written whole, and everything before it was: _enqueued and
+            # _written (what send_all() waits on) would both count it.
+            self.counters.bytes_sent += sent
+            return 0
+        self._enqueued += 1
+        self._wrote([data], len(data), 1, sent)
+        return self.backlog
 
     def write_many(self, frames: list[bytes]) -> bool:
         """Queue whole frames no later one replaces, corked: flush() writes
@@ -269,7 +302,11 @@ class WireStream(trio.abc.Stream):
     def _send_now(self, pieces: list[Buffer], size: int, count: int) -> None:
         """Write `pieces` (`size` bytes, the last `count` entries taken) as far
         as the socket takes them at once; the writer task gets the rest."""
-        sent = self._write_now(pieces)
+        self._wrote(pieces, size, count, self._write_now(pieces))
+
+    def _wrote(self, pieces: list[Buffer], size: int, count: int, sent: int) -> None:
+        """Account for `sent` bytes of `pieces` written at once; the writer
+        task gets the rest."""
         self.counters.bytes_sent += sent
         if sent == size:
             self._written += count
