@@ -141,6 +141,10 @@ class WantCommit:
     """Changes are pending: the runner should take a batch when it can."""
 
 
+# (No fields: one for all.)
+WANT_COMMIT = WantCommit()
+
+
 @attrs.frozen
 class WantCorrections:
     """A correction is due at some time: the runner calls corrections() then
@@ -207,8 +211,9 @@ class _Change:
     user_id: str
     size: int
     op_id: Any = None
-    # Connections that sent the same op_id again before this one committed.
-    repeats: list[Conn] = attrs.field(factory=list)
+    # Connections that sent the same op_id again before this one committed
+    # (a tuple, so that the usual none costs no list per change).
+    repeats: tuple[Conn, ...] = ()
     # Bytes this change is expected to add to the document (an upper bound;
     # negative only for a replacement that makes it smaller).
     growth: int = attrs.field(default=0, kw_only=True)
@@ -640,7 +645,7 @@ class SessionCore:
             return [Send(change.conn, Ack(seq, change.op_id))]
         earlier = self._pending_op_ids.get((change.user_id, op_id_key(change.op_id)))
         if earlier is not None:
-            earlier.repeats.append(change.conn)
+            earlier.repeats += (change.conn,)
             return []
         return None
 
@@ -650,7 +655,7 @@ class SessionCore:
         self._pending.append(change)
         self.pending_bytes += change.size
         self.pending_growth += change.growth
-        return [WantCommit()]
+        return [WANT_COMMIT]
 
     def _queue_sync(self, conn: Conn, request: SyncRequest, size: int) -> None:
         waiting = self._waiting_syncs.get(conn)
@@ -778,17 +783,20 @@ class SessionCore:
                 if command is None:
                     continue  # refused
             ops.append(
+                # Positional (a keyword call costs a dict per change): seq,
+                # user_id, kind, timestamp, command, items, op_id, size and
+                # command_json, the command encoded once for its record, the
+                # document and the relay.
                 Op(
-                    seq=first + len(ops),
-                    user_id=entry.user_id,
-                    kind=COMMAND if isinstance(entry, PendingCommand) else REPLACE,
-                    timestamp=timestamp,
-                    command=command,
-                    items=entry.items if isinstance(entry, PendingReplace) else None,
-                    op_id=entry.op_id,
-                    size=entry.size,
-                    # Encoded once, for its record, the document and the relay.
-                    command_json=encode_command(command) if entry.size >= ENCODE_ONCE_FROM else None,
+                    first + len(ops),
+                    entry.user_id,
+                    COMMAND if isinstance(entry, PendingCommand) else REPLACE,
+                    timestamp,
+                    command,
+                    entry.items if isinstance(entry, PendingReplace) else None,
+                    entry.op_id,
+                    entry.size,
+                    encode_command(command) if entry.size >= ENCODE_ONCE_FROM else None,
                 )
             )
         displaced = self._displaced(entries, timestamp) if replaced else None
@@ -937,7 +945,7 @@ class SessionCore:
         ):
             effects.append(WantSnapshot(self._take_snapshot()))
         if self._pending:
-            effects.append(WantCommit())
+            effects.append(WANT_COMMIT)
         return effects
 
     def _apply_command(self, op: Op, entry: PendingCommand) -> bytes | None:
@@ -1053,7 +1061,7 @@ class SessionCore:
         if reset:
             effects += self.close_all(CloseCode.GOING_AWAY, RESET_REASON)
         elif self._pending:
-            effects.append(WantCommit())
+            effects.append(WANT_COMMIT)
         return effects
 
     def _finish(self, batch: Batch) -> None:

@@ -451,7 +451,9 @@ class _Job:
     cost: int
     # True once in the queue (its bytes counted); before that it waits for room.
     admitted: bool = False
-    done: trio.Event = attrs.field(factory=trio.Event)
+    # Set with the outcome; made by _submit() (a logged change's job has
+    # nobody waiting for it: one object less per change).
+    done: trio.Event | None = None
     result: outcome.Outcome | None = None
     # A change already durable in the pending log, that nobody waits for.
     logged: _Logged | None = None
@@ -834,7 +836,8 @@ class SQLiteStore:
         if job.result is not None:
             return
         job.result = result
-        job.done.set()
+        if job.done is not None:
+            job.done.set()
         if job.admitted:
             self._release(job.cost)
 
@@ -933,13 +936,13 @@ class SQLiteStore:
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller enqueues nothing
         if self._closing or self._db is None:
             raise StoreError(CLOSED)
-        job = _Job(fn, cost, urgent=urgent)
+        job = _Job(fn, cost, done=trio.Event(), urgent=urgent)
         if not self._waiting and self._fits(cost):
             self._enqueue(job)
         else:
             self._waiting.append(job)
         try:
-            await job.done.wait()
+            await job.done.wait()  # type: ignore[union-attr]
         except BaseException:
             if not job.admitted and job in self._waiting:
                 # Cancelled while waiting for room: nothing was enqueued.
