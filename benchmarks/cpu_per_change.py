@@ -2,7 +2,7 @@
 """Server CPU per change, thread by thread, one change at a time: collab-trio against the reference relay.
 
     python benchmarks/cpu_per_change.py [--changes 4000] [--users 10] [--rounds 5]
-        [--servers reference,collab-trio] [--short]
+        [--servers reference,collab-trio] [--short] [--instructions]
 
 benchmarks/fanout.py measures the servers under its asyncio load generator,
 whose processes compete with the server for this machine's two cores; its
@@ -23,6 +23,16 @@ fresh for every run exactly as benchmarks/fanout.py starts them, and
 alternate within each round; the table gives the median of the rounds and,
 in brackets, the lowest (a busy machine only adds).
 
+`--instructions` counts instead the user-space instructions each server
+runs per change, under valgrind's callgrind (`valgrind` must be installed;
+counting starts after the warm-up, with `callgrind_control`): the same
+figure from one run to the next within a percent or two, where CPU time
+moves by ten on this shared machine, and the figure that tells what a
+change in the code saves. The server runs 20-50 times slower under
+valgrind, so the defaults are then `--changes 600 --rounds 1`, and the
+writer thread's share is larger than at full speed (fewer changes per
+transaction).
+
 Nothing about speed is asserted. The exit status is 0 when every run ran and
 2 when one could not (a server that doesn't start, a client that can't join
 or gets no answer within `--timeout` seconds). Progress goes to stderr, the
@@ -35,8 +45,11 @@ import argparse
 import base64
 import math
 import os
+import re
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -62,10 +75,15 @@ from fanout import (  # noqa: E402 - the sibling benchmark's servers, as it star
 )
 
 EXIT_OK, EXIT_BROKEN = 0, 2
+# Under valgrind: a server starts and answers 20-50 times slower.
+VALGRIND_START_TIMEOUT = 180.0
+VALGRIND_ANSWER_TIMEOUT = 120.0
+CALLGRIND_OUT = "callgrind.out"
 SESSION = "cpu-per-change"
 # Join notices still coming in are read until the clients were quiet this long.
 QUIET = 0.3
 SHORT = {"changes": 200, "users": 3, "rounds": 1}
+SHORT_INSTRUCTIONS = {"changes": 30, "users": 3, "rounds": 1}
 
 
 class ClientError(Exception):
@@ -183,6 +201,10 @@ class RunResult:
     main_us: float
     other_us: float
     round_trip_us: float
+    # --instructions: thousands of user-space instructions per change (nan otherwise).
+    instructions_k: float = math.nan
+    main_instructions_k: float = math.nan
+    other_instructions_k: float = math.nan
 
     @property
     def total_us(self) -> float:
@@ -223,10 +245,21 @@ def measure(server: ServerUnderTest, args: argparse.Namespace) -> RunResult:
         warmup = max(50, args.changes // 10)
         for number in range(warmup):
             one_change(sender, receivers, number)
+        if args.instructions:
+            callgrind_control(server.pid, "--instr=on", args.timeout)
         before, main_before, started = process_ticks(server.pid), main_thread_ticks(server.pid), time.monotonic()
         for number in range(warmup, warmup + args.changes):
             one_change(sender, receivers, number)
         after, main_after, ended = process_ticks(server.pid), main_thread_ticks(server.pid), time.monotonic()
+        counted: dict[str, float] = {}
+        if args.instructions:
+            callgrind_control(server.pid, "--instr=off", args.timeout)
+            main, everything = dumped_instructions(server, args.timeout)
+            counted = {
+                "instructions_k": everything / args.changes / 1000,
+                "main_instructions_k": main / args.changes / 1000,
+                "other_instructions_k": (everything - main) / args.changes / 1000,
+            }
     finally:
         for client in clients:
             client.close()
@@ -244,7 +277,57 @@ def measure(server: ServerUnderTest, args: argparse.Namespace) -> RunResult:
         # The process's figure keeps the time of threads that ended meanwhile (trio's idle workers).
         other_us=(user + system - main) * per_tick,
         round_trip_us=(ended - started) / args.changes * 1e6,
+        **counted,
     )
+
+
+def valgrind(work_dir: str) -> list[str]:
+    """What runs a server under callgrind, counting nothing until told (fanout.start_server's wrapper)."""
+    return [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+        f"--callgrind-out-file={os.path.join(work_dir, CALLGRIND_OUT)}",
+    ]
+
+
+def callgrind_control(pid: int, option: str, timeout: float) -> str:
+    """Run `callgrind_control option pid` (ClientError if it fails)."""
+    try:
+        done = subprocess.run(["callgrind_control", option, str(pid)], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ClientError(f"callgrind_control {option}: {exc}") from None
+    if done.returncode != 0:
+        raise ClientError(f"callgrind_control {option}: {(done.stdout + done.stderr).strip()[-300:]}")
+    return done.stdout
+
+
+def dumped_instructions(server: ServerUnderTest, timeout: float) -> tuple[int, int]:
+    """Dump the counts (callgrind_control --dump) and read them: the
+    instructions of the first thread (the event loop) and of all threads."""
+    assert server.data_dir is not None
+    callgrind_control(server.pid, "--dump", timeout)
+    # One file per thread for the dump: <out>.1-01, <out>.1-02, ...
+    pattern = re.compile(re.escape(CALLGRIND_OUT) + r"\.1-(\d+)$")
+    deadline = time.monotonic() + timeout
+    while True:
+        files = {int(m.group(1)): m.string for m in map(pattern.match, os.listdir(server.data_dir)) if m}
+        totals = {thread: _callgrind_total(os.path.join(server.data_dir, name)) for thread, name in files.items()}
+        if totals and None not in totals.values():
+            break
+        if time.monotonic() > deadline:
+            raise ClientError(f"no complete callgrind dump in {server.data_dir} within {timeout:g} s")
+        time.sleep(0.2)
+    return totals.get(1, 0) or 0, sum(t or 0 for t in totals.values())
+
+
+def _callgrind_total(path: str) -> int | None:
+    """The `totals:` line of a callgrind output file (None while it is being written)."""
+    try:
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def run_all(args: argparse.Namespace) -> tuple[list[RunResult], int]:
@@ -256,7 +339,10 @@ def run_all(args: argparse.Namespace) -> tuple[list[RunResult], int]:
             step = f"[{round_ * len(args.servers) + index + 1:2d}/{total}] {name}"
             progress(f"{step} ...")
             try:
-                server = start_server(name, args)
+                if args.instructions:
+                    server = start_server(name, args, wrapper=valgrind, start_timeout=VALGRIND_START_TIMEOUT)
+                else:
+                    server = start_server(name, args)
             except BenchError as exc:
                 progress(f"{step}: could not run: {exc}")
                 failed += 1
@@ -270,6 +356,12 @@ def run_all(args: argparse.Namespace) -> tuple[list[RunResult], int]:
             finally:
                 server.stop()
             results.append(result)
+            if args.instructions:
+                progress(
+                    f"{step}: {result.instructions_k:.1f}k instructions/change (main thread"
+                    f" {result.main_instructions_k:.1f}k, others {result.other_instructions_k:.1f}k)"
+                )
+                continue
             progress(
                 f"{step}: {result.total_us:.1f} us/change ({result.user_us:.1f} user, {result.system_us:.1f} system;"
                 f" main thread {result.main_us:.1f}, others {result.other_us:.1f}), round trip {result.round_trip_us:.0f} us"
@@ -285,6 +377,11 @@ ROWS = (
     ("  other threads", "other_us"),
     ("round trip us/change (client)", "round_trip_us"),
 )
+INSTRUCTION_ROWS = (
+    ("instructions/change (thousands)", "instructions_k"),
+    ("  event loop thread", "main_instructions_k"),
+    ("  other threads", "other_instructions_k"),
+)
 
 
 def format_table(results: list[RunResult], args: argparse.Namespace) -> str:
@@ -292,12 +389,13 @@ def format_table(results: list[RunResult], args: argparse.Namespace) -> str:
     rounds = max((len(runs) for runs in by_server.values()), default=0)
     lines = [
         f"== {args.users} users, {args.changes:,} add_item one at a time"
+        + (", user-space instructions under valgrind" if args.instructions else "")
         + (f"  (median of {rounds} rounds; lowest in brackets)" if rounds > 1 else "")
     ]
     ratio = COLLAB in by_server and REFERENCE in by_server
     header = f"  {'':32s}" + "".join(f"  {name:>16s}" for name in args.servers) + ("  collab/ref" if ratio else "")
     lines += [header, "  " + "-" * (len(header) - 2)]
-    for label, key in ROWS:
+    for label, key in INSTRUCTION_ROWS if args.instructions else ROWS:
         cells, medians = [], {}
         for name in args.servers:
             values = [getattr(r, key) for r in by_server[name]]
@@ -321,20 +419,30 @@ def build_parser() -> argparse.ArgumentParser:
     # At most 20,000: the receivers send nothing, and a run must end well
     # within the server's idle timeout (90 s); the document stays far below
     # its size limit (16 MiB).
-    add("--changes", type=bounded(int, 10, 20_000), default=4000, help="changes measured per run (4000, at most 20,000)")
+    add("--changes", type=bounded(int, 10, 20_000), default=None,
+        help="changes measured per run (4000, with --instructions 600; at most 20,000)")
     add("--users", type=bounded(int, 2, 100), default=10, help="users in the session: 1 sender, the rest receive (10)")
-    add("--rounds", type=bounded(int, 1, 50), default=5, help="runs per server, alternating (5)")
+    add("--rounds", type=bounded(int, 1, 50), default=None, help="runs per server, alternating (5, with --instructions 1)")
     add("--servers", type=name_list(SERVERS), default=list(SERVERS), help="reference,collab-trio (both)")
-    add("--timeout", type=bounded(float, 1, 600), default=20.0, help="seconds any answer may take (20)")
+    add("--timeout", type=bounded(float, 1, 600), default=None,
+        help=f"seconds any answer may take (20, with --instructions {VALGRIND_ANSWER_TIMEOUT:g})")
+    add("--instructions", action="store_true",
+        help="count user-space instructions per change under valgrind's callgrind instead of CPU time")
     add("--short", action="store_true", help="a run of a few seconds (CI): " + ", ".join(
-        f"--{k} {v}" for k, v in SHORT.items()))
+        f"--{k} {v}" for k, v in SHORT.items()) + "; with --instructions " + ", ".join(
+        f"--{k} {v}" for k, v in SHORT_INSTRUCTIONS.items()))
     return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.short:
-        for key, value in SHORT.items():
+        for key, value in (SHORT_INSTRUCTIONS if args.instructions else SHORT).items():
+            setattr(args, key, value)
+    defaults = {"changes": 600, "rounds": 1, "timeout": VALGRIND_ANSWER_TIMEOUT} if args.instructions else {
+        "changes": 4000, "rounds": 5, "timeout": 20.0}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
             setattr(args, key, value)
     # What fanout.start_server and machine_facts need to know.
     args.collab_store, args.reference_json, args.generators = "sqlite", "json", 0
@@ -343,6 +451,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print("--instructions needs valgrind (and its callgrind_control); install it first"
+              " (Debian: apt-get install valgrind)", file=sys.stderr)
+        return EXIT_BROKEN
     facts = machine_facts(args)
     # Its load line is fanout.py's: this load is the clients in this process.
     facts[-1] = f"load:    {args.users} blocking clients in this process, one change at a time; commands ~{len(change_payload(0))} bytes"

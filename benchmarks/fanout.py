@@ -839,8 +839,15 @@ class ServerUnderTest:
         return [line for line in self.output.lines if any(marker in line for marker in markers)]
 
 
-def start_server(name: str, args: argparse.Namespace) -> ServerUnderTest:
-    """A fresh server of this kind on a free loopback port (BenchError if it doesn't start)."""
+def start_server(
+    name: str,
+    args: argparse.Namespace,
+    wrapper: Callable[[str], list[str]] | None = None,
+    start_timeout: float = SERVER_START_TIMEOUT,
+) -> ServerUnderTest:
+    """A fresh server of this kind on a free loopback port (BenchError if it
+    doesn't start). `wrapper(work_dir)`: what runs the server's command
+    (cpu_per_change.py's valgrind)."""
     work_dir = tempfile.mkdtemp(prefix=f"fanout-{name}-")
     if name == COLLAB:
         command = testing.serve_command(
@@ -848,13 +855,15 @@ def start_server(name: str, args: argparse.Namespace) -> ServerUnderTest:
         )
     else:
         command = [sys.executable, str(RELAY_SCRIPT), "--port", "0", "--json", args.reference_json]
+    if wrapper is not None:
+        command = [*wrapper(work_dir), *command]
     try:
         output = testing.ProcessOutput(name, command, testing.child_env(), cwd=work_dir)
     except OSError as exc:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise BenchError(f"{name} did not start: {exc}") from None
     try:
-        port = int(output.wait_for(testing.LISTENING_RE, SERVER_START_TIMEOUT).group(1))
+        port = int(output.wait_for(testing.LISTENING_RE, start_timeout).group(1))
     except BaseException as exc:
         output.stop(signal.SIGTERM, timeout=SERVER_STOP_TIMEOUT)
         shutil.rmtree(work_dir, ignore_errors=True)

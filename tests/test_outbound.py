@@ -183,6 +183,33 @@ async def test_a_frame_with_nothing_queued_is_written_at_once_and_a_short_write_
             wire.wake()
 
 
+async def test_send_writes_at_once_and_says_what_stays_queued() -> None:
+    """WireStream.send(), the per-recipient write: 0 when the socket took the
+    frame whole; with a frame the socket took part of, the bytes queued
+    behind it that count (the started frame does not); -1 once closed.
+    send_all() behind frames written at once does not wait for a writer."""
+    big = text_frame(b"b" * (8 << 20))
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer):
+            wire.attach()
+            for n in range(3):
+                assert wire.send(text_frame(b"relay %d" % n)) == 0
+            expected = b"".join(text_frame(b"relay %d" % n) for n in range(3))
+            got = bytearray()
+            while len(got) < len(expected):
+                got += await peer.receive_some()
+            assert got == expected
+            # No writer task runs: what send() wrote at once is written for send_all().
+            await wire.send_all(text_frame(b"pong"))
+            assert await peer.receive_some() == text_frame(b"pong")
+
+            await almost_full_socket(wire, peer)
+            assert wire.send(big) == 0 and 0 < wire.queued_bytes < len(big)
+            assert wire.send(text_frame(b"after")) == len(text_frame(b"after")) == wire.backlog
+            await wire.aclose()
+            assert wire.send(text_frame(b"late")) == -1
+
+
 def fill_socket(wire: WireStream) -> None:
     """Write to the socket under `wire` until it takes nothing more (its peer does not read)."""
     fd = wire._socket.fileno()

@@ -157,6 +157,26 @@ def test_takeover_replaces_the_old_connection_and_keeps_the_place() -> None:
     assert c.connection_of("alice") == "alice-2"
 
 
+def test_the_recipients_follow_joins_takeovers_and_leaves() -> None:
+    """connections() keeps its list while the members stay, and never
+    outlives a change of them."""
+    c = core()
+    join(c, "alice")
+    join(c, "bob")
+    assert c.connections(exclude="alice") == ["bob"] and c.connections() == ["alice", "bob"]
+    assert c.connections(exclude="alice") is c.connections(exclude="alice")  # kept
+    join(c, "carol")
+    assert c.connections(exclude="alice") == ["bob", "carol"]
+    join(c, "bob", "bob-2")  # a takeover: the new connection, in bob's place
+    assert c.connections(exclude="alice") == ["bob-2", "carol"] and c.connections(exclude="bob") == ["alice", "carol"]
+    c.leave("carol", "carol", "disconnected")
+    assert c.connections(exclude="alice") == ["bob-2"] and c.connections() == ["alice", "bob-2"]
+    # Lists for ids that are no members (a user who left) stay bounded.
+    for n in range(100):
+        c.connections(exclude=f"gone-{n}")
+    assert len(c._recipients) <= 3
+
+
 def test_the_last_member_leaving_empties_the_session() -> None:
     c = core()
     join(c, "alice")

@@ -71,7 +71,7 @@ def message_size(op: Op) -> int:
     return size
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class Op:
     """One applied change: a command, or a replacement of every item."""
 

@@ -120,7 +120,7 @@ class Pong:
         return {"type": "pong", "timestamp": self.timestamp}
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class Ack:
     """Tells a sender that its change was stored and applied as `seq`."""
 
@@ -146,7 +146,7 @@ class Error:
         return {"type": "error", "code": self.code.value, "message": self.message, "ref": self.ref}
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class Relay:
     """The `command` message other members receive for a committed op."""
 

@@ -714,7 +714,7 @@ class Ping:
     """`ping`: the application heartbeat."""
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class Command:
     """`command`: an edit of one item."""
 

@@ -95,7 +95,7 @@ MOVE_ALLOWANCE = 128
 # -- effects -------------------------------------------------------------------
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class Send:
     """Queue `message` for one connection."""
 
@@ -103,7 +103,7 @@ class Send:
     message: ServerMessage
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class Broadcast:
     """Queue `message` for every member but `exclude` (a user id), encoded once."""
 
@@ -136,7 +136,7 @@ class Refuse:
     ref: str
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class WantCommit:
     """Changes are pending: the runner should take a batch when it can."""
 
@@ -272,7 +272,7 @@ class PendingSync:
 Pending = PendingCommand | PendingReplace | PendingSync
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class Batch:
     """Pending entries taken for one commit, and the ops of the changes among them."""
 

@@ -401,7 +401,7 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None  # empty while the holder writes it
 
 
-@attrs.define(unsafe_hash=True)  # a value, never changed; not frozen: see _VALUES in ARCHITECTURE.md
+@attrs.define(unsafe_hash=True)  # a value: never changed (see "Per-change objects", ARCHITECTURE.md)
 class _Logged:
     """Where a logged change is: its session, its segment and the offset
     past its record, and the record itself (kept aside if refused for good);
