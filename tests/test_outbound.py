@@ -229,6 +229,38 @@ async def almost_full_socket(wire: WireStream, peer: trio.SocketStream) -> None:
     await trio.lowlevel.wait_writable(wire._socket)
 
 
+async def test_a_send_all_behind_a_write_the_socket_took_nothing_of_waits_for_its_bytes() -> None:
+    """A send_all() (trio-websocket's pong or close reply) queued on a full
+    socket, then a frame written behind it: flush() takes both and the
+    socket takes neither. send_all() returns only once its bytes are
+    written (it returned there, with nothing written)."""
+    with trio.fail_after(HANG):
+        async with socket_wire() as (wire, peer), trio.open_nursery() as nursery:
+            wire.attach()
+            fill_socket(wire)
+            returned = trio.Event()
+
+            async def pong() -> None:
+                await wire.send_all(text_frame(b"pong"))
+                returned.set()
+
+            nursery.start_soon(pong)
+            await trio.testing.wait_all_tasks_blocked()
+            assert wire.write(text_frame(b"relay"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not returned.is_set()
+
+            done = trio.Event()
+            nursery.start_soon(wire.run_writer, done)
+            tail = text_frame(b"pong") + text_frame(b"relay")
+            got = bytearray()
+            while not got.endswith(tail):
+                got += await peer.receive_some(1 << 20)
+            await returned.wait()
+            done.set()
+            wire.wake()
+
+
 async def test_a_members_close_for_slowness_does_not_close_another_through_its_user_left() -> None:
     """Two members behind: u1 takes nothing, u2 took part of a big broadcast.
     u1's 1013 broadcasts user:left while u2's frames wait, corked, for the

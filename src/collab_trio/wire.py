@@ -96,14 +96,19 @@ class _Entry:
     """One queued write: its bytes, the key that may replace it, its size.
 
     The rest of a write the socket took only part of is one entry too: the
-    buffers it had still to write (views of the frames, not copies).
+    buffers it had still to write (views of the frames, not copies). It
+    stands for every entry of that write (`count`): none of them counts as
+    written (for send_all()) before all of it is.
     """
 
-    __slots__ = ("data", "key", "size", "started")
+    __slots__ = ("count", "data", "key", "size", "started")
 
-    def __init__(self, data: Buffer | list[Buffer] | None, key: Hashable | None, *, started: bool = False) -> None:
+    def __init__(
+        self, data: Buffer | list[Buffer] | None, key: Hashable | None, *, started: bool = False, count: int = 1
+    ) -> None:
         self.data = data
         self.key = key
+        self.count = count
         if data is None:
             self.size = 0
         elif type(data) is list:
@@ -267,7 +272,7 @@ class WireStream(trio.abc.Stream):
         self._enqueued += len(frames)
         return True
 
-    def _append(self, data: Buffer | list[Buffer], key: Hashable | None, started: bool) -> None:
+    def _append(self, data: Buffer | list[Buffer], key: Hashable | None, started: bool, count: int = 1) -> None:
         # write() queues plain bytes itself; this is for the rest: keyed, or
         # what is left of a frame after a short write.
         if key is not None:
@@ -276,7 +281,7 @@ class WireStream(trio.abc.Stream):
                 self._queued_bytes -= old.size
                 self._replaceable_bytes -= old.size
                 old.data = None
-        entry = _Entry(data, key, started=started)
+        entry = _Entry(data, key, started=started, count=count)
         self._queue.append(entry)
         self._queued_bytes += entry.size
         if key is not None:
@@ -284,7 +289,7 @@ class WireStream(trio.abc.Stream):
             self._replaceable_bytes += entry.size
         elif started:
             self._started_bytes = entry.size
-        self._enqueued += 1
+        self._enqueued += count
 
     def flush(self) -> None:
         """Write what was corked: at once if the socket takes it, else via the writer."""
@@ -311,10 +316,12 @@ class WireStream(trio.abc.Stream):
         if sent == size:
             self._written += count
         else:
-            # The rest stands for the last entry: the writer finishes it.
-            self._written += count - 1
-            self._enqueued -= 1
-            self._append(_after(pieces, sent), None, started=sent > 0)
+            # The rest, the writer's to finish, stands for all `count`
+            # entries: a send_all() behind one of them that went out whole
+            # returns once the rest is written too (later, never before its
+            # own bytes are written).
+            self._enqueued -= count
+            self._append(_after(pieces, sent), None, started=sent > 0, count=count)
             self._wakeup.set()
         if self._progress_waiters:
             self._progressed()
@@ -479,7 +486,8 @@ class WireStream(trio.abc.Stream):
 
     def _take(self) -> tuple[list[Buffer], int, int]:
         """Everything queued, as the buffers of one write (not joined: a
-        big frame is never copied), their bytes, and how many entries it was."""
+        big frame is never copied), their bytes, and how many entries it
+        stands for (the rest of a short write stands for all of its own)."""
         entries = self._queue
         count = len(entries)
         if count == 1:
@@ -488,15 +496,18 @@ class WireStream(trio.abc.Stream):
                 pieces, size = [first], len(first)
             else:
                 pieces, size = _buffers(first.data), first.size  # type: ignore[union-attr]
+                count = first.count  # type: ignore[union-attr]
         else:
             pieces, size = [], 0
             for entry in entries:
                 if type(entry) is bytes:
                     pieces.append(entry)
                     size += len(entry)
-                elif entry.data is not None:  # type: ignore[union-attr]
-                    pieces += _buffers(entry.data)  # type: ignore[union-attr]
-                    size += entry.size  # type: ignore[union-attr]
+                else:
+                    count += entry.count - 1  # type: ignore[union-attr]
+                    if entry.data is not None:  # type: ignore[union-attr]
+                        pieces += _buffers(entry.data)  # type: ignore[union-attr]
+                        size += entry.size  # type: ignore[union-attr]
             entries.clear()
         if self._keyed:
             self._keyed.clear()
