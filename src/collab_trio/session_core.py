@@ -364,7 +364,7 @@ class SessionCore:
     # Members by user id, in join order (a reconnect keeps its place).
     _members: dict[str, _Member] = attrs.field(factory=dict)
     # connections() by `exclude`, while the members stay.
-    _recipients: dict[str | None, list[Conn]] = attrs.field(factory=dict)
+    _recipients: dict[str | None, tuple[Conn, ...]] = attrs.field(factory=dict)
     host: str | None = None
     # True once the last member left or close_all() ran: no more joins.
     closed: bool = False
@@ -406,16 +406,17 @@ class SessionCore:
         """User ids of the members, in join order."""
         return list(self._members)
 
-    def connections(self, exclude: str | None = None) -> list[Conn]:
+    def connections(self, exclude: str | None = None) -> tuple[Conn, ...]:
         """The members' connections, in join order, but user `exclude`'s.
 
-        The same list (not to be changed) while the members stay: every
-        relay asks for it, members come and go rarely."""
+        The same tuple while the members stay: every relay asks for it,
+        members come and go rarely."""
         recipients = self._recipients.get(exclude)
         if recipients is None:
             if len(self._recipients) >= len(self._members) + 1:
-                self._recipients.clear()  # bounded: one list per member, and one for all
-            recipients = self._recipients[exclude] = [m.conn for m in self._members.values() if m.user_id != exclude]
+                self._recipients.clear()  # bounded: one per member, and one for all
+            recipients = tuple(m.conn for m in self._members.values() if m.user_id != exclude)
+            self._recipients[exclude] = recipients
         return recipients
 
     def connection_of(self, user_id: str) -> Conn | None:
