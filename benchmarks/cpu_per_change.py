@@ -78,6 +78,9 @@ EXIT_OK, EXIT_BROKEN = 0, 2
 # Under valgrind: a server starts and answers 20-50 times slower.
 VALGRIND_START_TIMEOUT = 180.0
 VALGRIND_ANSWER_TIMEOUT = 120.0
+# The receivers send nothing: under valgrind a run may last longer than
+# collab-trio's idle timeout (90 s), which would close them (4000).
+VALGRIND_COLLAB_ARGS = ("--idle-timeout", "86400")
 CALLGRIND_OUT = "callgrind.out"
 SESSION = "cpu-per-change"
 # Join notices still coming in are read until the clients were quiet this long.
@@ -340,7 +343,10 @@ def run_all(args: argparse.Namespace) -> tuple[list[RunResult], int]:
             progress(f"{step} ...")
             try:
                 if args.instructions:
-                    server = start_server(name, args, wrapper=valgrind, start_timeout=VALGRIND_START_TIMEOUT)
+                    server = start_server(
+                        name, args, wrapper=valgrind, start_timeout=VALGRIND_START_TIMEOUT,
+                        collab_args=VALGRIND_COLLAB_ARGS,
+                    )
                 else:
                     server = start_server(name, args)
             except BenchError as exc:
@@ -417,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     # At most 20,000: the receivers send nothing, and a run must end well
-    # within the server's idle timeout (90 s); the document stays far below
-    # its size limit (16 MiB).
+    # within the server's idle timeout (90 s; under valgrind it is lifted);
+    # the document stays far below its size limit (16 MiB).
     add("--changes", type=bounded(int, 10, 20_000), default=None,
         help="changes measured per run (4000, with --instructions 600; at most 20,000)")
     add("--users", type=bounded(int, 2, 100), default=10, help="users in the session: 1 sender, the rest receive (10)")
@@ -458,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = machine_facts(args)
     # Its load line is fanout.py's: this load is the clients in this process.
     facts[-1] = f"load:    {args.users} blocking clients in this process, one change at a time; commands ~{len(change_payload(0))} bytes"
+    if args.instructions:
+        facts.append(f"valgrind: {' '.join(valgrind('DIR')[:4])}; collab-trio also {' '.join(VALGRIND_COLLAB_ARGS)}")
     print("\n".join(facts) + "\n", flush=True)
     results, failed = run_all(args)
     print(format_table(results, args))

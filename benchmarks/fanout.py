@@ -844,14 +844,15 @@ def start_server(
     args: argparse.Namespace,
     wrapper: Callable[[str], list[str]] | None = None,
     start_timeout: float = SERVER_START_TIMEOUT,
+    collab_args: Sequence[str] = (),
 ) -> ServerUnderTest:
     """A fresh server of this kind on a free loopback port (BenchError if it
     doesn't start). `wrapper(work_dir)`: what runs the server's command
-    (cpu_per_change.py's valgrind)."""
+    (cpu_per_change.py's valgrind); `collab_args`: more options for collab-trio."""
     work_dir = tempfile.mkdtemp(prefix=f"fanout-{name}-")
     if name == COLLAB:
         command = testing.serve_command(
-            "--store", args.collab_store, "--data-dir", os.path.join(work_dir, "data"), *COLLAB_ARGS
+            "--store", args.collab_store, "--data-dir", os.path.join(work_dir, "data"), *COLLAB_ARGS, *collab_args
         )
     else:
         command = [sys.executable, str(RELAY_SCRIPT), "--port", "0", "--json", args.reference_json]
