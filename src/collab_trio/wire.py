@@ -216,9 +216,7 @@ class WireStream(trio.abc.Stream):
         if not self._attached or self._broken is not None or self._write_closed:
             return False
         if key is None:
-            self._queue.append(data)
-            self._queued_bytes += len(data)
-            self._enqueued += 1
+            self._queue_frame(data)
         else:
             self._append(data, key, started=False)
         if not corked:
@@ -230,19 +228,10 @@ class WireStream(trio.abc.Stream):
         queued before it. Returns the backlog after it, -1 once the writer is
         gone. The common case, per recipient of every message: one
         os.write() and two counters."""
-        if (
-            self._queue
-            or self._writing
-            or self._socket is None
-            or not self._attached
-            or self._broken is not None
-            or self._write_closed
-        ):
-            if not self._attached or self._broken is not None or self._write_closed:
-                return -1
-            self._queue.append(data)
-            self._queued_bytes += len(data)
-            self._enqueued += 1
+        if not self._attached or self._broken is not None or self._write_closed:
+            return -1
+        if self._queue or self._writing or self._socket is None:
+            self._queue_frame(data)
             self.flush()
             return self.backlog
         # flush() of this one frame, without queueing it first: what
@@ -261,6 +250,12 @@ class WireStream(trio.abc.Stream):
         self._enqueued += 1
         self._wrote([data], len(data), 1, sent)
         return self.backlog
+
+    def _queue_frame(self, data: bytes) -> None:
+        """Queue one frame no later one replaces (write()'s and send()'s)."""
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        self._enqueued += 1
 
     def write_many(self, frames: list[bytes]) -> bool:
         """Queue whole frames no later one replaces, corked: flush() writes
