@@ -14,6 +14,7 @@ import fcntl
 import os
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from collab_trio.history import KeptVersion
 from collab_trio.store import SessionReset, SQLiteStore, StoreError
 from collab_trio.store import pending_log
 from collab_trio.store.database import Database, database_path, op_record_text
+from collab_trio.store import sqlite as sqlite_module
 from collab_trio.store.sqlite import LOCK_NAME
 from collab_trio.store.pending_log import (
     UNAPPLIED_PREFIX,
@@ -922,6 +924,44 @@ async def test_a_change_refused_among_consecutive_ones_is_set_aside_as_if_each_w
         ("s", (op_record_text(op(3, "c")),)),
     ]
     assert [(sid, why) for sid, _, why in lost] == [("s", "refused")] * 2  # reported for each
+
+
+async def test_memory_running_out_while_a_run_is_split_up_tries_the_whole_batch_again(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's one append fails for 'boom', and making the run's
+    change-by-change jobs then fails (memory ran out): nothing of the batch
+    is stored, t1 after it included, and all of it is tried again; in the
+    end the same as if each were stored alone."""
+    making = sqlite_module._Job.__dict__["fn"]  # the slot: only the writer thread reads it off the loop
+    failed: list[bool] = []
+
+    def fn_once_failing(job: object) -> object:
+        if threading.current_thread() is not threading.main_thread() and not failed:
+            failed.append(True)
+            raise MemoryError("while making the change-by-change jobs")
+        return making.__get__(job, type(job))
+
+    store = SQLiteStore(data_dir, pending_delay=3600)
+    async with running(store):
+        s = (await store.load("s")).epoch
+        t = (await store.load("t")).epoch
+        refuse_item(monkeypatch, "boom")
+        monkeypatch.setattr(sqlite_module._Job, "fn", property(fn_once_failing, making.__set__))
+        assert store.commit_now("s", s, [op(1, "a")])
+        assert store.commit_now("s", s, [op(2, "boom")])
+        assert store.commit_now("t", t, [op(1, "t1")])
+        assert store.commit_now("s", s, [op(3, "c")])
+        await store.aclose()  # one batch: its transaction is rolled back, all stays in the log
+    assert failed
+    assert stored(data_dir, "s") == (0, []) and stored(data_dir, "t") == (0, [])
+    await restart(data_dir)  # replays the log
+    assert stored(data_dir, "s")[1] == ["a"]
+    assert stored(data_dir, "t") == (1, ["t1"])
+    assert [(r.session_id, r.ops) for r in unapplied_records(data_dir)] == [
+        ("s", (op_record_text(op(2, "boom")),)),
+        ("s", (op_record_text(op(3, "c")),)),
+    ]
 
 
 async def test_a_run_of_changes_whose_transaction_sqlite_rolled_back_is_stored_at_the_retry(

@@ -251,10 +251,12 @@ def _with_pending_position(
         texts = [text for job in run for text in job.logged.texts]  # type: ignore[union-attr]
 
         def each_alone(db: Database) -> list[outcome.Outcome]:
-            # Made only now (rarely): two closures a change less on the
-            # event loop, and fewer young objects for the collector.
-            singles = [logged(job.fn, job.logged) for job in run]  # type: ignore[arg-type]
             try:
+                # Made only now (rarely): no closures, cells or tuples per
+                # change on the event loop, nor young objects for the
+                # collector. Inside the try: should making them fail (memory),
+                # the batch is tried again, as below.
+                singles = [logged(job.fn, job.logged) for job in run]  # type: ignore[arg-type]
                 return db.run_each(singles)
             except TransactionAborted:
                 raise
