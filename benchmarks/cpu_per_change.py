@@ -63,7 +63,6 @@ from abuse import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, frame  # noqa: E402 - the
 from fanout import (  # noqa: E402 - the sibling benchmark's servers, as it starts them
     COLLAB,
     REFERENCE,
-    SERVERS,
     BenchError,
     ServerUnderTest,
     bounded,
@@ -429,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="changes measured per run (4000, with --instructions 600; at most 20,000)")
     add("--users", type=bounded(int, 2, 100), default=10, help="users in the session: 1 sender, the rest receive (10)")
     add("--rounds", type=bounded(int, 1, 50), default=None, help="runs per server, alternating (5, with --instructions 1)")
-    add("--servers", type=name_list(SERVERS), default=list(SERVERS), help="reference,collab-trio (both)")
+    add("--servers", type=name_list((REFERENCE, COLLAB)), default=[REFERENCE, COLLAB], help="reference,collab-trio (both)")
     add("--timeout", type=bounded(float, 1, 600), default=None,
         help=f"seconds any answer may take (20, with --instructions {VALGRIND_ANSWER_TIMEOUT:g})")
     add("--instructions", action="store_true",

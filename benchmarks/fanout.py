@@ -30,6 +30,14 @@ the numbers. Latency is receipt time minus the
 send time the sender put into the command (time.monotonic_ns():
 CLOCK_MONOTONIC, one clock for every process of the machine).
 
+A change to collab-trio is best measured against collab-trio itself, in
+one alternating run (from one run to the next this machine moves both
+servers' numbers by more than most changes do): `--servers
+collab-trio,variant` runs a second collab-trio, the variant, changed by
+`--variant-args` (more `serve` options), `--variant-env NAME=VALUE` and
+`--variant-pythonpath DIR` (its collab_trio from DIR, e.g. the src of a
+`git worktree` of another commit), and adds a variant/collab column.
+
 Scenarios:
 - saturated (one per `--users` count): one session; user 0 sends
   `--commands` add_item commands (distinct item ids, ~330-byte Optiverse
@@ -82,6 +90,7 @@ import multiprocessing.connection
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -104,8 +113,10 @@ from websockets.exceptions import ConnectionClosed
 
 from collab_trio import testing
 
-REFERENCE, COLLAB = "reference", "collab-trio"
-SERVERS = (REFERENCE, COLLAB)
+REFERENCE, COLLAB, VARIANT = "reference", "collab-trio", "variant"
+SERVERS = (REFERENCE, COLLAB, VARIANT)
+# Each table's ratio columns: (numerator, denominator, heading).
+RATIOS = ((COLLAB, REFERENCE, "collab/ref"), (VARIANT, COLLAB, "variant/collab"))
 RELAY_SCRIPT = Path(__file__).resolve().with_name("reference_relay.py")
 SCENARIOS = ("saturated", "fixed", "lab")
 
@@ -850,7 +861,14 @@ def start_server(
     doesn't start). `wrapper(work_dir)`: what runs the server's command
     (cpu_per_change.py's valgrind); `collab_args`: more options for collab-trio."""
     work_dir = tempfile.mkdtemp(prefix=f"fanout-{name}-")
-    if name == COLLAB:
+    env = testing.child_env()
+    if name in (COLLAB, VARIANT):
+        if name == VARIANT:
+            collab_args = [*collab_args, *args.variant_args]
+            env.update(args.variant_env)
+            if args.variant_pythonpath:
+                # First on the path: the variant's collab_trio is that checkout's.
+                env["PYTHONPATH"] = os.pathsep.join([args.variant_pythonpath, env["PYTHONPATH"]])
         command = testing.serve_command(
             "--store", args.collab_store, "--data-dir", os.path.join(work_dir, "data"), *COLLAB_ARGS, *collab_args
         )
@@ -859,7 +877,7 @@ def start_server(
     if wrapper is not None:
         command = [*wrapper(work_dir), *command]
     try:
-        output = testing.ProcessOutput(name, command, testing.child_env(), cwd=work_dir)
+        output = testing.ProcessOutput(name, command, env, cwd=work_dir)
     except OSError as exc:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise BenchError(f"{name} did not start: {exc}") from None
@@ -1013,7 +1031,7 @@ def run_scenario(scenario: Scenario, server: ServerUnderTest, generators: Genera
     peers = [peer for answer in answers.values() for peer in answer["peers"]]
     # The truth a lab's clients must match: collab-trio's document; the relay has none.
     probe: dict[str, dict[str, Any]] | None = None
-    if scenario.kind == "lab" and server.name == COLLAB:
+    if scenario.kind == "lab" and server.name in (COLLAB, VARIANT):
         try:
             probe = asyncio.run(sync_probe(server.url, session))
         except Exception as exc:
@@ -1203,24 +1221,25 @@ def rows_for(kind: str) -> list[Row]:
 
 
 def format_scenario(scenario: Scenario, results: list[RunResult], servers: Sequence[str]) -> str:
-    """One table: a column per server, and collab/reference."""
+    """One table: a column per server, then collab/reference and variant/collab
+    (each when both of its servers ran)."""
     by_server = {name: [r for r in results if r.server == name] for name in servers}
     ok = {name: [r for r in runs if r.error is None] for name, runs in by_server.items()}
     repeats = max((len(runs) for runs in by_server.values()), default=0)
     lines = [f"== {scenario.title}" + (f"  (median of {repeats} runs; counts summed)" if repeats > 1 else "")]
-    both = REFERENCE in servers and COLLAB in servers
-    header = ["", *servers] + (["collab/ref"] if both else [])
+    ratios = [(top, bottom, heading) for top, bottom, heading in RATIOS if top in servers and bottom in servers]
+    header = ["", *servers, *(heading for _, _, heading in ratios)]
     table = [header]
     for label, cell, ratio_key in rows_for(scenario.kind):
         row = [label]
         for name in servers:
             row.append(cell(ok[name]) if ok[name] else "could not run")
-        if both:
+        for top, bottom in ((top, bottom) for top, bottom, _ in ratios):
             ratio = "-"
-            if ratio_key and ok[REFERENCE] and ok[COLLAB]:
-                ref, col = median_of(ok[REFERENCE], ratio_key), median_of(ok[COLLAB], ratio_key)
-                if ref and not math.isnan(ref) and not math.isnan(col):
-                    ratio = f"{col / ref:.2f}"
+            if ratio_key and ok[top] and ok[bottom]:
+                over, under = median_of(ok[top], ratio_key), median_of(ok[bottom], ratio_key)
+                if under and not math.isnan(under) and not math.isnan(over):
+                    ratio = f"{over / under:.2f}"
             row.append(ratio)
         table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -1303,6 +1322,9 @@ def machine_facts(args: argparse.Namespace) -> list[str]:
         f" orjson {_version('orjson')}",
         f"servers: collab-trio serve --store {args.collab_store} {' '.join(COLLAB_ARGS)};"
         f" reference_relay.py --json {args.reference_json}; a fresh one per run, loopback",
+        *([f"variant: collab-trio as above, plus {shlex.join(args.variant_args) or 'no options'};"
+           f" environment {shlex.join(f'{k}={v}' for k, v in args.variant_env.items()) or 'unchanged'};"
+           f" collab_trio from {args.variant_pythonpath or 'this checkout'}"] if VARIANT in args.servers else []),
         f"load:    1 sender process + {args.generators} receiver processes (asyncio + websockets, no compression);"
         f" commands ~{len(orjson.dumps(sample))} bytes",
     ]
@@ -1403,7 +1425,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repeat", type=bounded(int, 1, 20), default=None, help="runs per scenario and server, alternating (1)")
     add("--generators", type=bounded(int, 1, 16), default=2, help="receiver processes besides the sender's (2)")
     add("--scenarios", type=name_list(SCENARIOS), default=list(SCENARIOS), help="saturated,fixed,lab (all)")
-    add("--servers", type=name_list(SERVERS), default=list(SERVERS), help="reference,collab-trio (both)")
+    add("--servers", type=name_list(SERVERS), default=[REFERENCE, COLLAB],
+        help="reference,collab-trio (both); `variant` is collab-trio changed by the --variant-* options")
+    add("--variant-args", type=shlex.split, default=[], metavar="OPTIONS",
+        help="variant: more `collab-trio serve` options, one string (\"--pending-delay 0.5\")")
+    add("--variant-env", type=env_setting, action="append", default=[], metavar="NAME=VALUE",
+        help="variant: an environment variable of its server process (repeatable)")
+    add("--variant-pythonpath", default="", metavar="DIR",
+        help="variant: import collab_trio from DIR (another checkout's src) instead of this one")
     add("--users", type=testing.counts_argument("user counts", 2, 100), default=None, help="saturated: users per session (10,30,50)")
     add("--commands", type=bounded(int, 1, 1_000_000), default=None, help="saturated: commands sent (2000)")
     add("--fixed-users", type=bounded(int, 2, 100), default=10, help="fixed rate: users (10)")
@@ -1438,7 +1467,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.lab_draggers > args.lab_users:
         parser.error("--lab-draggers is more than --lab-users")
+    args.variant_env = dict(args.variant_env)
+    if args.variant_pythonpath and not (Path(args.variant_pythonpath) / "collab_trio").is_dir():
+        parser.error(f"--variant-pythonpath: no collab_trio package in {args.variant_pythonpath}")
+    variant_set = args.variant_args or args.variant_env or args.variant_pythonpath
+    if variant_set and VARIANT not in args.servers:
+        parser.error("--variant-* options need `variant` in --servers (say --servers collab-trio,variant)")
     return args
+
+
+def env_setting(text: str) -> tuple[str, str]:
+    """NAME=VALUE (argparse type of --variant-env)."""
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE: {text!r}")
+    return name, value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

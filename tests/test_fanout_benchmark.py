@@ -77,3 +77,41 @@ def test_short_run_prints_every_table() -> None:
     assert lab["moves coalesced by the server"]["reference"] == "0", output
     assert lab["disconnects (close codes)"]["reference"] == "0", output
     assert re.fullmatch(r"yes \((\d+) of \1\)", lab["converged"]["reference"]), output
+
+
+def test_a_variant_of_collab_trio_runs_beside_it_with_its_own_ratio_column() -> None:
+    command = [sys.executable, str(FANOUT), "--short", "--scenarios", "fixed", "--servers", "collab-trio,variant",
+               "--variant-args", "--pending-delay 0.5"]
+    result = run_script("fanout.py variant", command, TIMEOUT, cwd=REPO, env=child_env())
+    output = f"{result.stdout}\n--- stderr ---\n{result.stderr}"
+    assert result.returncode == 0, output
+    assert "variant: collab-trio as above, plus --pending-delay 0.5;" in result.stdout, output
+    (fixed,) = tables(result.stdout).values()
+    assert set(fixed["latency p99 ms"]) == {"collab-trio", "variant", "variant/collab"}, output
+    for server in ("collab-trio", "variant"):
+        assert re.fullmatch(r"\d+\.\d+", fixed["latency p99 ms"][server]), output
+        assert fixed["every receiver got every command"][server] == "yes", output
+    assert re.fullmatch(r"\d+\.\d+", fixed["latency p99 ms"]["variant/collab"]), output
+
+
+def test_the_variant_gets_its_options_environment_and_checkout(tmp_path: Path) -> None:
+    """A checkout whose collab_trio only says what it was given, then fails
+    to start: the variant "could not run", and its output shows all three."""
+    package = tmp_path / "collab_trio"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import os, sys\n"
+        "print('other checkout:', sys.argv[1:], os.environ.get('FANOUT_VARIANT_PROBE'), flush=True)\n"
+        "sys.exit(3)\n"
+    )
+    command = [sys.executable, str(FANOUT), "--short", "--scenarios", "fixed", "--servers", "collab-trio,variant",
+               "--variant-args", "--pending-delay 0.5", "--variant-env", "FANOUT_VARIANT_PROBE=seen",
+               "--variant-pythonpath", str(tmp_path)]
+    result = run_script("fanout.py variant", command, TIMEOUT, cwd=REPO, env=child_env())
+    output = f"{result.stdout}\n--- stderr ---\n{result.stderr}"
+    assert result.returncode == 2, output  # a run could not run
+    assert re.search(r"other checkout: \[.*'--pending-delay', '0\.5'\] seen", output), output
+    (fixed,) = tables(result.stdout).values()
+    assert fixed["latency p99 ms"]["variant"] == "could not run", output
+    assert re.fullmatch(r"\d+\.\d+", fixed["latency p99 ms"]["collab-trio"]), output
