@@ -5,9 +5,10 @@
         [--commands 2000] [--fixed-rate 300] [--fixed-seconds 4] [--lab-seconds 30]
     python benchmarks/fanout.py --short      # a few seconds, the same tables (CI)
 
-Two servers, each a child process on a free loopback port, a fresh one for
-every scenario run, alternating (reference, collab-trio, reference, ... with
-`--repeat`; the tables show the median of the repeats):
+Two servers (three with the variant, below), each a child process on a
+free loopback port, a fresh one for every scenario run, alternating
+(reference, collab-trio, reference, ... with `--repeat`; the tables show the
+median of the repeats):
 
 - collab-trio: `python -m collab_trio serve --port 0` with a fresh SQLite
   data directory (`--collab-store memory` for the memory store), the rate
@@ -36,7 +37,10 @@ servers' numbers by more than most changes do): `--servers
 collab-trio,variant` runs a second collab-trio, the variant, changed by
 `--variant-args` (more `serve` options), `--variant-env NAME=VALUE` and
 `--variant-pythonpath DIR` (its collab_trio from DIR, e.g. the src of a
-`git worktree` of another commit), and adds a variant/collab column.
+`git worktree` of another commit), and adds a variant/collab column. The
+variant runs in a temporary directory: give files in its options as
+absolute paths. A single option without a value is given as
+`--variant-args=--debug`.
 
 Scenarios:
 - saturated (one per `--users` count): one session; user 0 sends
@@ -64,7 +68,7 @@ Scenarios:
   (should be 0), moves the server coalesced (collab-trio drops a queued
   move of an item when a newer one of that item comes; the reference relay
   never does), p50/p99 latency of commands and cursors, server CPU, and
-  convergence: for collab-trio, a fresh client joins at the end and sends
+  convergence: for collab-trio (and the variant), a fresh client joins at the end and sends
   `sync:request`; the items of its `sync:state` must equal every client's
   local copy. The reference relay keeps no state: its clients are compared
   with each other.
@@ -1418,7 +1422,7 @@ SHORT = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fan-out: collab-trio against an asyncio + websockets relay.")
+    parser = argparse.ArgumentParser(description="Fan-out: collab-trio against an asyncio + websockets relay (and a variant of itself).")
     add = parser.add_argument
     add("--short", action="store_true", help="a run of a few seconds with the same tables (CI): " + ", ".join(
         f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in SHORT.items()))
@@ -1428,7 +1432,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--servers", type=name_list(SERVERS), default=[REFERENCE, COLLAB],
         help="reference,collab-trio (both); `variant` is collab-trio changed by the --variant-* options")
     add("--variant-args", type=shlex.split, default=[], metavar="OPTIONS",
-        help="variant: more `collab-trio serve` options, one string (\"--pending-delay 0.5\")")
+        help="variant: more `collab-trio serve` options, one string (\"--pending-delay 0.5\"; one option"
+        " alone: --variant-args=--debug); files as absolute paths: the server runs in a temporary directory")
     add("--variant-env", type=env_setting, action="append", default=[], metavar="NAME=VALUE",
         help="variant: an environment variable of its server process (repeatable)")
     add("--variant-pythonpath", default="", metavar="DIR",
@@ -1468,11 +1473,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.lab_draggers > args.lab_users:
         parser.error("--lab-draggers is more than --lab-users")
     args.variant_env = dict(args.variant_env)
-    if args.variant_pythonpath and not (Path(args.variant_pythonpath) / "collab_trio").is_dir():
-        parser.error(f"--variant-pythonpath: no collab_trio package in {args.variant_pythonpath}")
     variant_set = args.variant_args or args.variant_env or args.variant_pythonpath
     if variant_set and VARIANT not in args.servers:
         parser.error("--variant-* options need `variant` in --servers (say --servers collab-trio,variant)")
+    if "PYTHONPATH" in args.variant_env:
+        parser.error("--variant-env PYTHONPATH: say --variant-pythonpath DIR (this checkout stays on the path after it)")
+    if args.variant_pythonpath:
+        # Absolute: the server runs in a temporary directory, where a relative
+        # entry would name nothing and this checkout's collab_trio would run.
+        args.variant_pythonpath = os.path.abspath(args.variant_pythonpath)
+        if not (Path(args.variant_pythonpath) / "collab_trio").is_dir():
+            parser.error(f"--variant-pythonpath: no collab_trio package in {args.variant_pythonpath}")
     return args
 
 

@@ -11,6 +11,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from collab_trio.testing import child_env, run_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +117,30 @@ def test_the_variant_gets_its_options_environment_and_checkout(tmp_path: Path) -
     (fixed,) = tables(result.stdout).values()
     assert fixed["latency p99 ms"]["variant"] == "could not run", output
     assert re.fullmatch(r"\d+\.\d+", fixed["latency p99 ms"]["collab-trio"]), output
+
+
+def test_the_variant_options_are_checked_and_its_checkout_path_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import fanout
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    (tmp_path / "src" / "collab_trio").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    args = fanout.parse_args(["--servers", "collab-trio,variant", "--variant-pythonpath", "src",
+                              "--variant-args=--debug", "--variant-env", "A_B=1=2"])
+    # The server runs elsewhere: a relative path would silently run this checkout.
+    assert args.variant_pythonpath == str(tmp_path / "src")
+    assert args.variant_args == ["--debug"] and args.variant_env == {"A_B": "1=2"}
+    for argv, message in (
+        (["--variant-args", "--pending-delay 1"], "need `variant` in --servers"),
+        (["--servers", "variant", "--variant-env", "1A=1"], "not NAME=VALUE"),
+        (["--servers", "variant", "--variant-env", "PYTHONPATH=/x"], "say --variant-pythonpath"),
+        (["--servers", "variant", "--variant-pythonpath", "elsewhere"], "no collab_trio package in"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            fanout.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
