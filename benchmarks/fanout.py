@@ -1238,7 +1238,7 @@ def format_scenario(scenario: Scenario, results: list[RunResult], servers: Seque
         row = [label]
         for name in servers:
             row.append(cell(ok[name]) if ok[name] else "could not run")
-        for top, bottom in ((top, bottom) for top, bottom, _ in ratios):
+        for top, bottom, _ in ratios:
             ratio = "-"
             if ratio_key and ok[top] and ok[bottom]:
                 over, under = median_of(ok[top], ratio_key), median_of(ok[bottom], ratio_key)
@@ -1422,7 +1422,9 @@ SHORT = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fan-out: collab-trio against an asyncio + websockets relay (and a variant of itself).")
+    parser = argparse.ArgumentParser(
+        description="Fan-out: collab-trio against an asyncio + websockets relay (and a variant of itself)."
+    )
     add = parser.add_argument
     add("--short", action="store_true", help="a run of a few seconds with the same tables (CI): " + ", ".join(
         f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in SHORT.items()))
