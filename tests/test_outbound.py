@@ -903,3 +903,90 @@ async def test_a_wait_for_room_does_not_count_as_the_clients_silence(
         await alice.expect("ack")
         await alice.send({"type": "ping"})
         await alice.expect("pong")  # still connected
+
+
+# -- a flush the socket takes nothing of; replaced entries; slow TLS readers ------
+
+
+async def test_a_sync_state_flushed_onto_a_full_socket_stays_replaceable() -> None:
+    # The writer is idle and the socket buffer happens to be full when a big
+    # state is flushed: it stays queued as it was, replaceable (not backlog),
+    # so the client is not closed, and the next state replaces it.
+    config = ServerConfig(max_queue_bytes=64 * 1024)
+    with trio.fail_after(10):
+        async with socket_wire() as (wire, _peer):
+            conn = Connection(None, wire, "u", config, _Owner())  # type: ignore[arg-type]
+            fill_socket(wire)
+            state = text_frame(b"s" * 200_000)  # more than twice the budget
+            corked: list[Connection] = []
+            conn.send_frame(state, ("sync:state",), cork=corked)
+            for c in corked:
+                c.flush()
+            assert not conn.closing, conn.close_code
+            assert (wire.backlog, wire.queued_bytes) == (0, len(state))
+            newer = text_frame(b"t" * 200_000)
+            corked = []
+            conn.send_frame(newer, ("sync:state",), cork=corked)
+            for c in corked:
+                c.flush()
+            assert not conn.closing, conn.close_code
+            assert (wire.backlog, wire.queued_bytes) == (0, len(newer))
+
+
+async def test_replaced_entries_do_not_pile_up_while_the_writer_is_busy(autojump_clock: trio.abc.Clock) -> None:
+    # A client taking 64 KiB every 5 s (inside the write timeout) holds the
+    # writer in one long write; meanwhile every move of one item replaces the
+    # waiting one. The replaced entries must not stay in the queue (uncounted).
+    client_side, server_side = trio.testing.lockstep_stream_pair()
+    wire = WireStream(server_side)
+    conn = Connection(None, wire, "u", ServerConfig(write_timeout=10), _Owner())  # type: ignore[arg-type]
+    move = text_frame(b'{"type":"command","command":{"action":"move_item","item_id":"X"}}')
+    key = ("move", "X", "lens", ("x_mm", "y_mm"))
+    received = bytearray()
+    with trio.fail_after(HANG * 10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wire.run_writer, trio.Event())
+
+            async def trickle() -> None:
+                while True:
+                    await trio.sleep(5)
+                    received.extend(await client_side.receive_some(65536))
+
+            nursery.start_soon(trickle)
+            conn.send_frame(text_frame(b"b" * (1 << 20)))  # the writer takes it: ~80 s to write
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(60):  # a minute of one item dragged at 200 moves/s
+                for _ in range(200):
+                    corked: list[Connection] = []
+                    conn.send_frame(move, key, cork=corked)
+                    for c in corked:
+                        c.flush()
+                await trio.sleep(1)
+            assert not conn.closing
+            assert wire.queued_bytes == len(move)
+            entries = len(wire._queue)
+            nursery.cancel_scope.cancel()
+    assert entries < 200, f"{entries} entries queued for one live move"
+    assert received  # the client did take bytes all along
+
+
+async def test_a_stream_client_reading_4_kib_a_second_outlasts_the_write_timeout(
+    start_server: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    # Not a plain socket (TLS, memory): the write timeout applies to each
+    # piece handed to the stream, so a client that reads slowly but steadily
+    # (less than one piece's worth per write timeout would be cut) is kept.
+    harness: Harness = await start_server(write_timeout=5, idle_timeout=1000)
+    async with harness.joined("s", "alice") as alice:
+        slow = await raw_connect(harness, "/ws/s/slow", lockstep=True)
+        await alice.expect("user:joined")
+        conn = harness.registry.sessions["s"].members["slow"]
+        await alice.send(add_item("big", {"note": "x" * 30_000}))
+        await alice.expect("ack")
+        got = 0
+        with trio.move_on_after(20):
+            while True:
+                await trio.sleep(1)
+                got += len(await slow.stream.receive_some(4096))
+        assert got > 30_000
+        assert not conn.closing, conn.close_code

@@ -44,11 +44,16 @@ from .inbound import CLOSE, TEXT, Event, FrameReader
 # (trio's own default).
 READ_SIZE = 65536
 # Bytes handed to one write of a stream that is not a plain socket (TLS,
-# memory): the write timeout applies to each piece, so it measures progress.
-WRITE_CHUNK = 64 * 1024
+# memory): the write timeout applies to each piece, so it measures progress;
+# one TLS record's most, so that a client reading slowly but steadily (1.6
+# KB/s at the default 10 s) is not taken for one that reads nothing.
+WRITE_CHUNK = 16 * 1024
 # Frames kept while no connection claims them yet (between the upgrade and
 # the join); beyond this they are not counted.
 UNCLAIMED_FRAMES = 1024
+# Replaced entries left in the queue before it is compacted (when they are
+# also most of it; see WireStream._append).
+DEAD_ENTRIES = 64
 
 
 def _iov_max() -> int:
@@ -155,6 +160,8 @@ class WireStream(trio.abc.Stream):
         # written frame (most writes are neither: no object per write).
         self._queue: deque[bytes | _Entry] = deque()
         self._keyed: dict[Hashable, _Entry] = {}
+        # Replaced entries still in the queue (see _append).
+        self._dead = 0
         self._queued_bytes = 0
         self._replaceable_bytes = 0
         self._started_bytes = 0
@@ -235,7 +242,7 @@ class WireStream(trio.abc.Stream):
             self.flush()
             return self.backlog
         # flush() of this one frame, without queueing it first: what
-        # _send_now() does for one buffer, inline.
+        # flush() does for one buffer, inline.
         self.drains += 1
         fd = self._socket.fileno()
         try:
@@ -270,13 +277,24 @@ class WireStream(trio.abc.Stream):
     def _append(self, data: Buffer | list[Buffer], key: Hashable | None, started: bool, count: int = 1) -> None:
         # write() queues plain bytes itself; this is for the rest: keyed, or
         # what is left of a frame after a short write.
-        if key is not None:
-            old = self._keyed.get(key)
-            if old is not None and old.data is not None:
-                self._queued_bytes -= old.size
-                self._replaceable_bytes -= old.size
-                old.data = None
+        old = self._keyed.get(key) if key is not None else None
         entry = _Entry(data, key, started=started, count=count)
+        if old is not None and old.data is not None:
+            self._queued_bytes -= old.size
+            self._replaceable_bytes -= old.size
+            # The new entry stands for the old one too (a send_all() behind
+            # the old one returns once the new one is written, never
+            # before), and the old one, empty, is left out at the next take
+            # or, while the writer is busy with an earlier batch, once the
+            # empty ones are most of the queue: a client that keeps taking a
+            # little can't make them pile up.
+            old.data = None
+            entry.count += old.count
+            old.count = 0
+            self._dead += 1
+            if self._dead > DEAD_ENTRIES and 2 * self._dead > len(self._queue):
+                self._queue = deque(e for e in self._queue if type(e) is bytes or e.data is not None)
+                self._dead = 0
         self._queue.append(entry)
         self._queued_bytes += entry.size
         if key is not None:
@@ -296,13 +314,16 @@ class WireStream(trio.abc.Stream):
             # socket took nothing of would count all of it as backlog again.)
             self._wakeup.set()
             return
-        pieces, size, count = self._take()
-        self._send_now(pieces, size, count)
-
-    def _send_now(self, pieces: list[Buffer], size: int, count: int) -> None:
-        """Write `pieces` (`size` bytes, the last `count` entries taken) as far
-        as the socket takes them at once; the writer task gets the rest."""
-        self._wrote(pieces, size, count, self._write_now(pieces))
+        pieces, size, count = self._pieces()
+        sent = self._write_now(pieces)
+        if not sent and size:
+            # The socket took nothing (the client is behind): everything
+            # stays queued as it was, a keyed message still replaceable by
+            # the next one, for the writer task to write.
+            self._wakeup.set()
+            return
+        self._clear()
+        self._wrote(pieces, size, count, sent)
 
     def _wrote(self, pieces: list[Buffer], size: int, count: int, sent: int) -> None:
         """Account for `sent` bytes of `pieces` written at once; the writer
@@ -340,7 +361,7 @@ class WireStream(trio.abc.Stream):
         self._queue = deque(started)
         self._keyed.clear()
         self._queued_bytes = self._started_bytes = sum(e.size for e in started)
-        self._replaceable_bytes = 0
+        self._replaceable_bytes = self._dead = 0
 
     def attach(self) -> None:
         """A writer task will run: writes queue from now on."""
@@ -480,13 +501,20 @@ class WireStream(trio.abc.Stream):
         self._progress = trio.Event()
 
     def _take(self) -> tuple[list[Buffer], int, int]:
+        """_pieces(), and the queue emptied: the caller writes them."""
+        taken = self._pieces()
+        self._clear()
+        return taken
+
+    def _pieces(self) -> tuple[list[Buffer], int, int]:
         """Everything queued, as the buffers of one write (not joined: a
         big frame is never copied), their bytes, and how many entries it
-        stands for (the rest of a short write stands for all of its own)."""
+        stands for (the rest of a short write stands for all of its own).
+        The queue is left as it is."""
         entries = self._queue
         count = len(entries)
         if count == 1:
-            first = entries.popleft()
+            first = entries[0]
             if type(first) is bytes:
                 pieces, size = [first], len(first)
             else:
@@ -503,12 +531,15 @@ class WireStream(trio.abc.Stream):
                     if entry.data is not None:  # type: ignore[union-attr]
                         pieces += _buffers(entry.data)  # type: ignore[union-attr]
                         size += entry.size  # type: ignore[union-attr]
-            entries.clear()
+        return pieces, size, count
+
+    def _clear(self) -> None:
+        """Empty the queue: what _pieces() gave is being written."""
+        self._queue.clear()
         if self._keyed:
             self._keyed.clear()
-        self._queued_bytes = self._replaceable_bytes = self._started_bytes = 0
+        self._queued_bytes = self._replaceable_bytes = self._started_bytes = self._dead = 0
         self.drains += 1
-        return pieces, size, count
 
     async def _read_socket(self, max_bytes: int) -> bytes:
         """SocketStream.receive_some(), one schedule point and one read per call.
