@@ -358,6 +358,21 @@ async def test_idle_timeout_closes_at_exact_virtual_time(
         assert trio.current_time() - start == 90 + 300
 
 
+async def test_websocket_pings_keep_an_otherwise_silent_client(start_server, autojump_clock: trio.abc.Clock) -> None:
+    # Many client libraries keep a connection alive with WebSocket pings of
+    # their own: a client that sends nothing else is not silent.
+    harness = await start_server(idle_timeout=90)
+    async with harness.joined("s", "bob") as bob:
+        start = trio.current_time()
+        for _ in range(10):
+            await trio.sleep(30)
+            with trio.fail_after(HANG):
+                await bob.ws.ping()  # returns with the pong
+        assert trio.current_time() - start >= 300
+        await bob.send({"type": "ping"})
+        await bob.expect("pong")
+
+
 async def test_any_message_resets_idle_timer(start_server, autojump_clock: trio.abc.Clock) -> None:
     harness = await start_server(idle_timeout=10)
     async with harness.joined("s", "alice") as alice:

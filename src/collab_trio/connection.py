@@ -359,6 +359,8 @@ class Connection:
                 continue
             allowed = self._bucket.allow(now)
             if opcode >= PING:  # ping or pong: answered by trio-websocket, counted here
+                # A client's keepalive (many libraries ping on their own): not silence.
+                self._heard = now
                 if not allowed:
                     self._rate_limited()
                     if self.close_code is not None:
