@@ -10,7 +10,9 @@ is tests/test_crash.py's.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
+import json
 import os
 import sqlite3
 import sys
@@ -19,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import outcome
 import pytest
 import trio
 from hypothesis import given
@@ -1020,3 +1023,152 @@ async def test_a_savepoint_failing_while_a_run_is_tried_change_by_change_rolls_t
         ("s", (op_record_text(op(2, "boom")),)),
         ("s", (op_record_text(op(3, "c")),)),
     ]
+
+
+# -- set-aside files: never shared, never cut in a line, never written twice ----------------
+
+
+def refuse_items(monkeypatch: pytest.MonkeyPatch, *item_ids: str) -> None:
+    """The database refuses, for good (an error of the change itself), every
+    append carrying one of these item ids."""
+
+    def append(self, session_id, epoch, ops, replaced=None, texts=None):  # type: ignore[no-untyped-def]
+        if any((o.command or {}).get("item_id") in item_ids for o in ops):
+            raise RecursionError("injected: an error of the change itself")
+        return real_append(self, session_id, epoch, ops, replaced, texts)
+
+    monkeypatch.setattr(Database, "append", append)
+
+
+def unapplied_items(data_dir: Path) -> list[str]:
+    """The item ids of the changes kept in every set-aside file, file by file."""
+    found = []
+    for name in sorted(unapplied_files(data_dir)):
+        for record, _ in decode_records((data_dir / name).read_bytes())[0]:
+            found += [json.loads(text)["command"]["item_id"] for text in record.ops]
+    return found
+
+
+real_commit = Database._commit
+
+
+def commit_fails_once(failed: list[int]):  # type: ignore[no-untyped-def]
+    """Database._commit rolling back (and failing every job) the first time."""
+
+    def commit(self, results):  # type: ignore[no-untyped-def]
+        if not failed and self.conn.in_transaction:
+            failed.append(1)
+            self.conn.execute("ROLLBACK")
+            return [outcome.Error(StoreError("commit failed: injected")) for _ in results]
+        return real_commit(self, results)
+
+    return commit
+
+
+async def test_a_store_started_in_the_same_second_and_pid_keeps_the_earlier_stores_set_aside_changes(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (An in-process restart, or a container whose server is PID 1.) The
+    # second store's failed transaction cuts its own file back, never the first's.
+    monkeypatch.setattr(pending_log, "_unapplied_stem", lambda: f"{UNAPPLIED_PREFIX}20260101T000000Z-1")
+    store, lost = SQLiteStore(data_dir, pending_delay=0.01), []
+    store.on_session_lost = lambda *args: lost.append(args)
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        refuse_items(monkeypatch, "boom")
+        assert store.commit_now("s", epoch, [op(2, "boom")])
+        await wait_until(lambda: lost)
+        await store.aclose()
+    assert unapplied_items(data_dir) == ["boom"]
+    refuse_items(monkeypatch, "boom", "boom2")
+    failed: list[int] = []
+    store, lost = SQLiteStore(data_dir, pending_delay=0.01), []
+    store.on_session_lost = lambda *args: lost.append(args)
+    async with running(store):
+        document = await store.load("s")
+        monkeypatch.setattr(Database, "_commit", commit_fails_once(failed))
+        assert store.commit_now("s", document.epoch, [op(document.version + 1, "boom2")])
+        await wait_until(lambda: lost)
+        await store.aclose()
+    assert failed
+    assert sorted(unapplied_items(data_dir)) == ["boom", "boom2"]
+
+
+async def test_a_set_aside_write_the_disk_cuts_short_leaves_no_half_line_before_the_retry(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cut: list[int] = []
+
+    class FullDisk:
+        """The first write puts half its bytes on disk, then fails (ENOSPC)."""
+
+        def __init__(self, file) -> None:  # type: ignore[no-untyped-def]
+            self.file = file
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, data: bytes) -> int:
+            if not cut:
+                cut.append(1)
+                self.file.write(data[: len(data) // 2])
+                self.file.flush()
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+        def flush(self) -> None:
+            self.file.flush()
+
+        def fileno(self) -> int:
+            return self.file.fileno()
+
+    monkeypatch.setattr(pending_log, "open", lambda path, mode: FullDisk(builtins.open(path, mode)), raising=False)
+    store, lost = SQLiteStore(data_dir, pending_delay=0.05), []
+    store.on_session_lost = lambda *args: lost.append(args)
+    async with running(store):
+        epoch = (await store.load("s")).epoch
+        await store.commit("s", epoch, [op(1, "a")])
+        refuse_items(monkeypatch, "boom")
+        assert store.commit_now("s", epoch, [op(2, "boom")])
+        await wait_until(lambda: lost)
+        await store.aclose()
+    assert cut
+    assert unapplied_items(data_dir) == ["boom"]
+
+
+def test_a_replay_run_again_after_its_transaction_failed_keeps_each_change_once(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = Database(database_path(data_dir))
+    try:
+        segment_path(data_dir, 1).write_bytes(encode_record("gone", "e-old", [op_record_text(op(5, "orphan"))]))
+        monkeypatch.setattr(Database, "_commit", commit_fails_once([]))
+        with pytest.raises(StoreError):
+            replay(database, data_dir)
+        monkeypatch.undo()
+        report = replay(database, data_dir)
+    finally:
+        database.close()
+    assert report.set_aside == 1
+    assert unapplied_items(data_dir) == ["orphan"]
+    assert not [name for name in os.listdir(data_dir) if name.endswith(".tmp")]
+
+
+def test_a_torn_append_before_an_empty_newer_segment_is_dropped_not_reported_lost(data_dir: Path) -> None:
+    # The writer creates segment N+1 while appends still go to N: a crash
+    # then can leave N ending in a torn (never acknowledged) append and N+1 empty.
+    database = Database(database_path(data_dir))
+    try:
+        whole = encode_record("s", "e", [op_record_text(op(1, "a"))])
+        torn = encode_record("s", "e", [op_record_text(op(2, "b"))])[:-7]
+        segment_path(data_dir, 1).write_bytes(whole + torn)
+        segment_path(data_dir, 2).write_bytes(b"")
+        report = replay(database, data_dir)
+    finally:
+        database.close()
+    assert (report.applied, report.set_aside, report.unapplied_file) == (1, 0, None)
+    assert not unapplied_files(data_dir)

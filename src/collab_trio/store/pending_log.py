@@ -27,6 +27,7 @@ Everything here is synchronous and trio-free: appends run on the event loop
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -286,6 +287,17 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
     records: list[Record] = []
     damaged: list[bytes] = []
     end_of_log = position
+    # The segment appends went to last: the newest that holds anything (the
+    # next one is created while appends still go to the current one, so a
+    # crash can leave it empty behind a torn append).
+    newest = -1
+    for index, number in enumerate(numbers):
+        path = segment_path(data_dir, number)
+        try:
+            if path.stat().st_size:
+                newest = index
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
     for index, number in enumerate(numbers):
         path = segment_path(data_dir, number)
         try:
@@ -302,7 +314,7 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
         rest = data[end:]
         if not rest:
             continue
-        if index == len(numbers) - 1 and b"\n" not in rest:
+        if index >= newest and b"\n" not in rest:
             # The last line of the newest segment, cut short: its append never
             # returned (a power cut), so its change was never acknowledged.
             log.warning("Dropped a torn record (%d bytes) at the end of %s", len(rest), path)
@@ -338,8 +350,11 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
             else:
                 unapplied.append(record)
         if unapplied or damaged:
-            # Written before the position commits: a failure here rolls it back.
-            report.unapplied_file = _set_aside(data_dir, unapplied, damaged)
+            # Written before the position commits: a failure here rolls it
+            # back. Named after the part of the log read, so that a replay
+            # run again (this transaction failed) replaces it: each change
+            # is kept once.
+            report.unapplied_file = _set_aside(data_dir, (numbers[0], *end_of_log), unapplied, damaged)
         # Numbers go on past these segments (PendingLog.start).
         database.note_pending_position(*end_of_log)
 
@@ -392,11 +407,27 @@ class SetAside:
             OSError: it is not on disk.
         """
         if self.path is None:
-            self.path = self.data_dir / f"{_unapplied_stem()}-running.log"
-        with open(self.path, "ab") as file:
-            file.write(record)
-            file.flush()
-            os.fsync(file.fileno())
+            self.path = _new_file(self.data_dir, _unapplied_stem(), "-running.log")
+            self._committed_size = 0
+        # Only this store writes its file (a name of its own): its size
+        # before this record is where a failed write is cut back to.
+        try:
+            before = self.path.stat().st_size
+        except FileNotFoundError:
+            before = 0  # (moved away meanwhile: "ab" makes it again)
+        try:
+            with open(self.path, "ab") as file:
+                file.write(record)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError:
+            # A full disk writes what fits, then fails: no half line may stay
+            # in front of what is added next (it would hide it from reading).
+            try:
+                os.truncate(self.path, before)
+            except OSError:
+                pass
+            raise
         self.new_epochs_gone.add(session)
         return self.path
 
@@ -422,25 +453,64 @@ class SetAside:
             os.truncate(self.path, self._committed_size)
 
 
+def _new_file(data_dir: Path, stem: str, suffix: str) -> Path:
+    """Create data_dir/<stem><suffix>, empty, or with -1, -2... before the
+    suffix if that name is taken (another store of the same second and pid).
+
+    Raises:
+        OSError: none could be created.
+    """
+    for n in range(1000):
+        path = data_dir / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}"
+        try:
+            with open(path, "xb"):
+                pass
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, f"no free name for {stem}{suffix} in {data_dir}")
+
+
 def _unapplied_stem() -> str:
     """pending-unapplied-<UTC time>-<pid>: the start of a set-aside file's name."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return f"{UNAPPLIED_PREFIX}{stamp}-{os.getpid()}"
 
 
-def _set_aside(data_dir: Path, unapplied: list[Record], damaged: list[bytes]) -> Path:
+def _set_aside(data_dir: Path, read: tuple[int, int, int], unapplied: list[Record], damaged: list[bytes]) -> Path:
+    """replay()'s file of what it could not store: pending-unapplied-
+    replay-<first segment>-<last segment>-<its end>.log, written whole
+    (a temporary file renamed) or not at all; a replay of the same segments
+    run again replaces it."""
     lines = [encode_record(r.session_id, r.epoch, list(r.ops)) for r in unapplied] + damaged
-    stem = _unapplied_stem()
-    for n in range(1000):
-        target = data_dir / f"{stem}{'' if n == 0 else f'-{n}'}.log"
+    target = data_dir / f"{UNAPPLIED_PREFIX}replay-{read[0]}-{read[1]}-{read[2]}.log"
+    temporary = data_dir / f".{target.name}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(b"".join(lines))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+        _sync_dir(data_dir)
+    except OSError as exc:
         try:
-            with open(target, "xb") as file:
-                file.write(b"".join(lines))
-                file.flush()
-                os.fsync(file.fileno())
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
-        return target
-    raise StoreError(f"cannot find a free name for {stem}")
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return target
+
+
+def _sync_dir(path: Path) -> None:
+    """fsync a directory (a rename in it made durable); where that can't be
+    done (not POSIX), nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
