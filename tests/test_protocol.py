@@ -239,6 +239,11 @@ def test_decode_errors(text: str, code: ErrorCode) -> None:
          ErrorCode.INVALID_COMMAND),
         ({"type": "command", "command": {"action": "move_item", "item_id": "a", "data": {"x_mm": "1"}}},
          ErrorCode.INVALID_COMMAND),
+        # A null position would be stored and relayed as one.
+        ({"type": "command", "command": {"action": "move_item", "item_id": "a", "data": {"x_mm": None, "y_mm": 1}}},
+         ErrorCode.INVALID_COMMAND),
+        ({"type": "command", "command": {"action": "move_item", "item_id": "a", "data": {"angle_deg": None}}},
+         ErrorCode.INVALID_COMMAND),
         ({"type": "command", "command": {"action": "remove_item", "item_id": 5}},
          ErrorCode.INVALID_COMMAND),
         ({"type": "command", "command": {"action": "x", "data": 3}}, ErrorCode.INVALID_COMMAND),

@@ -824,8 +824,9 @@ def _parse_command(message: dict[str, Any]) -> Command:
             )
         if action == "move_item":
             for field in MOVE_FIELDS:
-                value = data.get(field) if data else None
-                if value is not None and not _is_finite_number(value):
+                # Present means a number: a null would be stored and relayed
+                # as the position (Optiverse's setPos(None, None) raises).
+                if data and field in data and not _is_finite_number(data[field]):
                     raise ProtocolError(
                         ErrorCode.INVALID_COMMAND, f'"command.data.{field}" must be a number', ref
                     )
