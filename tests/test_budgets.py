@@ -159,6 +159,26 @@ def test_a_replacement_is_judged_by_its_own_items() -> None:
     assert list(c.document.items) == ["u0", "u1", "u2", "b"]
 
 
+def test_near_the_limit_an_update_that_makes_an_item_smaller_passes() -> None:
+    # A merged update may grow the item by at most its message; near the
+    # limit the bound is taken field by field, and a field made smaller adds nothing.
+    c = core(max_document_size=300_000)
+    c.receive("alice", "alice", add("big", 100_000))
+    c.receive("alice", "alice", add("other", 150_000))
+    commit_all(c)
+    assert c.receive("alice", "alice", command("update_item", "big", note="m" * 60_000)) == [WantCommit()]
+    commit_all(c)
+    assert c.document.size < 250_000 and c.document.items["big"]["note"] == "m" * 60_000
+    # One that adds a field the item lacks still counts it, and is refused.
+    refusal(c.receive("alice", "alice", command("update_item", "big", note="m", extra="e" * 100_000)))
+    # Without merging, the same shrinking update was always judged exactly.
+    plain = core(max_document_size=300_000, merge_updates=False)
+    plain.receive("alice", "alice", add("big", 100_000))
+    plain.receive("alice", "alice", add("other", 150_000))
+    commit_all(plain)
+    assert plain.receive("alice", "alice", command("update_item", "big", note="m" * 60_000)) == [WantCommit()]
+
+
 CHANGES = st.lists(
     st.one_of(
         st.tuples(st.just("add_item"), st.integers(0, 9), st.integers(0, 300)),
@@ -184,6 +204,9 @@ def test_no_burst_overshoots_the_limit_but_by_its_moves(changes: list[Any], limi
             text = command(action, f"i{item}", x_mm=value, y_mm=value)
         elif action == "remove_item":
             text = command(action, f"i{item}")
+        elif action == "update_item" and value % 3:
+            # Fields the item may not have yet: merged in, not replacing.
+            text = command(action, f"i{item}", note="n" * (value // 2), **{f"f{value % 3}": "v" * value})
         else:
             text = command(action, f"i{item}", note="n" * value)
         effects = c.receive("alice", "alice", text)

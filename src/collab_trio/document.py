@@ -219,6 +219,24 @@ class SessionDocument:
             new += encoded_size(existing["item_type"])
         return new - old
 
+    def merge_growth(self, item_id: str, data: dict[str, Any]) -> int:
+        """At most how many bytes merging `data` into item `item_id` adds
+        (convergence.merge_update: each field of `data` replaces the item's,
+        or stays as it was, or is added): the sum of what each field may
+        add, never below 0. Encodes every value: for an update the message
+        bound (estimate_growth) would refuse."""
+        existing = self.items.get(item_id)
+        if existing is None:
+            return 0
+        growth = 0
+        for key, value in data.items():
+            new = encoded_size(value)
+            if key in existing:
+                growth += max(0, new - encoded_size(existing[key]))
+            else:
+                growth += encoded_size(key) + 2 + new  # "key":value and a comma
+        return growth
+
     @staticmethod
     def replacement_size(items: list[dict[str, Any]]) -> int:
         """At most the `size` of a document replaced by these items: their

@@ -587,12 +587,19 @@ class SessionCore:
         if repeated is not None:
             return repeated
         growth = self.document.estimate_growth(change.command, change.size)
-        if action == "update_item" and self.merge_updates and change.command.get("item_id") in self.document.items:
+        item_id = change.command.get("item_id")
+        merged = action == "update_item" and self.merge_updates and item_id in self.document.items
+        if merged:
             # A merged item holds the current fields and the message's: it
             # grows by at most the message.
             growth = max(growth, change.size)
         # Removes always pass (growth <= 0); so do moves of float coordinates.
         allowance = MOVE_ALLOWANCE if action == "move_item" else 0
+        if merged and growth > allowance and self.projected_size + growth > self.max_document_size:
+            # Near the limit: the merge's own bound (field by field; an
+            # update that makes fields smaller adds nothing).
+            data = change.command.get("data")
+            growth = self.document.merge_growth(item_id, data if isinstance(data, dict) else {})
         if growth > allowance and self.projected_size + growth > self.max_document_size:
             error = Error(
                 ErrorCode.DOCUMENT_TOO_LARGE,
