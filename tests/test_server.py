@@ -241,15 +241,20 @@ async def test_full_state_from_host_is_stored_and_targeted(
             forwarded = await carol.expect("sync:full_state")
             assert forwarded == {**full, "user_id": "host"}
             assert (await host.expect("ack"))["seq"] == 1
-            await bob.expect_silence()
-            # It became the session document.
+            # It became the session document, which bob loads too (it changed).
+            assert (await bob.expect("sync:state"))["state"]["items"] == full["state"]["items"]
             await bob.send({"type": "sync:request"})
             assert (await bob.expect("sync:state"))["state"]["items"] == full["state"]["items"]
+            # The same canvas again (Optiverse sends it at every join): bob reloads nothing.
+            await host.send(full)
+            await carol.expect("sync:full_state")
+            assert (await host.expect("ack"))["seq"] == 2
+            await bob.expect_silence()
             # Without a target it goes to everyone else.
             await host.send({"type": "sync:full_state", "state": {"items": []}})
             assert (await bob.expect("sync:full_state"))["user_id"] == "host"
             assert (await carol.expect("sync:full_state"))["user_id"] == "host"
-            assert (await host.expect("ack"))["seq"] == 2
+            assert (await host.expect("ack"))["seq"] == 3
             # A target who is not here: a clear error, nothing forwarded.
             await host.send({**full, "target_user": "nobody"})
             error = await host.expect("error")
@@ -265,6 +270,8 @@ async def test_full_state_from_non_host_is_forwarded_not_stored(
         await host.expect("user:joined")
         await bob.send({"type": "sync:full_state", "state": {"items": [{"uuid": "b1"}]}})
         assert (await host.expect("sync:full_state"))["user_id"] == "bob"
+        # ...and then the document, so the host ends on what is stored.
+        assert (await host.expect("sync:state"))["state"] is None
         await bob.send({"type": "sync:request"})
         assert (await bob.expect("sync:state"))["state"] is None
 

@@ -406,14 +406,15 @@ def test_hosts_full_state_replaces_the_document_and_is_forwarded() -> None:
     assert list(c.document.items) == ["u1"]
 
 
-def test_a_guests_full_state_is_only_forwarded() -> None:
+def test_a_guests_full_state_is_forwarded_and_then_its_target_gets_the_document() -> None:
     c = core()
     join(c, "host")
     join(c, "guest")
     state = {"type": "sync:full_state", "state": {"items": [{"uuid": "g"}]}, "target_user": "host"}
     effects = c.receive("guest", "guest", frame(state))
-    assert [type(e) for e in effects] == [Send] and effects[0].conn == "host"
-    assert not c.has_pending
+    assert [(type(e), e.conn) for e in effects] == [(Send, "host"), (Send, "host")]
+    assert isinstance(effects[1].message, SyncState) and effects[1].message.state is None  # never written
+    assert not c.has_pending and c.document.items == {}
 
 
 def test_full_state_for_an_unknown_target_is_an_error() -> None:

@@ -21,7 +21,9 @@ a clock.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -212,6 +214,9 @@ class CorrectionTracker:
     _corrected: dict[tuple[str, str], float] = attrs.field(factory=dict)
     _dirty: dict[tuple[str, str], _Dirty] = attrs.field(factory=dict)
     _commits: int = 0
+    # The last replacement of the document (replaced()): when, and who loaded it.
+    _replaced_at: float = -math.inf
+    _loaders: frozenset[str] = frozenset()
 
     def committed(
         self, user_id: str, item_id: str, *, arrived: float, now: float, level: int, force: bool = False
@@ -227,6 +232,10 @@ class CorrectionTracker:
         self._recent[item_id] = authors
         conflict = force or self._corrected.get((user_id, item_id), cutoff) > cutoff
         own = level
+        if self._replaced_at > cutoff and user_id in self._loaders:
+            # Made before this member loaded the replacement, perhaps, and
+            # then lost from its window by loading it: the item as stored.
+            conflict, level = True, EXISTENCE
         for author, (when, kind) in authors.items():
             if author != user_id and when > cutoff:
                 conflict = True
@@ -277,11 +286,44 @@ class CorrectionTracker:
         for key in [k for k in self._corrected if k[0] == user_id]:
             del self._corrected[key]
 
-    def forget(self) -> None:
-        """Drop everything (the document was replaced: every client reloads it)."""
-        self._recent.clear()
-        self._corrected.clear()
-        self._dirty.clear()
+    def replaced(self, sender: str | None, loaders: set[str], now: float) -> bool:
+        """`sender` replaced the document with its own view at `now`, and
+        `loaders` are sent the new document whole.
+
+        The sender may apply, after its upload, relays of other members'
+        changes it had not read yet: each item another member changed within
+        the window is corrected for it (as stored). What was due to a loader
+        is void (it loads everything); a loader's change arriving within the
+        window after this was perhaps made before it loaded the document,
+        which then hid it (see committed()). True if a correction is due
+        that was not (the sender's).
+        """
+        cutoff = now - self.window
+        for key in [key for key in self._dirty if key[0] in loaders]:
+            del self._dirty[key]
+        marked = False
+        if sender is not None:
+            for item_id, authors in self._recent.items():
+                if any(author != sender and when > cutoff for author, (when, _) in authors.items()):
+                    self._mark(sender, item_id, now, EXISTENCE)
+                    marked = True
+        self._replaced_at, self._loaders = now, frozenset(loaders)
+        return marked
+
+    def created(self, author: str, item_id: str, members: Iterable[str], now: float) -> None:
+        """`author`'s update made item `item_id`, which the document did not
+        have (a replacement took it away): relayed as an update, which a
+        window without the item ignores, so every other member gets it as stored."""
+        for member in members:
+            if member != author:
+                self._mark(member, item_id, now, EXISTENCE)
+
+    def _mark(self, user_id: str, item_id: str, now: float, level: int) -> None:
+        dirty = self._dirty.get((user_id, item_id))
+        if dirty is None:
+            self._dirty[(user_id, item_id)] = _Dirty(now + self.settle, level)
+        else:
+            dirty.due, dirty.level = now + self.settle, max(dirty.level, level)
 
     @property
     def pending(self) -> int:

@@ -566,8 +566,18 @@ class SessionCore:
         forwarded = Forwarded({**message.raw, "user_id": user_id})
         if user_id != self.host:
             # Only the host's full state becomes the session document: the host
-            # is the one Optiverse treats as the owner of the canvas.
-            return self._forward(forwarded, target, exclude=user_id)
+            # is the one Optiverse treats as the owner of the canvas. Whoever
+            # loads another member's canvas then gets the document (after
+            # the changes sent before), so that it ends on what is stored.
+            effects = self._forward(forwarded, target, exclude=user_id)
+            recipients = [target] if target is not None else [u for u in self._members if u != user_id]
+            for recipient in recipients:
+                conn = self._members[recipient].conn
+                if self._pending or self._in_flight is not None:
+                    self._queue_sync(conn, SyncRequest(), 0)
+                else:
+                    effects.append(Send(conn, self._sync_state()))
+            return effects
         change = PendingReplace(conn, user_id, size, items=message.items, forward=forwarded, target_user=target)
         return self._queue_replace(change, "sync:full_state")
 
@@ -926,16 +936,40 @@ class SessionCore:
                 ack = Ack(op.seq, op.op_id)
                 effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
                 continue
+            before = self.document.items
             self.document.apply(op)
-            # Every client loads the new document whole: nothing to merge or correct.
-            self._fields.forget()
-            self._tracker.forget()
+            changed = self.document.items != before
+            targeted = entry.forward is not None and entry.target_user is not None
+            others = set(self._members) - {op.user_id}
+            if isinstance(entry, PendingRestore):
+                sender, loaders = None, set(self._members)
+            elif targeted:
+                # The host's canvas for one newcomer (Optiverse sends one at
+                # every join): the others load it too if it changed anything.
+                sender, loaders = op.user_id, (others if changed else {entry.target_user})
+            else:
+                sender, loaders = op.user_id, others
+            if changed or not targeted:
+                # The loaders reload the document whole: nothing of theirs to
+                # merge; the sender and changes made before loading it may
+                # still need correcting (CorrectionTracker.replaced).
+                self._fields.forget()
+                if self._tracker.replaced(sender, loaders, now):
+                    due_before = -1
+                due_before = min(due_before, self._tracker.pending)
             if isinstance(entry, PendingRestore):
                 # Every member, as the others after a sync:update.
                 effects += [Broadcast(self._sync_state()), Restored(entry.ticket, op.seq)]
                 continue
             if entry.forward is not None:
                 effects += self._forward(entry.forward, entry.target_user, exclude=op.user_id)
+                if targeted and changed:
+                    state = self._sync_state()
+                    effects += [
+                        Send(member.conn, state)
+                        for user_id, member in self._members.items()
+                        if user_id not in (op.user_id, entry.target_user)
+                    ]
             else:
                 effects.append(Broadcast(self._sync_state(), exclude=op.user_id))
             ack = Ack(op.seq, op.op_id)
@@ -963,15 +997,19 @@ class SessionCore:
         command_json = op.command_json
         if command_json is None and op.size >= ENCODE_ONCE_FROM:
             command_json = encode_command(op.command)
-        self.document.apply(op, command_json)
         command = op.command or {}
         action, item_id = command.get("action"), command.get("item_id")
+        created = action == "update_item" and item_id not in self.document.items
+        self.document.apply(op, command_json)
         level = _CHANGE_LEVELS.get(action)
         if self.corrections_enabled and level is not None and isinstance(item_id, str):
             # A merge that kept a value of the sender's out: it shows that value.
             self._tracker.committed(
                 op.user_id, item_id, arrived=entry.arrived, now=self.now(), level=level, force=entry.stale
             )
+            if created and item_id in self.document.items:
+                # Relayed as an update, which a window without the item ignores.
+                self._tracker.created(op.user_id, item_id, self._members, self.now())
         return command_json
 
     def _refused(self, entry: PendingCommand) -> list[Effect]:

@@ -1,0 +1,246 @@
+"""Whole-document replacements (sync:update, a host's sync:full_state, targeted
+or not) racing changes still in flight, with clients that do what stock
+Optiverse does: apply every relayed command as it arrives, reload the canvas
+on sync:state and on sync:full_state. At quiescence (after the corrections)
+every window shows the server's document.
+
+Pure SessionCore, no trio; the links are FIFO queues delivered by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from collab_trio.protocol import encode
+from collab_trio.session_core import Broadcast, Send, SessionCore, WantCommit
+
+T0 = "2026-12-07T00:00:00.000+00:00"
+IDENT = ("uuid", "item_uuid", "item_type")
+
+
+class Window:
+    """What stock Optiverse does (collaboration_manager.py / collaboration_service.py):
+    commands applied as they arrive, sync:state AND sync:full_state reload the canvas."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.items: dict[str, dict[str, Any]] = {}
+        self.ghosts = 0  # scene items no longer in the uuid map (an add of an item it had)
+
+    def local(self, action: str, item_id: str, **changes: Any) -> dict[str, Any]:
+        if action == "remove_item":
+            self.items.pop(item_id, None)
+            return {"type": "command", "command": {"action": action, "item_type": "lens", "item_id": item_id,
+                                                   "data": {}}}
+        item = self.items.setdefault(item_id, {}) if action == "add_item" else self.items[item_id]
+        item.update(changes)
+        data = {**item, "item_uuid": item_id}
+        return {"type": "command", "command": {"action": action, "item_type": "lens", "item_id": item_id,
+                                               "data": data}}
+
+    def canvas(self) -> dict[str, Any]:
+        return {"items": [{**v, "uuid": k, "item_type": "lens"} for k, v in self.items.items()],
+                "version": 0, "timestamp": T0}
+
+    def receive(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind in ("sync:state", "sync:full_state"):
+            state = message.get("state")
+            if not state:
+                return
+            self.items = {}
+            for item in state.get("items", []):
+                if item.get("item_type"):
+                    self.items[item.get("uuid") or item.get("item_uuid")] = {
+                        k: v for k, v in item.items() if k not in IDENT}
+            return
+        if kind != "command":
+            return
+        command = message["command"]
+        action, item_id, data = command.get("action"), command.get("item_id"), command.get("data") or {}
+        fields = {k: v for k, v in data.items() if k not in IDENT}
+        if action == "add_item":
+            if item_id in self.items:
+                self.ghosts += 1  # a second QGraphicsItem with the same uuid
+            self.items[item_id] = fields
+        elif action == "move_item":
+            item = self.items.get(item_id)
+            if item is not None:
+                if "x_mm" in data and "y_mm" in data:
+                    item["x_mm"], item["y_mm"] = data["x_mm"], data["y_mm"]
+                if "angle_deg" in data:
+                    item["angle_deg"] = data["angle_deg"]
+        elif action == "update_item":
+            if item_id in self.items:
+                self.items[item_id] = fields
+        elif action == "remove_item":
+            self.items.pop(item_id, None)
+
+
+class Wire:
+    """SessionCore with FIFO links held by hand: nothing reaches a window until deliver()."""
+
+    def __init__(self, users: list[str], **settings: Any) -> None:
+        self.time = 0.0
+        self.core = SessionCore("s", now=lambda: self.time, clock=lambda: T0, **settings)
+        self.windows = {u: Window(u) for u in users}
+        self.inbox: dict[str, list[dict[str, Any]]] = {u: [] for u in users}
+        for u in users:
+            self.effects(self.core.join(u, u, connected_at=T0))
+        self.deliver_all()
+
+    def effects(self, effects: list[Any]) -> None:
+        for e in effects:
+            if isinstance(e, Send):
+                self.inbox[e.conn].append(json.loads(encode(e.message.to_wire())))
+            elif isinstance(e, Broadcast):
+                for conn in self.core.connections(exclude=e.exclude):
+                    self.inbox[conn].append(json.loads(encode(e.message.to_wire())))
+            elif isinstance(e, WantCommit):
+                batch = self.core.take_batch()
+                if batch is not None:
+                    self.effects(self.core.committed(batch))
+
+    def send(self, user: str, message: dict[str, Any]) -> None:
+        """The server receives `message` from `user` now (and commits at once)."""
+        self.effects(self.core.receive(user, user, json.dumps(message)))
+
+    def does(self, user: str, action: str, item_id: str, **changes: Any) -> dict[str, Any]:
+        """`user` changes its canvas; returns the message (not yet sent)."""
+        return self.windows[user].local(action, item_id, **changes)
+
+    def deliver(self, user: str) -> None:
+        inbox, self.inbox[user] = self.inbox[user], []
+        for message in inbox:
+            self.windows[user].receive(message)
+
+    def deliver_all(self) -> None:
+        for u in self.windows:
+            self.deliver(u)
+
+    def settle(self) -> None:
+        """Let every correction come due and arrive."""
+        self.time += 10.0
+        self.effects(self.core.corrections())
+        self.deliver_all()
+
+    def server_items(self) -> dict[str, dict[str, Any]]:
+        return {k: {f: v for f, v in item.items() if f not in IDENT} for k, item in self.core.document.items.items()}
+
+    def views(self) -> dict[str, Any]:
+        views = {u: w.items for u, w in self.windows.items()}
+        views["server"] = self.server_items()
+        return views
+
+
+
+
+
+
+def setup(users=("ada", "bob")) -> Wire:
+    w = Wire(list(users))
+    w.send("ada", w.does("ada", "add_item", "lens", x_mm=0.0, y_mm=0.0, angle_deg=0.0, efl_mm=100.0))
+    w.deliver_all()
+    w.time += 5.0
+    return w
+
+
+def test_a_move_sent_before_a_host_full_state_arrived_is_corrected_for_the_mover() -> None:
+    w = setup()
+    move = w.does("bob", "move_item", "lens", x_mm=5.0, y_mm=5.0)  # bob drags (local first)
+    # ada (host) uploads her canvas: the server commits it and forwards it to bob
+    w.send("ada", {"type": "sync:full_state", "state": w.windows["ada"].canvas()})
+    w.time += 0.01
+    w.send("bob", move)            # bob's move arrives after the replacement: applied on top of it
+    w.deliver_all()                # bob loads the forwarded state: his move is gone from his window
+    w.settle()
+    v = w.views()
+    assert v["server"]["lens"]["x_mm"] == 5.0
+    assert v["ada"] == v["server"]
+    assert v["bob"] == v["server"], v
+
+
+def test_a_move_sent_before_a_sync_update_arrived_is_corrected_for_the_mover() -> None:
+    w = setup()
+    move = w.does("bob", "move_item", "lens", x_mm=5.0, y_mm=5.0)
+    w.send("ada", {"type": "sync:update", "state": w.windows["ada"].canvas()})
+    w.time += 0.01
+    w.send("bob", move)
+    w.deliver_all()
+    w.settle()
+    v = w.views()
+    assert v["bob"] == v["server"], v
+
+
+def test_a_targeted_full_state_that_changes_the_document_is_loaded_by_everyone() -> None:
+    """What Optiverse does on user:joined: the host sends its canvas to the newcomer only."""
+    w = setup(("ada", "bob", "cy"))
+    w.send("bob", w.does("bob", "move_item", "lens", x_mm=5.0, y_mm=5.0))  # relayed to ada, not read yet
+    # cy joined a moment ago; ada's window answers user:joined with its canvas (lens still at 0)
+    w.send("ada", {"type": "sync:full_state", "state": w.windows["ada"].canvas(), "target_user": "cy"})
+    w.deliver_all()
+    w.settle()
+    v = w.views()
+    assert v["ada"] == v["bob"]           # both show 5.0 ...
+    assert v["bob"] == v["server"], v  
+
+
+def test_a_targeted_full_state_that_changes_nothing_keeps_the_corrections_due() -> None:
+    w = setup(("ada", "bob", "cy", "dee"))
+    w.send("bob", w.does("bob", "move_item", "lens", x_mm=1.0, y_mm=1.0))
+    cy_move = w.does("cy", "move_item", "lens", x_mm=2.0, y_mm=2.0)   # cy drags concurrently
+    w.time += 0.02
+    w.send("cy", cy_move)
+    w.deliver("ada")
+    w.deliver("bob")
+    # cy's window: its own move, then bob's relay -> shows 1.0; the server has 2.0; a correction is due to cy
+    w.deliver("cy")
+    assert w.core.next_correction_due() is not None
+    # dee (a newcomer) joined; ada sends it her canvas (which equals the server's document)
+    assert w.windows["ada"].items == w.server_items()
+    w.send("ada", {"type": "sync:full_state", "state": w.windows["ada"].canvas(), "target_user": "dee"})
+    w.deliver_all()
+    w.settle()
+    v = w.views()
+    assert v["cy"] == v["server"], v
+
+
+def test_an_update_that_recreates_an_item_after_a_replacement_reaches_everyone() -> None:
+    """An update of an item the server lacks (and has no tombstone of) adds it on the
+    server, but is relayed as update_item, which stock windows without the item ignore."""
+    w = setup(("ada", "bob", "cy"))
+    w.send("bob", w.does("bob", "add_item", "m", x_mm=9.0, y_mm=9.0, efl_mm=1.0))   # relayed to ada, cy
+    w.deliver("cy")
+    # ada (host) has not read bob's add yet and uploads her canvas: "m" is not in it
+    w.send("ada", {"type": "sync:full_state", "state": w.windows["ada"].canvas()})
+    update = w.does("bob", "update_item", "m", efl_mm=2.0)   # bob edits "m" before the state reaches him
+    w.time += 0.01
+    w.send("bob", update)
+    w.deliver_all()
+    w.settle()
+    v = w.views()
+    assert "m" in v["server"]                      # the update re-created it on the server
+    assert {u: "m" in v[u] for u in ("ada", "bob", "cy")} == {"ada": True, "bob": True, "cy": True}, v
+
+
+def test_a_host_full_state_that_crosses_a_relay_is_corrected_for_the_host() -> None:
+    w = setup()
+    w.send("bob", w.does("bob", "move_item", "lens", x_mm=5.0, y_mm=5.0))   # committed, relayed to ada (unread)
+    w.send("ada", {"type": "sync:full_state", "state": w.windows["ada"].canvas()})   # ada's canvas: x=0
+    w.deliver_all()     # bob loads ada's canvas; ada applies bob's relay after her upload
+    w.settle()
+    v = w.views()
+    assert v["bob"] == v["server"]
+    assert v["ada"] == v["server"], v
+
+
+def test_a_non_host_full_state_is_followed_by_the_document_for_its_target() -> None:
+    w = setup(("ada", "bob", "cy"))    # ada is the server's host; bob's Optiverse thinks it hosts
+    w.send("ada", w.does("ada", "move_item", "lens", x_mm=5.0, y_mm=5.0))  # relayed to bob (unread) and cy
+    w.deliver("cy")
+    w.send("bob", {"type": "sync:full_state", "state": w.windows["bob"].canvas(), "target_user": "cy"})
+    w.deliver_all()
+    w.settle()
+    v = w.views()
+    assert v["cy"] == v["server"], v
