@@ -113,7 +113,12 @@ def _translate(sql: str) -> str:
     if sql.startswith("BEGIN"):
         # A read transaction (BEGIN DEFERRED, Database.read) sees one state
         # across its statements, as a SQLite read transaction does.
-        return "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if "DEFERRED" in sql else "BEGIN"
+        # A write transaction is READ COMMITTED whatever the database's
+        # default: check_fence and a takeover's load rely on it (a takeover
+        # must see the commit it waited for).
+        if "DEFERRED" in sql:
+            return "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        return "BEGIN ISOLATION LEVEL READ COMMITTED"
     return sql.replace("%", "%%").replace("?", "%s")
 
 
@@ -142,8 +147,19 @@ class _Connection:
         return conn
 
     def execute(self, sql: str, params: Any = ()) -> Any:
+        if sql.startswith("BEGIN"):
+            conn = self._connection()
+            try:
+                return conn.execute(_translate(sql))
+            except psycopg.OperationalError:
+                if not conn.broken:
+                    raise
+                # Ended while idle (a database restart, a failover,
+                # pg_terminate_backend): nothing has run yet, so once more
+                # on a new connection rather than failing the batch.
+                return self._connection().execute(_translate(sql))
         if not params:
-            return self._connection().execute(_translate(sql) if sql.startswith("BEGIN") else sql)
+            return self._connection().execute(sql)
         return self._connection().execute(_translate(sql), params)
 
     def executemany(self, sql: str, rows: Any) -> Any:
@@ -351,23 +367,54 @@ class PgDatabase(Database):
         asks the owner (`wanted_by`, kept: this returns, it doesn't raise)
         to hand the session over.
         """
-        self._lock_lease_row(session_id)
-        row = self.conn.execute(
-            "UPDATE leases SET owner = ?, fence = nextval('lease_fences'), wanted_by = NULL,"
-            " expires_at = now() + make_interval(secs => ?)"
-            " WHERE session_id = ? AND (expires_at <= now() OR (owner = ? AND wanted_by IS NULL))"
-            " RETURNING fence",
-            (self.node_id, self.lease_timeout, session_id, self.node_id),
-        ).fetchone()
-        if row is not None:
-            return int(row[0]), self.node_id
-        owner, wanted_by = self.conn.execute(
-            "UPDATE leases SET wanted_by = CASE WHEN owner = ? THEN wanted_by ELSE ? END"
-            " WHERE session_id = ? RETURNING owner, wanted_by",
-            (self.node_id, self.node_id, session_id),
-        ).fetchone()
-        # Handing it over already: the node it goes to is the one to try.
-        return None, wanted_by if owner == self.node_id and wanted_by else owner
+        # A refusal keeps no lock on the row: the savepoint's rollback lets
+        # it go (Postgres releases a lock taken after a savepoint rolled
+        # back to). Held until this transaction ends, it would stop the
+        # owner's commits and renewals, for good should this node be
+        # stopped (SIGSTOP) before the end.
+        self.conn.execute("SAVEPOINT acquire")
+        try:
+            self._lock_lease_row(session_id)
+            row = self.conn.execute(
+                "UPDATE leases SET owner = ?, fence = nextval('lease_fences'), wanted_by = NULL,"
+                " expires_at = now() + make_interval(secs => ?)"
+                " WHERE session_id = ? AND (expires_at <= now() OR (owner = ? AND wanted_by IS NULL))"
+                " RETURNING fence",
+                (self.node_id, self.lease_timeout, session_id, self.node_id),
+            ).fetchone()
+            if row is not None:
+                self.conn.execute("RELEASE acquire")
+                return int(row[0]), self.node_id
+            owner, wanted_by = self.conn.execute(
+                "SELECT owner, wanted_by FROM leases WHERE session_id = ?", (session_id,)
+            ).fetchone()
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK TO acquire")
+                self.conn.execute("RELEASE acquire")
+            raise
+        self.conn.execute("ROLLBACK TO acquire")
+        self.conn.execute("RELEASE acquire")
+        if owner == self.node_id:
+            # Handing it over already: the node it goes to is the one to try.
+            return None, wanted_by or owner
+        self._ask_for(session_id)
+        return None, owner
+
+    def _ask_for(self, session_id: str) -> None:
+        """Ask the session's owner to hand it over (`wanted_by`): one short
+        transaction of its own on another connection of the pool, so that
+        this node's transaction holds nothing of the row. Best effort: the
+        client retries anyway."""
+        try:
+            with self.pool.connection(timeout=min(1.0, self.busy_timeout)) as conn, conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '1000ms'")
+                conn.execute(
+                    "UPDATE leases SET wanted_by = %s WHERE session_id = %s AND owner <> %s",
+                    (self.node_id, session_id, self.node_id),
+                )
+        except Exception as exc:  # noqa: BLE001 - psycopg's or the pool's: the next try asks again
+            log.info("Could not ask for session %s to be handed over: %s", session_id, _first_line(exc))
 
     def _lock_lease_row(self, session_id: str) -> tuple[str, bool]:
         """Create the session's lease row if missing and lock it FOR UPDATE
@@ -440,7 +487,9 @@ class PgDatabase(Database):
             ended = self.conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND application_name = ? AND pid <> pg_backend_pid()"
-                " AND state IN ('idle in transaction', 'idle in transaction (aborted)')"
+                " AND (state IN ('idle in transaction', 'idle in transaction (aborted)')"
+                # (Or stuck sending a stopped node a result it does not read.)
+                "      OR (state = 'active' AND wait_event_type = 'Client' AND wait_event = 'ClientWrite'))"
                 " AND state_change < statement_timestamp() - make_interval(secs => ?)",
                 (APPLICATION_NAME, self.lease_timeout),
             ).fetchone()[0]
@@ -524,6 +573,14 @@ class PgDatabase(Database):
         owner, live = self._lock_lease_row(session_id)
         if live and owner not in (self.node_id, NOBODY):
             raise SessionElsewhere(session_id, owner)
+        if owner not in (self.node_id, NOBODY):
+            # Its owner is paused past its lease: fenced out with this
+            # change, so that it closes the session (1012) when it wakes
+            # instead of committing on a document that is not stored any more.
+            self.conn.execute(
+                "UPDATE leases SET owner = ?, fence = nextval('lease_fences'), wanted_by = NULL WHERE session_id = ?",
+                (NOBODY, session_id),
+            )
 
     def restore(self, session_id: str, number: int) -> int:
         """Database.restore(), for a session no live node serves (checked and
