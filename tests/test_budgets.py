@@ -179,6 +179,21 @@ def test_near_the_limit_an_update_that_makes_an_item_smaller_passes() -> None:
     assert plain.receive("alice", "alice", command("update_item", "big", note="m" * 60_000)) == [WantCommit()]
 
 
+def test_a_merged_update_behind_a_pending_replacement_stays_within_the_limit() -> None:
+    # The replacement may leave the item out: the update then makes it anew,
+    # so its field-by-field bound against the current item does not hold.
+    c = core(max_document_size=300_000)
+    c.receive("alice", "alice", add("big", 100_000))
+    c.receive("alice", "alice", add("other", 150_000))
+    commit_all(c)
+    items = [{"uuid": "other", "note": "n" * 150_000}, {"uuid": "filler", "note": "f" * 140_000}]
+    update = json.dumps({"type": "sync:update", "state": {"items": items}})
+    assert c.receive("bob", "bob", update) == [WantCommit()]
+    c.receive("alice", "alice", command("update_item", "big", note="m" * 100_000))
+    commit_all(c)
+    assert c.document.size <= 300_000
+
+
 CHANGES = st.lists(
     st.one_of(
         st.tuples(st.just("add_item"), st.integers(0, 9), st.integers(0, 300)),
@@ -186,6 +201,8 @@ CHANGES = st.lists(
         st.tuples(st.just("move_item"), st.integers(0, 9), st.floats(-1e6, 1e6)),
         st.tuples(st.just("remove_item"), st.integers(0, 9), st.just(0)),
         st.tuples(st.just("commit"), st.just(0), st.just(0)),
+        # A sync:update of some of the items (by their number bits), fields of `value` bytes.
+        st.tuples(st.just("replace"), st.integers(0, 1023), st.integers(0, 300)),
     ),
     max_size=60,
 )
@@ -199,6 +216,14 @@ def test_no_burst_overshoots_the_limit_but_by_its_moves(changes: list[Any], limi
     for action, item, value in changes:
         if action == "commit":
             commit_all(c)
+            continue
+        if action == "replace":
+            kept = [{"uuid": f"i{n}", "note": "r" * value} for n in range(10) if item >> n & 1]
+            text = json.dumps({"type": "sync:update", "state": {"items": kept}})
+            effects = c.receive("bob", "bob", text)
+            if effects != [WantCommit()]:
+                [refused] = effects
+                assert isinstance(refused, Send) and refused.message.code == ErrorCode.DOCUMENT_TOO_LARGE
             continue
         if action == "move_item":
             text = command(action, f"i{item}", x_mm=value, y_mm=value)

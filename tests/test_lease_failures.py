@@ -171,8 +171,8 @@ async def test_a_restore_while_the_owner_is_paused_past_its_lease_does_not_leave
                 # document that is no longer what is stored.
                 answers = []
                 for i in range(3):
-                    await alice.send(add(f"late{i}"))
                     try:
+                        await alice.send(add(f"late{i}"))
                         reply = await alice.recv()
                     except ConnectionClosed as closed:
                         answers.append(("closed", closed.reason.code))

@@ -605,9 +605,15 @@ class SessionCore:
             growth = max(growth, change.size)
         # Removes always pass (growth <= 0); so do moves of float coordinates.
         allowance = MOVE_ALLOWANCE if action == "move_item" else 0
-        if merged and growth > allowance and self.projected_size + growth > self.max_document_size:
+        if (
+            merged
+            and growth > allowance
+            and self.projected_size + growth > self.max_document_size
+            and not self._replacement_pending()
+        ):
             # Near the limit: the merge's own bound (field by field; an
-            # update that makes fields smaller adds nothing).
+            # update that makes fields smaller adds nothing). Not behind a
+            # replacement: the item it meets may be another, or none.
             data = change.command.get("data")
             growth = self.document.merge_growth(item_id, data if isinstance(data, dict) else {})
         if growth > allowance and self.projected_size + growth > self.max_document_size:
@@ -623,6 +629,11 @@ class SessionCore:
         # make room for one burst twice.
         change.growth = max(growth, 0)
         return self._queue(change)
+
+    def _replacement_pending(self) -> bool:
+        """A replacement is pending or being committed (looked at near the size limit only)."""
+        in_flight = self._in_flight.entries if self._in_flight is not None else ()
+        return any(isinstance(entry, PendingReplace) for entry in (*in_flight, *self._pending))
 
     def _queue_replace(self, change: PendingReplace, ref: str) -> list[Effect]:
         repeated = self._repeated(change)
