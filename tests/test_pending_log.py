@@ -1172,3 +1172,24 @@ def test_a_torn_append_before_an_empty_newer_segment_is_dropped_not_reported_los
         database.close()
     assert (report.applied, report.set_aside, report.unapplied_file) == (1, 0, None)
     assert not unapplied_files(data_dir)
+
+
+def test_a_replay_run_again_after_a_kill_before_it_deleted_the_segments_keeps_what_it_set_aside(
+    data_dir: Path,
+) -> None:
+    database = Database(database_path(data_dir))
+    # A change of a session the database doesn't have (set aside), then damage.
+    orphan = encode_record("gone", "e-old", [op_record_text(op(5, "orphan"))])
+    content = orphan + b"not a record\n"
+    segment_path(data_dir, 1).write_bytes(content)
+    try:
+        assert replay(database, data_dir).set_aside == 2
+        assert unapplied_items(data_dir) == ["orphan"]
+        # Killed after the commit, before the segments were deleted.
+        segment_path(data_dir, 1).write_bytes(content)
+        again = replay(database, data_dir)
+    finally:
+        database.close()
+    assert (again.set_aside, again.unapplied_file) == (0, None)
+    assert unapplied_items(data_dir) == ["orphan"]
+    assert segment_numbers(data_dir) == []

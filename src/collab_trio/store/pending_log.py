@@ -314,6 +314,12 @@ def replay(db: Any, data_dir: Path) -> ReplayReport:
         rest = data[end:]
         if not rest:
             continue
+        if (number, len(data)) <= position:
+            # All of this segment is stored, or was kept aside by a replay
+            # that committed (and was stopped before deleting the segments):
+            # set aside again, it would overwrite that replay's file.
+            log.warning("%s is damaged at byte %d; its changes are all stored already", path, end)
+            continue
         if index >= newest and b"\n" not in rest:
             # The last line of the newest segment, cut short: its append never
             # returned (a power cut), so its change was never acknowledged.
@@ -414,7 +420,9 @@ class SetAside:
         try:
             before = self.path.stat().st_size
         except FileNotFoundError:
-            before = 0  # (moved away meanwhile: "ab" makes it again)
+            # Moved away meanwhile ("ab" makes it again): what it held is
+            # not this file's, so a failed transaction cuts back to nothing.
+            before = self._committed_size = 0
         try:
             with open(self.path, "ab") as file:
                 file.write(record)
