@@ -244,3 +244,19 @@ def test_a_non_host_full_state_is_followed_by_the_document_for_its_target() -> N
     w.settle()
     v = w.views()
     assert v["cy"] == v["server"], v
+
+
+def test_the_mover_is_corrected_with_a_move_not_a_remove_and_add() -> None:
+    # A correction of a loader's own change has that change's kind: a
+    # remove and add would take away the item it may still be dragging.
+    w = setup()
+    move = w.does("bob", "move_item", "lens", x_mm=5.0, y_mm=5.0)
+    w.send("ada", {"type": "sync:full_state", "state": w.windows["ada"].canvas()})
+    w.time += 0.01
+    w.send("bob", move)
+    w.deliver_all()
+    w.time += 10.0
+    w.effects(w.core.corrections())
+    assert [m["command"]["action"] for m in w.inbox["bob"] if m.get("correction")] == ["move_item"]
+    w.deliver_all()
+    assert w.windows["bob"].items == w.server_items()

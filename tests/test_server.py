@@ -263,17 +263,24 @@ async def test_full_state_from_host_is_stored_and_targeted(
             await carol.expect_silence()
 
 
-async def test_full_state_from_non_host_is_forwarded_not_stored(
-    harness: Harness, autojump_clock: trio.abc.Clock
-) -> None:
+async def test_full_state_from_non_host_is_not_stored(harness: Harness, autojump_clock: trio.abc.Clock) -> None:
     async with harness.joined("s", "host") as host, harness.joined("s", "bob") as bob:
         await host.expect("user:joined")
-        await bob.send({"type": "sync:full_state", "state": {"items": [{"uuid": "b1"}]}})
+        await host.send(add("h1"))
+        await host.expect("ack")
+        await bob.expect("command")
+        # Targeted: forwarded, then the target gets the document, so that it
+        # ends on what is stored.
+        await bob.send({"type": "sync:full_state", "state": {"items": [{"uuid": "b1"}]}, "target_user": "host"})
         assert (await host.expect("sync:full_state"))["user_id"] == "bob"
-        # ...and then the document, so the host ends on what is stored.
-        assert (await host.expect("sync:state"))["state"] is None
+        assert [i["uuid"] for i in (await host.expect("sync:state"))["state"]["items"]] == ["h1"]
+        await bob.expect_silence()
+        # Without a target: not forwarded; the sender gets the document.
+        await bob.send({"type": "sync:full_state", "state": {"items": [{"uuid": "b2"}]}})
+        assert [i["uuid"] for i in (await bob.expect("sync:state"))["state"]["items"]] == ["h1"]
+        await host.expect_silence()
         await bob.send({"type": "sync:request"})
-        assert (await bob.expect("sync:state"))["state"] is None
+        assert [i["uuid"] for i in (await bob.expect("sync:state"))["state"]["items"]] == ["h1"]
 
 
 # -- cursors -------------------------------------------------------------------

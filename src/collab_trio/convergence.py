@@ -234,8 +234,9 @@ class CorrectionTracker:
         own = level
         if self._replaced_at > cutoff and user_id in self._loaders:
             # Made before this member loaded the replacement, perhaps, and
-            # then lost from its window by loading it: the item as stored.
-            conflict, level = True, EXISTENCE
+            # then lost from its window by loading it: the item as stored
+            # (created() makes it an add when the change made the item).
+            conflict = True
         for author, (when, kind) in authors.items():
             if author != user_id and when > cutoff:
                 conflict = True
@@ -317,6 +318,9 @@ class CorrectionTracker:
         for member in members:
             if member != author:
                 self._mark(member, item_id, now, EXISTENCE)
+        if author in self._loaders and self._replaced_at > now - self.window:
+            # Its window may have lost the item by loading the replacement.
+            self._mark(author, item_id, now, EXISTENCE)
 
     def _mark(self, user_id: str, item_id: str, now: float, level: int) -> None:
         dirty = self._dirty.get((user_id, item_id))

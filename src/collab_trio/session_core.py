@@ -569,14 +569,14 @@ class SessionCore:
             # is the one Optiverse treats as the owner of the canvas. Whoever
             # loads another member's canvas then gets the document (after
             # the changes sent before), so that it ends on what is stored.
-            effects = self._forward(forwarded, target, exclude=user_id)
-            recipients = [target] if target is not None else [u for u in self._members if u != user_id]
-            for recipient in recipients:
-                conn = self._members[recipient].conn
-                if self._pending or self._in_flight is not None:
-                    self._queue_sync(conn, SyncRequest(), 0)
-                else:
-                    effects.append(Send(conn, self._sync_state()))
+            # Without a target it goes nowhere: the sender gets the document
+            # instead (each costs at most one answer, as a sync:request).
+            effects = [] if target is None else self._forward(forwarded, target, exclude=user_id)
+            conn = self._members[target if target is not None else user_id].conn
+            if self._pending or self._in_flight is not None:
+                self._queue_sync(conn, SyncRequest(), 0)
+            else:
+                effects.append(Send(conn, self._sync_state()))
             return effects
         change = PendingReplace(conn, user_id, size, items=message.items, forward=forwarded, target_user=target)
         return self._queue_replace(change, "sync:full_state")
@@ -949,17 +949,20 @@ class SessionCore:
                 continue
             before = self.document.items
             self.document.apply(op)
-            changed = self.document.items != before
             targeted = entry.forward is not None and entry.target_user is not None
+            # (Compared only for a targeted one: every member loads the others.)
+            changed = not targeted or self.document.items != before
             others = set(self._members) - {op.user_id}
+            # (A sender who left meanwhile is owed nothing.)
+            sender = op.user_id if op.user_id in self._members else None
             if isinstance(entry, PendingRestore):
                 sender, loaders = None, set(self._members)
             elif targeted:
                 # The host's canvas for one newcomer (Optiverse sends one at
                 # every join): the others load it too if it changed anything.
-                sender, loaders = op.user_id, (others if changed else {entry.target_user})
+                loaders = others if changed else {entry.target_user}
             else:
-                sender, loaders = op.user_id, others
+                loaders = others
             if changed or not targeted:
                 # The loaders reload the document whole: nothing of theirs to
                 # merge; the sender and changes made before loading it may
