@@ -15,67 +15,38 @@ from typing import Any
 from collab_trio.protocol import encode
 from collab_trio.session_core import Broadcast, Send, SessionCore, WantCommit
 
+from .test_convergence import StockClient
+
 T0 = "2026-12-07T00:00:00.000+00:00"
 IDENT = ("uuid", "item_uuid", "item_type")
 
 
-class Window:
-    """What stock Optiverse does (collaboration_manager.py / collaboration_service.py):
-    commands applied as they arrive, sync:state AND sync:full_state reload the canvas."""
-
-    def __init__(self, user: str) -> None:
-        self.user = user
-        self.items: dict[str, dict[str, Any]] = {}
-        self.ghosts = 0  # scene items no longer in the uuid map (an add of an item it had)
+class Window(StockClient):
+    """Stock Optiverse (test_convergence.StockClient: commands applied as they
+    arrive), which also reloads its whole canvas on sync:state and on
+    sync:full_state, as collaboration_manager.py does."""
 
     def local(self, action: str, item_id: str, **changes: Any) -> dict[str, Any]:
-        if action == "remove_item":
-            self.items.pop(item_id, None)
-            return {"type": "command", "command": {"action": action, "item_type": "lens", "item_id": item_id,
-                                                   "data": {}}}
-        item = self.items.setdefault(item_id, {}) if action == "add_item" else self.items[item_id]
-        item.update(changes)
-        data = {**item, "item_uuid": item_id}
-        return {"type": "command", "command": {"action": action, "item_type": "lens", "item_id": item_id,
-                                               "data": data}}
+        command = self.local_change(action, item_id, **changes)
+        assert command is not None
+        return {"type": "command", "command": command}
 
     def canvas(self) -> dict[str, Any]:
         return {"items": [{**v, "uuid": k, "item_type": "lens"} for k, v in self.items.items()],
                 "version": 0, "timestamp": T0}
 
     def receive(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind in ("sync:state", "sync:full_state"):
-            state = message.get("state")
-            if not state:
-                return
-            self.items = {}
-            for item in state.get("items", []):
-                if item.get("item_type"):
-                    self.items[item.get("uuid") or item.get("item_uuid")] = {
-                        k: v for k, v in item.items() if k not in IDENT}
+        if message.get("type") not in ("sync:state", "sync:full_state"):
+            super().receive(message)
             return
-        if kind != "command":
-            return
-        command = message["command"]
-        action, item_id, data = command.get("action"), command.get("item_id"), command.get("data") or {}
-        fields = {k: v for k, v in data.items() if k not in IDENT}
-        if action == "add_item":
-            if item_id in self.items:
-                self.ghosts += 1  # a second QGraphicsItem with the same uuid
-            self.items[item_id] = fields
-        elif action == "move_item":
-            item = self.items.get(item_id)
-            if item is not None:
-                if "x_mm" in data and "y_mm" in data:
-                    item["x_mm"], item["y_mm"] = data["x_mm"], data["y_mm"]
-                if "angle_deg" in data:
-                    item["angle_deg"] = data["angle_deg"]
-        elif action == "update_item":
-            if item_id in self.items:
-                self.items[item_id] = fields
-        elif action == "remove_item":
-            self.items.pop(item_id, None)
+        state = message.get("state")
+        if not state:
+            return  # (a never-written session's null state: the canvas is kept)
+        self.items = {
+            item.get("uuid") or item.get("item_uuid"): {k: v for k, v in item.items() if k not in IDENT}
+            for item in state.get("items", [])
+            if item.get("item_type")
+        }
 
 
 class Wire:
