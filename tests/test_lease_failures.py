@@ -5,6 +5,7 @@ connection the database ended while idle. Real Postgres (tools/pg_cluster.sh).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -12,10 +13,10 @@ import psycopg
 import trio
 from trio_websocket import ConnectionClosed
 
-from collab_trio.store.postgres import PgDatabase
+from collab_trio.store.postgres import APPLICATION_NAME, PgDatabase
 from collab_trio.testing import HANG
 
-from .test_leases import add, expire, lease, node, once_served, op
+from .test_leases import add, expire, lease, lock_waiters, node, once_served, op
 
 
 async def test_a_node_stopped_inside_a_refused_acquire_does_not_freeze_the_owner(
@@ -129,15 +130,7 @@ def test_a_takeover_loads_the_commit_it_waited_for_whatever_the_default_isolatio
         taken: list[Any] = []
         takeover = threading.Thread(target=lambda: taken.append(b.run(lambda d: d.load_leased("s"))))
         takeover.start()
-        with psycopg.connect(url, autocommit=True) as watcher:
-            for _ in range(int(HANG / 0.01)):
-                (waiting,) = watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND datname = current_database() AND position('FOR UPDATE' in query) > 0"
-                ).fetchone()
-                if waiting:
-                    break
-                threading.Event().wait(0.01)
+        assert lock_waiters(url) == 1
         a.conn.execute("COMMIT")  # node-a acknowledges seq 1
         takeover.join(HANG)
         [(new_fence, owner, loaded)] = taken
@@ -196,6 +189,99 @@ async def test_a_connection_the_database_ended_while_idle_costs_no_change(start_
                 assert admin.execute("SELECT pg_terminate_backend(%s)", (writer_pid,)).fetchone()[0]
                 # Gone (pg_terminate_backend only signals it).
                 while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (writer_pid,)).fetchone()[0]:
+                    await trio.sleep(0.01)
+            await alice.send(add("two"))
+            reply = await alice.recv()
+            assert (reply["type"], reply.get("seq")) == ("ack", 2), reply
+
+
+class _StopAfterAskFor:
+    """node-b's pool: its _ask_for connection 'stops' (SIGSTOP, or a network
+    cut) right after the UPDATE, before its COMMIT is sent."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.stopped = threading.Event()
+        self.resume = threading.Event()
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Any:
+        with self.pool.connection(timeout=timeout) as conn:
+            yield _Stopping(conn, self)
+
+
+class _Stopping:
+    def __init__(self, conn: Any, owner: _StopAfterAskFor) -> None:
+        self.conn, self.owner = conn, owner
+
+    def transaction(self) -> Any:
+        return self.conn.transaction()
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        result = self.conn.execute(sql, params)
+        if sql.startswith("UPDATE leases SET wanted_by"):
+            self.owner.stopped.set()
+            self.owner.resume.wait()
+        return result
+
+
+async def test_a_node_stopped_inside_its_ask_for_does_not_make_the_owner_drop_its_sessions(
+    start_server, database_url: str
+) -> None:
+    T = 2.0
+    with trio.fail_after(4 * HANG):
+        a = await node(start_server, database_url, "node-a", lease_timeout=T)
+        async with a.joined("s", "alice"), a.joined("t", "carol") as carol:
+            await carol.send(add("c1"))
+            assert (await carol.expect("ack"))["seq"] == 1
+            b = PgDatabase(database_url, node_id="node-b", lease_timeout=T, timeout=T)
+            stopper = _StopAfterAskFor(b.pool)
+            b.pool = stopper
+            answers: list[Any] = []
+
+            def refused_acquire() -> None:
+                b.conn.execute("BEGIN")
+                answers.append(b.acquire("s"))
+                b.conn.execute("ROLLBACK")
+
+            thread = threading.Thread(target=refused_acquire)
+            thread.start()
+            try:
+                await trio.to_thread.run_sync(stopper.stopped.wait)
+                with trio.move_on_after(3 * T):
+                    closed = await carol.expect_closed()
+                    raise AssertionError(f"carol's session t closed {closed}; its lease: {lease(database_url, 't')}")
+            finally:
+                stopper.resume.set()
+                await trio.to_thread.run_sync(thread.join)
+                b.pool = stopper.pool
+                b.close()
+            assert answers == [(None, "node-a")]
+
+
+async def test_a_database_restart_costs_no_change(start_server, database_url: str) -> None:
+    """Every collab-trio backend ended at once (a database restart, a
+    failover): the pool's idle connections are dead too, and the next change
+    is still stored."""
+    """Every collab-trio backend ended while idle (Postgres restarted): the
+    writer's connection and the pool's idle ones are all dead."""
+    with trio.fail_after(3 * HANG):
+        a = await node(start_server, database_url, "node-a", lease_timeout=3.0)
+        async with a.joined("s", "alice") as alice:
+            await alice.send(add("one"))
+            assert (await alice.expect("ack"))["seq"] == 1
+            await trio.sleep(1.5)  # a renewal or two: the keeper's connection is idle in the pool
+            with psycopg.connect(database_url, autocommit=True) as admin:
+                pids = [r[0] for r in admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+                    (APPLICATION_NAME,),
+                ).fetchall()]
+                print("ending", pids)
+                for pid in pids:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                while admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+                ).fetchone()[0]:
                     await trio.sleep(0.01)
             await alice.send(add("two"))
             reply = await alice.recv()

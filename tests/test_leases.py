@@ -43,6 +43,22 @@ def lease(url: str, session_id: str) -> tuple[str, int, str | None]:
         ).fetchone()
 
 
+def lock_waiters(url: str) -> int:
+    """Wait (HANG at most) until a statement ... FOR UPDATE waits for a row
+    lock in the database; how many do (0: none came)."""
+    # Autocommit: pg_stat_activity is read once per transaction.
+    with psycopg.connect(url, autocommit=True) as watcher:
+        for _ in range(int(HANG / 0.01)):
+            (waiting,) = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND position('FOR UPDATE' in query) > 0"
+            ).fetchone()
+            if waiting:
+                return int(waiting)
+            threading.Event().wait(0.01)
+    return 0
+
+
 def expire(url: str, session_id: str) -> None:
     """What the others see of an owner paused past its lease."""
     with psycopg.connect(url) as conn:
@@ -97,17 +113,7 @@ def test_a_takeover_waits_for_a_commit_in_flight_and_loads_it(database_url: str)
         taken: list[Any] = []
         takeover = threading.Thread(target=lambda: taken.append(b.run(lambda d: d.load_leased("s"))))
         takeover.start()
-        # Autocommit: pg_stat_activity is read once per transaction.
-        with psycopg.connect(database_url, autocommit=True) as watcher:
-            for _ in range(int(HANG / 0.01)):
-                (waiting,) = watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND datname = current_database() AND position('FOR UPDATE' in query) > 0"
-                ).fetchone()
-                if waiting:
-                    break
-                threading.Event().wait(0.01)
-            assert waiting == 1 and not taken
+        assert lock_waiters(database_url) == 1 and not taken
         a.conn.execute("COMMIT")
         takeover.join(HANG)
         [(new_fence, owner, loaded)] = taken

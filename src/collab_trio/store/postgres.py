@@ -200,6 +200,9 @@ def open_pool(url: str, *, max_size: int, timeout: float = 10.0) -> Any:
         pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=max_size, kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
             open=False, timeout=timeout, name="collab-trio",
+            # A connection handed out is checked first: after a database
+            # restart or failover the idle ones are dead too.
+            check=psycopg_pool.ConnectionPool.check_connection,
         )
         pool.open(wait=True, timeout=timeout)
     except psycopg_pool.PoolTimeout:
@@ -407,10 +410,13 @@ class PgDatabase(Database):
         this node's transaction holds nothing of the row. Best effort: the
         client retries anyway."""
         try:
-            with self.pool.connection(timeout=min(1.0, self.busy_timeout)) as conn, conn.transaction():
-                conn.execute("SET LOCAL lock_timeout = '1000ms'")
+            with self.pool.connection(timeout=min(1.0, self.busy_timeout)) as conn:
+                # One autocommit statement that never waits: once sent, the
+                # server finishes it whatever becomes of this node (two
+                # round trips, stopped between them, would hold the row).
                 conn.execute(
-                    "UPDATE leases SET wanted_by = %s WHERE session_id = %s AND owner <> %s",
+                    "UPDATE leases SET wanted_by = %s WHERE session_id IN (SELECT session_id FROM leases"
+                    " WHERE session_id = %s AND owner <> %s FOR NO KEY UPDATE SKIP LOCKED)",
                     (self.node_id, session_id, self.node_id),
                 )
         except Exception as exc:  # noqa: BLE001 - psycopg's or the pool's: the next try asks again
@@ -488,8 +494,10 @@ class PgDatabase(Database):
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND application_name = ? AND pid <> pg_backend_pid()"
                 " AND (state IN ('idle in transaction', 'idle in transaction (aborted)')"
-                # (Or stuck sending a stopped node a result it does not read.)
-                "      OR (state = 'active' AND wait_event_type = 'Client' AND wait_event = 'ClientWrite'))"
+                # (Or stuck sending a stopped node a result it does not read,
+                # in a transaction that locked leases: a takeover's load.)
+                "      OR (state = 'active' AND wait_event_type = 'Client' AND wait_event = 'ClientWrite'"
+                "          AND pid IN (SELECT pid FROM pg_locks WHERE relation = 'leases'::regclass)))"
                 " AND state_change < statement_timestamp() - make_interval(secs => ?)",
                 (APPLICATION_NAME, self.lease_timeout),
             ).fetchone()[0]
