@@ -129,7 +129,7 @@ def _read_state(path: str) -> list[dict[str, Any]]:
     except UnicodeDecodeError:
         raise StoreError(f"{path} is not a UTF-8 text file") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_not_json)
     except ValueError as exc:
         raise StoreError(f"{path} is not JSON: {exc}") from None
     except RecursionError:
@@ -137,11 +137,20 @@ def _read_state(path: str) -> list[dict[str, Any]]:
     items = data.get("items") if isinstance(data, dict) else data
     if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
         raise StoreError(f'{path} has no "items" list of objects')
+    seen: set[str] = set()
     for index, item in enumerate(items):
         uuid = item.get("uuid", item.get("item_uuid"))
         if not isinstance(uuid, str) or not uuid:
             raise StoreError(f'{path}: item {index} has no "uuid"')
+        if uuid in seen:
+            raise StoreError(f"{path}: item {index} repeats uuid {uuid!r} (one item would replace the other)")
+        seen.add(uuid)
     return items
+
+
+def _not_json(constant: str) -> Any:
+    # json.loads takes NaN and Infinity; the store would write them as null.
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 class NeedsConfirmation(Exception):

@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import errno
 import gc
+import math
 import importlib.metadata
 import logging
 import os
@@ -145,20 +146,27 @@ def _trusted_proxy(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# The most `--older-than` takes (a cutoff further back overflows datetime).
+MAX_DAYS = 36500
+
+
 def _days(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of days: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("days must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("days must be a number from 0 to 36500")
+    if value > MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_DAYS} days (100 years)")
     return value
 
 
 def _add_data_dir(parser: argparse.ArgumentParser, *, from_env: bool = True) -> None:
     # `serve` reads $COLLAB_TRIO_DATA_DIR like every other COLLAB_TRIO_* variable
     # (settings.py), so that a config file can't override it.
-    default = os.environ.get(DATA_DIR_ENV, ServerConfig().data_dir) if from_env else ServerConfig().data_dir
+    # (Empty counts as unset, as for `serve`: settings.py.)
+    default = (os.environ.get(DATA_DIR_ENV, "").strip() if from_env else "") or ServerConfig().data_dir
     parser.add_argument(
         "--data-dir", default=default, metavar="DIR",
         help=f"where sessions are stored (default: ${DATA_DIR_ENV} or ./collab-data)",
@@ -167,7 +175,7 @@ def _add_data_dir(parser: argparse.ArgumentParser, *, from_env: bool = True) -> 
 
 def _add_database_url(parser: argparse.ArgumentParser, *, from_env: bool = True) -> None:
     # `serve` reads $COLLAB_TRIO_DATABASE_URL through settings.py, like --data-dir.
-    default = os.environ.get(DATABASE_URL_ENV) if from_env else None
+    default = (os.environ.get(DATABASE_URL_ENV, "").strip() or None) if from_env else None
     parser.add_argument(
         "--database-url", default=default, metavar="URL",
         help="postgresql://... : the sessions of the postgres store"

@@ -1105,8 +1105,15 @@ class Database:
         """
         kept = None
         if self.exists(session_id):
-            previous = self.load(session_id)
-            if previous.items:
+            try:
+                previous = self.load(session_id)
+            except StoreError as exc:
+                # Unreadable rows (what `sessions list` flags): importing an
+                # export is how such a session is mended, so it is replaced,
+                # with nothing of it kept as a version.
+                log.warning("Session %s could not be read (%s); replaced without keeping a version", session_id, exc)
+                previous = None
+            if previous is not None and previous.items:
                 kept = KeptVersion(
                     previous.version, list(previous.items.values()), ADMIN_USER, "import", utc_timestamp()
                 )
