@@ -133,6 +133,11 @@ async def read_request_head(
             text = f"{_phrase(status)}: not a valid HTTP/1.1 request\n"
             raise MalformedRequest(status, _response(conn, status, text, [], head_only=False)) from None
         if isinstance(event, h11.Request):
+            if len(received) - len(conn.trailing_data[0]) > max_bytes:
+                # (h11 bounds a head only while it is incomplete.)
+                status = 431
+                text = f"{_phrase(status)}: the request head is over {max_bytes} bytes\n"
+                raise MalformedRequest(status, _response(conn, status, text, [], head_only=False))
             return RequestHead(
                 method=event.method.decode("ascii"),
                 target=event.target.decode("ascii"),
@@ -142,7 +147,8 @@ async def read_request_head(
             )
         if event is not h11.NEED_DATA:  # ConnectionClosed: the client left first
             return None
-        data = await stream.receive_some(RECEIVE_BYTES)
+        # Never much past the limit: a longer head can't complete, and h11 says 431.
+        data = await stream.receive_some(max(1, min(RECEIVE_BYTES, max_bytes + 1 - len(received))))
         if not data:
             return None  # closed first (a port probe, a client that gave up): nothing to answer
         received += data
