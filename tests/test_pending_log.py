@@ -1065,13 +1065,10 @@ def commit_fails_once(failed: list[int]):  # type: ignore[no-untyped-def]
     return commit
 
 
-async def test_a_store_started_in_the_same_second_and_pid_keeps_the_earlier_stores_set_aside_changes(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # (An in-process restart, or a container whose server is PID 1.) The
-    # second store's failed transaction cuts its own file back, never the first's.
-    monkeypatch.setattr(pending_log, "_unapplied_stem", lambda: f"{UNAPPLIED_PREFIX}20260101T000000Z-1")
-    store, lost = SQLiteStore(data_dir, pending_delay=0.01), []
+async def set_aside_one_change(data_dir: Path, monkeypatch: pytest.MonkeyPatch, *, pending_delay: float) -> None:
+    """A store stores "a", then the database refuses "boom" for good (it is
+    set aside and its session reported lost); then the store closes."""
+    store, lost = SQLiteStore(data_dir, pending_delay=pending_delay), []
     store.on_session_lost = lambda *args: lost.append(args)
     async with running(store):
         epoch = (await store.load("s")).epoch
@@ -1080,6 +1077,15 @@ async def test_a_store_started_in_the_same_second_and_pid_keeps_the_earlier_stor
         assert store.commit_now("s", epoch, [op(2, "boom")])
         await wait_until(lambda: lost)
         await store.aclose()
+
+
+async def test_a_store_started_in_the_same_second_and_pid_keeps_the_earlier_stores_set_aside_changes(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (An in-process restart, or a container whose server is PID 1.) The
+    # second store's failed transaction cuts its own file back, never the first's.
+    monkeypatch.setattr(pending_log, "_unapplied_stem", lambda: f"{UNAPPLIED_PREFIX}20260101T000000Z-1")
+    await set_aside_one_change(data_dir, monkeypatch, pending_delay=0.01)
     assert unapplied_items(data_dir) == ["boom"]
     refuse_items(monkeypatch, "boom", "boom2")
     failed: list[int] = []
@@ -1127,15 +1133,7 @@ async def test_a_set_aside_write_the_disk_cuts_short_leaves_no_half_line_before_
             return self.file.fileno()
 
     monkeypatch.setattr(pending_log, "open", lambda path, mode: FullDisk(builtins.open(path, mode)), raising=False)
-    store, lost = SQLiteStore(data_dir, pending_delay=0.05), []
-    store.on_session_lost = lambda *args: lost.append(args)
-    async with running(store):
-        epoch = (await store.load("s")).epoch
-        await store.commit("s", epoch, [op(1, "a")])
-        refuse_items(monkeypatch, "boom")
-        assert store.commit_now("s", epoch, [op(2, "boom")])
-        await wait_until(lambda: lost)
-        await store.aclose()
+    await set_aside_one_change(data_dir, monkeypatch, pending_delay=0.05)
     assert cut
     assert unapplied_items(data_dir) == ["boom"]
 

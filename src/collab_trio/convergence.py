@@ -242,13 +242,8 @@ class CorrectionTracker:
                 conflict = True
                 level = max(level, kind)  # restore what the other change did too
         authors[user_id] = (now, own)
-        key = (user_id, item_id)
-        dirty = self._dirty.get(key)
-        if dirty is not None:
-            dirty.due = now + self.settle
-            dirty.level = max(dirty.level, level)
-        elif conflict:
-            self._dirty[key] = _Dirty(now + self.settle, level)
+        if conflict or (user_id, item_id) in self._dirty:
+            self._mark(user_id, item_id, now, level)
         # Every 8th commit forgets up to 16 of the oldest items, if out of the
         # window (a commit adds at most one): _recent stays within the window
         # at a bounded cost per commit. A walk over every item out of it at

@@ -544,12 +544,7 @@ class SessionCore:
         if isinstance(message, Cursor):
             return [QueueCursor(conn, Forwarded({**message.raw, "user_id": user_id}))]
         if isinstance(message, SyncRequest):
-            if self._pending or self._in_flight is not None:
-                # Changes sent earlier (by anyone) are not applied yet: answer
-                # in arrival order, after them.
-                self._queue_sync(conn, message, size)
-                return []
-            return [Send(conn, self._sync_answer(message))]
+            return self._answer_sync(conn, message, size)
         if isinstance(message, SyncUpdate):
             change = PendingReplace(conn, user_id, size, message.op_id, items=message.items)
             return self._queue_replace(change, "sync:update")
@@ -572,12 +567,8 @@ class SessionCore:
             # Without a target it goes nowhere: the sender gets the document
             # instead (each costs at most one answer, as a sync:request).
             effects = [] if target is None else self._forward(forwarded, target, exclude=user_id)
-            conn = self._members[target if target is not None else user_id].conn
-            if self._pending or self._in_flight is not None:
-                self._queue_sync(conn, SyncRequest(), 0)
-            else:
-                effects.append(Send(conn, self._sync_state()))
-            return effects
+            recipient = self._members[target if target is not None else user_id].conn
+            return effects + self._answer_sync(recipient, SyncRequest(), 0)
         change = PendingReplace(conn, user_id, size, items=message.items, forward=forwarded, target_user=target)
         return self._queue_replace(change, "sync:full_state")
 
@@ -685,6 +676,15 @@ class SessionCore:
         self.pending_bytes += change.size
         self.pending_growth += change.growth
         return [WANT_COMMIT]
+
+    def _answer_sync(self, conn: Conn, request: SyncRequest, size: int) -> list[Effect]:
+        """The answer to `request` for `conn`: now, or, while changes sent
+        earlier (by anyone) are not applied yet, queued after them (in
+        arrival order)."""
+        if self._pending or self._in_flight is not None:
+            self._queue_sync(conn, request, size)
+            return []
+        return [Send(conn, self._sync_answer(request))]
 
     def _queue_sync(self, conn: Conn, request: SyncRequest, size: int) -> None:
         waiting = self._waiting_syncs.get(conn)
