@@ -27,6 +27,7 @@ from wsproto.events import CloseConnection
 from collab_trio import __version__
 from collab_trio.config import ServerConfig, split_address
 from collab_trio.counters import Counters, Histogram
+from collab_trio.httpd import MAX_HEAD_BYTES
 from collab_trio.metrics import STORE_FAILURE_HOLD, Monitor, readiness
 from collab_trio.server import CollabServer, serve
 from collab_trio.store import SQLiteStore
@@ -414,6 +415,32 @@ async def test_http_edge_cases_are_answered_and_nothing_breaks() -> None:
             # The endpoint and the WebSocket server carry on.
             async with tcp_client(server.port, "/ws/s/alice") as alice:
                 await expect_json(alice, "connection:ack")
+            assert (await http(port, "/livez"))[0] == 200
+            server.request_shutdown()
+
+
+async def test_the_head_limit_holds_however_the_head_arrives() -> None:
+    # h11 bounds a head only while it is incomplete: one that completes in
+    # the read after the limit was reached got through (up to ~16 KiB).
+    with trio.fail_after(3 * HANG):
+        async with trio.open_nursery() as nursery:
+            server: CollabServer = await nursery.start(serve, config())
+            port = metrics_port(server)
+
+            def head(size: int) -> bytes:
+                start = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Pad: "
+                return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+            assert len(head(MAX_HEAD_BYTES)) == MAX_HEAD_BYTES
+            last = head(100).replace(b"Host: x", b"Host: x\r\nConnection: close")
+            answer = await raw_http(port, head(MAX_HEAD_BYTES) + last)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 200 ") == 2
+            for size in (MAX_HEAD_BYTES + 1, MAX_HEAD_BYTES + 100, 12_000, 16_000):
+                answer = await raw_http(port, head(size))
+                assert answer.startswith(b"HTTP/1.1 431 "), (size, answer[:60])
+            # The second request of a connection is bounded the same way.
+            answer = await raw_http(port, head(200) + head(12_000))
+            assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 431 " in answer
             assert (await http(port, "/livez"))[0] == 200
             server.request_shutdown()
 

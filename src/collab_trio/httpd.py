@@ -117,7 +117,7 @@ class HTTPServer:
     async def _one_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> bool:
         """Read one request and answer it; False when the connection must end."""
         try:
-            request = await _next_event(stream, conn)
+            request = await _next_request(stream, conn)
             if not isinstance(request, h11.Request):
                 return False  # closed between requests
             body = 0
@@ -170,6 +170,27 @@ async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Even
         if event is not h11.NEED_DATA:
             return event
         conn.receive_data(await stream.receive_some(RECEIVE_BYTES))
+
+
+async def _next_request(stream: trio.abc.Stream, conn: h11.Connection) -> h11.Event | type[h11.PAUSED]:
+    """_next_event() for a request head, of at most MAX_HEAD_BYTES however it
+    arrives: h11 bounds a head only while it is incomplete, so one completed
+    by the read that took it past the limit would get through. Reads stop
+    just past the limit, and a complete head over it is refused as h11 would.
+
+    Raises:
+        h11.RemoteProtocolError: 431 for a head over the limit.
+    """
+    while True:
+        buffered = len(conn.trailing_data[0])
+        event = conn.next_event()
+        if isinstance(event, h11.Request):
+            if buffered - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError("the request head is too long", error_status_hint=431)
+            return event
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await stream.receive_some(max(1, min(RECEIVE_BYTES, MAX_HEAD_BYTES + 1 - buffered))))
 
 
 async def _send(
