@@ -195,6 +195,9 @@ class SyncOps:
     ops: tuple[Op, ...]
     version: int
     epoch: str
+    # Each op's relay as encode_message_bytes() wrote it (SessionCore
+    # measured the answer with them), to embed as they are; None: encoded here.
+    relays: tuple[bytes, ...] | None = attrs.field(default=None, eq=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -203,6 +206,13 @@ class SyncOps:
             "version": self.version,
             "epoch": self.epoch,
         }
+
+    def to_wire_bytes(self) -> bytes:
+        """encode_message_bytes() of this message."""
+        if self.relays is None:
+            return encode_bytes(self.to_wire())
+        ops = [orjson.Fragment(relay) for relay in self.relays]
+        return orjson.dumps({"type": "sync:ops", "ops": ops, "version": self.version, "epoch": self.epoch})
 
 
 @attrs.frozen
@@ -259,7 +269,7 @@ def encode_message(message: ServerMessage) -> str:
 
 def encode_message_bytes(message: ServerMessage) -> bytes:
     """The UTF-8 payload of one server message's text frame."""
-    if type(message) is Relay:
+    if type(message) is Relay or type(message) is SyncOps:
         return message.to_wire_bytes()
     return encode_bytes(message.to_wire())
 

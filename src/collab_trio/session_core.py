@@ -45,7 +45,18 @@ import attrs
 from .config import MIB
 from .counters import Counters
 from .convergence import EXISTENCE, MOVE, UPDATE, CorrectionTracker, FieldHistory, merge_update
-from .document import COMMAND, REPLACE, Op, SessionDocument, encode_command, item_data, make_item, op_id_key
+from .document import (
+    COMMAND,
+    MESSAGE_ENVELOPE,
+    REPLACE,
+    Op,
+    SessionDocument,
+    encode_command,
+    encoded_size,
+    item_data,
+    make_item,
+    op_id_key,
+)
 from .history import ADMIN_USER, KeptVersion, replace_reason
 from .messages import (
     Ack,
@@ -62,6 +73,7 @@ from .messages import (
     UserInfo,
     UserJoined,
     UserLeft,
+    encode_message_bytes,
 )
 from .protocol import (
     MOVE_FIELDS,
@@ -217,6 +229,15 @@ class _Change:
     # Bytes this change is expected to add to the document (an upper bound;
     # negative only for a replacement that makes it smaller).
     growth: int = attrs.field(default=0, kw_only=True)
+
+
+def merged_message_size(command_json: bytes, op_id: Any) -> int:
+    """The bytes of the message a merged command would have come in (as
+    document.message_size() measures an op loaded from the store)."""
+    size = MESSAGE_ENVELOPE + len(command_json)
+    if op_id is not None:
+        size += len(',"op_id":') + encoded_size(op_id)
+    return size
 
 
 @attrs.define(eq=False)
@@ -692,7 +713,11 @@ class SessionCore:
             # One answer per connection at a time: the latest request is what
             # the client wants now, answered where the first one waits (it
             # still follows every change sent before the first; later changes
-            # reach the client as relays after it).
+            # reach the client as relays after it). But a whole document due
+            # (asked for, or owed after a foreign sync:full_state) stays due:
+            # it covers a resume, and a resume doesn't cover it.
+            if waiting.request.since is None:
+                return
             self.pending_bytes += size - waiting.size
             waiting.request, waiting.size = request, size
             return
@@ -714,8 +739,9 @@ class SessionCore:
                 resumes["ops"] += 1
                 return self._ops_answer[1]
             ops = document.ops_since(request.since)
-            if ops is not None and self._fits_one_message(ops):
-                answer = SyncOps(tuple(ops), document.version, document.epoch)
+            relays = None if ops is None else self._relays_in_one_message(ops)
+            if ops is not None and relays is not None:
+                answer = SyncOps(tuple(ops), document.version, document.epoch, relays)
                 self._ops_answer = (key, answer)
                 resumes["ops"] += 1
                 return answer
@@ -723,13 +749,31 @@ class SessionCore:
         resumes[outcome] += 1
         return self._sync_state()
 
-    def _fits_one_message(self, ops: list[Op]) -> bool:
+    def _relays_in_one_message(self, ops: list[Op]) -> tuple[bytes, ...] | None:
+        """Each op's relay, encoded, if a sync:ops of them fits in one message
+        of max_message_size; else None. The ops' sizes tell first (without
+        encoding) whether they can't; what they can't tell (a user id of
+        multi-byte characters, a float sent as `1e15` and written out in
+        full, anything the encoding makes longer than its message was) the
+        encoding does. It stops once past the limit: at most one message's
+        worth is encoded, and the answer embeds what was."""
+        limit = self.max_message_size
         size = SYNC_OPS_ENVELOPE
         for op in ops:
             size += op.size + RELAY_OVERHEAD
-            if size > self.max_message_size:
-                return False
-        return True
+            if size > limit:
+                return None
+        document = self.document
+        # The message with no ops, then each op's relay and a comma (one too many).
+        size = len(encode_message_bytes(SyncOps((), document.version, document.epoch))) - 1
+        relays: list[bytes] = []
+        for op in ops:
+            relay = encode_message_bytes(Relay(op, op.command_json))
+            size += len(relay) + 1
+            if size > limit:
+                return None
+            relays.append(relay)
+        return tuple(relays)
 
     def _sync_state(self) -> SyncState:
         """The whole document: one object per (epoch, version)."""
@@ -807,10 +851,20 @@ class SessionCore:
                     del self._waiting_syncs[entry.conn]
                 continue
             command = None
+            size, command_json = entry.size, None
             if isinstance(entry, PendingCommand):
                 command = self._command_to_store(entry, view, repeated)
                 if command is None:
                     continue  # refused
+                if command is not entry.command:
+                    # An update merged into the whole item: stored, relayed
+                    # and kept for resume as that, so measured as that (the
+                    # history's byte bound, a sync:ops answer's size).
+                    command_json = encode_command(command)
+                    if command_json is not None:
+                        size = max(size, merged_message_size(command_json, entry.op_id))
+            if command_json is None and size >= ENCODE_ONCE_FROM:
+                command_json = encode_command(command)
             ops.append(
                 # Positional (a keyword call costs a dict per change): seq,
                 # user_id, kind, timestamp, command, items, op_id, size and
@@ -824,8 +878,8 @@ class SessionCore:
                     command,
                     entry.items if isinstance(entry, PendingReplace) else None,
                     entry.op_id,
-                    entry.size,
-                    encode_command(command) if entry.size >= ENCODE_ONCE_FROM else None,
+                    size,
+                    command_json,
                 )
             )
         displaced = self._displaced(entries, timestamp) if replaced else None
@@ -918,7 +972,7 @@ class SessionCore:
         if not isinstance(entry, PendingCommand) or op.size >= ENCODE_ONCE_FROM:
             return []
         self._relayed_first = batch
-        return [Broadcast(Relay(op, None), exclude=op.user_id)]
+        return [Broadcast(Relay(op, op.command_json), exclude=op.user_id)]
 
     def committed(self, batch: Batch) -> list[Effect]:
         """The store has the batch: apply each op, relay it (unless

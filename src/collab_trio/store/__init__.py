@@ -54,6 +54,7 @@ def make_store(config: ServerConfig) -> Store:
     # What both durable stores take from the settings.
     durable = {
         "retention": config.retention,
+        "history_bytes": config.history_bytes,
         "queue_bytes": config.store_queue_bytes,
         "fault_commit_delay": config.fault_commit_delay,
         "versions_kept": config.versions_kept,

@@ -24,7 +24,7 @@ import attrs
 import orjson
 import outcome
 
-from ..document import DEFAULT_RETENTION, REPLACE, Op, SessionDocument, new_epoch, replacement_items
+from ..document import DEFAULT_HISTORY_BYTES, DEFAULT_RETENTION, REPLACE, Op, SessionDocument, new_epoch, replacement_items
 from ..history import ADMIN_USER, KeptVersion, VersionInfo, digest, replace_reason, versions_to_drop, worth_keeping
 from ..protocol import loads, utc_timestamp
 from .base import SessionReset, StoreError
@@ -402,6 +402,7 @@ class Database:
         fsync: str = "normal",
         busy_timeout: float = 5.0,
         retention: int = DEFAULT_RETENTION,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
         create: bool = True,
         readonly: bool = False,
         commit_delay: float = 0.0,
@@ -431,6 +432,8 @@ class Database:
         # which syncs the WAL header (even with synchronous=NORMAL).
         self.wal_restart_pending = False
         self.retention = retention
+        # Bytes of ops a loaded document keeps for resume (--history-bytes).
+        self.history_bytes = history_bytes
         self.readonly = readonly
         # Fault injection: seconds every transaction waits before COMMIT, as
         # on a slow disk (holding the write lock, in the caller's thread).
@@ -745,18 +748,19 @@ class Database:
             "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
         if row is None:
-            return SessionDocument(retention=self.retention)
+            return SessionDocument(retention=self.retention, history_bytes=self.history_bytes)
         epoch, version = row
         snapshot = self.conn.execute(
             "SELECT version, written, items FROM snapshots WHERE session_id = ?", (session_id,)
         ).fetchone()
         if snapshot is None:
-            document = SessionDocument(epoch=epoch, retention=self.retention)
+            document = SessionDocument(epoch=epoch, retention=self.retention, history_bytes=self.history_bytes)
         else:
             items = _parse_snapshot_items(session_id, snapshot[2])
             document = SessionDocument.from_snapshot(
                 {"epoch": epoch, "version": snapshot[0], "written": bool(snapshot[1]), "items": items},
                 retention=self.retention,
+                history_bytes=self.history_bytes,
             )
         rows = self.conn.execute(
             "SELECT seq, op FROM journal WHERE session_id = ? ORDER BY seq", (session_id,)

@@ -39,7 +39,7 @@ import attrs
 import outcome
 import trio
 
-from ..document import DEFAULT_RETENTION, Op, SessionDocument
+from ..document import DEFAULT_HISTORY_BYTES, DEFAULT_RETENTION, Op, SessionDocument
 from ..history import KeptVersion
 from .base import LeaseChange, LeaseLost, OutcomeUnknown, SessionElsewhere, StoreError
 from .database import _SCHEMA, PENDING, SCHEMA_VERSION, TAKEN, Database, _describe
@@ -233,6 +233,7 @@ class PgDatabase(Database):
         node_id: str = "(admin)",
         lease_timeout: float = 10.0,
         retention: int | None = None,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
         commit_delay: float = 0.0,
         versions_kept: int | None = None,
         versions_bytes: int | None = None,
@@ -248,6 +249,7 @@ class PgDatabase(Database):
         self.schema = SCHEMA_VERSION
         self.busy_timeout = timeout
         self.retention = DEFAULT_RETENTION if retention is None else retention
+        self.history_bytes = history_bytes
         self.readonly = False
         self.commit_delay = commit_delay
         self.since_checkpoint = 0
@@ -651,6 +653,7 @@ class PostgresStore(SQLiteStore):
                 node_id=self.node_id,
                 lease_timeout=self.lease_timeout,
                 retention=self.retention,
+                history_bytes=self.history_bytes,
                 commit_delay=self.fault_commit_delay,
                 versions_kept=self.versions_kept,
                 versions_bytes=self.versions_bytes,

@@ -53,7 +53,7 @@ import outcome
 import trio
 
 from ..config import ServerConfig
-from ..document import DEFAULT_RETENTION, Op, SessionDocument
+from ..document import DEFAULT_HISTORY_BYTES, DEFAULT_RETENTION, Op, SessionDocument
 from ..history import DEFAULT_VERSIONS_BYTES, DEFAULT_VERSIONS_KEPT, KeptVersion
 from .base import AdminRequest, LeaseChange, OutcomeUnknown, SessionReset, StoreError
 from .database import (
@@ -485,6 +485,8 @@ class SQLiteStore:
     data_dir: Path = attrs.field(converter=Path)
     fsync: str = "normal"
     retention: int = DEFAULT_RETENTION
+    # Bytes of ops a loaded document keeps for resume (--history-bytes).
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     busy_timeout: float = 5.0
     # Bytes of jobs admitted and not yet answered, all sessions together.
     queue_bytes: int = DEFAULT_QUEUE_BYTES
@@ -611,6 +613,7 @@ class SQLiteStore:
                 fsync=self.fsync,
                 busy_timeout=self.busy_timeout,
                 retention=self.retention,
+                history_bytes=self.history_bytes,
                 commit_delay=self.fault_commit_delay,
                 manual_checkpoints=True,
                 versions_kept=self.versions_kept,
