@@ -130,6 +130,8 @@ class TokenTable:
                 data = json.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as exc:
             raise TokensFileError(f"tokens file {path} is not valid {path.suffix}: {exc}") from None
+        except RecursionError:  # nesting deeper than the parsers go (not a ValueError)
+            raise TokensFileError(f"tokens file {path} is not valid {path.suffix}: nested too deeply") from None
         if isinstance(data, dict) and "tokens" in data:
             data = data["tokens"]
         return cls.from_mapping(data, source=str(path))

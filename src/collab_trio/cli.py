@@ -690,6 +690,8 @@ def describe_failure(exc: BaseException, config: ServerConfig) -> str:
         return f"Cannot use the TLS certificate or key: {exc}"
     if isinstance(exc, StoreError):
         message = str(exc)
+        if config.store == "postgres":
+            return f"Cannot use the database: {message}"
         if _names_path(message, config.data_dir):
             return message
         return f"Cannot use the data directory {config.data_dir}: {message}"

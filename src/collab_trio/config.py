@@ -38,6 +38,14 @@ def _address(instance: object, attribute: attrs.Attribute, value: str | None) ->
         split_address(value)
 
 
+def _named_file(instance: object, attribute: attrs.Attribute, value: str | None) -> None:
+    # An empty path is not "no file": `--tokens "$UNSET_VARIABLE"` asked for
+    # tokens, and must not serve without them.
+    if value is not None and not value.strip():
+        option = {"tokens_file": "--tokens"}.get(attribute.name, attribute.name)
+        raise ValueError(f"{option} is empty: name the file, or leave the option out")
+
+
 def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
@@ -80,9 +88,16 @@ def trusted_network(text: str | Network) -> Network:
     if isinstance(text, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
         return text
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        network = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise ValueError(f"not an IP address or network: {text!r} (try 10.0.0.0/8 or 127.0.0.1)") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        # ::ffff:10.0.0.5 is how a dual-stack socket shows 10.0.0.5, and
+        # peers are compared as IPv4 (proxies.parse_address): so is this.
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False)
+    return network
 
 
 def _trusted_networks(values: object) -> tuple[Network, ...]:
@@ -177,7 +192,7 @@ class ServerConfig:
     pending_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
     # -- access control (off unless set) --
     # A TOML or JSON file of tokens and roles; None: no authentication.
-    tokens_file: str | None = None
+    tokens_file: str | None = attrs.field(default=None, validator=_named_file)
     # Browser origins allowed to connect; empty: any. Clients that send no
     # Origin header (Qt desktop apps) are never refused by this.
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)

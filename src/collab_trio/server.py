@@ -218,7 +218,10 @@ class CollabServer:
         failures = self.counters.auth_failures
         if self.config.allowed_origins and origin is not None and origin not in self.config.allowed_origins:
             failures["origin_not_allowed"] += 1
-            return 403, f"origin {origin} is not allowed"
+            # Escaped: a header value may hold bytes 0x80-0xff (read as
+            # Latin-1), such as U+0085, a line break to log readers.
+            shown = origin if origin.isprintable() else origin.encode("unicode_escape").decode("ascii")
+            return 403, f"origin {shown} is not allowed"
         can_write = True
         if self.tokens is not None:
             grant = self.tokens.lookup(target.token or bearer_token(request.headers))
@@ -258,7 +261,7 @@ async def serve(
         TokensFileError: the tokens file is malformed.
         StoreError: the store can't be opened (the message says why).
     """
-    tokens = TokenTable.load(config.tokens_file) if config.tokens_file else None
+    tokens = TokenTable.load(config.tokens_file) if config.tokens_file is not None else None
     if store is None:
         store = make_store(config)
     counters = Counters()

@@ -178,6 +178,9 @@ def _read_file(
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"config file {path} is not valid TOML: {exc}")
         return {}
+    except RecursionError:  # nesting deeper than tomllib goes (not a TOMLDecodeError)
+        problems.append(f"config file {path} is not valid TOML: nested too deeply")
+        return {}
     except UnicodeDecodeError:  # tomllib decodes the bytes as UTF-8 itself
         problems.append(f"config file {path} is not UTF-8 text")
         return {}

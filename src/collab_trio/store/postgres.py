@@ -89,7 +89,9 @@ def require_psycopg() -> None:
         )
 
 
-_PASSWORD_PARAMETER = re.compile(r"(password=)[^\s&]*")
+# In a URL's query (password=x&...) or a key=value conninfo, where spaces
+# may surround "=" and a value with spaces is single-quoted (backslash escapes).
+_PASSWORD_PARAMETER = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)")
 
 
 def redact_url(url: str) -> str:
