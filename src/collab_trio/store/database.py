@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import orjson
@@ -908,8 +908,33 @@ class Database:
             raise SessionReset(f"session {session_id!r} was deleted or replaced")
         raise StoreError(f"session {session_id!r}: op {ops[0].seq} does not follow stored version {row[1]}")
 
+    # Whether a write transaction must lock the rows it reads before it
+    # writes what it read them for (PgDatabase: READ COMMITTED, one snapshot
+    # per statement); a SQLite write transaction (BEGIN IMMEDIATE) holds the
+    # whole database already.
+    locks_rows: ClassVar[bool] = False
+
+    def lock_session(self, session_id: str, *, exclusive: bool = False) -> None:
+        """Hold the session's row until the transaction ends (if it has one):
+        nobody changes, replaces or deletes the session meanwhile; with
+        `exclusive`, nobody commits to it either (a commit updates the row)."""
+        if not self.locks_rows:
+            return
+        mode = "UPDATE" if exclusive else "SHARE"
+        # Twice: a row deleted and inserted again (an import) after the first
+        # statement's snapshot is not seen by it.
+        for _ in range(2):
+            found = self.conn.execute(
+                f"SELECT 1 FROM sessions WHERE session_id = ? FOR {mode}", (session_id,)
+            ).fetchone()
+            if found is not None:
+                return
+
     def save_snapshot(self, session_id: str, snapshot: dict[str, Any]) -> None:
         """Store a snapshot (never an older one) and compact the journal behind it."""
+        # Held: an import or a delete between the read below and the writes
+        # would get this snapshot of the session it replaced.
+        self.lock_session(session_id)
         row = self.conn.execute(
             "SELECT epoch, version FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
@@ -1107,6 +1132,9 @@ class Database:
 
         A document it replaces is kept as a version (the session's versions stay).
         """
+        # Held: a commit between the read of the document and the delete
+        # would be in neither the version kept nor the new document.
+        self.lock_session(session_id, exclusive=True)
         kept = None
         if self.exists(session_id):
             try:
@@ -1149,19 +1177,22 @@ class Database:
         if versions:
             self.conn.execute("DELETE FROM versions WHERE session_id = ?", (session_id,))
 
-    def stale(self, older_than_days: float) -> list[str]:
-        """Ids of the sessions with no activity for this many days (what prune deletes)."""
+    def stale(self, older_than_days: float, *, lock: bool = False) -> list[str]:
+        """Ids of the sessions with no activity for this many days (what prune
+        deletes); with `lock`, their rows held until the transaction ends (a
+        session changed meanwhile is waited for, and then not listed)."""
         cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat()
+        held = " FOR UPDATE" if lock and self.locks_rows else ""
         return [
             r[0]
             for r in self.conn.execute(
-                "SELECT session_id FROM sessions WHERE updated_at < ? ORDER BY session_id", (cutoff,)
+                f"SELECT session_id FROM sessions WHERE updated_at < ? ORDER BY session_id{held}", (cutoff,)
             )
         ]
 
     def prune(self, older_than_days: float) -> list[str]:
         """Delete sessions with no activity for this many days; returns their ids."""
-        ids = self.stale(older_than_days)
+        ids = self.stale(older_than_days, lock=True)
         for session_id in ids:
             self.delete(session_id)
         return ids

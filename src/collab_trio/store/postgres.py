@@ -226,6 +226,8 @@ class PgDatabase(Database):
     """
 
     Error = psycopg.Error if psycopg is not None else Exception
+    # READ COMMITTED (see _translate): rows read to write from are locked.
+    locks_rows = True
 
     def __init__(
         self,
@@ -517,7 +519,12 @@ class PgDatabase(Database):
         """acquire(), then the document if the lease was taken (its row stays
         locked until the transaction ends): (fence, owner, document)."""
         fence, owner = self.acquire(session_id)
-        return fence, owner, None if fence is None else self.load(session_id)
+        if fence is None:
+            return fence, owner, None
+        # Its statements each read the latest commit: held, an import can't
+        # land between them (its items under the old epoch).
+        self.lock_session(session_id)
+        return fence, owner, self.load(session_id)
 
     def check_fence(self, session_id: str, fence: int) -> None:
         """Refuse (LeaseLost) unless this node still holds the session's lease
@@ -599,6 +606,15 @@ class PgDatabase(Database):
         held in the same transaction, see lock_unserved)."""
         self.lock_unserved(session_id)
         return super().restore(session_id, number)
+
+    def delete(self, session_id: str, *, missing_ok: bool = False, versions: bool = True) -> None:
+        """Database.delete(); a session deleted for good (`versions`) keeps
+        no lease row either, unless a node holds it now (that node drops the
+        row when it lets the session go, as for any session with nothing
+        stored). An owner paused past its lease finds no row: LeaseLost."""
+        super().delete(session_id, missing_ok=missing_ok, versions=versions)
+        if versions:
+            self.conn.execute("DELETE FROM leases WHERE session_id = ? AND expires_at <= now()", (session_id,))
 
 
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
