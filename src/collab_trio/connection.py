@@ -36,7 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .config import ServerConfig
 from .counters import Counters
-from .limits import Strikes, TokenBucket
+from .limits import HeldChanges, Strikes, TokenBucket, superseding_key
 from .messages import Error, Forwarded, ServerMessage, encode_message_bytes, server_message_type
 from .protocol import CloseCode, ErrorCode, utc_timestamp
 from .inbound import CLOSE, CONTINUATION, PING, Event
@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 # Seconds over which refusals are counted before a connection is closed.
 STRIKE_WINDOW = 10.0
+# Messages over the rate limit that may be held (a drag thinned to the rate):
+# up to this many times the rate (and burst); past it they are dropped and
+# count toward 4002 like any other (each one held is parsed first).
+SHED_FACTOR = 25
 
 # Seconds a client may stay over its queue budget (up to twice it) before 1013.
 OVER_BUDGET_GRACE = 1.0
@@ -127,6 +131,15 @@ class Connection:
     _message_allowed: bool = True
     # One verdict per complete incoming message, in order: within the rate?
     _verdicts: deque[bool] = attrs.field(factory=deque)
+    # Messages over the rate that a later one may make obsolete (limits.py),
+    # delivered as the rate allows from _release_at on; and the reader's
+    # current wait, cut short for that.
+    _held: HeldChanges = attrs.field(factory=HeldChanges)
+    # Messages held over the rate, counted: past SHED_FACTOR times the rate
+    # they count as dropped (each one is parsed to be held).
+    _shed: TokenBucket = attrs.field(init=False)
+    _release_at: float = math.inf
+    _read_scope: trio.CancelScope | None = None
     # In its session's cork list (send_frame); and whether what waits there
     # counts toward the budget (anything but notices).
     _in_cork: bool = False
@@ -143,6 +156,7 @@ class Connection:
 
     def __attrs_post_init__(self) -> None:
         self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
+        self._shed = TokenBucket(SHED_FACTOR * self.config.rate_limit, SHED_FACTOR * self.config.rate_burst)
         self._rate_strikes = Strikes(self.config.rate_strikes, STRIKE_WINDOW)
         self._forbidden_strikes = Strikes(self.config.forbidden_strikes, STRIKE_WINDOW)
         self.wire.write_timeout = self.config.write_timeout
@@ -400,12 +414,58 @@ class Connection:
             self.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
     def _deliver(self, message: str | bytes, now: float) -> None:
-        """One whole message, from either path: to the owner if within the rate."""
+        """One whole message, from either path: to the owner if within the
+        rate. Over it, held if a later one may make it obsolete (limits.py:
+        a drag is thinned to the rate, not cut), else dropped. While messages
+        are held, order is kept: a later one is held too, or delivered after
+        them, or dropped."""
         verdicts = self._verdicts
-        if verdicts.popleft() if verdicts else self._bucket.allow(now):
+        allowed = verdicts.popleft() if verdicts else self._bucket.allow(now)
+        held = self._held
+        if allowed and not held:
             self.owner.frame_received(self, message)
-        else:
-            self._rate_limited()
+            return
+        found = superseding_key(message)
+        if found is not None and self._shed.allow(now) and held.hold(found[0], found[1], message):
+            if allowed:
+                self._bucket.give_back()  # it waits behind the others: its token is taken then
+            self._arm_release(now)
+            return
+        if not allowed:
+            self._rate_limited()  # dropped; what is held stays
+            return
+        if held:
+            self._deliver_held(now)
+        self.owner.frame_received(self, message)
+
+    def _deliver_held(self, now: float) -> None:
+        """Deliver every held message now, whatever the rate (its tokens are
+        owed: the messages after them wait)."""
+        held = self._held
+        while held and self.close_code is None:
+            self._bucket.take(now)
+            self.owner.frame_received(self, held.pop())
+        self._release_at = math.inf
+
+    def _release_held(self, now: float) -> None:
+        """Deliver held messages as far as the rate allows (the reader, when
+        _release_at comes)."""
+        held = self._held
+        try:
+            while held and self.close_code is None and self._bucket.allow(now):
+                self.owner.frame_received(self, held.pop())
+        finally:
+            self.owner.input_done(self)
+        self._release_at = math.inf
+        self._arm_release(now)
+
+    def _arm_release(self, now: float) -> None:
+        if not self._held:
+            return
+        self._release_at = now + self._bucket.wait(now)
+        scope = self._read_scope
+        if scope is not None and scope.deadline > self._release_at:
+            scope.deadline = self._release_at
 
     async def _wait_for_room(self) -> None:
         """The owner's back-pressure, before the wire reads more (see claim_frames)."""
@@ -439,7 +499,8 @@ class Connection:
         self._heard = trio.current_time()
         while True:
             waiting = False
-            with trio.CancelScope(deadline=self._heard + idle_timeout):
+            with trio.CancelScope(deadline=min(self._heard + idle_timeout, self._release_at)) as scope:
+                self._read_scope = scope
                 while True:
                     waiting = True
                     await self._wait_for_room()
@@ -453,7 +514,13 @@ class Connection:
                         self.owner.input_done(self)
                     if self.close_code is not None:
                         return
+            self._read_scope = None
             now = trio.current_time()
+            if now >= self._release_at:
+                self._release_held(now)
+                if self.close_code is not None:
+                    return
+                continue
             if waiting or self._waiting_room:
                 self._heard = now  # waiting for the store is not the client's silence
                 continue
