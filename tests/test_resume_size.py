@@ -131,6 +131,8 @@ def test_a_resume_does_not_cancel_the_state_owed_after_a_foreign_full_state() ->
     c = core()
     for user in ("alice", "bob", "carol"):  # alice is the host
         join(c, user)
+    c.receive("alice", "alice", command("add_item", "A0", {"x_mm": 0}))
+    commit_all(c)
     c.receive("alice", "alice", command("add_item", "A1", {"x_mm": 1}))  # pending
     foreign = {"type": "sync:full_state", "state": {"items": [{"uuid": "B1"}]}, "target_user": "carol"}
     c.receive("bob", "bob", json.dumps(foreign))
@@ -138,7 +140,7 @@ def test_a_resume_does_not_cancel_the_state_owed_after_a_foreign_full_state() ->
     c.receive("carol", "carol", json.dumps({"type": "sync:request", "since": 0, "epoch": c.document.epoch}))
     answers = [m for m in sends(commit_all(c), "carol") if isinstance(m, (SyncOps, SyncState))]
     assert len(answers) == 1 and isinstance(answers[0], SyncState)
-    assert [item["uuid"] for item in answers[0].state["items"]] == ["A1"]
+    assert [item["uuid"] for item in answers[0].state["items"]] == ["A0", "A1"]
 
 
 def thirty_big_adds() -> list[Op]:

@@ -410,11 +410,28 @@ def test_a_guests_full_state_is_forwarded_and_then_its_target_gets_the_document(
     c = core()
     join(c, "host")
     join(c, "guest")
+    c.receive("host", "host", add("h1"))
+    commit_all(c)
     state = {"type": "sync:full_state", "state": {"items": [{"uuid": "g"}]}, "target_user": "host"}
     effects = c.receive("guest", "guest", frame(state))
     assert [(type(e), e.conn) for e in effects] == [(Send, "host"), (Send, "host")]
-    assert isinstance(effects[1].message, SyncState) and effects[1].message.state is None  # never written
-    assert not c.has_pending and c.document.items == {}
+    assert isinstance(effects[1].message, SyncState)
+    assert [item["uuid"] for item in effects[1].message.state["items"]] == ["h1"]
+    assert not c.has_pending and list(c.document.items) == ["h1"]
+
+
+def test_while_nothing_was_written_a_guests_full_state_becomes_the_document() -> None:
+    # An Optiverse host that connected after a member in Join mode (who is
+    # the server's host): its canvas is the session's, as a host's would be.
+    c = core()
+    join(c, "joiner")
+    join(c, "optiverse-host")
+    state = {"type": "sync:full_state", "state": {"items": [{"uuid": "g"}]}, "target_user": "joiner"}
+    assert c.receive("optiverse-host", "optiverse-host", frame(state)) == [WantCommit()]
+    effects = commit_all(c)
+    assert list(c.document.items) == ["g"]
+    assert [type(m) for m in sends(effects, "joiner")] == [Forwarded]
+    assert [type(m) for m in sends(effects, "optiverse-host")] == [Ack]
 
 
 def test_full_state_for_an_unknown_target_is_an_error() -> None:

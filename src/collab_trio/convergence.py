@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
+import orjson
 
 from .document import item_data
 
@@ -37,9 +38,15 @@ FIELD_HISTORY = 256
 # Values kept in all; past this the items recorded first are forgotten,
 # whatever a client sends (an update of 50,000 fields, say).
 HISTORY_VALUES = 16384
-# Values larger than this (long strings, lists, objects) are not kept: a
-# stale copy of one is taken for an edit (the later change wins).
+# Strings longer than this are not kept: a stale copy of one is taken for an
+# edit (the later change wins). Each value kept counts one toward
+# HISTORY_VALUES, and a list or object one more per this many bytes of JSON.
 HISTORY_VALUE_CHARS = 256
+# Lists and objects (Optiverse keeps a lens's optics in `interfaces`, a list
+# of objects: a drag's whole-item update carries the one it last saw) are
+# kept up to this many bytes of JSON, and this many elements at the top.
+HISTORY_CONTAINER_BYTES = 8192
+HISTORY_CONTAINER_ITEMS = 256
 # An update or move of more fields than this is neither merged nor recorded
 # (its fields all count as changed): per-field work stays bounded per
 # message, whatever a client sends. Optiverse items have a few dozen.
@@ -51,10 +58,19 @@ _MISSING = object()
 MOVE, UPDATE, EXISTENCE = 0, 1, 2
 
 
-def _small(value: Any) -> bool:
+def _weight(value: Any) -> int:
+    """What keeping `value` counts toward HISTORY_VALUES; 0: not kept."""
     if value is None or isinstance(value, (bool, int, float)):
-        return True
-    return isinstance(value, str) and len(value) <= HISTORY_VALUE_CHARS
+        return 1
+    if isinstance(value, str):
+        return 1 if len(value) <= HISTORY_VALUE_CHARS else 0
+    if isinstance(value, (list, dict)) and len(value) <= HISTORY_CONTAINER_ITEMS:
+        try:
+            size = len(orjson.dumps(value))
+        except orjson.JSONEncodeError:  # nested too deep for orjson, or an integer beyond 64 bits
+            return 0
+        return 1 + size // HISTORY_VALUE_CHARS if size <= HISTORY_CONTAINER_BYTES else 0
+    return 0
 
 
 @attrs.define(eq=False)
@@ -65,9 +81,9 @@ class FieldHistory:
     window: float = 2.0
     depth: int = FIELD_HISTORY
     max_values: int = HISTORY_VALUES
-    # item -> field -> (when, author, value), oldest first; items in the order
-    # their first value was recorded.
-    _items: dict[str, dict[str, deque[tuple[float, str, Any]]]] = attrs.field(factory=dict)
+    # item -> field -> (when, author, value, weight), oldest first; items in
+    # the order their first value was recorded.
+    _items: dict[str, dict[str, deque[tuple[float, str, Any, int]]]] = attrs.field(factory=dict)
     _count: int = 0
     _item_counts: dict[str, int] = attrs.field(factory=dict)
 
@@ -99,21 +115,28 @@ class FieldHistory:
             if values is None:
                 values = fields[name] = deque(maxlen=self.depth)
             while values and values[0][0] <= cutoff:
-                values.popleft()
-                added -= 1
+                added -= values.popleft()[3]
             # The value this change replaced is one the others may still show
             # (not its author: it knows it changed it), and so is the new one.
-            if old is not _MISSING and _small(old) and not (values and values[-1][1:] == (author, old)):
-                added += len(values) < self.depth
-                values.append((now, author, old))
-            if _small(value):
-                added += len(values) < self.depth
-                values.append((now, author, value))
+            if old is not _MISSING and not (values and values[-1][1:3] == (author, old)):
+                added += self._keep(values, now, author, old)
+            added += self._keep(values, now, author, value)
         if added:
             self._count += added
             self._item_counts[item_id] = self._item_counts.get(item_id, 0) + added
             while self._count > self.max_values and self._items:
                 self._drop(next(iter(self._items)))
+
+    def _keep(self, values: deque[tuple[float, str, Any, int]], now: float, author: str, value: Any) -> int:
+        """Append `value` if it is kept; what that adds to the count."""
+        weight = _weight(value)
+        if not weight:
+            return 0
+        added = weight
+        if len(values) == self.depth:
+            added -= values[0][3]  # pushed out by the append
+        values.append((now, author, value, weight))
+        return added
 
     def based_on(self, item_id: str, field: str, user_id: str, arrived: float) -> list[Any]:
         """Values of a field that a change by `user_id`, arriving at `arrived`,
@@ -124,7 +147,7 @@ class FieldHistory:
         if not values:
             return []
         cutoff = arrived - self.window
-        return [v for when, author, v in values if author != user_id and when > cutoff]
+        return [v for when, author, v, _ in values if author != user_id and when > cutoff]
 
     def forget(self) -> None:
         """Drop every recorded value (the document was replaced)."""
@@ -288,7 +311,11 @@ class CorrectionTracker:
 
         The sender may apply, after its upload, relays of other members'
         changes it had not read yet: each item another member changed within
-        the window is corrected for it (as stored). What was due to a loader
+        the window is corrected for it (as stored), restoring what those
+        changes did: the position, the whole item, or (an add or a remove)
+        its existence. Only the last rebuilds the item in the sender's window
+        (stock Optiverse then no longer sends property edits of an item it
+        made itself). What was due to a loader
         is void (it loads everything); a loader's change arriving within the
         window after this was perhaps made before it loaded the document,
         which then hid it (see committed()). True if a correction is due
@@ -300,8 +327,9 @@ class CorrectionTracker:
         marked = False
         if sender is not None:
             for item_id, authors in self._recent.items():
-                if any(author != sender and when > cutoff for author, (when, _) in authors.items()):
-                    self._mark(sender, item_id, now, EXISTENCE)
+                levels = [kind for author, (when, kind) in authors.items() if author != sender and when > cutoff]
+                if levels:
+                    self._mark(sender, item_id, now, max(levels))
                     marked = True
         self._replaced_at, self._loaders = now, frozenset(loaders)
         return marked

@@ -728,10 +728,19 @@ class Command:
 
 @attrs.frozen
 class SyncRequest:
-    """`sync:request`: ask for the session state, or the ops since a version."""
+    """`sync:request`: ask for the session state, or the ops since a version.
+
+    `stock`: sent as stock Optiverse sends it (with a `user_id` field, no
+    `since`), which takes a `null` state for "keep your canvas" and any other
+    as the state to load (see SessionCore's canvas probe). `empty_state`:
+    answer a never-written session with an empty state, not `null` (the
+    server's own request, never parsed).
+    """
 
     since: int | None = None
     epoch: str | None = None
+    stock: bool = False
+    empty_state: bool = False
 
 
 @attrs.frozen
@@ -879,7 +888,7 @@ def _parse_sync_request(message: dict[str, Any]) -> SyncRequest:
             ErrorCode.INVALID_SYNC_REQUEST, '"since" must be a non-negative integer', ref
         )
     epoch = _optional_str(message, "epoch", ErrorCode.INVALID_SYNC_REQUEST, ref)
-    return SyncRequest(since=since, epoch=epoch)
+    return SyncRequest(since=since, epoch=epoch, stock=since is None and "user_id" in message)
 
 
 def _parse_full_state(message: dict[str, Any]) -> FullState:

@@ -377,6 +377,10 @@ class SessionCore:
     corrections_enabled: bool = True
     correction_window: float = 1.0
     correction_settle: float = 0.15
+    # Seconds a stock Optiverse client answered `state: null` (a session
+    # never written) has to upload its canvas before it is sent an empty
+    # state instead (see _sync_send).
+    canvas_wait: float = 2.0
     stats: ConvergenceStats = attrs.field(factory=ConvergenceStats)
     # The server's counters (metrics): messages by type, resumes, ack latency.
     counters: Counters = attrs.field(factory=Counters)
@@ -406,6 +410,10 @@ class SessionCore:
     # of them the snapshot being written covers.
     journal_bytes: int = 0
     _snapshot_covers: int = 0
+    # Connections probed for a canvas (_sync_send), and those whose upload
+    # is awaited: by connection, the member and when the wait ends.
+    _probed: set[Conn] = attrs.field(factory=set)
+    _awaiting_canvas: dict[Conn, tuple[str, float]] = attrs.field(factory=dict)
     # The last sync answers given, reused while the document stands still.
     _state_answer: SyncState | None = None
     _ops_answer: tuple[tuple[str, int, int], SyncOps] | None = None
@@ -480,6 +488,7 @@ class SessionCore:
         if resume is not None:
             effects.append(Send(conn, self._sync_answer(resume)))
         if previous is not None:
+            self._forget_conn(previous.conn)
             effects.append(
                 Close(previous.conn, CloseCode.REPLACED, "replaced by a newer connection of the same user")
             )
@@ -494,6 +503,7 @@ class SessionCore:
         del self._members[user_id]
         self._recipients.clear()
         self._tracker.forget_user(user_id)
+        self._forget_conn(conn)
         effects: list[Effect] = []
         host_left = self.host == user_id
         if host_left:
@@ -508,6 +518,10 @@ class SessionCore:
             self.closed = True
             effects.append(Emptied(last_user_left=True))
         return effects
+
+    def _forget_conn(self, conn: Conn) -> None:
+        self._probed.discard(conn)
+        self._awaiting_canvas.pop(conn, None)
 
     def close_all(self, code: int, reason: str) -> list[Effect]:
         """Close every member with one code, without a storm of leave notices."""
@@ -579,9 +593,12 @@ class SessionCore:
                 ErrorCode.UNKNOWN_USER, f"target_user {target!r} is not in this session", "sync:full_state"
             )
             return [Send(conn, error)]
+        self._awaiting_canvas.pop(conn, None)  # it answered the probe (or needs none)
         forwarded = Forwarded({**message.raw, "user_id": user_id})
-        if user_id != self.host:
-            # Only the host's full state becomes the session document: the host
+        if user_id != self.host and (self.document.written or self._replacement_pending()):
+            # Only the host's full state becomes the session document (or,
+            # while nothing was ever written, any member's: an Optiverse host
+            # that connected after a member in Join mode): the host
             # is the one Optiverse treats as the owner of the canvas. Whoever
             # loads another member's canvas then gets the document (after
             # the changes sent before), so that it ends on what is stored.
@@ -596,6 +613,8 @@ class SessionCore:
     def _forward(self, message: Forwarded, target_user: str | None, *, exclude: str) -> list[Effect]:
         if target_user is None:
             return [Broadcast(message, exclude=exclude)]
+        if target_user == exclude:
+            return []  # its own canvas (an answer to the probe, see _sync_send)
         target = self._members.get(target_user)
         return [] if target is None else [Send(target.conn, message)]
 
@@ -705,7 +724,34 @@ class SessionCore:
         if self._pending or self._in_flight is not None:
             self._queue_sync(conn, request, size)
             return []
-        return [Send(conn, self._sync_answer(request))]
+        return self._sync_send(conn, request)
+
+    def _sync_send(self, conn: Conn, request: SyncRequest) -> list[Effect]:
+        """The answer to `request`, sent to `conn` now.
+
+        Stock Optiverse keeps its canvas on `state: null` (what a session
+        never written is answered with), which is right for a host sharing
+        its canvas; but in Join mode it then never completes its first sync,
+        and drops every item it adds. The two ask alike. So such a member is
+        also sent `user:joined` naming itself: an Optiverse host answers any
+        `user:joined` with its canvas (`sync:full_state`), which becomes the
+        document; a member in Join mode ignores it, and is sent the document
+        after `canvas_wait` seconds, as an empty state if still never
+        written (see corrections())."""
+        answer = self._sync_answer(request)
+        effects: list[Effect] = [Send(conn, answer)]
+        if (
+            request.stock
+            and isinstance(answer, SyncState)
+            and answer.state is None
+            and conn not in self._probed
+        ):
+            member = next((m for m in self._members.values() if m.conn == conn), None)
+            if member is not None:
+                self._probed.add(conn)
+                self._awaiting_canvas[conn] = (member.user_id, self.now() + self.canvas_wait)
+                effects += [Send(conn, UserJoined(member.user_id, member.connected_at, self.users())), WantCorrections()]
+        return effects
 
     def _queue_sync(self, conn: Conn, request: SyncRequest, size: int) -> None:
         waiting = self._waiting_syncs.get(conn)
@@ -717,6 +763,12 @@ class SessionCore:
             # (asked for, or owed after a foreign sync:full_state) stays due:
             # it covers a resume, and a resume doesn't cover it.
             if waiting.request.since is None:
+                if request.since is None and (request.empty_state or request.stock) and not waiting.request.empty_state:
+                    waiting.request = attrs.evolve(
+                        waiting.request,
+                        stock=waiting.request.stock or request.stock,
+                        empty_state=request.empty_state,
+                    )
                 return
             self.pending_bytes += size - waiting.size
             waiting.request, waiting.size = request, size
@@ -731,6 +783,10 @@ class SessionCore:
         document stands still (the runner encodes it once)."""
         document = self.document
         if request.since is None:
+            if request.empty_state and not document.written:
+                # Not cached: once per member in Join mode of a new session.
+                empty = {"items": [], "version": document.version, "timestamp": self.clock()}
+                return SyncState(empty, document.version, document.epoch)
             return self._sync_state()
         resumes, outcome = self.counters.resumes, "state_epoch_changed"
         if request.epoch == document.epoch:
@@ -985,7 +1041,7 @@ class SessionCore:
         now, ack_seconds = self.now(), self.counters.ack_seconds
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
-                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
+                effects += self._sync_send(entry.conn, entry.request)
                 continue
             if isinstance(entry, PendingCommand) and entry.refused:
                 effects += self._refused(entry)
@@ -1106,12 +1162,24 @@ class SessionCore:
 
     def next_correction_due(self) -> float | None:
         """When corrections() has something to send (the core's `now` time), or None."""
-        return self._tracker.next_due()
+        due = self._tracker.next_due()
+        if self._awaiting_canvas:
+            waits = min(until for _, until in self._awaiting_canvas.values())
+            due = waits if due is None else min(due, waits)
+        return due
 
     def corrections(self) -> list[Effect]:
         """The corrections due now: each member gets the server's state of
-        the items it may show otherwise."""
+        the items it may show otherwise; and a member probed for a canvas
+        that sent none within canvas_wait, the document (see _sync_send)."""
         effects: list[Effect] = []
+        if self._awaiting_canvas:
+            now = self.now()
+            for conn, (user_id, until) in list(self._awaiting_canvas.items()):
+                if until <= now:
+                    del self._awaiting_canvas[conn]
+                    if self.is_member(conn, user_id):
+                        effects += self._answer_sync(conn, SyncRequest(empty_state=True), 0)
         for user_id, item_id, level in self._tracker.take_due(self.now()):
             member = self._members.get(user_id)
             if member is None:
@@ -1157,7 +1225,7 @@ class SessionCore:
         effects: list[Effect] = []
         for entry in batch.entries:
             if isinstance(entry, PendingSync):
-                effects.append(Send(entry.conn, self._sync_answer(entry.request)))
+                effects += self._sync_send(entry.conn, entry.request)
                 continue
             if isinstance(entry, PendingCommand) and entry.refused == "document":
                 effects += self._refused(entry)

@@ -1,0 +1,241 @@
+"""Stock Optiverse's two roles through the session core, as its
+collaboration_manager.py behaves (observable behaviour only, modelled):
+
+- "Join" mode clears the canvas and drops every item the user adds until its
+  first sync completes, which only a `sync:state`/`sync:full_state` with a
+  non-null `state` does; "Host" mode keeps its canvas and starts complete.
+- On `connection:ack` both send `sync:request` (with a `user_id` field);
+  a host answers every `user:joined` with its canvas (`sync:full_state`).
+- Property edits are sent only for items the window made itself; an item
+  rebuilt from a received `add_item` or a state is no longer "its own".
+- Optics live in `interfaces`, a list of objects.
+
+SessionCore without trio, the links FIFO queues delivered by hand; and the
+whole server once, through real WebSocket frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from collab_trio.messages import SyncState, UserJoined
+from collab_trio.session_core import Send
+from collab_trio.testing import Harness
+
+from .test_replacements import T0, Wire, Window
+
+
+def lens(x: float, y: float, efl: float = 100.0) -> dict[str, Any]:
+    """The fields of an Optiverse lens: position, params, and its optics in `interfaces`."""
+    return {
+        "x_mm": x, "y_mm": y, "angle_deg": 0.0, "object_height_mm": 60.0, "name": "Lens",
+        "interfaces": [{"x1_mm": 0.0, "y1_mm": -30.0, "x2_mm": 0.0, "y2_mm": 30.0,
+                        "element_type": "lens", "name": "L", "efl_mm": efl}],
+    }
+
+
+class Optiverse(Window):
+    def __init__(self, user_id: str, role: str = "client") -> None:
+        super().__init__(user_id)
+        self.role = role
+        self.synced = role == "host"  # initial_sync_complete
+        self.own: set[str] = set()  # items whose edits it sends
+        self.outbox: list[dict[str, Any]] = []  # what it sends in answer to what it received
+
+    def request(self) -> dict[str, Any]:
+        return {"type": "sync:request", "user_id": self.user_id}
+
+    def local(self, action: str, item_id: str, **changes: Any) -> dict[str, Any] | None:  # type: ignore[override]
+        message = super().local(action, item_id, **changes)
+        if action == "add_item":
+            if not self.synced:
+                return None  # on this canvas only
+            self.own.add(item_id)
+        if action == "update_item" and item_id not in self.own:
+            return None
+        return message
+
+    def receive(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "user:joined" and self.role == "host":
+            self.outbox.append({"type": "sync:full_state", "state": self.canvas(),
+                                "target_user": message["user_id"], "user_id": self.user_id})
+        if kind == "command" and message["command"].get("action") == "add_item":
+            self.own.discard(message["command"]["item_id"])
+        if kind in ("sync:state", "sync:full_state") and message.get("state"):
+            self.synced = True
+            self.own.clear()
+        super().receive(message)
+
+
+class Session(Wire):
+    """Wire with Optiverse windows that connect one by one and answer what they receive."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__([], **settings)
+
+    def connect(self, user: str, role: str = "client", canvas: dict[str, dict[str, Any]] | None = None) -> Optiverse:
+        window = self.windows[user] = Optiverse(user, role)
+        if canvas:
+            window.items = {k: dict(v) for k, v in canvas.items()}
+            window.own |= set(canvas)
+        self.inbox[user] = []
+        self.effects(self.core.join(user, user, connected_at=T0))
+        self.deliver(user)  # connection:ack
+        self.send(user, window.request())
+        self.deliver_all()
+        return window
+
+    def deliver(self, user: str) -> None:
+        super().deliver(user)
+        window = self.windows[user]
+        while window.outbox:  # type: ignore[attr-defined]
+            self.send(user, window.outbox.pop(0))  # type: ignore[attr-defined]
+
+    def add(self, user: str, item_id: str, fields: dict[str, Any]) -> bool:
+        """`user` adds an item; whether its window sent it."""
+        message = self.windows[user].local("add_item", item_id, **fields)
+        if message is not None:
+            self.send(user, message)
+        self.deliver_all()
+        return message is not None
+
+
+def test_members_in_join_mode_of_a_new_session_can_add_once_they_are_sent_its_state() -> None:
+    s = Session()
+    bob, cy = s.connect("bob"), s.connect("cy")
+    # A session never written: `state: null` (a host would keep its canvas)...
+    assert not bob.synced and not cy.synced
+    assert not s.add("bob", "L1", lens(0, 0))  # dropped by bob's own window
+    # ... and `user:joined` naming each: no canvas comes back within canvas_wait.
+    s.time += s.core.canvas_wait
+    effects = s.core.corrections()
+    states = [e.message for e in effects if isinstance(e, Send)]
+    assert [(type(m), m.state["items"] if m.state else None) for m in states] == [(SyncState, [])] * 2
+    s.effects(effects)
+    s.deliver_all()
+    assert bob.synced and cy.synced and bob.items == {} and cy.items == {}
+    assert s.add("bob", "L2", lens(5, 5))
+    s.settle()
+    assert s.views() == {"bob": {"L2": lens(5, 5)}, "cy": {"L2": lens(5, 5)}, "server": {"L2": lens(5, 5)}}
+
+
+def test_an_optiverse_host_keeps_its_canvas_and_it_becomes_the_session() -> None:
+    s = Session()
+    canvas = {"L1": lens(1, 2), "L2": lens(3, 4)}
+    host = s.connect("ada", role="host", canvas=canvas)
+    # Its answer to `user:joined` naming itself: its canvas, now the document.
+    assert s.server_items() == canvas and host.items == canvas
+    assert not any(isinstance(m, dict) and m.get("type") == "sync:full_state" for m in s.inbox["ada"])
+    s.settle()  # no empty state for it: it answered
+    assert host.items == canvas
+    joiner = s.connect("bob")
+    s.settle()
+    assert joiner.synced and s.views() == {"ada": canvas, "bob": canvas, "server": canvas}
+    assert s.add("bob", "L3", lens(9, 9))
+    s.settle()
+    assert host.items == joiner.items == s.server_items() and "L3" in host.items
+
+
+def test_an_optiverse_host_that_connects_after_a_joiner_shares_its_canvas() -> None:
+    s = Session()
+    joiner = s.connect("bob")  # the server's host: it came first
+    s.settle()
+    assert joiner.synced
+    canvas = {"L1": lens(1, 2)}
+    s.connect("ada", role="host", canvas=canvas)
+    s.settle()
+    assert s.views() == {"ada": canvas, "bob": canvas, "server": canvas}
+
+
+def test_the_probe_goes_to_stock_requests_of_a_never_written_session_only() -> None:
+    s = Session()
+    s.connect("bob")
+    [probe] = [m for m in s.core.join("cy", "cy", connected_at=T0) if isinstance(m, Send)][1:] or [None]
+    assert probe is None  # joining alone sends no probe
+    plain = s.core.receive("cy", "cy", '{"type": "sync:request"}')
+    assert [type(e.message) for e in plain if isinstance(e, Send)] == [SyncState]
+    stock = s.core.receive("cy", "cy", '{"type": "sync:request", "user_id": "cy"}')
+    assert [type(e.message) for e in stock if isinstance(e, Send)] == [SyncState, UserJoined]
+    again = s.core.receive("cy", "cy", '{"type": "sync:request", "user_id": "cy"}')
+    assert [type(e.message) for e in again if isinstance(e, Send)] == [SyncState]  # once per connection
+
+
+def test_a_concurrent_drag_does_not_revert_a_focal_length_edit() -> None:
+    # ada edits the lens's focal length (in `interfaces`); bob, who has not
+    # seen that yet, drags it: an update_item with the whole item (the old
+    # optics), then a move_item.
+    s = Session()
+    ada, bob = s.connect("ada", role="host"), s.connect("bob")
+    s.settle()
+    assert s.add("ada", "L1", lens(0, 0))
+    s.time += 5.0
+    edit = ada.local("update_item", "L1", interfaces=lens(0, 0, efl=50.0)["interfaces"])
+    bob.own.add("L1")  # (bob's own item in this respect: its drag sends updates)
+    drag = bob.local("update_item", "L1", x_mm=25.0, y_mm=5.0)
+    move = bob.local("move_item", "L1")
+    assert edit is not None and drag is not None and move is not None
+    s.send("ada", edit)
+    s.time += 0.02
+    s.send("bob", drag)
+    s.send("bob", move)
+    s.deliver_all()
+    s.settle()
+    stored = s.server_items()["L1"]
+    assert (stored["x_mm"], stored["y_mm"]) == (25.0, 5.0)
+    assert stored["interfaces"][0]["efl_mm"] == 50.0
+    assert ada.items == bob.items == s.server_items()
+
+
+def test_a_host_still_sends_edits_of_its_own_item_after_a_newcomer_joined_during_a_drag() -> None:
+    # bob moves ada's lens; cy joins a moment later, so ada uploads her canvas
+    # before bob's move reached her. She is corrected on the lens's position:
+    # a remove and add would rebuild it as another's item in her window, and
+    # her later edits of it would never be sent.
+    s = Session()
+    ada, bob = s.connect("ada", role="host"), s.connect("bob")
+    s.settle()
+    assert s.add("ada", "L1", lens(0, 0))
+    s.time += 5.0
+    s.send("bob", bob.local("move_item", "L1", x_mm=40.0, y_mm=0.0))  # relayed to ada, not read yet
+    s.time += 0.3
+    s.windows["cy"], s.inbox["cy"] = Optiverse("cy"), []
+    s.effects(s.core.join("cy", "cy", connected_at=T0))
+    s.send("ada", {"type": "sync:full_state", "state": ada.canvas(), "target_user": "cy"})
+    s.deliver_all()
+    s.settle()
+    assert all(window.items == s.server_items() for window in s.windows.values())
+    s.time += 5.0
+    assert ada.local("update_item", "L1", interfaces=lens(0, 0, efl=50.0)["interfaces"]) is not None
+
+
+async def test_through_the_server_a_join_mode_request_gets_null_the_probe_then_an_empty_state(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    async with harness.joined("fresh", "bob") as bob:
+        started = trio.current_time()
+        await bob.send({"type": "sync:request", "user_id": "bob"})
+        assert (await bob.expect("sync:state"))["state"] is None
+        probe = await bob.expect("user:joined")
+        assert probe["user_id"] == "bob" and [u["user_id"] for u in probe["users"]] == ["bob"]
+        state = await bob.expect("sync:state")
+        assert state["state"]["items"] == [] and state["version"] == 0
+        assert trio.current_time() - started >= 2.0
+        # An Optiverse host answers the probe with its canvas instead.
+    async with harness.joined("shared", "ada") as ada:
+        await ada.send({"type": "sync:request", "user_id": "ada"})
+        assert (await ada.expect("sync:state"))["state"] is None
+        assert (await ada.expect("user:joined"))["user_id"] == "ada"
+        canvas = {"items": [{"uuid": "L1", "item_type": "lens", "x_mm": 1.0}], "version": 0, "timestamp": T0}
+        await ada.send({"type": "sync:full_state", "state": canvas, "target_user": "ada", "user_id": "ada"})
+        await ada.expect("ack")
+        async with harness.joined("shared", "bob") as bob:
+            await bob.send({"type": "sync:request", "user_id": "bob"})
+            state = await bob.expect("sync:state")
+            assert [item["uuid"] for item in state["state"]["items"]] == ["L1"]
+            await ada.expect("user:joined")
+            with trio.move_on_after(5):
+                extra = await ada.recv()
+                raise AssertionError(f"ada was sent {extra}")
