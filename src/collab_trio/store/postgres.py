@@ -611,10 +611,17 @@ class PgDatabase(Database):
         """Database.delete(); a session deleted for good (`versions`) keeps
         no lease row either, unless a node holds it now (that node drops the
         row when it lets the session go, as for any session with nothing
-        stored). An owner paused past its lease finds no row: LeaseLost."""
+        stored). An owner paused past its lease finds no row: LeaseLost.
+        A row a commit has locked is left (SKIP LOCKED): waiting for it while
+        this holds the session's row, which that commit waits for, would be a
+        deadlock."""
         super().delete(session_id, missing_ok=missing_ok, versions=versions)
         if versions:
-            self.conn.execute("DELETE FROM leases WHERE session_id = ? AND expires_at <= now()", (session_id,))
+            self.conn.execute(
+                "DELETE FROM leases WHERE session_id IN (SELECT session_id FROM leases"
+                " WHERE session_id = ? AND expires_at <= now() FOR UPDATE SKIP LOCKED)",
+                (session_id,),
+            )
 
 
 @attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
