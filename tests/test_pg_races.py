@@ -188,6 +188,26 @@ def _commit_aside(db: PgDatabase, url: str, fence: int, epoch: str, change: Any)
     return result
 
 
+def _admin_paused_while_a_commits(
+    admin: PgDatabase, prefix: str, job: Any, a: PgDatabase, url: str, fence: int, epoch: str, change: Any
+) -> tuple[list[Any], Any]:
+    """Run the admin's `job`, paused right after its statement starting with
+    `prefix`; meanwhile node-a commits `change` (acknowledged if it
+    succeeds; refused, unacknowledged, is fine too). The job's results (one,
+    or none if it failed) and the commit's outcome (see _commit_aside)."""
+    paused, resume = _paused_after(admin, prefix)
+    done: list[Any] = []
+    runner = threading.Thread(target=lambda: done.append(admin.run(job)))
+    runner.start()
+    try:
+        assert paused.wait(HANG)
+        committed = _commit_aside(a, url, fence, epoch, change)
+    finally:
+        resume.set()
+        runner.join(HANG)
+    return done, committed
+
+
 def test_an_import_keeps_as_a_version_every_change_acknowledged_before_it(database_url: str) -> None:
     """README: an import over a session keeps the document it replaces as a
     version. On Postgres it runs READ COMMITTED and locks nothing before it
@@ -201,20 +221,10 @@ def test_an_import_keeps_as_a_version_every_change_acknowledged_before_it(databa
         fence, _, document = a.run(lambda d: d.load_leased("s"))
         epoch = document.epoch
         a.run(lambda d: (d.check_fence("s", fence), d.append("s", epoch, [op(1, "one")])))
-        paused, resume = _paused_after(admin, "SELECT seq, op FROM journal")
-        done: list[Any] = []
-        importer = threading.Thread(
-            target=lambda: done.append(admin.run(lambda d: d.import_state("s", [{"uuid": "new", "item_type": "lens"}])))
+        done, committed = _admin_paused_while_a_commits(
+            admin, "SELECT seq, op FROM journal", lambda d: d.import_state("s", [{"uuid": "new", "item_type": "lens"}]),
+            a, database_url, fence, epoch, op(2, "two"),
         )
-        importer.start()
-        try:
-            assert paused.wait(HANG)  # the import has read the document it replaces
-            # node-a commits a change meanwhile (acknowledged if it succeeds;
-            # refused, unacknowledged, is fine too).
-            committed = _commit_aside(a, database_url, fence, epoch, op(2, "two"))
-        finally:
-            resume.set()
-            importer.join(HANG)
         assert done, "the import did not finish"
         if committed() is not True:
             return  # refused: never acknowledged
@@ -240,18 +250,10 @@ def test_prune_never_deletes_a_session_changed_while_it_runs(database_url: str) 
         old = op(1, "one")
         old.timestamp = "2000-01-01T00:00:00.000+00:00"
         a.run(lambda d: (d.check_fence("s", fence), d.append("s", epoch, [old])))
-        paused, resume = _paused_after(admin, "SELECT session_id FROM sessions WHERE updated_at <")
-        pruned: list[Any] = []
-        pruner = threading.Thread(target=lambda: pruned.append(admin.run(lambda d: d.prune(30))))
-        pruner.start()
-        try:
-            assert paused.wait(HANG)  # prune has listed "s" as idle since 2000
-            # Someone edits "s" now; node-a commits and acknowledges the change
-            # (or the commit is refused, unacknowledged: fine too).
-            committed = _commit_aside(a, database_url, fence, epoch, op(2, "two"))
-        finally:
-            resume.set()
-            pruner.join(HANG)
+        pruned, committed = _admin_paused_while_a_commits(
+            admin, "SELECT session_id FROM sessions WHERE updated_at <", lambda d: d.prune(30),
+            a, database_url, fence, epoch, op(2, "two"),
+        )
         assert pruned, "prune did not finish"
         if committed() is not True:
             return  # refused: never acknowledged

@@ -163,15 +163,21 @@ def test_the_probe_goes_to_stock_requests_of_a_never_written_session_only() -> N
     assert [type(e.message) for e in again if isinstance(e, Send)] == [SyncState]  # once per connection
 
 
-def test_a_concurrent_drag_does_not_revert_a_focal_length_edit() -> None:
-    # ada edits the lens's focal length (in `interfaces`); bob, who has not
-    # seen that yet, drags it: an update_item with the whole item (the old
-    # optics), then a move_item.
+def host_and_joiner_with_a_lens() -> tuple[Session, Optiverse, Optiverse]:
+    """ada (host) and bob (Join mode), synced; ada made lens L1 five seconds ago."""
     s = Session()
     ada, bob = s.connect("ada", role="host"), s.connect("bob")
     s.settle()
     assert s.add("ada", "L1", lens(0, 0))
     s.time += 5.0
+    return s, ada, bob
+
+
+def test_a_concurrent_drag_does_not_revert_a_focal_length_edit() -> None:
+    # ada edits the lens's focal length (in `interfaces`); bob, who has not
+    # seen that yet, drags it: an update_item with the whole item (the old
+    # optics), then a move_item.
+    s, ada, bob = host_and_joiner_with_a_lens()
     edit = ada.local("update_item", "L1", interfaces=lens(0, 0, efl=50.0)["interfaces"])
     bob.own.add("L1")  # (bob's own item in this respect: its drag sends updates)
     drag = bob.local("update_item", "L1", x_mm=25.0, y_mm=5.0)
@@ -194,11 +200,7 @@ def test_a_host_still_sends_edits_of_its_own_item_after_a_newcomer_joined_during
     # before bob's move reached her. She is corrected on the lens's position:
     # a remove and add would rebuild it as another's item in her window, and
     # her later edits of it would never be sent.
-    s = Session()
-    ada, bob = s.connect("ada", role="host"), s.connect("bob")
-    s.settle()
-    assert s.add("ada", "L1", lens(0, 0))
-    s.time += 5.0
+    s, ada, bob = host_and_joiner_with_a_lens()
     s.send("bob", bob.local("move_item", "L1", x_mm=40.0, y_mm=0.0))  # relayed to ada, not read yet
     s.time += 0.3
     s.windows["cy"], s.inbox["cy"] = Optiverse("cy"), []
