@@ -422,7 +422,7 @@ class Connection:
         verdicts = self._verdicts
         allowed = verdicts.popleft() if verdicts else self._bucket.allow(now)
         held = self._held
-        if allowed and not held:
+        if allowed and not held.entries:  # (the dict itself: no call on the common path)
             self.owner.frame_received(self, message)
             return
         found = superseding_key(message)

@@ -118,26 +118,27 @@ class HeldChanges:
 
     max_keys: int = HOLD_KEYS
     max_bytes: int = HOLD_BYTES
-    _held: dict[Key, tuple[str | bytes, frozenset[str]]] = attrs.field(factory=dict)
+    # By key, in arrival order: the message and its `data` fields.
+    entries: dict[Key, tuple[str | bytes, frozenset[str]]] = attrs.field(factory=dict)
     size: int = 0
     # Messages made obsolete while held.
     superseded: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self._held)
+        return bool(self.entries)
 
     def __len__(self) -> int:
-        return len(self._held)
+        return len(self.entries)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._held
+        return key in self.entries
 
     def hold(self, key: Key, fields: frozenset[str], message: str | bytes) -> bool:
         """Hold `message` (in the place of the one of its key, if held);
         False if it can't be: the one of its key held has a field `message`
         lacks (a value would be lost: deliver what is held first), or holding
         it would pass max_keys or max_bytes."""
-        earlier = self._held.get(key)
+        earlier = self.entries.get(key)
         size = len(message)
         if earlier is not None:
             if not earlier[1] <= fields:
@@ -145,22 +146,22 @@ class HeldChanges:
             if self.size - len(earlier[0]) + size > self.max_bytes:
                 return False
             self.size += size - len(earlier[0])
-            self._held[key] = (message, fields)  # keeps its place
+            self.entries[key] = (message, fields)  # keeps its place
             self.superseded += 1
             return True
-        if len(self._held) >= self.max_keys or self.size + size > self.max_bytes:
+        if len(self.entries) >= self.max_keys or self.size + size > self.max_bytes:
             return False
-        self._held[key] = (message, fields)
+        self.entries[key] = (message, fields)
         self.size += size
         return True
 
     def pop(self) -> str | bytes:
         """The first message held, taken."""
-        key = next(iter(self._held))
-        message, _ = self._held.pop(key)
+        key = next(iter(self.entries))
+        message, _ = self.entries.pop(key)
         self.size -= len(message)
         return message
 
     def clear(self) -> None:
-        self._held.clear()
+        self.entries.clear()
         self.size = 0
