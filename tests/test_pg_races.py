@@ -371,3 +371,153 @@ async def test_a_client_resumes_by_seq_on_the_new_owner_after_snapshots_compacte
                 assert reply["type"] == "sync:state", reply
                 assert reply["version"] == 40
                 assert sorted(i["uuid"] for i in reply["state"]["items"]) == sorted(f"x{n}" for n in range(40))
+
+
+# -- prune against a node's writer, which takes several sessions' rows in one transaction
+
+OLD = "2000-01-01T00:00:00.000+00:00"
+
+
+def _two_idle_sessions(url: str) -> None:
+    setup = PgDatabase(url, node_id="node-a", lease_timeout=60)
+    try:
+        for sid in ("a", "b"):
+            fence, _, document = setup.run(lambda d: d.load_leased(sid))
+            first = op(1, "one")
+            first.timestamp = OLD
+            setup.run(lambda d: (d.check_fence(sid, fence), d.append(sid, document.epoch, [first])))
+            setup.run(lambda d: d.renew({}, [(sid, fence)]))  # let go
+    finally:
+        setup.close()
+
+
+def _race(url: str, first_job: Any, second_job: Any) -> tuple[list[Any], list[Any]]:
+    """node-b's writer runs first_job, pauses, then second_job, in one
+    transaction (run_jobs); prune runs in the gap."""
+    b = PgDatabase(url, node_id="node-b", lease_timeout=60)
+    admin = PgDatabase(url)
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause(d: Any) -> None:
+        paused.set()
+        resume.wait(HANG)
+
+    writer_out: list[Any] = []
+    prune_out: list[Any] = []
+
+    def writer() -> None:
+        writer_out.extend(b.run_jobs([first_job, pause, second_job]))
+
+    def pruner() -> None:
+        try:
+            prune_out.append(admin.run(lambda d: d.prune(30)))
+        except Exception as exc:  # noqa: BLE001
+            prune_out.append(exc)
+
+    wt = threading.Thread(target=writer)
+    wt.start()
+    try:
+        assert paused.wait(HANG)
+        pt = threading.Thread(target=pruner)
+        pt.start()
+        finished_or_waiting(url, pt)  # prune done, or waiting for a lock
+    finally:
+        resume.set()
+        wt.join(HANG)
+        pt.join(HANG)
+        b.close()
+        admin.close()
+    assert not wt.is_alive() and not pt.is_alive(), "hang"
+    return writer_out, prune_out
+
+
+def _deadlocks(writer_out: list[Any], prune_out: list[Any]) -> list[str]:
+    texts = [str(o.error) for o in writer_out if hasattr(o, "error")]
+    texts += [str(p) for p in prune_out if isinstance(p, Exception)]
+    return [t for t in texts if "deadlock" in t]
+
+
+def test_takeover_loads_of_two_idle_sessions_vs_prune_deadlock(database_url: str) -> None:
+    """A node opening two idle sessions (b, then a) in one writer transaction
+    (load_leased holds each session's row) while prune would lock a, then b."""
+    _two_idle_sessions(database_url)
+    writer_out, prune_out = _race(
+        database_url, lambda d: d.load_leased("b"), lambda d: d.load_leased("a")
+    )
+    assert not _deadlocks(writer_out, prune_out), (writer_out, prune_out)
+
+
+def test_snapshot_then_takeover_vs_prune_deadlock(database_url: str) -> None:
+    """A snapshot of b (its row held), then a takeover load of a."""
+    _two_idle_sessions(database_url)
+    b = PgDatabase(database_url, node_id="node-b", lease_timeout=60)
+    try:
+        fence, _, document = b.run(lambda d: d.load_leased("b"))
+    finally:
+        b.close()
+    snap = document.snapshot()
+    writer_out, prune_out = _race(
+        database_url,
+        lambda d: (d.check_fence("b", fence), d.save_snapshot("b", snap)),
+        lambda d: d.load_leased("a"),
+    )
+    assert not _deadlocks(writer_out, prune_out), (writer_out, prune_out)
+
+
+def test_commits_of_two_idle_sessions_vs_prune_deadlock(database_url: str) -> None:
+    """Two commits (b, then a) in one writer transaction vs prune (a, b)."""
+    _two_idle_sessions(database_url)
+    b = PgDatabase(database_url, node_id="node-b", lease_timeout=60)
+    try:
+        fb, _, db_ = b.run(lambda d: d.load_leased("b"))
+        fa, _, da = b.run(lambda d: d.load_leased("a"))
+    finally:
+        b.close()
+    writer_out, prune_out = _race(
+        database_url,
+        lambda d: (d.check_fence("b", fb), d.append("b", db_.epoch, [op(2, "two")])),
+        lambda d: (d.check_fence("a", fa), d.append("a", da.epoch, [op(2, "two")])),
+    )
+    assert not _deadlocks(writer_out, prune_out), (writer_out, prune_out)
+
+
+def test_snapshot_then_commit_of_one_session_vs_import(database_url: str) -> None:
+    """save_snapshot's FOR SHARE, an import queued FOR UPDATE, then the same
+    transaction's commit upgrades the lock."""
+    _two_idle_sessions(database_url)
+    b = PgDatabase(database_url, node_id="node-b", lease_timeout=60)
+    admin = PgDatabase(database_url)
+    try:
+        fence, _, document = b.run(lambda d: d.load_leased("a"))
+        snap = document.snapshot()
+        paused, resume = threading.Event(), threading.Event()
+        out: list[Any] = []
+        imp: list[Any] = []
+
+        def writer() -> None:
+            out.extend(b.run_jobs([
+                lambda d: (d.check_fence("a", fence), d.save_snapshot("a", snap)),
+                lambda d: (paused.set(), resume.wait(HANG)),
+                lambda d: (d.check_fence("a", fence), d.append("a", document.epoch, [op(2, "two")])),
+            ]))
+
+        def importer() -> None:
+            try:
+                imp.append(admin.run(lambda d: d.import_state("a", [{"uuid": "new", "item_type": "lens"}])))
+            except Exception as exc:  # noqa: BLE001
+                imp.append(exc)
+
+        wt = threading.Thread(target=writer)
+        wt.start()
+        assert paused.wait(HANG)
+        it = threading.Thread(target=importer)
+        it.start()
+        finished_or_waiting(database_url, it)
+        resume.set()
+        wt.join(HANG)
+        it.join(HANG)
+        assert not wt.is_alive() and not it.is_alive(), "hang"
+        assert not _deadlocks(out, imp), (out, imp)
+    finally:
+        b.close()
+        admin.close()

@@ -1179,10 +1179,13 @@ class Database:
 
     def stale(self, older_than_days: float, *, lock: bool = False) -> list[str]:
         """Ids of the sessions with no activity for this many days (what prune
-        deletes); with `lock`, their rows held until the transaction ends (a
-        session changed meanwhile is waited for, and then not listed)."""
+        deletes); with `lock`, their rows held until the transaction ends. A
+        row locked now (a node loads, snapshots or commits the session: in
+        use, not idle) is left out rather than waited for: a node's writer
+        takes several sessions' rows in one transaction, in its own order,
+        and waiting would be a deadlock."""
         cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat()
-        held = " FOR UPDATE" if lock and self.locks_rows else ""
+        held = " FOR UPDATE SKIP LOCKED" if lock and self.locks_rows else ""
         return [
             r[0]
             for r in self.conn.execute(
