@@ -241,3 +241,162 @@ async def test_through_the_server_a_join_mode_request_gets_null_the_probe_then_a
             with trio.move_on_after(5):
                 extra = await ada.recv()
                 raise AssertionError(f"ada was sent {extra}")
+
+
+# -- races around the probe and replacements ----------------------------------------
+
+
+def _join_held(s: Session, user: str, role: str, canvas: dict[str, Any] | None = None) -> Optiverse:
+    """Join and send sync:request; the window's answers stay in its outbox (not yet arrived)."""
+    w = s.windows[user] = Optiverse(user, role)
+    if canvas:
+        w.items = {k: dict(v) for k, v in canvas.items()}
+        w.own |= set(canvas)
+    s.inbox[user] = []
+    s.effects(s.core.join(user, user, connected_at=T0))
+    Wire.deliver(s, user)  # connection:ack
+    s.send(user, w.request())
+    return w
+
+
+def test_a_host_whose_canvas_upload_arrives_after_canvas_wait_keeps_its_canvas() -> None:
+    # A large canvas (or a busy Qt loop) takes longer than 2 s to arrive.
+    s = Session()
+    canvas = {"L1": lens(1, 2), "L2": lens(3, 4)}
+    ada = _join_held(s, "ada", "host", canvas)
+    Wire.deliver(s, "ada")  # null, user:joined(ada): the upload is sent
+    upload = ada.outbox.pop(0)
+    assert upload["type"] == "sync:full_state"
+    s.time += s.core.canvas_wait
+    s.effects(s.core.corrections())  # the empty state goes out, crossing the upload
+    s.send("ada", upload)  # arrives now: becomes the document
+    s.deliver_all()
+    s.settle()
+    assert s.server_items() == canvas
+    assert ada.items == s.server_items(), ada.items
+
+
+def test_two_host_mode_windows_end_on_the_same_design() -> None:
+    # ada (first: the server's host) and bob both open the session in Host mode;
+    # bob's (small) canvas arrives before ada's (large) one.
+    s = Session()
+    c1, c2 = {"A": lens(1, 1)}, {"B": lens(2, 2)}
+    ada = _join_held(s, "ada", "host", c1)
+    Wire.deliver(s, "ada")
+    ada_upload = ada.outbox.pop(0)
+    bob = _join_held(s, "bob", "host", c2)
+    Wire.deliver(s, "bob")
+    bob_upload = bob.outbox.pop(0)
+    s.send("bob", bob_upload)   # taken: nothing was written
+    s.send("ada", ada_upload)   # the host's canvas: replaces it
+    s.deliver_all()              # ada also answers user:joined(bob)
+    s.settle()
+    v = s.views()
+    assert v["ada"] == v["bob"] == v["server"], v
+
+
+def test_an_add_then_a_move_missed_by_an_uploading_host_held() -> None:
+    s = Session()
+    ada = s.connect("ada", role="host", canvas={"L1": lens(0, 0)})
+    bob = s.connect("bob")
+    s.settle()
+    s.time += 5.0
+    s.windows["cy"], s.inbox["cy"] = Optiverse("cy"), []
+    s.effects(s.core.join("cy", "cy", connected_at=T0))  # user:joined(cy) to ada
+    add = bob.local("add_item", "N", **lens(9, 9))
+    assert add is not None
+    s.send("bob", add)            # relayed to ada after user:joined(cy)
+    s.time += 0.1
+    s.send("bob", bob.local("move_item", "N", x_mm=20.0, y_mm=9.0))
+    s.time += 0.1
+    # ada read user:joined(cy) (before the relays) and answered it with her canvas
+    assert s.inbox["ada"][0]["type"] == "user:joined"
+    s.inbox["ada"].pop(0)
+    s.send("ada", {"type": "sync:full_state", "state": ada.canvas(), "target_user": "cy"})
+    s.deliver_all()
+    s.settle()
+    v = s.views()
+    assert v["ada"] == v["bob"] == v["cy"] == v["server"], {k: sorted(x) for k, x in v.items()}
+
+
+def test_the_late_state_of_canvas_wait_does_not_undo_a_synced_members_edit() -> None:
+    # bob (Join mode) came first; ada (Host mode) shares her canvas well within
+    # canvas_wait and bob loads it. When bob's wait ends he is editing: the
+    # unsolicited sync:state crosses his move.
+    s = Session()
+    bob = s.connect("bob")
+    s.time += 0.2
+    ada = s.connect("ada", role="host", canvas={"L1": lens(0, 0)})
+    s.deliver_all()
+    assert bob.synced and bob.items == s.server_items() == ada.items
+    s.time = s.core.canvas_wait
+    move = bob.local("move_item", "L1", x_mm=50.0, y_mm=0.0)  # shown at once in bob's window
+    s.effects(s.core.corrections())  # bob's wait ends: a sync:state to him
+    s.send("bob", move)                # crossing it
+    s.deliver_all()
+    s.settle()
+    v = s.views()
+    assert v["server"]["L1"]["x_mm"] == 50.0
+    assert v["bob"] == v["ada"] == v["server"], v
+
+
+class _Counted(int):
+    compares = 0
+
+    def __eq__(self, other: object) -> bool:
+        _Counted.compares += 1
+        return int.__eq__(self, other)
+
+    __hash__ = int.__hash__
+
+
+def test_merging_an_update_of_a_list_costs_about_its_own_size() -> None:
+    # Two members alternately edit a lens's 8 KiB `interfaces`-like list
+    # (differing in the last element only); a third member's update of it
+    # is then compared with every kept copy in full.
+    import orjson
+
+    from collab_trio.convergence import FieldHistory, merge_update
+
+    def value(i: int) -> list[Any]:
+        return [[_Counted(0)] * 8 for _ in range(250)] + [[_Counted(i)]]
+
+    assert len(orjson.dumps(value(10**6))) <= 8192
+    history = FieldHistory()
+    current = {"uuid": "L", "item_type": "lens", "f": value(-1)}
+    t = 0.0
+    for i in range(600):
+        after = {"uuid": "L", "item_type": "lens", "f": value(i)}
+        history.record("L", current, after, "ab"[i % 2], t)
+        current, t = after, t + 0.003
+    data = {"f": value(10**6)}
+    elements = 250 * 8 + 1
+    _Counted.compares = 0
+    merge_update(current, data, history, "L", "c", t)
+    # Proportional to the update's size (say 16 compares per element it holds).
+    assert _Counted.compares <= 16 * elements, _Counted.compares
+
+
+def test_a_host_that_came_after_a_joiner_keeps_its_own_items_when_another_joins_at_once() -> None:
+    # bob (Join mode) came first. ada opens the session in Host mode and cy
+    # joins a moment later, before ada's sync:request is answered: ada reads
+    # user:joined(cy) (uploads to cy), then null and user:joined(ada) (uploads
+    # to herself).
+    s = Session()
+    s.connect("bob")
+    ada = s.windows["ada"] = Optiverse("ada", "host")
+    ada.items, ada.own = {"L1": lens(0, 0)}, {"L1"}
+    s.inbox["ada"] = []
+    s.effects(s.core.join("ada", "ada", connected_at=T0))
+    s.windows["cy"], s.inbox["cy"] = Optiverse("cy"), []
+    s.effects(s.core.join("cy", "cy", connected_at=T0))
+    s.send("ada", ada.request())
+    s.send("cy", s.windows["cy"].request())
+    s.deliver_all()   # every window reads and answers
+    s.deliver_all()
+    s.settle()
+    v = s.views()
+    assert v["ada"] == v["bob"] == v["cy"] == v["server"] == {"L1": lens(0, 0)}, v
+    s.time += 5.0
+    # ada's window still sends her focal-length edits of her own lens.
+    assert ada.local("update_item", "L1", interfaces=lens(0, 0, efl=50.0)["interfaces"]) is not None

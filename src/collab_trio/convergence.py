@@ -21,6 +21,7 @@ a clock.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -58,19 +59,25 @@ _MISSING = object()
 MOVE, UPDATE, EXISTENCE = 0, 1, 2
 
 
-def _weight(value: Any) -> int:
-    """What keeping `value` counts toward HISTORY_VALUES; 0: not kept."""
+def _kept(value: Any) -> tuple[Any, int] | None:
+    """How FieldHistory keeps `value`: what it is compared by, and what it
+    counts toward HISTORY_VALUES; None if it is not kept. A list or object
+    is compared by a digest of its JSON (a tuple, which no JSON value
+    equals): a merge then costs the size of the update, not that times the
+    copies kept."""
     if value is None or isinstance(value, (bool, int, float)):
-        return 1
+        return value, 1
     if isinstance(value, str):
-        return 1 if len(value) <= HISTORY_VALUE_CHARS else 0
+        return (value, 1) if len(value) <= HISTORY_VALUE_CHARS else None
     if isinstance(value, (list, dict)) and len(value) <= HISTORY_CONTAINER_ITEMS:
         try:
-            size = len(orjson.dumps(value))
+            encoded = orjson.dumps(value)
         except orjson.JSONEncodeError:  # nested too deep for orjson, or an integer beyond 64 bits
-            return 0
-        return 1 + size // HISTORY_VALUE_CHARS if size <= HISTORY_CONTAINER_BYTES else 0
-    return 0
+            return None
+        if len(encoded) > HISTORY_CONTAINER_BYTES:
+            return None
+        return ("json", hashlib.blake2b(encoded, digest_size=16).digest()), 1 + len(encoded) // HISTORY_VALUE_CHARS
+    return None
 
 
 @attrs.define(eq=False)
@@ -118,30 +125,33 @@ class FieldHistory:
                 added -= values.popleft()[3]
             # The value this change replaced is one the others may still show
             # (not its author: it knows it changed it), and so is the new one.
-            if old is not _MISSING and not (values and values[-1][1:3] == (author, old)):
-                added += self._keep(values, now, author, old)
-            added += self._keep(values, now, author, value)
+            if old is not _MISSING:
+                kept = _kept(old)
+                if kept is not None and not (values and values[-1][1:3] == (author, kept[0])):
+                    added += self._keep(values, now, author, kept)
+            kept = _kept(value)
+            if kept is not None:
+                added += self._keep(values, now, author, kept)
         if added:
             self._count += added
             self._item_counts[item_id] = self._item_counts.get(item_id, 0) + added
             while self._count > self.max_values and self._items:
                 self._drop(next(iter(self._items)))
 
-    def _keep(self, values: deque[tuple[float, str, Any, int]], now: float, author: str, value: Any) -> int:
-        """Append `value` if it is kept; what that adds to the count."""
-        weight = _weight(value)
-        if not weight:
-            return 0
+    def _keep(self, values: deque[tuple[float, str, Any, int]], now: float, author: str, kept: tuple[Any, int]) -> int:
+        """Append a value as _kept() gives it; what that adds to the count."""
+        key, weight = kept
         added = weight
         if len(values) == self.depth:
             added -= values[0][3]  # pushed out by the append
-        values.append((now, author, value, weight))
+        values.append((now, author, key, weight))
         return added
 
     def based_on(self, item_id: str, field: str, user_id: str, arrived: float) -> list[Any]:
         """Values of a field that a change by `user_id`, arriving at `arrived`,
         can have been based on besides the current one: those other members'
-        changes set or replaced in the last `window` seconds."""
+        changes set or replaced in the last `window` seconds (each as _kept()
+        gives it: compare _kept(value)[0] with them)."""
         fields = self._items.get(item_id)
         values = None if fields is None else fields.get(field)
         if not values:
@@ -200,7 +210,9 @@ def merge_update(
         now = current.get(name, _MISSING)
         if now is not _MISSING and now == value:
             continue
-        if any(value == seen for seen in history.based_on(item_id, name, user_id, arrived)):
+        seen = history.based_on(item_id, name, user_id, arrived)
+        kept = _kept(value) if seen else None
+        if kept is not None and kept[0] in seen:
             stale.append(name)  # what the sender last saw: not its edit
             continue
         merged[name] = value

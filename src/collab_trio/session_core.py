@@ -37,7 +37,7 @@ trio `Session` (session.py) carries the effects out in the order given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import attrs
@@ -56,6 +56,7 @@ from .document import (
     item_data,
     make_item,
     op_id_key,
+    replacement_items,
 )
 from .history import ADMIN_USER, KeptVersion, replace_reason
 from .messages import (
@@ -94,6 +95,11 @@ from .protocol import (
 
 Conn = Hashable
 
+# Seconds after a member was sent a design to load within which an upload
+# of its own (sync:full_state) may have been made before it loaded it: a
+# canvas on its way when another was taken, or crossed by the empty state
+# of the canvas probe (SessionCore._sync_send).
+RELOAD_WINDOW = 5.0
 # What relaying an op adds to the message that carried it: `user_id` (up to
 # 64 ASCII characters), `timestamp` and `seq`; an over-estimate, used to
 # tell whether a sync:ops answer fits in one message.
@@ -266,6 +272,10 @@ class PendingReplace(_Change):
     items: list[dict[str, Any]] = attrs.field(kw_only=True)
     forward: Forwarded | None = attrs.field(default=None, kw_only=True)
     target_user: str | None = attrs.field(default=None, kw_only=True)
+    # Its sender was sent another design to load shortly before this
+    # arrived, maybe after making it: it is sent the document once this is
+    # applied (its window may show the other design).
+    reload_sender: bool = attrs.field(default=False, kw_only=True)
 
 
 @attrs.define(eq=False)
@@ -414,6 +424,10 @@ class SessionCore:
     # is awaited: by connection, the member and when the wait ends.
     _probed: set[Conn] = attrs.field(factory=set)
     _awaiting_canvas: dict[Conn, tuple[str, float]] = attrs.field(factory=dict)
+    # When each connection was last sent a whole design to load (a non-null
+    # sync:state, or a forwarded sync:full_state): an upload it makes soon
+    # after may predate it (see PendingReplace.reload_sender).
+    _loaded_at: dict[Conn, float] = attrs.field(factory=dict)
     # The last sync answers given, reused while the document stands still.
     _state_answer: SyncState | None = None
     _ops_answer: tuple[tuple[str, int, int], SyncOps] | None = None
@@ -522,6 +536,15 @@ class SessionCore:
     def _forget_conn(self, conn: Conn) -> None:
         self._probed.discard(conn)
         self._awaiting_canvas.pop(conn, None)
+        self._loaded_at.pop(conn, None)
+
+    def _loading(self, conns: Iterable[Conn]) -> None:
+        """These connections are sent a whole design to load now: no empty
+        state is owed to them any more (it would undo what they did since)."""
+        now = self.now()
+        for conn in conns:
+            self._awaiting_canvas.pop(conn, None)
+            self._loaded_at[conn] = now
 
     def close_all(self, code: int, reason: str) -> list[Effect]:
         """Close every member with one code, without a storm of leave notices."""
@@ -595,7 +618,16 @@ class SessionCore:
             return [Send(conn, error)]
         self._awaiting_canvas.pop(conn, None)  # it answered the probe (or needs none)
         forwarded = Forwarded({**message.raw, "user_id": user_id})
+        loaded = self._loaded_at.get(conn)
+        # Sent another design shortly before: this upload may predate it.
+        reload_sender = loaded is not None and self.now() - loaded <= RELOAD_WINDOW
         if user_id != self.host and (self.document.written or self._replacement_pending()):
+            if target == user_id and not reload_sender and not self._pending and self._in_flight is None:
+                if replacement_items(message.items) == self.document.items:
+                    # Its own canvas, already the document (an Optiverse host
+                    # answering the probe): reloading it would rebuild its
+                    # items as others', whose edits it then no longer sends.
+                    return []
             # Only the host's full state becomes the session document (or,
             # while nothing was ever written, any member's: an Optiverse host
             # that connected after a member in Join mode): the host
@@ -607,16 +639,22 @@ class SessionCore:
             effects = [] if target is None else self._forward(forwarded, target, exclude=user_id)
             recipient = self._members[target if target is not None else user_id].conn
             return effects + self._answer_sync(recipient, SyncRequest(), 0)
-        change = PendingReplace(conn, user_id, size, items=message.items, forward=forwarded, target_user=target)
+        change = PendingReplace(
+            conn, user_id, size, items=message.items, forward=forwarded, target_user=target, reload_sender=reload_sender
+        )
         return self._queue_replace(change, "sync:full_state")
 
     def _forward(self, message: Forwarded, target_user: str | None, *, exclude: str) -> list[Effect]:
         if target_user is None:
+            self._loading(self.connections(exclude=exclude))
             return [Broadcast(message, exclude=exclude)]
         if target_user == exclude:
             return []  # its own canvas (an answer to the probe, see _sync_send)
         target = self._members.get(target_user)
-        return [] if target is None else [Send(target.conn, message)]
+        if target is None:
+            return []
+        self._loading((target.conn,))
+        return [Send(target.conn, message)]
 
     @property
     def projected_size(self) -> int:
@@ -740,6 +778,8 @@ class SessionCore:
         written (see corrections())."""
         answer = self._sync_answer(request)
         effects: list[Effect] = [Send(conn, answer)]
+        if isinstance(answer, SyncState) and answer.state is not None:
+            self._loading((conn,))
         if (
             request.stock
             and isinstance(answer, SyncState)
@@ -1083,19 +1123,26 @@ class SessionCore:
                 due_before = min(due_before, self._tracker.pending)
             if isinstance(entry, PendingRestore):
                 # Every member, as the others after a sync:update.
+                self._loading(self.connections())
                 effects += [Broadcast(self._sync_state()), Restored(entry.ticket, op.seq)]
                 continue
             if entry.forward is not None:
                 effects += self._forward(entry.forward, entry.target_user, exclude=op.user_id)
                 if targeted and changed:
                     state = self._sync_state()
-                    effects += [
-                        Send(member.conn, state)
+                    conns = [
+                        member.conn
                         for user_id, member in self._members.items()
                         if user_id not in (op.user_id, entry.target_user)
                     ]
+                    self._loading(conns)
+                    effects += [Send(conn, state) for conn in conns]
             else:
+                self._loading(self.connections(exclude=op.user_id))
                 effects.append(Broadcast(self._sync_state(), exclude=op.user_id))
+            if entry.reload_sender and self.is_member(entry.conn, op.user_id):
+                self._loading((entry.conn,))
+                effects.append(Send(entry.conn, self._sync_state()))
             ack = Ack(op.seq, op.op_id)
             effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
         if self._tracker.pending > due_before:
@@ -1198,12 +1245,14 @@ class SessionCore:
         remove took part, so the window may lack the item or have it wrongly):
         a remove and, if the item exists, an add of it (Optiverse ignores a
         move or update of an item it does not have, and an add of one it has
-        would show it twice).
+        would show it twice). An item the document lacks is removed whatever
+        the level (a window may have it from an add that a replacement
+        undid, then moved: only the move was the author's latest change).
         """
         item = self.document.items.get(item_id)
         remove = {"action": "remove_item", "item_type": None, "item_id": item_id, "data": {}}
         if item is None:
-            return [remove] if level == EXISTENCE or self.document.is_removed(item_id) else []
+            return [remove]
         item_type = item.get("item_type")
         data = item_data(item)
         if level == EXISTENCE:
