@@ -36,7 +36,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .config import ServerConfig
 from .counters import Counters
-from .limits import HeldChanges, Strikes, TokenBucket, superseding_key
+from .limits import ALL, HOLD, HeldChanges, Strikes, TokenBucket, classify
 from .messages import Error, Forwarded, ServerMessage, encode_message_bytes, server_message_type
 from .protocol import CloseCode, ErrorCode, utc_timestamp
 from .inbound import CLOSE, CONTINUATION, PING, Event
@@ -74,7 +74,7 @@ class ConnectionOwner(Protocol):
     """What a connection calls; the session implements it. None of these await
     except wait_for_room()."""
 
-    def frame_received(self, conn: Connection, frame: str | bytes) -> None:
+    def frame_received(self, conn: Connection, frame: str | bytes, arrived: float | None = None) -> None:
         """A frame arrived (within the rate limit)."""
 
     def input_done(self, conn: Connection) -> None:
@@ -416,17 +416,18 @@ class Connection:
     def _deliver(self, message: str | bytes, now: float) -> None:
         """One whole message, from either path: to the owner if within the
         rate. Over it, held if a later one may make it obsolete (limits.py:
-        a drag is thinned to the rate, not cut), else dropped. While messages
-        are held, order is kept: a later one is held too, or delivered after
-        them, or dropped."""
+        a drag is thinned to the rate, not cut), else dropped. Behind held
+        messages, a message within the rate goes after those it must follow
+        (its item's, or all for a whole-document change; their tokens owed),
+        and a message over it is held or dropped."""
         verdicts = self._verdicts
         allowed = verdicts.popleft() if verdicts else self._bucket.allow(now)
         held = self._held
         if allowed and not held.entries:  # (the dict itself: no call on the common path)
             self.owner.frame_received(self, message)
             return
-        found = superseding_key(message)
-        if found is not None and self._shed.allow(now) and held.hold(found[0], found[1], message):
+        kind, key, fields = classify(message)
+        if kind == HOLD and self._shed.allow(now) and held.hold(key, fields, message, now):  # type: ignore[arg-type]
             if allowed:
                 self._bucket.give_back()  # it waits behind the others: its token is taken then
             self._arm_release(now)
@@ -434,30 +435,49 @@ class Connection:
         if not allowed:
             self._rate_limited()  # dropped; what is held stays
             return
-        if held:
+        if kind == ALL:
             self._deliver_held(now)
+        elif key is not None and key[0] != "cursor":
+            self._deliver_held(now, item=key[1])
         self.owner.frame_received(self, message)
 
-    def _deliver_held(self, now: float) -> None:
-        """Deliver every held message now, whatever the rate (its tokens are
-        owed: the messages after them wait)."""
+    def _deliver_held(self, now: float, *, item: str | None = None) -> None:
+        """Deliver the held messages (of one item: those of `item`) now,
+        whatever the rate: their tokens are owed, the messages after them wait."""
         held = self._held
-        while held and self.close_code is None:
+        for key in [k for k in held.entries if item is None or (k[1] == item and k[0] != "cursor")]:
+            if self.close_code is not None:
+                return
+            message, _, arrived = held.entries[key]
+            del held.entries[key]
+            held.size -= len(message)
             self._bucket.take(now)
-            self.owner.frame_received(self, held.pop())
-        self._release_at = math.inf
+            self.owner.frame_received(self, message, arrived)
+        if not held.entries:
+            self._release_at = math.inf
 
     def _release_held(self, now: float) -> None:
         """Deliver held messages as far as the rate allows (the reader, when
-        _release_at comes)."""
+        _release_at comes); none while the owner has no room (the reader
+        arms the release again once it has)."""
         held = self._held
+        self._release_at = math.inf
+        if not self.owner.has_room():
+            return
         try:
-            while held and self.close_code is None and self._bucket.allow(now):
-                self.owner.frame_received(self, held.pop())
+            while held.entries and self.close_code is None and self._bucket.allow(now):
+                message, arrived = held.pop()
+                self.owner.frame_received(self, message, arrived)
         finally:
             self.owner.input_done(self)
-        self._release_at = math.inf
         self._arm_release(now)
+
+    def _hand_over_held(self) -> None:
+        """The client is gone or silent: what it sent and is held counts
+        (the end of a drag), delivered before the connection closes."""
+        if self._held.entries and self.close_code is None:
+            self._deliver_held(trio.current_time())
+            self.owner.input_done(self)
 
     def _arm_release(self, now: float) -> None:
         if not self._held:
@@ -505,6 +525,8 @@ class Connection:
                     waiting = True
                     await self._wait_for_room()
                     waiting = False
+                    if self._held.entries and self._release_at == math.inf:
+                        self._arm_release(trio.current_time())  # room again: held ones go on
                     message = await ws.get_message()
                     wire.consumed += 1
                     self._heard = now = trio.current_time()
@@ -527,6 +549,7 @@ class Connection:
             if now < self._heard + idle_timeout:
                 continue  # a message came since the scope was armed
             log.info("User %s sent nothing for %g s; closing with 4000", self.user_id, idle_timeout)
+            self._hand_over_held()
             self.close(
                 CloseCode.IDLE_TIMEOUT,
                 f"heartbeat timeout: nothing received for {idle_timeout:g} s",
@@ -551,6 +574,7 @@ class Connection:
             self.send_message(error)
 
     def _peer_closed(self, exc: ConnectionClosed) -> None:
+        self._hand_over_held()
         reason = exc.reason
         code = reason.code if reason is not None else ABNORMAL_CLOSURE
         text = (reason.reason if reason is not None else None) or ""

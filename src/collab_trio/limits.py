@@ -4,7 +4,8 @@ messages held over the limit that a later one makes obsolete. Pure."""
 from __future__ import annotations
 
 import attrs
-import orjson
+
+from .protocol import Command, Cursor, FullState, ProtocolError, SyncUpdate, decode, parse_client_message
 
 
 @attrs.define(eq=False)
@@ -73,53 +74,64 @@ HOLD_BYTES = 1024 * 1024
 
 Key = tuple[str, str]
 
+# What a message over the rate is to the holding (classify()).
+HOLD, ITEM, OTHER, ALL = "hold", "item", "other", "all"
 
-def superseding_key(message: str | bytes) -> tuple[Key, frozenset[str]] | None:
-    """What a later message must share with `message` to make it obsolete,
-    and the fields it must carry too; None if nothing does.
 
-    A `move_item` or an `update_item` of an item (without an `op_id`: its
-    sender waits for that op's ack): a later one of the same action and
-    item that carries at least the same `data` fields holds every value this
-    one would set (Optiverse sends the whole item each time). A `cursor`:
-    the sender's next cursor. Read only for messages over the rate limit,
-    of at most HOLD_MESSAGE_BYTES.
+def classify(message: str | bytes) -> tuple[str, Key | None, frozenset[str]]:
+    """How a message meets the messages held before it: (kind, key, fields).
+
+    - HOLD: a later message can make it obsolete: a valid `move_item` or
+      `update_item` without `op_id` (its sender waits for no ack; key: the
+      action and the item; a later one of the key that carries at least
+      the same `data` fields holds every value this one would set, and
+      Optiverse sends the whole item each time), or a `cursor` (the
+      sender's next one);
+    - ITEM: another command of one item (key ("", item)): it must follow
+      what is held of that item, and commutes with the rest;
+    - OTHER: commutes with every change held (a ping, a sync:request, a
+      message the server refuses anyway);
+    - ALL: a whole-document change (`sync:update`, `sync:full_state`), or
+      a message too large to look into: it must follow everything held.
+
+    Read only for messages over the rate limit or behind held ones.
     """
     if not isinstance(message, str) or len(message) > HOLD_MESSAGE_BYTES:
-        return None
+        return ALL, None, frozenset()
     try:
-        value = orjson.loads(message)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(value, dict) or "op_id" in value:
-        return None
-    kind = value.get("type")
-    if kind == "cursor":
-        return ("cursor", ""), frozenset()
-    if kind != "command":
-        return None
-    command = value.get("command")
-    if not isinstance(command, dict):
-        return None
-    action, item_id, data = command.get("action"), command.get("item_id"), command.get("data")
-    if action not in ("move_item", "update_item") or not isinstance(item_id, str) or not isinstance(data, dict):
-        return None
-    return (action, item_id), frozenset(data)
+        parsed = parse_client_message(decode(message))
+    except ProtocolError:
+        return OTHER, None, frozenset()  # refused, whatever came before
+    if isinstance(parsed, Cursor):
+        return HOLD, ("cursor", ""), frozenset()
+    if isinstance(parsed, Command):
+        item_id = parsed.item_id
+        if not isinstance(item_id, str):
+            return OTHER, None, frozenset()
+        if parsed.op_id is None and parsed.action in ("move_item", "update_item") and parsed.data is not None:
+            return HOLD, (parsed.action, item_id), frozenset(parsed.data)
+        return ITEM, ("", item_id), frozenset()
+    if isinstance(parsed, (SyncUpdate, FullState)):
+        return ALL, None, frozenset()
+    return OTHER, None, frozenset()
 
 
 @attrs.define(eq=False)
 class HeldChanges:
     """A connection's messages over the rate limit that a later message may
-    make obsolete (superseding_key): kept in arrival order, each replaced
-    in its place by a later one of its key, and delivered as the rate
-    allows, instead of being dropped. So a stock client's multi-select drag
-    (a move and an update of every selected item at each mouse event) is
-    thinned to the rate, and its last positions arrive."""
+    make obsolete (classify(): HOLD), delivered as the rate allows instead
+    of being dropped. A later message of a held one's key replaces it and
+    goes to the end: what is held is always the latest message of each key,
+    in the order they arrived (a subsequence of what the client sent, so a
+    move and an update of one item keep their order). So a stock client's
+    multi-select drag (a move and an update of every selected item at each
+    mouse event) is thinned to the rate, and its last positions arrive."""
 
     max_keys: int = HOLD_KEYS
     max_bytes: int = HOLD_BYTES
-    # By key, in arrival order: the message and its `data` fields.
-    entries: dict[Key, tuple[str | bytes, frozenset[str]]] = attrs.field(factory=dict)
+    # By key, in arrival order: the message, its `data` fields, and when it
+    # arrived (what the merge of concurrent edits goes by).
+    entries: dict[Key, tuple[str | bytes, frozenset[str], float]] = attrs.field(factory=dict)
     size: int = 0
     # Messages made obsolete while held.
     superseded: int = 0
@@ -133,11 +145,10 @@ class HeldChanges:
     def __contains__(self, key: Key) -> bool:
         return key in self.entries
 
-    def hold(self, key: Key, fields: frozenset[str], message: str | bytes) -> bool:
-        """Hold `message` (in the place of the one of its key, if held);
-        False if it can't be: the one of its key held has a field `message`
-        lacks (a value would be lost: deliver what is held first), or holding
-        it would pass max_keys or max_bytes."""
+    def hold(self, key: Key, fields: frozenset[str], message: str | bytes, arrived: float = 0.0) -> bool:
+        """Hold `message` (it replaces the one of its key, if held); False if
+        it can't be: the one of its key held has a field `message` lacks (a
+        value would be lost), or holding it would pass max_keys or max_bytes."""
         earlier = self.entries.get(key)
         size = len(message)
         if earlier is not None:
@@ -145,22 +156,25 @@ class HeldChanges:
                 return False
             if self.size - len(earlier[0]) + size > self.max_bytes:
                 return False
-            self.size += size - len(earlier[0])
-            self.entries[key] = (message, fields)  # keeps its place
+            del self.entries[key]
+            self.size -= len(earlier[0])
             self.superseded += 1
-            return True
-        if len(self.entries) >= self.max_keys or self.size + size > self.max_bytes:
+        elif len(self.entries) >= self.max_keys or self.size + size > self.max_bytes:
             return False
-        self.entries[key] = (message, fields)
+        self.entries[key] = (message, fields, arrived)
         self.size += size
         return True
 
-    def pop(self) -> str | bytes:
-        """The first message held, taken."""
+    def pop(self) -> tuple[str | bytes, float]:
+        """The first message held and when it arrived, taken."""
         key = next(iter(self.entries))
-        message, _ = self.entries.pop(key)
+        message, _, arrived = self.entries.pop(key)
         self.size -= len(message)
-        return message
+        return message, arrived
+
+    def holds_item(self, item_id: str) -> bool:
+        """Whether a message of this item is held."""
+        return any(key[1] == item_id and key[0] != "cursor" for key in self.entries)
 
     def clear(self) -> None:
         self.entries.clear()

@@ -287,11 +287,11 @@ class Session:
 
     # -- ConnectionOwner -----------------------------------------------------
 
-    def frame_received(self, conn: Connection, frame: str | bytes) -> None:
+    def frame_received(self, conn: Connection, frame: str | bytes, arrived: float | None = None) -> None:
         assert self.core is not None
         self._receiving = True
         try:
-            self._execute(self.core.receive(conn, conn.user_id, frame))
+            self._execute(self.core.receive(conn, conn.user_id, frame, arrived))
         finally:
             self._receiving = False
 

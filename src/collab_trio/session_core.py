@@ -568,8 +568,10 @@ class SessionCore:
 
     # -- messages ------------------------------------------------------------
 
-    def receive(self, conn: Conn, user_id: str, frame: str | bytes) -> list[Effect]:
-        """Handle one frame from a member: answer it, or queue the change it makes."""
+    def receive(self, conn: Conn, user_id: str, frame: str | bytes, arrived: float | None = None) -> list[Effect]:
+        """Handle one frame from a member: answer it, or queue the change it
+        makes. `arrived`: when it came (the core's `now` time; default now),
+        for a message the connection held over the rate limit."""
         member = self._members.get(user_id)
         if member is None or member.conn != conn:
             return []
@@ -597,7 +599,10 @@ class SessionCore:
         if isinstance(message, Ping):
             return [Send(conn, Pong(self.clock()))]
         if isinstance(message, Command):
-            change = PendingCommand(conn, user_id, size, message.op_id, command=message.command, arrived=self.now())
+            change = PendingCommand(
+                conn, user_id, size, message.op_id, command=message.command,
+                arrived=self.now() if arrived is None else arrived,
+            )
             return self._queue_command(change, message.action)
         if isinstance(message, Cursor):
             return [QueueCursor(conn, Forwarded({**message.raw, "user_id": user_id}))]
