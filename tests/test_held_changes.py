@@ -386,3 +386,89 @@ async def test_a_held_whole_item_update_does_not_undo_a_concurrent_move(
             await trio.sleep(5)
             item = (await stored_items(bob))["L1"]
             assert (item["name"], item["x_mm"]) == ("renamed", 50.0)
+
+
+async def test_held_drag_end_survives_an_abrupt_disconnect(
+    start_server: Callable[..., Any], autojump_clock: trio.abc.Clock
+) -> None:
+    harness = await start_server(rate_limit=10, rate_burst=2)
+    with trio.fail_after(60):
+        async with harness.joined("s", "bob") as bob:
+            async with harness.joined("s", "alice") as alice:
+                await alice.send(command("add_item", "L1", lens("L1", 0.0, 0.0)))
+                await alice.expect("ack")
+                for x in range(1, 11):
+                    await alice.send(command("move_item", "L1", {"x_mm": float(x)}))
+                await trio.sleep(0.05)
+                await trio.aclose_forcefully(alice.ws._stream)
+            await trio.sleep(2)
+            assert (await stored_items(bob))["L1"]["x_mm"] == 10.0
+
+
+async def test_held_drag_end_survives_a_close_after_acks_are_pending(
+    start_server: Callable[..., Any], autojump_clock: trio.abc.Clock
+) -> None:
+    harness = await start_server(rate_limit=10, rate_burst=2)
+    with trio.fail_after(60):
+        async with harness.joined("s", "bob") as bob:
+            async with harness.joined("s", "alice") as alice:
+                await alice.send(command("add_item", "L1", lens("L1", 0.0, 0.0)))
+                await alice.expect("ack")
+                for x in range(1, 11):
+                    await alice.send(command("move_item", "L1", {"x_mm": float(x)}))
+                    await alice.send(command("move_item", "L2", {"x_mm": float(x)}))
+                    await alice.send({"type": "cursor", "x": x, "y": x})
+                await trio.sleep(0.35)
+                await trio.aclose_forcefully(alice.ws._stream)
+            await trio.sleep(2)
+            assert (await stored_items(bob))["L1"]["x_mm"] == 10.0
+
+
+async def test_held_release_after_a_stall_stays_within_the_back_pressure(
+    start_server: Callable[..., Any], autojump_clock: trio.abc.Clock
+) -> None:
+    # While the store stalls, tokens pile up to the burst; when room comes
+    # back the release hands over a whole burst of large held updates at
+    # once, checking the room only before the first.
+    import attrs
+
+    from collab_trio.serving import RECEIVE_BUFFER_SIZE
+
+    from .test_session_runner import GatedStore
+
+    @attrs.define(eq=False)
+    class OneShotGate(GatedStore):
+        passes: int = 0
+
+        async def commit(self, session_id: str, epoch: str, ops: list[Any], replaced: Any = None) -> None:
+            while self.passes <= 0:
+                await self.gate.wait()
+                self.gate = trio.Event()
+            self.passes -= 1
+            await GatedStore.__base__.commit(self, session_id, epoch, ops, replaced)  # type: ignore[attr-defined]
+            self.commits += 1
+
+    store = OneShotGate()
+    limit = 4000
+    harness = await start_server(_store=store, max_pending_bytes=limit, rate_limit=10, rate_burst=10)
+    with trio.fail_after(60):
+        async with harness.joined("s", "alice") as alice:
+            await trio.sleep(1)
+            for n in range(10):
+                await alice.send(command("add_item", f"S{n}", {"n": n}))  # the burst, small
+            big = 0
+            for n in range(60):
+                message = command("update_item", f"L{n}", {"note": "x" * 15_000})
+                big = max(big, len(json.dumps(message)))
+                await alice.send(message)  # held
+            await trio.sleep(5)  # tokens back to the burst; no room meanwhile
+            session = harness.registry.sessions["s"]
+            assert session.core is not None
+            store.passes = 2  # the small adds, then the one large update taken in
+            store.gate.set()
+            peak = 0
+            for _ in range(50):
+                await trio.sleep(0.01)
+                peak = max(peak, session.core.pending_bytes)
+            print("PEAK", peak, store.commits, session.core.pending_bytes)
+            assert peak < limit + RECEIVE_BUFFER_SIZE + big, peak

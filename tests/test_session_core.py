@@ -842,3 +842,27 @@ def test_a_batch_holds_at_most_max_batch_bytes_but_always_one_change() -> None:
         assert len(batch.entries) == 1 or batch.size <= 1000
         c.committed(batch)
     assert sizes == [1, 2, 2, 1]
+
+
+def test_loaded_at_not_leaked_for_a_conn_that_left_with_a_queued_sync() -> None:
+    c = core()
+    c.join("a", "alice", connected_at=NOW)
+    c.join("b", "bob", connected_at=NOW)
+    c.receive("a", "alice", add("L1"))          # pending change
+    c.receive("b", "bob", json.dumps({"type": "sync:request"}))  # queued behind it
+    c.leave("b", "bob", "disconnected")
+    while (batch := c.take_batch()) is not None:
+        c.committed(batch)
+    assert "b" not in c._loaded_at, c._loaded_at
+
+
+def test_loaded_at_not_leaked_for_a_replaced_conn() -> None:
+    c = core()
+    c.join("a", "alice", connected_at=NOW)
+    c.join("b1", "bob", connected_at=NOW)
+    c.receive("a", "alice", add("L1"))
+    c.receive("b1", "bob", json.dumps({"type": "sync:request"}))
+    c.join("b2", "bob", connected_at=NOW)  # replaces b1
+    while (batch := c.take_batch()) is not None:
+        c.committed(batch)
+    assert "b1" not in c._loaded_at, c._loaded_at

@@ -400,3 +400,64 @@ def test_a_host_that_came_after_a_joiner_keeps_its_own_items_when_another_joins_
     s.time += 5.0
     # ada's window still sends her focal-length edits of her own lens.
     assert ada.local("update_item", "L1", interfaces=lens(0, 0, efl=50.0)["interfaces"]) is not None
+
+
+def test_a_host_that_reloaded_then_added_keeps_its_own_item_when_someone_joins() -> None:
+    s = Session()
+    ada = s.connect("ada", role="host", canvas={"L1": lens(0, 0)})
+    s.connect("bob")
+    s.settle()
+    s.time += 10.0
+    # ada's window reconnects (Host mode keeps its canvas); the session is
+    # written, so her stock sync:request is answered with the document, which she loads.
+    s.effects(s.core.join("ada", "ada", connected_at=T0))
+    Wire.deliver(s, "ada")
+    s.send("ada", ada.request())
+    s.deliver_all()
+    assert ada.synced and ada.items == s.server_items()
+    s.time += 1.0
+    # her own new item (sent with the fields her canvas will upload)
+    ada.items["L9"] = lens(5, 5)
+    ada.own.add("L9")
+    s.send("ada", {"type": "command", "command": {"action": "add_item", "item_type": "lens", "item_id": "L9",
+                                                  "data": lens(5, 5)}})
+    s.deliver_all()
+    s.time += 1.0
+    s.connect("cy")  # ada answers user:joined(cy) with her canvas: already the document
+    s.settle()
+    v = s.views()
+    assert v["ada"] == v["bob"] == v["cy"] == v["server"], v
+    s.time += 5.0
+    # her window still sends edits of the lens she made
+    assert ada.local("update_item", "L9", interfaces=lens(5, 5, efl=50.0)["interfaces"]) is not None
+
+
+def test_an_add_crossing_the_hosts_canvas_for_a_newcomer_is_not_lost_for_it() -> None:
+    # cy (Join mode) joins a written session: her stock sync:request is
+    # answered with the document (she is synced and adds a lens at once),
+    # and ada (Host mode) answers user:joined(cy) with her canvas, which cy
+    # loads after sending her add: the load wipes the lens from her window.
+    s = Session()
+    ada = s.connect("ada", role="host", canvas={"L1": lens(0, 0)})
+    s.connect("bob")
+    s.settle()
+    s.time += 5.0
+    cy = s.windows["cy"] = Optiverse("cy")
+    s.inbox["cy"] = []
+    s.effects(s.core.join("cy", "cy", connected_at=T0))   # user:joined(cy) to ada and bob
+    Wire.deliver(s, "cy")                                  # connection:ack
+    s.send("cy", cy.request())                             # answered: the document
+    Wire.deliver(s, "cy")
+    assert cy.synced
+    Wire.deliver(s, "ada")                                 # ada reads user:joined(cy): uploads
+    upload = ada.outbox.pop(0)
+    assert upload["type"] == "sync:full_state" and upload["target_user"] == "cy"
+    add = cy.local("add_item", "N1", **lens(9, 9))         # shown in cy's window, on its way
+    assert add is not None
+    s.send("ada", upload)                                  # forwarded to cy (before the add)
+    s.time += 0.05
+    s.send("cy", add)
+    s.deliver_all()                                        # cy loads ada's canvas, then...
+    s.settle()
+    v = s.views()
+    assert v["cy"] == v["server"] == v["ada"] == v["bob"], {k: sorted(x) for k, x in v.items()}

@@ -468,6 +468,8 @@ class Connection:
             while held.entries and self.close_code is None and self._bucket.allow(now):
                 message, arrived = held.pop()
                 self.owner.frame_received(self, message, arrived)
+                if not self.owner.has_room():
+                    return  # the reader arms the release again once there is room
         finally:
             self.owner.input_done(self)
         self._arm_release(now)

@@ -59,19 +59,36 @@ _MISSING = object()
 MOVE, UPDATE, EXISTENCE = 0, 1, 2
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values: Python's == (a cheap no first), but a boolean
+    is not a number (True == 1 in Python), and lists and objects that ==
+    calls equal are compared by their JSON ([1] and [true], [1] and [1.0]
+    differ there), whatever the order of their keys."""
+    if not a == b:
+        return False
+    if isinstance(a, (list, dict)):
+        try:
+            return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            return True
+    return (type(a) is bool) == (type(b) is bool)
+
+
 def _kept(value: Any) -> tuple[Any, int] | None:
     """How FieldHistory keeps `value`: what it is compared by, and what it
     counts toward HISTORY_VALUES; None if it is not kept. A list or object
     is compared by a digest of its JSON (a tuple, which no JSON value
     equals): a merge then costs the size of the update, not that times the
     copies kept."""
-    if value is None or isinstance(value, (bool, int, float)):
+    if isinstance(value, bool):
+        return ("bool", value), 1  # (True == 1 in Python, not in JSON)
+    if value is None or isinstance(value, (int, float)):
         return value, 1
     if isinstance(value, str):
         return (value, 1) if len(value) <= HISTORY_VALUE_CHARS else None
     if isinstance(value, (list, dict)) and len(value) <= HISTORY_CONTAINER_ITEMS:
         try:
-            encoded = orjson.dumps(value)
+            encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)  # the same object, whatever its key order
         except orjson.JSONEncodeError:  # nested too deep for orjson, or an integer beyond 64 bits
             return None
         if len(encoded) > HISTORY_CONTAINER_BYTES:
@@ -114,7 +131,7 @@ class FieldHistory:
             if name in IDENTITY_FIELDS:
                 continue
             old = before.get(name, _MISSING)
-            if old is not _MISSING and old == value:
+            if old is not _MISSING and _same(old, value):
                 continue
             if fields is None:
                 fields = self._items[item_id] = {}
@@ -208,7 +225,7 @@ def merge_update(
         if name in IDENTITY_FIELDS:
             continue
         now = current.get(name, _MISSING)
-        if now is not _MISSING and now == value:
+        if now is not _MISSING and _same(now, value):
             continue
         seen = history.based_on(item_id, name, user_id, arrived)
         kept = _kept(value) if seen else None

@@ -540,11 +540,15 @@ class SessionCore:
 
     def _loading(self, conns: Iterable[Conn]) -> None:
         """These connections are sent a whole design to load now: no empty
-        state is owed to them any more (it would undo what they did since)."""
+        state is owed to them any more (it would undo what they did since).
+        (Members only: an answer queued for one that left since is noted
+        nowhere.)"""
         now = self.now()
+        members = {m.conn for m in self._members.values()}
         for conn in conns:
-            self._awaiting_canvas.pop(conn, None)
-            self._loaded_at[conn] = now
+            if conn in members:
+                self._awaiting_canvas.pop(conn, None)
+                self._loaded_at[conn] = now
 
     def close_all(self, code: int, reason: str) -> list[Effect]:
         """Close every member with one code, without a storm of leave notices."""
@@ -1126,6 +1130,11 @@ class SessionCore:
                 if self._tracker.replaced(sender, loaders, now):
                     due_before = -1
                 due_before = min(due_before, self._tracker.pending)
+            elif targeted:
+                # Nothing changed, but the target loads it: a change of its
+                # own crossing it may be lost from its window (corrected).
+                self._tracker.replaced(None, loaders, now)
+                due_before = min(due_before, self._tracker.pending)
             if isinstance(entry, PendingRestore):
                 # Every member, as the others after a sync:update.
                 self._loading(self.connections())
@@ -1145,7 +1154,8 @@ class SessionCore:
             else:
                 self._loading(self.connections(exclude=op.user_id))
                 effects.append(Broadcast(self._sync_state(), exclude=op.user_id))
-            if entry.reload_sender and self.is_member(entry.conn, op.user_id):
+            if entry.reload_sender and self.document.items != before and self.is_member(entry.conn, op.user_id):
+                # (Unchanged, the document is what its window shows already.)
                 self._loading((entry.conn,))
                 effects.append(Send(entry.conn, self._sync_state()))
             ack = Ack(op.seq, op.op_id)
