@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -234,8 +235,9 @@ async def test_held_keys_of_one_item_keep_the_last_position(
             assert (item["x_mm"], item["y_mm"]) == (3.0, 3.0)
 
 
-async def test_held_drag_end_survives_a_normal_close(
-    start_server: Callable[..., Any], autojump_clock: trio.abc.Clock
+@pytest.mark.parametrize("end", ["close", "abrupt"])
+async def test_held_drag_end_survives_the_clients_close(
+    start_server: Callable[..., Any], autojump_clock: trio.abc.Clock, end: str
 ) -> None:
     harness = await start_server(rate_limit=10, rate_burst=2)
     with trio.fail_after(60):
@@ -245,7 +247,11 @@ async def test_held_drag_end_survives_a_normal_close(
                 await alice.expect("ack")
                 for x in range(1, 11):
                     await alice.send(command("move_item", "L1", {"x_mm": float(x)}))
-                await alice.ws.aclose()
+                if end == "close":
+                    await alice.ws.aclose()
+                else:
+                    await trio.sleep(0.05)
+                    await trio.aclose_forcefully(alice.ws._stream)
             await trio.sleep(2)
             assert (await stored_items(bob))["L1"]["x_mm"] == 10.0
 
@@ -388,21 +394,7 @@ async def test_a_held_whole_item_update_does_not_undo_a_concurrent_move(
             assert (item["name"], item["x_mm"]) == ("renamed", 50.0)
 
 
-async def test_held_drag_end_survives_an_abrupt_disconnect(
-    start_server: Callable[..., Any], autojump_clock: trio.abc.Clock
-) -> None:
-    harness = await start_server(rate_limit=10, rate_burst=2)
-    with trio.fail_after(60):
-        async with harness.joined("s", "bob") as bob:
-            async with harness.joined("s", "alice") as alice:
-                await alice.send(command("add_item", "L1", lens("L1", 0.0, 0.0)))
-                await alice.expect("ack")
-                for x in range(1, 11):
-                    await alice.send(command("move_item", "L1", {"x_mm": float(x)}))
-                await trio.sleep(0.05)
-                await trio.aclose_forcefully(alice.ws._stream)
-            await trio.sleep(2)
-            assert (await stored_items(bob))["L1"]["x_mm"] == 10.0
+
 
 
 async def test_held_drag_end_survives_a_close_after_acks_are_pending(
