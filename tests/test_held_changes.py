@@ -73,7 +73,9 @@ def test_a_later_message_of_a_key_replaces_the_held_one_and_goes_to_the_end() ->
     assert held.hold(("move_item", "A"), frozenset({"x_mm", "y_mm"}), "a3", 3.0)  # after the update now
     assert not held.hold(("move_item", "A"), frozenset({"y_mm"}), "a4", 4.0)  # would lose x_mm
     assert (held.superseded, held.size) == (1, 4)
-    assert [held.pop(), held.pop()] == [("u2", 2.0), ("a3", 3.0)] and not held and held.size == 0
+    assert held.hold(("move_item", "B"), frozenset(), "b5", 5.0)
+    assert held.take("A") == [("u2", 2.0), ("a3", 3.0)] and held.size == 2  # one item's only
+    assert [held.pop()] == [("b5", 5.0)] and not held and held.size == 0
 
 
 def test_held_messages_are_bounded_in_number_and_bytes() -> None:

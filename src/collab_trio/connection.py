@@ -444,16 +444,12 @@ class Connection:
     def _deliver_held(self, now: float, *, item: str | None = None) -> None:
         """Deliver the held messages (of one item: those of `item`) now,
         whatever the rate: their tokens are owed, the messages after them wait."""
-        held = self._held
-        for key in [k for k in held.entries if item is None or (k[1] == item and k[0] != "cursor")]:
+        for message, arrived in self._held.take(item):
             if self.close_code is not None:
                 return
-            message, _, arrived = held.entries[key]
-            del held.entries[key]
-            held.size -= len(message)
             self._bucket.take(now)
             self.owner.frame_received(self, message, arrived)
-        if not held.entries:
+        if not self._held.entries:
             self._release_at = math.inf
 
     def _release_held(self, now: float) -> None:
@@ -482,7 +478,7 @@ class Connection:
             self.owner.input_done(self)
 
     def _arm_release(self, now: float) -> None:
-        if not self._held:
+        if not self._held.entries:
             return
         self._release_at = now + self._bucket.wait(now)
         scope = self._read_scope

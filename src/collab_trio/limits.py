@@ -172,10 +172,13 @@ class HeldChanges:
         self.size -= len(message)
         return message, arrived
 
-    def holds_item(self, item_id: str) -> bool:
-        """Whether a message of this item is held."""
-        return any(key[1] == item_id and key[0] != "cursor" for key in self.entries)
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.size = 0
+    def take(self, item: str | None = None) -> list[tuple[str | bytes, float]]:
+        """Every message held (or only the moves and updates of `item`) and
+        when each arrived, taken, in order."""
+        keys = [key for key in self.entries if item is None or (key[1] == item and key[0] != "cursor")]
+        taken = []
+        for key in keys:
+            message, _, arrived = self.entries.pop(key)
+            self.size -= len(message)
+            taken.append((message, arrived))
+        return taken
