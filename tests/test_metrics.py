@@ -248,6 +248,35 @@ async def test_auth_failures_and_rate_limited_messages_are_counted(tmp_path: Pat
     }
 
 
+async def test_moves_held_over_the_rate_limit_are_counted(tmp_path: Path) -> None:
+    with trio.fail_after(3 * HANG):
+        async with trio.open_nursery() as nursery:
+            server: CollabServer = await nursery.start(serve, config(rate_limit=1, rate_burst=2))
+            port = metrics_port(server)
+            before = await scrape(port)
+            async with tcp_client(server.port, "/ws/lab/ann") as ann:
+                await expect_json(ann, "connection:ack")
+                add = {"action": "add_item", "item_type": "lens", "item_id": "L1", "data": {"x_mm": 0.0}}
+                await ann.send_message(json.dumps({"type": "command", "command": add}))
+                await expect_json(ann, "ack")
+                for x in range(1, 6):  # one within the burst, then held, each replacing the last
+                    move = {**add, "action": "move_item", "data": {"x_mm": float(x)}}
+                    await ann.send_message(json.dumps({"type": "command", "command": move}))
+                await expect_json(ann, "ack")
+                await expect_json(ann, "ack")  # the last move, at the rate
+                after = await scrape(port)
+            server.request_shutdown()
+    assert moved(
+        before, after,
+        "collab_trio_held_messages_total", "collab_trio_held_superseded_messages_total",
+        "collab_trio_rate_limited_messages_total",
+    ) == {
+        "collab_trio_held_messages_total": 4,
+        "collab_trio_held_superseded_messages_total": 3,
+        "collab_trio_rate_limited_messages_total": 0,
+    }
+
+
 async def test_a_slow_client_closed_with_1013_is_counted_by_reason(start_server: Any) -> None:
     harness: Harness = await start_server(max_queue_bytes=1200, close_timeout=HANG, metrics_address=f"{LOOPBACK}:0")
     port = metrics_port(harness.server)

@@ -427,7 +427,11 @@ class Connection:
             self.owner.frame_received(self, message)
             return
         kind, key, fields = classify(message)
+        superseded = held.superseded
         if kind == HOLD and self._shed.allow(now) and held.hold(key, fields, message, now):  # type: ignore[arg-type]
+            counters = self.counters
+            counters.held += 1
+            counters.held_superseded += held.superseded - superseded
             if allowed:
                 self._bucket.give_back()  # it waits behind the others: its token is taken then
             self._arm_release(now)

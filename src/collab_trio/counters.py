@@ -98,6 +98,10 @@ class Counters:
     auth_failures: dict[str, int] = attrs.field(factory=lambda: _zeros(AUTH_FAILURES))
     # Messages and frames dropped for the per-connection rate limit.
     rate_limited: int = 0
+    # Moves, updates and cursors held over the rate limit instead (limits.py),
+    # and those of them a later one replaced before their turn.
+    held: int = 0
+    held_superseded: int = 0
     commit_failures: int = 0
     commit_batch_size: Histogram = attrs.field(factory=lambda: Histogram(BATCH_BUCKETS))
     commit_seconds: Histogram = attrs.field(factory=lambda: Histogram(SECONDS_BUCKETS))

@@ -248,6 +248,16 @@ class ServerCollector(Collector):
             "Messages and frames dropped for the per-connection rate limit",
             counters.rate_limited,
         )
+        yield _counter(
+            "collab_trio_held_messages_total",
+            "Moves, updates and cursors over the rate limit held and taken in at the rate instead of dropped",
+            counters.held,
+        )
+        yield _counter(
+            "collab_trio_held_superseded_messages_total",
+            "Held messages a later one of the same item and kind replaced before their turn",
+            counters.held_superseded,
+        )
 
 
 async def run_endpoint(
