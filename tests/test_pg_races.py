@@ -19,6 +19,7 @@ from collab_trio.store.postgres import PgDatabase
 from collab_trio.testing import HANG
 
 from .test_leases import add, node, op
+from .test_multinode import until
 
 
 def _released(url: str, session_id: str) -> bool:
@@ -38,8 +39,10 @@ async def test_a_deleted_or_pruned_session_keeps_no_lease_row(start_server, data
             async with a.joined(session_id, "alice") as alice:
                 await alice.send(add("one"))
                 await alice.expect("ack")
-        while not (_released(database_url, "deleted") and _released(database_url, "pruned")):
-            await trio.sleep(0.05)  # (released in the background)
+        await until(  # (released in the background)
+            lambda: _released(database_url, "deleted") and _released(database_url, "pruned"),
+            "the node released both leases", HANG,
+        )
         admin = PgDatabase(database_url)
         try:
             admin.run(lambda d: d.delete("deleted"))
@@ -358,8 +361,10 @@ async def test_a_client_resumes_by_seq_on_the_new_owner_after_snapshots_compacte
                 assert (await bob.expect_closed())[0] == 1013
             assert (await alice.expect_closed())[0] == 1012
         with psycopg.connect(database_url, autocommit=True) as conn:
-            while not conn.execute("SELECT expires_at <= now() FROM leases").fetchone()[0]:
-                await trio.sleep(0.05)
+            await until(
+                lambda: conn.execute("SELECT expires_at <= now() FROM leases").fetchone()[0],
+                "node-a's lease expired", HANG,
+            )
             journal = conn.execute("SELECT min(seq), max(seq) FROM journal").fetchone()
             snap = conn.execute("SELECT version FROM snapshots").fetchone()
         async with b.joined("s", "carol") as carol:

@@ -142,9 +142,6 @@ class HeldChanges:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self.entries
-
     def hold(self, key: Key, fields: frozenset[str], message: str | bytes, arrived: float = 0.0) -> bool:
         """Hold `message` (it replaces the one of its key, if held); False if
         it can't be: the one of its key held has a field `message` lacks (a

@@ -544,7 +544,7 @@ class SessionCore:
         (Members only: an answer queued for one that left since is noted
         nowhere.)"""
         now = self.now()
-        members = {m.conn for m in self._members.values()}
+        members = self.connections()  # (kept while the members stay)
         for conn in conns:
             if conn in members:
                 self._awaiting_canvas.pop(conn, None)
