@@ -144,6 +144,10 @@ class Connection:
     # counts toward the budget (anything but notices).
     _in_cork: bool = False
     _cork_counts: bool = False
+    # Bytes of notices corked since: not counted at the flush's budget check
+    # (a 1013 close's user:left, corked for a member whose flush comes after
+    # it, must not be what tips that member over).
+    _cork_notices: int = 0
     # When the backlog went over max_queue_bytes (None: within it).
     _over_budget_since: float | None = None
     _drains_then: int = 0
@@ -236,6 +240,8 @@ class Connection:
                 self._in_cork = True
                 cork.append(self)  # type: ignore[union-attr]
             self._cork_counts = self._cork_counts or not notice
+            if notice:
+                self._cork_notices += len(frame)
         elif not notice:
             self._check_budget()
 
@@ -249,16 +255,19 @@ class Connection:
             cork.append(self)
         if counts:
             self._cork_counts = True
+        else:
+            self._cork_notices += sum(map(len, frames))
 
     def flush(self) -> None:
         """Write what was corked (see send_frame), then check the budget."""
         self._in_cork = False
         counts, self._cork_counts = self._cork_counts, False
+        notices, self._cork_notices = self._cork_notices, 0
         self.wire.flush()
         if counts and self.close_code is None:
-            self._check_budget()
+            self._check_budget(notices)
 
-    def _check_budget(self) -> None:
+    def _check_budget(self, notices: int = 0) -> None:
         """1013 for a client that stays over its budget, or goes far over it.
 
         A healthy client may be over for a moment (a commit's relays land
@@ -266,7 +275,14 @@ class Connection:
         later, or holds twice the budget, is not keeping up.
         """
         wire, budget = self.wire, self.config.max_queue_bytes
-        backlog = wire.backlog
+        # Everything waiting, replaceable or not, is bounded too, whatever
+        # the backlog: moves of ever new item ids never replace each other.
+        waiting = wire.waiting_bytes
+        if waiting > 2 * budget + self.config.max_document_size:
+            self._too_slow(waiting)
+            return
+        # (Notices just corked are not what closes a client: see _cork_notices.)
+        backlog = max(0, wire.backlog - notices)
         if backlog <= budget:
             self._over_budget_since = None
             return
@@ -274,19 +290,13 @@ class Connection:
         if self._over_budget_since is None or wire.drains != self._drains_then:
             # Over now; or over again after the queue was empty meanwhile.
             self._over_budget_since, self._drains_then = now, wire.drains
-        # Everything queued, replaceable or not, is bounded too: moves of
-        # ever new item ids never replace each other.
-        hard_cap = 2 * budget + self.config.max_document_size
-        if (
-            backlog > 2 * budget
-            or wire.queued_bytes > hard_cap
-            or now - self._over_budget_since >= OVER_BUDGET_GRACE
-        ):
-            log.warning(
-                "User %s is too slow (%d bytes queued); closing with 1013", self.user_id, backlog
-            )
-            self.counters.slow_disconnects["queue_bytes"] += 1
-            self.close(CloseCode.TOO_SLOW, "too slow: outbound queue overflowed", discard=True)
+        if backlog > 2 * budget or now - self._over_budget_since >= OVER_BUDGET_GRACE:
+            self._too_slow(backlog)
+
+    def _too_slow(self, queued: int) -> None:
+        log.warning("User %s is too slow (%d bytes queued); closing with 1013", self.user_id, queued)
+        self.counters.slow_disconnects["queue_bytes"] += 1
+        self.close(CloseCode.TOO_SLOW, "too slow: outbound queue overflowed", discard=True)
 
     def send_message(self, message: ServerMessage) -> None:
         """Encode, frame and queue one message for this client only."""
@@ -315,6 +325,10 @@ class Connection:
             self._read_wait.cancel()
         self._reader_scope.cancel()
         self._cursor_scope.cancel()
+        # A cursor that woke the pump in this same tick must not go out after
+        # the user:left below (the pump's wait already returned: the cancel
+        # reaches it only at its next checkpoint).
+        self._pending_cursor = None
         if discard:
             self.wire.discard()
         if not peer_closed:
@@ -632,7 +646,7 @@ class Connection:
                     await self._cursor_ready.wait()
                     self._cursor_ready = trio.Event()
                     message, self._pending_cursor = self._pending_cursor, None
-                    if message is not None:
+                    if message is not None and self.close_code is None:
                         self.owner.cursor_due(self, message)
                     await trio.sleep(interval)
         except Exception:

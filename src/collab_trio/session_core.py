@@ -943,13 +943,20 @@ class SessionCore:
             count += 1
             size += entry.size
         entries = tuple(self._pending[:count])
-        del self._pending[:count]
         timestamp = self.clock()
         first = self.document.version + 1
         ops: list[Op] = []
         # Items as the earlier changes of this batch leave them (None: removed).
         view: dict[str, dict[str, Any] | None] = {}
-        for entry in entries:
+        # What the ops relay: an update merged into the whole item relays
+        # (and costs every member's queue) far more than it came in as, so
+        # the batch is cut again at max_batch_bytes of that.
+        relayed = 0
+        for index, entry in enumerate(entries):
+            if ops and relayed + self._relay_estimate(entry) > self.max_batch_bytes:
+                count = index  # the rest stays pending, untouched: the next batch's
+                entries = entries[:index]
+                break
             if isinstance(entry, PendingSync):
                 # Taken: a further request of this connection queues anew.
                 if self._waiting_syncs.get(entry.conn) is entry:
@@ -968,6 +975,7 @@ class SessionCore:
                     command_json = encode_command(command)
                     if command_json is not None:
                         size = max(size, merged_message_size(command_json, entry.op_id))
+            relayed += size
             if command_json is None and size >= ENCODE_ONCE_FROM:
                 command_json = encode_command(command)
             ops.append(
@@ -987,10 +995,21 @@ class SessionCore:
                     command_json,
                 )
             )
+        del self._pending[:count]
         displaced = self._displaced(entries, timestamp) if replaced else None
         batch = Batch(entries, tuple(ops), self.document.epoch, displaced)
         self._in_flight = batch
         return batch
+
+    def _relay_estimate(self, entry: Pending) -> int:
+        """About the bytes `entry`'s op relays, at most: an update merged
+        into an existing item relays the whole item with the message's data."""
+        size = entry.size
+        if self.merge_updates and isinstance(entry, PendingCommand) and entry.command.get("action") == "update_item":
+            item_id = entry.command.get("item_id")
+            if isinstance(item_id, str):
+                size += self.document.item_size(item_id) or 0
+        return size
 
     def _displaced(self, entries: tuple[Pending, ...], timestamp: str) -> KeptVersion | None:
         """The document a replacement among `entries` displaces, to keep as a

@@ -199,6 +199,12 @@ class WireStream(trio.abc.Stream):
         """Every byte queued and not yet handed to the socket."""
         return self._queued_bytes
 
+    @property
+    def waiting_bytes(self) -> int:
+        """queued_bytes but the rest of a write the socket took part of (in
+        flight, like the batch the writer holds)."""
+        return self._queued_bytes - self._started_bytes
+
     def claim(self, on_frames: Callable[[list[Event]], None]) -> list[Event]:
         """Route incoming frame headers to `on_frames`; returns those seen so far."""
         self.on_frames = on_frames
