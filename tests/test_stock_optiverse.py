@@ -461,3 +461,182 @@ def test_an_add_crossing_the_hosts_canvas_for_a_newcomer_is_not_lost_for_it() ->
     s.settle()
     v = s.views()
     assert v["cy"] == v["server"] == v["ada"] == v["bob"], {k: sorted(x) for k, x in v.items()}
+
+
+def written_session() -> tuple[Session, Optiverse]:
+    """bob (Join mode, the server's host) synced on an empty state, then added L1."""
+    s = Session()
+    bob = s.connect("bob")
+    s.time += s.core.canvas_wait
+    s.effects(s.core.corrections())
+    s.deliver_all()
+    assert bob.synced
+    assert s.add("bob", "L1", lens(0, 0))
+    s.time += 5.0
+    return s, bob
+
+
+# -- a change crossing a plain sync:state (not a replacement) -----------------------------------
+
+
+def test_a_host_mode_add_crossing_the_answer_to_its_sync_request_is_not_lost() -> None:
+    # ada opens a written session in Host mode with an empty canvas. Her window
+    # is "synced" from the start, so she can add at once; her add crosses the
+    # answer to her sync:request (the document), which she then loads: her
+    # lens is gone from her window, kept by the server and everyone else.
+    s, bob = written_session()
+    ada = _join_held(s, "ada", "host")        # ack read; sync:request answered (unread)
+    s.time += 0.05
+    add = ada.local("add_item", "N", **lens(9, 9))
+    assert add is not None
+    s.send("ada", add)                         # arrives after the sync:state was sent
+    s.deliver_all()                            # ada loads [L1]: N gone from her window
+    s.settle()
+    v = s.views()
+    assert "N" in v["server"] and "N" in v["bob"]
+    assert v["ada"] == v["server"], v
+
+
+def test_a_join_mode_add_crossing_the_document_sent_after_a_non_hosts_canvas_is_not_lost() -> None:
+    # cy (Join mode) is answered with the document and adds a lens at once.
+    # ada (Host mode, but not the server's host: bob came first) answers
+    # user:joined(cy) with her canvas; the server forwards it to cy and then
+    # sends cy sync:state. Both cross cy's add; loading them wipes it.
+    s, bob = written_session()
+    ada = s.connect("ada", role="host")        # loads the document (not the host)
+    s.settle()
+    assert ada.items == s.server_items()
+    s.time += 5.0
+    cy = _join_held(s, "cy", "client")         # user:joined(cy) to ada and bob
+    Wire.deliver(s, "cy")                      # the document: cy is synced
+    assert cy.synced
+    Wire.deliver(s, "ada")                     # ada reads user:joined(cy): uploads
+    upload = ada.outbox.pop(0)
+    assert upload["type"] == "sync:full_state" and upload["target_user"] == "cy"
+    add = cy.local("add_item", "N", **lens(9, 9))
+    assert add is not None
+    s.send("ada", upload)                      # forwarded to cy, then sync:state to cy
+    s.time += 0.05
+    s.send("cy", add)
+    s.deliver_all()
+    s.settle()
+    v = s.views()
+    assert v["cy"] == v["server"] == v["ada"] == v["bob"], {k: sorted(x) for k, x in v.items()}
+
+
+# -- a host's upload to itself and a correction due to it --------------------------------------
+
+
+def test_a_hosts_upload_to_itself_does_not_void_a_correction_due_to_it() -> None:
+    # ada (Host mode, canvas H) is the server's host. bob (Host mode, empty
+    # canvas) joins before ada's sync:request is answered, and adds N: the
+    # session's first write. ada reads user:joined(bob), null, user:joined(ada)
+    # (two uploads of [H]) and only then the relay of N. Her first upload
+    # replaces the document (N is gone) and makes a correction due to her (she
+    # shows N); her second, aimed at herself, changes nothing but counts her
+    # as a loader, and loaders' due corrections are dropped: she keeps N.
+    s = Session()
+    ada = s.windows["ada"] = Optiverse("ada", "host")
+    ada.items, ada.own = {"H": lens(1, 1)}, {"H"}
+    s.inbox["ada"] = []
+    s.effects(s.core.join("ada", "ada", connected_at=T0))
+    Wire.deliver(s, "ada")                     # connection:ack
+    bob = _join_held(s, "bob", "host")         # user:joined(bob) to ada
+    s.send("ada", ada.request())               # null and user:joined(ada) to ada
+    add = bob.local("add_item", "N", **lens(9, 9))
+    assert add is not None
+    s.send("bob", add)                         # the first write, relayed to ada
+    assert [m["type"] for m in s.inbox["ada"]] == ["user:joined", "sync:state", "user:joined", "command"]
+    Wire.deliver(s, "ada")                     # two uploads of [H], then N applied
+    uploads, ada.outbox = ada.outbox, []
+    assert [u["target_user"] for u in uploads] == ["bob", "ada"]
+    s.time += 0.05
+    s.send("ada", uploads[0])                  # replaces [N] by [H]: ada is to be corrected on N
+    s.send("ada", uploads[1])                  # unchanged, aimed at herself: no load for her
+    s.deliver_all()
+    s.settle()
+    v = s.views()
+    assert v["ada"] == v["bob"] == v["server"], v
+
+
+# -- a correction on its way to a host crosses its upload ----------------------------------------
+
+
+def test_a_correction_crossing_a_hosts_upload_is_corrected_again() -> None:
+    # bob drags ada's lens to x=20; ada, who has not read that yet, drags it
+    # to x=10 (arriving 0.9 s later: the server keeps 10) and then reads bob's
+    # relay (she shows 20). A move correction (10) goes to her. cy joins: ada
+    # answers user:joined(cy), read before the correction, with her canvas
+    # (20), which replaces the document more than a window after bob's move.
+    # She then applies the correction: 10 in her window, 20 everywhere else.
+    s, ada, bob = host_and_joiner_with_a_lens()
+    t0 = s.time
+    s.send("bob", bob.local("move_item", "L1", x_mm=20.0, y_mm=0.0))
+    s.time = t0 + 0.9
+    s.send("ada", ada.local("move_item", "L1", x_mm=10.0, y_mm=0.0))
+    Wire.deliver(s, "ada")                     # bob's relay: ada shows 20
+    assert ada.items["L1"]["x_mm"] == 20.0 and s.server_items()["L1"]["x_mm"] == 10.0
+    s.time = t0 + 1.0
+    s.windows["cy"], s.inbox["cy"] = Optiverse("cy"), []
+    s.effects(s.core.join("cy", "cy", connected_at=T0))   # user:joined(cy) to ada
+    Wire.deliver(s, "ada")                     # ada uploads her canvas (20) for cy
+    upload = ada.outbox.pop(0)
+    s.time = t0 + 1.1
+    corrections = s.core.corrections()         # the move correction (10) to ada
+    assert [e.message.command["data"]["x_mm"] for e in corrections if isinstance(e, Send)] == [10.0]
+    s.effects(corrections)
+    s.time = t0 + 1.2
+    s.send("ada", upload)                      # the document becomes her canvas: 20
+    s.deliver_all()                            # ada applies the correction: 10
+    s.settle()
+    v = s.views()
+    assert v["ada"] == v["bob"] == v["cy"] == v["server"], v
+
+
+# -- how long after a load a change may predate it: the member's round trip ----------------------
+
+
+def load_then_add(round_trip: float, after: float) -> tuple[Session, Optiverse, list[Any]]:
+    """ada (Host mode, empty) joins a written session; her sync:request comes
+    `round_trip` after her ack (the round trip the server measures), and is
+    answered with the document, which she loads; her add arrives `after`
+    seconds after that answer. Returns the corrections that come due for her."""
+    s, bob = written_session()
+    ada = s.windows["ada"] = Optiverse("ada", "host")
+    s.inbox["ada"] = []
+    s.effects(s.core.join("ada", "ada", connected_at=T0))
+    s.time += round_trip
+    Wire.deliver(s, "ada")
+    s.send("ada", ada.request())
+    s.deliver_all()
+    assert ada.items == s.server_items()
+    s.time += after
+    add = ada.local("add_item", "N", **lens(9, 9))
+    assert add is not None
+    s.send("ada", add)
+    s.deliver_all()
+    s.time += 5.0
+    corrections = [e for e in s.core.corrections() if isinstance(e, Send) and e.conn == "ada"]
+    return s, ada, corrections
+
+
+def test_an_add_made_after_loading_on_a_fast_link_stays_the_users_own() -> None:
+    # 5 ms round trip: an add 0.3 s after the document was sent was made
+    # after loading it (a correction would rebuild it as another's item).
+    s, ada, corrections = load_then_add(0.005, 0.3)
+    assert corrections == []
+    assert "N" in ada.own and ada.items == s.server_items()
+
+
+def test_on_a_slow_link_an_add_arriving_later_after_a_load_is_still_corrected() -> None:
+    # 0.3 s round trip: an add arriving 0.6 s after the document was sent may
+    # have crossed it; it is corrected for its author (as stored).
+    s, ada, corrections = load_then_add(0.3, 0.6)
+    assert [(e.conn, e.message.command["action"]) for e in corrections] == [("ada", "remove_item"), ("ada", "add_item")]
+
+
+def test_the_load_window_is_a_few_round_trips_at_least_a_floor_at_most_the_correction_window() -> None:
+    for round_trip, after, corrected in [(0.0, 0.2, True), (0.0, 0.3, False), (0.1, 0.28, True), (0.1, 0.32, False),
+                                         (2.0, 0.9, True), (2.0, 1.1, False)]:
+        _, _, corrections = load_then_add(round_trip, after)
+        assert bool(corrections) is corrected, (round_trip, after)

@@ -22,7 +22,6 @@ a clock.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -264,11 +263,14 @@ class CorrectionTracker:
     _recent: dict[str, dict[str, tuple[float, int]]] = attrs.field(factory=dict)
     # When a correction of an item went to a member (it is a relay too).
     _corrected: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    # ... and of what kind (EXISTENCE when it removed the item), see replaced().
+    _corrected_level: dict[tuple[str, str], int] = attrs.field(factory=dict)
     _dirty: dict[tuple[str, str], _Dirty] = attrs.field(factory=dict)
     _commits: int = 0
-    # The last replacement of the document (replaced()): when, and who loaded it.
-    _replaced_at: float = -math.inf
-    _loaders: frozenset[str] = frozenset()
+    # When each member was last sent a whole document to load (any sync:state
+    # or forwarded sync:full_state), and for how long after that a change of
+    # its may predate it: see loaded().
+    _loaded: dict[str, tuple[float, float]] = attrs.field(factory=dict)
 
     def committed(
         self, user_id: str, item_id: str, *, arrived: float, now: float, level: int, force: bool = False
@@ -284,9 +286,9 @@ class CorrectionTracker:
         self._recent[item_id] = authors
         conflict = force or self._corrected.get((user_id, item_id), cutoff) > cutoff
         own = level
-        if self._replaced_at > cutoff and user_id in self._loaders:
-            # Made before this member loaded the replacement, perhaps, and
-            # then lost from its window by loading it: the item as stored
+        if self._loaded_before(user_id, arrived):
+            # Made before this member loaded a document it was sent, perhaps,
+            # and then lost from its window by loading it: the item as stored
             # (created() makes it an add when the change made the item).
             conflict = True
         for author, (when, kind) in authors.items():
@@ -316,9 +318,10 @@ class CorrectionTracker:
     def take_due(self, now: float) -> list[tuple[str, str, int]]:
         """(user, item, level) of every correction due by `now`, taken."""
         due = [(key, d) for key, d in self._dirty.items() if d.due <= now]
-        for key, _ in due:
+        for key, d in due:
             del self._dirty[key]
             self._corrected[key] = now
+            self._corrected_level[key] = d.level
         self._prune(now)
         return [(user_id, item_id, d.level) for (user_id, item_id), d in due]
 
@@ -327,28 +330,46 @@ class CorrectionTracker:
         self._dirty.pop((user_id, item_id), None)
         self._corrected[(user_id, item_id)] = now
 
+    def loaded(self, user_id: str, now: float, window: float) -> None:
+        """`user_id` is sent a whole document to load at `now`: a change of
+        its arriving within `window` after that may have been made before it
+        loaded the document, which then took the change from its window
+        (corrected as stored, as after a replacement)."""
+        self._loaded[user_id] = (now, window)
+
+    def _loaded_before(self, user_id: str, arrived: float) -> bool:
+        loaded = self._loaded.get(user_id)
+        return loaded is not None and loaded[0] > arrived - loaded[1]
+
+    def removed_by_correction(self, user_id: str, item_id: str) -> None:
+        """The correction just taken for `user_id` removed `item_id` (the
+        document lacks it): it took the item's existence away."""
+        if (user_id, item_id) in self._corrected_level:
+            self._corrected_level[(user_id, item_id)] = EXISTENCE
+
     def forget_user(self, user_id: str) -> None:
         """The member left: nothing is due to it."""
+        self._loaded.pop(user_id, None)
         for key in [k for k in self._dirty if k[0] == user_id]:
             del self._dirty[key]
         for key in [k for k in self._corrected if k[0] == user_id]:
             del self._corrected[key]
+            self._corrected_level.pop(key, None)
 
     def replaced(self, sender: str | None, loaders: set[str], now: float) -> bool:
         """`sender` replaced the document with its own view at `now`, and
         `loaders` are sent the new document whole.
 
         The sender may apply, after its upload, relays of other members'
-        changes it had not read yet: each item another member changed within
-        the window is corrected for it (as stored), restoring what those
-        changes did: the position, the whole item, or (an add or a remove)
-        its existence. Only the last rebuilds the item in the sender's window
-        (stock Optiverse then no longer sends property edits of an item it
-        made itself). What was due to a loader
-        is void (it loads everything); a loader's change arriving within the
-        window after this was perhaps made before it loaded the document,
-        which then hid it (see committed()). True if a correction is due
-        that was not (the sender's).
+        changes it had not read yet, and corrections sent to it: each item
+        another member changed, or it was corrected on, within the window is
+        corrected for it (as stored), restoring what those did: the
+        position, the whole item, or (an add or a remove) its existence.
+        Only the last rebuilds the item in the sender's window (stock
+        Optiverse then no longer sends property edits of an item it made
+        itself). What was due to a loader is void (it loads everything); a
+        loader's change arriving soon after may predate its load (see
+        loaded()). True if a correction is due that was not (the sender's).
         """
         cutoff = now - self.window
         for key in [key for key in self._dirty if key[0] in loaders]:
@@ -360,7 +381,12 @@ class CorrectionTracker:
                 if levels:
                     self._mark(sender, item_id, now, max(levels))
                     marked = True
-        self._replaced_at, self._loaders = now, frozenset(loaders)
+            # A correction sent to the sender is a relay too: one on its way
+            # when it uploaded is applied after (and may take the item away).
+            for (user_id, item_id), when in self._corrected.items():
+                if user_id == sender and when > cutoff:
+                    self._mark(sender, item_id, now, self._corrected_level.get((user_id, item_id), MOVE))
+                    marked = True
         return marked
 
     def created(self, author: str, item_id: str, members: Iterable[str], now: float) -> None:
@@ -370,8 +396,8 @@ class CorrectionTracker:
         for member in members:
             if member != author:
                 self._mark(member, item_id, now, EXISTENCE)
-        if author in self._loaders and self._replaced_at > now - self.window:
-            # Its window may have lost the item by loading the replacement.
+        if self._loaded_before(author, now):
+            # Its window may have lost the item by loading a document.
             self._mark(author, item_id, now, EXISTENCE)
 
     def _mark(self, user_id: str, item_id: str, now: float, level: int) -> None:
@@ -394,6 +420,7 @@ class CorrectionTracker:
         cutoff = now - self.window
         for key in [k for k, t in self._corrected.items() if t <= cutoff]:
             del self._corrected[key]
+            self._corrected_level.pop(key, None)
         self._forget_oldest(cutoff, len(self._recent))
 
     def _forget_oldest(self, cutoff: float, limit: int) -> None:

@@ -349,7 +349,17 @@ class _Member:
     user_id: str
     connected_at: str
     can_write: bool
+    # When it was sent connection:ack (the core's `now`), and the round trip
+    # measured from that to its first message (stock Optiverse answers the
+    # ack with sync:request at once): None until then.
+    acked: float = 0.0
+    round_trip: float | None = None
 
+
+# A change arriving this soon after its member was sent a design to load
+# may predate the load (see SessionCore._load_window): round trips, and a floor.
+LOAD_WINDOW_ROUND_TRIPS = 3
+LOAD_WINDOW_FLOOR = 0.25
 
 # Why members are closed (1001) when an administrator deleted or replaced their session.
 RESET_REASON = "session was reset by an administrator; reconnect"
@@ -494,7 +504,7 @@ class SessionCore:
             raise JoinRefused(CloseCode.SESSION_FULL, f"session full ({self.max_users} users)")
         # Assigning to an existing key keeps its place: a reconnecting user keeps
         # its seniority (and host role) instead of going to the back of the line.
-        self._members[user_id] = _Member(conn, user_id, connected_at, can_write)
+        self._members[user_id] = _Member(conn, user_id, connected_at, can_write, self.now())
         self._recipients.clear()
         if self.host is None:
             self.host = user_id
@@ -544,11 +554,25 @@ class SessionCore:
         (Members only: an answer queued for one that left since is noted
         nowhere.)"""
         now = self.now()
-        members = self.connections()  # (kept while the members stay)
-        for conn in conns:
-            if conn in members:
+        loading = set(conns)
+        for member in self._members.values():
+            conn = member.conn
+            if conn in loading:
                 self._awaiting_canvas.pop(conn, None)
                 self._loaded_at[conn] = now
+                self._tracker.loaded(member.user_id, now, self._load_window(member))
+
+    def _load_window(self, member: _Member) -> float:
+        """How long after a member is sent a design to load a change of its
+        may still have been made before it loaded it (and lost from its
+        window by loading it): a few of its round trips, at least
+        LOAD_WINDOW_FLOOR, at most the correction window (which is also the
+        bound while no round trip was measured). Longer would also correct
+        changes made after loading; stock Optiverse rebuilds an add corrected
+        so as another's item, whose property edits it no longer sends."""
+        if member.round_trip is None:
+            return self.correction_window
+        return min(self.correction_window, max(LOAD_WINDOW_FLOOR, LOAD_WINDOW_ROUND_TRIPS * member.round_trip))
 
     def close_all(self, code: int, reason: str) -> list[Effect]:
         """Close every member with one code, without a storm of leave notices."""
@@ -579,6 +603,8 @@ class SessionCore:
         member = self._members.get(user_id)
         if member is None or member.conn != conn:
             return []
+        if member.round_trip is None:
+            member.round_trip = (self.now() if arrived is None else arrived) - member.acked
         if isinstance(frame, bytes):
             self.counters.received["other"] += 1
             return [
@@ -1138,7 +1164,7 @@ class SessionCore:
             elif targeted:
                 # The host's canvas for one newcomer (Optiverse sends one at
                 # every join): the others load it too if it changed anything.
-                loaders = others if changed else {entry.target_user}
+                loaders = others if changed else {entry.target_user} - {op.user_id}
             else:
                 loaders = others
             if changed or not targeted:
@@ -1266,6 +1292,8 @@ class SessionCore:
             if member is None:
                 continue
             commands = self._correction_commands(item_id, level)
+            if item_id not in self.document.items:
+                self._tracker.removed_by_correction(user_id, item_id)
             if commands:
                 self.stats.corrections += 1
             version, now = self.document.version, self.clock()
