@@ -488,6 +488,13 @@ class Connection:
             self.owner.input_done(self)
         self._arm_release(now)
 
+    def hand_over_held(self) -> None:
+        """The server is about to close or replace this connection (a
+        graceful stop, a session moving, a reconnect of the same user): what
+        the client sent and is held counts as on its own close (the end of a
+        drag), delivered now, while the connection is still its user's."""
+        self._hand_over_held()
+
     def _hand_over_held(self) -> None:
         """The client is gone or silent: what it sent and is held counts
         (the end of a drag), delivered before the connection closes."""

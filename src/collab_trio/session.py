@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 # it hands over (postgres store).
 MOVED = "session moved; reconnect"
 
+# Server-side closes after which a member's held messages are still taken in:
+# a graceful stop (1001) and a session moving to another node (1012), not a
+# reset by an administrator (1001 too: its changes would go to what was deleted).
+HAND_OVER_HELD_ON = frozenset({CloseCode.GOING_AWAY, CloseCode.SERVICE_RESTART})
+
 
 def _served_elsewhere(exc: SessionElsewhere) -> JoinRefused:
     """The refusal of a join of a session another live node serves: retry (1013)."""
@@ -231,7 +236,14 @@ class Session:
         conn = Connection(
             ws, wire, user_id, self.config, self, remote=remote, can_write=can_write, counters=self.counters
         )
-        reconnect = self.core.connection_of(user_id) is not None
+        previous = self.core.connection_of(user_id)
+        reconnect = previous is not None
+        if previous is not None:
+            # Before the new connection takes its place: the old one's held
+            # messages (the end of a drag) are still its user's.
+            previous.hand_over_held()  # type: ignore[attr-defined]
+            if self.core.closed:
+                return None  # (a bug in them closed the session)
         try:
             effects = self.core.join(
                 conn, user_id, connected_at=conn.connected_at, can_write=can_write, resume=resume
@@ -267,10 +279,19 @@ class Session:
             raise StoreError(f"session {self.session_id!r} closed before the restore")
         ticket = RestoreTicket()
         self._execute(self.core.restore(items, version, ticket))
-        # The commit has its own deadline (commit_timeout); this one only
-        # guards against a session that failed meanwhile.
-        with trio.move_on_after(2 * self.config.commit_timeout):
-            await ticket.done.wait()
+        # Each commit has its own deadline (commit_timeout), but the restore
+        # may wait behind several batches: a fixed deadline here reported a
+        # restore that was carried out later as failed. The ticket is
+        # answered when its batch is; if the session stops committing first
+        # (a bug, an unknown outcome), `drained` says so.
+        async with trio.open_nursery() as nursery:
+
+            async def wait(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait, ticket.done)
+            nursery.start_soon(wait, self.drained)
         if not ticket.done.is_set():
             raise StoreError(f"session {self.session_id!r} did not carry out the restore")
         if ticket.error is not None:
@@ -451,6 +472,10 @@ class Session:
                         self._hand_over(conn)  # type: ignore[arg-type]
                         conn.send_frame(frame, key, notice=notice, cork=corked)  # type: ignore[attr-defined]
         elif isinstance(effect, Close):
+            if effect.code in HAND_OVER_HELD_ON and effect.reason != RESET_REASON:
+                # Closed through no fault of its client: what it sent and is
+                # held (the end of a drag) is taken in first, as on its own close.
+                effect.conn.hand_over_held()  # type: ignore[attr-defined]
             self._hand_over(effect.conn)  # type: ignore[arg-type]
             effect.conn.close(effect.code, effect.reason)  # type: ignore[attr-defined]
         elif isinstance(effect, QueueCursor):
@@ -910,9 +935,12 @@ class SessionRegistry:
         stay) and give up its lease: everything it committed is answered.
         Not if a successor has loaded meanwhile (it may once this one's
         commits were drained, while this one still stored its snapshot): the
-        lease is the successor's then."""
-        if self.sessions.get(session.session_id) in (None, session):
-            self.store.release(session.session_id)
+        lease is the successor's then, also once that successor closed and
+        still drains its own commits (giving the lease up under them would
+        have them refused)."""
+        session_id = session.session_id
+        if self.sessions.get(session_id) in (None, session) and self.draining.get(session_id) in (None, session):
+            self.store.release(session_id)
         if session.core is not None:
             self.finished_stats.add(session.core.stats)
         if self.draining.get(session.session_id) is session:
