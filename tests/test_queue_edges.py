@@ -211,3 +211,72 @@ def test_what_one_batch_relays_fits_in_max_batch_bytes() -> None:
     assert batch is not None
     relayed = sum(len(encode_message_bytes(Relay(op, op.command_json))) for op in batch.ops)
     assert relayed <= 128 * 1024, f"{len(batch.ops)} ops relay {relayed} bytes in one batch"
+
+
+async def test_the_user_left_of_a_slow_member_does_not_tip_another_over_the_hard_cap(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # As test_the_user_left_of_a_slow_member_does_not_tip_a_member_corked_in_the_same_batch, but u2 also holds replaceable moves:
+    # with the broadcast everything waiting for it is 50 bytes under the hard
+    # cap (2 * budget + max_document_size), its backlog within twice the
+    # budget (a second's grace). u1 goes past twice its budget: 1013, and its
+    # user:left is corked for u2. The flush leaves that notice out of u2's
+    # backlog, but not out of the hard cap: the notice closes u2 too, and
+    # u2's user:left goes to the rest (the cascade PROTOCOL.md rules out:
+    # "The user:left of a member closed this way is never what closes another").
+    from collab_trio.messages import Error, Forwarded
+    from collab_trio.protocol import ErrorCode
+    from collab_trio.session import _frame
+    from collab_trio.session_core import Broadcast, Send
+    from collab_trio.wire import text_frame
+
+    budget = doc = 10_000
+    session, conns = await _session(("u0", "u1", "u2"), ServerConfig(max_queue_bytes=budget, max_document_size=doc))
+    u1, u2 = conns["u1"], conns["u2"]
+    u1.send_frame(text_frame(b'{"type":"user:joined","pad":"' + b"p" * 600 + b'"}'), notice=True)
+    base = Forwarded({"type": "sync:full_state", "items": "", "user_id": "u0"})
+    broadcast = 2 * budget - 100
+    items = "x" * (broadcast - len(_frame(base)) - 2)
+    big = Forwarded({"type": "sync:full_state", "items": items, "user_id": "u0"})
+    assert len(_frame(big)) == broadcast
+    # u2's replaceable moves: the broadcast will leave it 50 bytes under the cap.
+    room = 2 * budget + doc - 50 - broadcast
+    def move(n: int, pad: int) -> bytes:
+        body = {"type": "command", "command": {"action": "move_item", "item_id": f"i{n}", "data": {"pad": "p" * pad}}}
+        return text_frame(json.dumps(body).encode())
+
+    n = 0
+    while room > 0:
+        frame = move(n, 1000)
+        if len(frame) > room:  # the last one: exactly what is left
+            frame = move(n, 1000 - (len(frame) - room))
+        u2.send_frame(frame, ("move", f"i{n}", None, ("pad",)))
+        room -= len(frame)
+        n += 1
+    assert u2.close_code is None and u2.wire.backlog == 0
+    assert u2.wire.waiting_bytes == 2 * budget + doc - 50 - broadcast, u2.wire.waiting_bytes
+    session._execute([Broadcast(big, exclude="u0"), Send(conns["u0"], Error(ErrorCode.RATE_LIMITED, "x"))])
+    assert u1.close_code == 1013
+    # u2 took as much as before; only u1's leave notice came on top.
+    assert u2.close_code is None, (u2.close_code, u2.close_reason)
+
+
+def test_what_one_batch_relays_fits_in_max_batch_bytes_when_the_item_is_added_in_it() -> None:
+    # As test_what_one_batch_relays_fits_in_max_batch_bytes, but the big item is added in the same
+    # batch as the updates: _relay_estimate() looks the item up in the
+    # document as it was before the batch (no such item: 0), so every
+    # update is estimated at its few received bytes, while each is relayed
+    # merged into the whole 40 KB item.
+    from collab_trio.document import SessionDocument
+    from collab_trio.messages import Relay, encode_message_bytes
+    from collab_trio.testing import add_item, update_item
+
+    core = SessionCore("s", SessionDocument(), now=lambda: 0.0, max_batch_bytes=128 * 1024)
+    core.join("a", "alice", connected_at="t")
+    core.receive("a", "alice", json.dumps(add_item("big", {"note": "n" * 40_000})))
+    for n in range(30):
+        core.receive("a", "alice", json.dumps(update_item("big", {"label": f"L{n}"})))
+    batch = core.take_batch()
+    assert batch is not None
+    relayed = sum(len(encode_message_bytes(Relay(op, op.command_json))) for op in batch.ops)
+    assert relayed <= 128 * 1024, f"{len(batch.ops)} ops relay {relayed} bytes in one batch"

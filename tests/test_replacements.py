@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from collab_trio.convergence import MOVE, UPDATE, CorrectionTracker
 from collab_trio.protocol import encode
 from collab_trio.session_core import Broadcast, Send, SessionCore, WantCommit
 
@@ -231,3 +232,63 @@ def test_the_mover_is_corrected_with_a_move_not_a_remove_and_add() -> None:
     assert [m["command"]["action"] for m in w.inbox["bob"] if m.get("correction")] == ["move_item"]
     w.deliver_all()
     assert w.windows["bob"].items == w.server_items()
+
+
+def test_the_sender_of_a_replacement_is_corrected_on_an_update_followed_by_a_move() -> None:
+    # bob edits L1's properties (update_item) and then drags it (move_item);
+    # ada, who read neither yet, uploads her canvas (the old properties):
+    # it replaces the document, and she then applies bob's relays (the new
+    # properties). Her correction must restore the whole item, not only its
+    # position: bob's latest change (a move) hid the update before it.
+    # (Found by tests/test_optiverse_fuzz.py's model with 4-6 users, 40 actions each,
+    # max_delay 0.2, presync_drags=False: a window left with another name.)
+    t = CorrectionTracker(window=1.0)
+    t.committed("bob", "L1", arrived=0.00, now=0.00, level=UPDATE)
+    t.committed("bob", "L1", arrived=0.05, now=0.05, level=MOVE)
+    assert t.replaced("ada", {"bob", "cy"}, now=0.1)
+    assert t.take_due(1.0) == [("ada", "L1", UPDATE)]
+
+
+def test_a_refusals_remove_crossing_the_senders_upload_is_corrected_with_the_item() -> None:
+    # bob removes L1. ada's move of L1 arrives 1.5 s later (a slow link; or
+    # held over the rate limit): refused, and ada is sent error + remove_item.
+    # Before reading them, ada uploads her canvas (sync:update), which still
+    # has L1: the document has L1 again. She then applies the remove: L1 is
+    # gone from her window. replaced() re-marks her for the correction in
+    # flight, but corrected() (the refusal's path) records no kind, so it is
+    # re-sent at MOVE: a move_item, which Optiverse ignores for an item it
+    # lacks. (A correction that removed the item via take_due() is re-sent as
+    # remove + add: removed_by_correction().)
+    from collab_trio.document import SessionDocument
+    from collab_trio.messages import Correction
+    from collab_trio.session_core import Send
+    from collab_trio.testing import add_item, move_item, remove_item, sync_update
+
+    t = [0.0]
+    core = SessionCore("s", SessionDocument(), now=lambda: t[0])
+    core.join("a", "ada", connected_at="t")
+    core.join("b", "bob", connected_at="t")
+
+    def commit() -> list[Any]:
+        effects = []
+        while (batch := core.take_batch()) is not None:
+            effects += core.committed(batch)
+        return effects
+
+    core.receive("a", "ada", json.dumps(add_item("L1", {"x_mm": 1.0, "y_mm": 1.0})))
+    commit()
+    t[0] = 5.0
+    core.receive("b", "bob", json.dumps(remove_item("L1")))
+    commit()
+    t[0] = 6.5
+    core.receive("a", "ada", json.dumps(move_item("L1", {"x_mm": 2.0, "y_mm": 2.0})))
+    refused = [e.message.command["action"] for e in commit() if isinstance(e, Send) and isinstance(e.message, Correction)]
+    assert refused == ["remove_item"]
+    t[0] = 6.6
+    core.receive("a", "ada", json.dumps(sync_update([{"uuid": "L1", "item_uuid": "L1", "item_type": "lens", "x_mm": 2.0, "y_mm": 2.0}])))
+    commit()
+    assert "L1" in core.document.items
+    t[0] = 10.0
+    sent = [e.message.command["action"] for e in core.corrections() if isinstance(e, Send) and e.conn == "a"]
+    # ada's window lacks L1 once she applies the remove: only an add brings it back.
+    assert "add_item" in sent, sent

@@ -277,11 +277,11 @@ class Connection:
         wire, budget = self.wire, self.config.max_queue_bytes
         # Everything waiting, replaceable or not, is bounded too, whatever
         # the backlog: moves of ever new item ids never replace each other.
-        waiting = wire.waiting_bytes
+        # (Notices just corked are not what closes a client: see _cork_notices.)
+        waiting = wire.waiting_bytes - notices
         if waiting > 2 * budget + self.config.max_document_size:
             self._too_slow(waiting)
             return
-        # (Notices just corked are not what closes a client: see _cork_notices.)
         backlog = max(0, wire.backlog - notices)
         if backlog <= budget:
             self._over_budget_since = None

@@ -295,6 +295,12 @@ class CorrectionTracker:
             if author != user_id and when > cutoff:
                 conflict = True
                 level = max(level, kind)  # restore what the other change did too
+        # The author's strongest change within the window, not only its
+        # latest: a move after an update must not hide the update from a
+        # replacement's sender (see replaced()).
+        earlier = authors.get(user_id)
+        if earlier is not None and earlier[1] > own and earlier[0] > now - self.window:
+            own = earlier[1]
         authors[user_id] = (now, own)
         if conflict or (user_id, item_id) in self._dirty:
             self._mark(user_id, item_id, now, level)
@@ -325,10 +331,12 @@ class CorrectionTracker:
         self._prune(now)
         return [(user_id, item_id, d.level) for (user_id, item_id), d in due]
 
-    def corrected(self, user_id: str, item_id: str, now: float) -> None:
-        """A correction of `item_id` went to `user_id` outside take_due()."""
+    def corrected(self, user_id: str, item_id: str, now: float, level: int = EXISTENCE) -> None:
+        """A correction of `item_id` went to `user_id` outside take_due()
+        (a refusal's remove_item: it took the item's existence away)."""
         self._dirty.pop((user_id, item_id), None)
         self._corrected[(user_id, item_id)] = now
+        self._corrected_level[(user_id, item_id)] = level
 
     def loaded(self, user_id: str, now: float, window: float) -> None:
         """`user_id` is sent a whole document to load at `now`: a change of

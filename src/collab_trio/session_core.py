@@ -978,8 +978,12 @@ class SessionCore:
         # (and costs every member's queue) far more than it came in as, so
         # the batch is cut again at max_batch_bytes of that.
         relayed = 0
+        # What an add or merged update earlier in this batch relays of an
+        # item more than one change touches (the document doesn't have it yet,
+        # or not as the batch leaves it).
+        sizes: dict[str, int] = {}
         for index, entry in enumerate(entries):
-            if ops and relayed + self._relay_estimate(entry) > self.max_batch_bytes:
+            if ops and relayed + self._relay_estimate(entry, sizes) > self.max_batch_bytes:
                 count = index  # the rest stays pending, untouched: the next batch's
                 entries = entries[:index]
                 break
@@ -1001,6 +1005,8 @@ class SessionCore:
                     command_json = encode_command(command)
                     if command_json is not None:
                         size = max(size, merged_message_size(command_json, entry.op_id))
+                if repeated and command.get("item_id") in repeated and command.get("action") in ("add_item", "update_item"):
+                    sizes[command["item_id"]] = size
             relayed += size
             if command_json is None and size >= ENCODE_ONCE_FROM:
                 command_json = encode_command(command)
@@ -1027,14 +1033,15 @@ class SessionCore:
         self._in_flight = batch
         return batch
 
-    def _relay_estimate(self, entry: Pending) -> int:
+    def _relay_estimate(self, entry: Pending, sizes: dict[str, int]) -> int:
         """About the bytes `entry`'s op relays, at most: an update merged
         into an existing item relays the whole item with the message's data."""
         size = entry.size
         if self.merge_updates and isinstance(entry, PendingCommand) and entry.command.get("action") == "update_item":
             item_id = entry.command.get("item_id")
             if isinstance(item_id, str):
-                size += self.document.item_size(item_id) or 0
+                known = sizes.get(item_id)
+                size += (self.document.item_size(item_id) or 0) if known is None else known
         return size
 
     def _displaced(self, entries: tuple[Pending, ...], timestamp: str) -> KeptVersion | None:
