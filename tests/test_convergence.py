@@ -24,6 +24,7 @@ from collab_trio.messages import Correction
 from collab_trio.protocol import ErrorCode, encode
 from collab_trio.session_core import (
     Broadcast,
+    PingAfterLoad,
     Send,
     SessionCore,
     WantCommit,
@@ -137,6 +138,11 @@ class Network:
         wire = message.to_wire()
         self._deliver(("server", user), lambda: self.clients[user].receive(wire))
 
+    def _ping(self, user: str) -> None:
+        """A WebSocket ping: the client's pong goes back behind what it sent before."""
+        pong = lambda: self._deliver((user, "server"), lambda: self.core.pong_received(user, user))  # noqa: E731
+        self._deliver(("server", user), pong)
+
     # -- the server: commits every change at once, as an idle store does -----
 
     def _server_receives(self, user: str, text: str) -> None:
@@ -149,6 +155,8 @@ class Network:
             elif isinstance(effect, Broadcast):
                 for conn in self.core.connections(exclude=effect.exclude):
                     self._send_to_client(conn, effect.message)
+            elif isinstance(effect, PingAfterLoad):
+                self._ping(effect.conn)
             elif isinstance(effect, WantCommit):
                 batch = self.core.take_batch()
                 if batch is not None:

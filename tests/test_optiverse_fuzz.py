@@ -28,9 +28,10 @@ cef0820) more closely than test_stock_optiverse.Optiverse does:
 Network: FIFO links, each with a latency drawn once (up to `max_delay`) and
 a jitter of up to half of it per message (or, `jitter=None`, any delay up to
 `max_delay` per message), the server committing at once, a correction timer.
-The server bounds how long after a load a change may predate it by a few of
-the member's round trips, at most `correction_window` (1 s): rounds whose
-round trips pass that (0.6 s one way) are outside what it promises.
+A window answers a WebSocket ping when it gets there (after what came before
+it), on its link back. Relays that cross a change are corrected within
+`correction_window` (1 s): rounds whose round trips pass that (0.6 s one
+way) are outside what the server promises.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from collab_trio.protocol import encode
-from collab_trio.session_core import Broadcast, Send, SessionCore, WantCommit
+from collab_trio.session_core import Broadcast, PingAfterLoad, Send, SessionCore, WantCommit
 
 T0 = "2026-12-07T00:00:00.000+00:00"
 IDENT = ("uuid", "item_uuid", "item_type")
@@ -85,6 +86,8 @@ class Opti:
         self.scene: list[Obj] = []
         self.map: dict[str, Obj] = {}
         self.log: list[str] = []
+        self.conn = ""  # its connection's id at the server
+        self.pong: Callable[[], None] = lambda: None  # answers a WebSocket ping
 
     # -- what the user does --------------------------------------------------------------
 
@@ -245,31 +248,44 @@ class Net:
         self.at(arrival, action)
 
     def join(self, user: str, role: str, canvas: dict[str, dict[str, Any]] | None = None) -> Opti:
+        # One connection id per join: what an earlier window of the user sent
+        # is not taken as the new connection's.
+        conn = f"{user}#{len(self.trace)}"
+
         def send(message: dict[str, Any]) -> None:
             text = encode(message)
             self.trace.append(f"{self.time:.3f} {user} -> {message['type']} {summary(message)}")
-            self._link((user, "server"), lambda: self._server(self.core.receive(user, user, text)))
+            self._link((user, "server"), lambda: self._server(self.core.receive(conn, user, text)))
+
+        def pong() -> None:  # a WebSocket pong: answered in order, like any message
+            self._link((user, "server"), lambda: self.core.pong_received(conn, user))
 
         w = self.windows[user] = Opti(user, role, send)
+        w.conn, w.pong = conn, pong
         for item_id, fields in (canvas or {}).items():
             w.scene.append(Obj(item_id, dict(fields), own=True))
         self.trace.append(f"{self.time:.3f} {user} joins as {role}")
-        self._server(self.core.join(user, user, connected_at=T0))
+        self._server(self.core.join(conn, user, connected_at=T0))
         return w
 
     def leave(self, user: str) -> None:
         self.trace.append(f"{self.time:.3f} {user} leaves")
-        self.windows.pop(user)
-        self._server(self.core.leave(user, user, "closed"))
+        w = self.windows.pop(user)
+        self._server(self.core.leave(w.conn, user, "closed"))
 
-    def _to(self, user: str, message: Any) -> None:
-        wire = json.loads(encode(message.to_wire()))
+    def _to(self, conn: str, message: Any) -> None:
+        user = conn.split("#")[0]
+        wire = None if message is None else json.loads(encode(message.to_wire()))
 
         def arrive() -> None:
             w = self.windows.get(user)
-            if w is not None:
-                self.trace.append(f"{self.time:.3f} {user} <- {wire['type']} {summary(wire)}")
-                w.receive(wire)
+            if w is None or w.conn != conn:
+                return
+            if wire is None:
+                w.pong()
+                return
+            self.trace.append(f"{self.time:.3f} {user} <- {wire['type']} {summary(wire)}")
+            w.receive(wire)
 
         self._link(("server", user), arrive)
 
@@ -280,6 +296,8 @@ class Net:
             elif isinstance(e, Broadcast):
                 for conn in self.core.connections(exclude=e.exclude):
                     self._to(conn, e.message)
+            elif isinstance(e, PingAfterLoad):
+                self._to(e.conn, None)
             elif isinstance(e, WantCommit):
                 batch = self.core.take_batch()
                 if batch is not None:

@@ -14,12 +14,14 @@ from typing import Any
 
 from collab_trio.convergence import MOVE, UPDATE, CorrectionTracker
 from collab_trio.protocol import encode
-from collab_trio.session_core import Broadcast, Send, SessionCore, WantCommit
+from collab_trio.session_core import Broadcast, PingAfterLoad, Send, SessionCore, WantCommit
 
 from .test_convergence import StockClient
 
 T0 = "2026-12-07T00:00:00.000+00:00"
 IDENT = ("uuid", "item_uuid", "item_type")
+# A WebSocket ping in an inbox (the window answers it when it gets there).
+PING: dict[str, Any] = {"type": "(a WebSocket ping)"}
 
 
 class Window(StockClient):
@@ -69,6 +71,8 @@ class Wire:
             elif isinstance(e, Broadcast):
                 for conn in self.core.connections(exclude=e.exclude):
                     self.inbox[conn].append(json.loads(encode(e.message.to_wire())))
+            elif isinstance(e, PingAfterLoad):
+                self.inbox[e.conn].append(PING)
             elif isinstance(e, WantCommit):
                 batch = self.core.take_batch()
                 if batch is not None:
@@ -85,7 +89,10 @@ class Wire:
     def deliver(self, user: str) -> None:
         inbox, self.inbox[user] = self.inbox[user], []
         for message in inbox:
-            self.windows[user].receive(message)
+            if message is PING:
+                self.core.pong_received(user, user)  # answered once what came before is taken in
+            else:
+                self.windows[user].receive(message)
 
     def deliver_all(self) -> None:
         for u in self.windows:

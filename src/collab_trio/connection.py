@@ -39,8 +39,8 @@ from .counters import Counters
 from .limits import ALL, HOLD, HeldChanges, Strikes, TokenBucket, classify
 from .messages import Error, Forwarded, ServerMessage, encode_message_bytes, server_message_type
 from .protocol import CloseCode, ErrorCode, utc_timestamp
-from .inbound import CLOSE, CONTINUATION, PING, Event
-from .wire import WireStream, WriteTimeout, text_frame
+from .inbound import CLOSE, CONTINUATION, PING, PONG, Event
+from .wire import PING_FRAME, WireStream, WriteTimeout, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ class ConnectionOwner(Protocol):
 
     def cursor_due(self, conn: Connection, message: Forwarded) -> None:
         """The cursor pump lets this cursor through now."""
+
+    def pong_received(self, conn: Connection) -> None:
+        """The client answered a ping (in the order of what it was sent)."""
 
     def connection_closed(self, conn: Connection) -> None:
         """close() ran: the connection reads and queues nothing more."""
@@ -298,6 +301,10 @@ class Connection:
         self.counters.slow_disconnects["queue_bytes"] += 1
         self.close(CloseCode.TOO_SLOW, "too slow: outbound queue overflowed", discard=True)
 
+    def send_ping(self, cork: list[Connection]) -> None:
+        """Queue a ping after everything queued (see session_core.PingAfterLoad)."""
+        self.send_frame(PING_FRAME, notice=True, cork=cork)
+
     def send_message(self, message: ServerMessage) -> None:
         """Encode, frame and queue one message for this client only."""
         self.counters.count_sent(server_message_type(message))
@@ -389,6 +396,8 @@ class Connection:
             if opcode >= PING:  # ping or pong: answered by trio-websocket, counted here
                 # A client's keepalive (many libraries ping on their own): not silence.
                 self._heard = now
+                if opcode == PONG:
+                    self.owner.pong_received(self)
                 if not allowed:
                     self._rate_limited()
                     if self.close_code is not None:

@@ -267,10 +267,10 @@ class CorrectionTracker:
     _corrected_level: dict[tuple[str, str], int] = attrs.field(factory=dict)
     _dirty: dict[tuple[str, str], _Dirty] = attrs.field(factory=dict)
     _commits: int = 0
-    # When each member was last sent a whole document to load (any sync:state
-    # or forwarded sync:full_state), and for how long after that a change of
-    # its may predate it: see loaded().
-    _loaded: dict[str, tuple[float, float]] = attrs.field(factory=dict)
+    # Per member sent a whole document to load (any sync:state or forwarded
+    # sync:full_state): until when a change of its arriving may predate the
+    # load (see loaded()).
+    _loaded_until: dict[str, float] = attrs.field(factory=dict)
 
     def committed(
         self, user_id: str, item_id: str, *, arrived: float, now: float, level: int, force: bool = False
@@ -338,16 +338,24 @@ class CorrectionTracker:
         self._corrected[(user_id, item_id)] = now
         self._corrected_level[(user_id, item_id)] = level
 
-    def loaded(self, user_id: str, now: float, window: float) -> None:
+    def loaded(self, user_id: str, now: float, wait: float) -> None:
         """`user_id` is sent a whole document to load at `now`: a change of
-        its arriving within `window` after that may have been made before it
-        loaded the document, which then took the change from its window
-        (corrected as stored, as after a replacement)."""
-        self._loaded[user_id] = (now, window)
+        its arriving until it has loaded it (loaded_by(); at most `wait`
+        after `now`) may have been made before, and then taken from its
+        window by the load: it is corrected as stored."""
+        self._loaded_until[user_id] = now + wait
+
+    def loaded_by(self, user_id: str, now: float) -> None:
+        """`user_id` has loaded what it was sent by `now` (it answered the
+        ping sent after it): its changes arriving later were made after."""
+        until = self._loaded_until.get(user_id)
+        if until is not None and now < until:
+            self._loaded_until[user_id] = now
 
     def _loaded_before(self, user_id: str, arrived: float) -> bool:
-        loaded = self._loaded.get(user_id)
-        return loaded is not None and loaded[0] > arrived - loaded[1]
+        # (<=: a change read with the pong, just before it, has its time.)
+        until = self._loaded_until.get(user_id)
+        return until is not None and arrived <= until
 
     def removed_by_correction(self, user_id: str, item_id: str) -> None:
         """The correction just taken for `user_id` removed `item_id` (the
@@ -357,7 +365,7 @@ class CorrectionTracker:
 
     def forget_user(self, user_id: str) -> None:
         """The member left: nothing is due to it."""
-        self._loaded.pop(user_id, None)
+        self._loaded_until.pop(user_id, None)
         for key in [k for k in self._dirty if k[0] == user_id]:
             del self._dirty[key]
         for key in [k for k in self._corrected if k[0] == user_id]:

@@ -40,6 +40,7 @@ from .session_core import (
     Effect,
     Emptied,
     JoinRefused,
+    PingAfterLoad,
     QueueCursor,
     Refuse,
     Restored,
@@ -332,6 +333,10 @@ class Session:
     def cursor_due(self, conn: Connection, message: Forwarded) -> None:
         self._execute([Broadcast(message, exclude=conn.user_id)])
 
+    def pong_received(self, conn: Connection) -> None:
+        if self.core is not None:
+            self.core.pong_received(conn, conn.user_id)
+
     def connection_closed(self, conn: Connection) -> None:
         assert self.core is not None
         if not self.core.is_member(conn, conn.user_id):
@@ -478,6 +483,9 @@ class Session:
                 effect.conn.hand_over_held()  # type: ignore[attr-defined]
             self._hand_over(effect.conn)  # type: ignore[arg-type]
             effect.conn.close(effect.code, effect.reason)  # type: ignore[attr-defined]
+        elif isinstance(effect, PingAfterLoad):
+            self._hand_over(effect.conn)  # type: ignore[arg-type]
+            effect.conn.send_ping(self._corked)  # type: ignore[attr-defined]
         elif isinstance(effect, QueueCursor):
             effect.conn.queue_cursor(effect.message)  # type: ignore[attr-defined]
         elif isinstance(effect, Refuse):

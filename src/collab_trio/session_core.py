@@ -170,6 +170,15 @@ class WantCorrections:
 
 
 @attrs.frozen
+class PingAfterLoad:
+    """Send `conn` a WebSocket ping, after everything sent to it so far: a
+    client answers it (RFC 6455) once it has taken in all of that, so its
+    pong (pong_received) tells when it had loaded what was sent before."""
+
+    conn: Conn
+
+
+@attrs.frozen
 class WantSnapshot:
     """Enough ops since the last snapshot: store this one (see snapshot_saved)."""
 
@@ -195,7 +204,17 @@ class Emptied:
 
 
 Effect = (
-    Send | Broadcast | Close | QueueCursor | Refuse | WantCommit | WantCorrections | WantSnapshot | Restored | Emptied
+    Send
+    | Broadcast
+    | Close
+    | QueueCursor
+    | Refuse
+    | PingAfterLoad
+    | WantCommit
+    | WantCorrections
+    | WantSnapshot
+    | Restored
+    | Emptied
 )
 
 
@@ -349,17 +368,18 @@ class _Member:
     user_id: str
     connected_at: str
     can_write: bool
-    # When it was sent connection:ack (the core's `now`), and the round trip
-    # measured from that to its first message (stock Optiverse answers the
-    # ack with sync:request at once): None until then.
-    acked: float = 0.0
-    round_trip: float | None = None
+    # Asked for the document as stock Optiverse does (a sync:request with a
+    # `user_id`): a design it loads replaces its canvas (see _loading).
+    stock: bool = False
+    # Pings sent after a design to load (PingAfterLoad), and pongs received since.
+    pings: int = 0
+    pongs: int = 0
 
 
-# A change arriving this soon after its member was sent a design to load
-# may predate the load (see SessionCore._load_window): round trips, and a floor.
-LOAD_WINDOW_ROUND_TRIPS = 3
-LOAD_WINDOW_FLOOR = 0.25
+# Seconds a member's changes count as made before a design it was sent to
+# load while the pong to the ping sent after it is awaited (see _loading):
+# the pong ends it sooner; this bounds it for a client that never answers.
+PONG_WAIT = 5.0
 
 # Why members are closed (1001) when an administrator deleted or replaced their session.
 RESET_REASON = "session was reset by an administrator; reconnect"
@@ -504,7 +524,7 @@ class SessionCore:
             raise JoinRefused(CloseCode.SESSION_FULL, f"session full ({self.max_users} users)")
         # Assigning to an existing key keeps its place: a reconnecting user keeps
         # its seniority (and host role) instead of going to the back of the line.
-        self._members[user_id] = _Member(conn, user_id, connected_at, can_write, self.now())
+        self._members[user_id] = _Member(conn, user_id, connected_at, can_write)
         self._recipients.clear()
         if self.host is None:
             self.host = user_id
@@ -548,31 +568,46 @@ class SessionCore:
         self._awaiting_canvas.pop(conn, None)
         self._loaded_at.pop(conn, None)
 
-    def _loading(self, conns: Iterable[Conn]) -> None:
+    def _loading(self, conns: Iterable[Conn]) -> list[Effect]:
         """These connections are sent a whole design to load now: no empty
         state is owed to them any more (it would undo what they did since).
         (Members only: an answer queued for one that left since is noted
         nowhere.)"""
         now = self.now()
         loading = set(conns)
+        pings: list[Effect] = []
         for member in self._members.values():
             conn = member.conn
             if conn in loading:
                 self._awaiting_canvas.pop(conn, None)
                 self._loaded_at[conn] = now
-                self._tracker.loaded(member.user_id, now, self._load_window(member))
+                # A change of its arriving before it answers the ping sent
+                # after the design may have been made before it loaded the
+                # design, which then hid it (CorrectionTracker.loaded); one
+                # arriving after was made after (links are FIFO). Pinged:
+                # stock Optiverse (Qt answers pings as it reads), whose
+                # corrections cost it most (an add corrected is rebuilt as
+                # another's item). Not others: a trio-websocket client fails
+                # on a ping that arrives after it started closing.
+                if member.stock:
+                    member.pings += 1
+                    pings.append(PingAfterLoad(conn))
+                    self._tracker.loaded(member.user_id, now, PONG_WAIT)
+                else:
+                    self._tracker.loaded(member.user_id, now, self.correction_window)
+        return pings
 
-    def _load_window(self, member: _Member) -> float:
-        """How long after a member is sent a design to load a change of its
-        may still have been made before it loaded it (and lost from its
-        window by loading it): a few of its round trips, at least
-        LOAD_WINDOW_FLOOR, at most the correction window (which is also the
-        bound while no round trip was measured). Longer would also correct
-        changes made after loading; stock Optiverse rebuilds an add corrected
-        so as another's item, whose property edits it no longer sends."""
-        if member.round_trip is None:
-            return self.correction_window
-        return min(self.correction_window, max(LOAD_WINDOW_FLOOR, LOAD_WINDOW_ROUND_TRIPS * member.round_trip))
+    def pong_received(self, conn: Conn, user_id: str) -> None:
+        """A member's connection received a pong: the answer to the oldest
+        PingAfterLoad not yet answered (a client answers in order; an unasked pong
+        counts for nothing). Once all are answered, what it was sent to load
+        is loaded: its changes from now on were made after that."""
+        member = self._members.get(user_id)
+        if member is None or member.conn != conn or member.pongs >= member.pings:
+            return
+        member.pongs += 1
+        if member.pongs == member.pings:
+            self._tracker.loaded_by(user_id, self.now())
 
     def close_all(self, code: int, reason: str) -> list[Effect]:
         """Close every member with one code, without a storm of leave notices."""
@@ -603,8 +638,6 @@ class SessionCore:
         member = self._members.get(user_id)
         if member is None or member.conn != conn:
             return []
-        if member.round_trip is None:
-            member.round_trip = (self.now() if arrived is None else arrived) - member.acked
         if isinstance(frame, bytes):
             self.counters.received["other"] += 1
             return [
@@ -637,6 +670,8 @@ class SessionCore:
         if isinstance(message, Cursor):
             return [QueueCursor(conn, Forwarded({**message.raw, "user_id": user_id}))]
         if isinstance(message, SyncRequest):
+            if message.stock:
+                member.stock = True
             return self._answer_sync(conn, message, size)
         if isinstance(message, SyncUpdate):
             change = PendingReplace(conn, user_id, size, message.op_id, items=message.items)
@@ -681,15 +716,14 @@ class SessionCore:
 
     def _forward(self, message: Forwarded, target_user: str | None, *, exclude: str) -> list[Effect]:
         if target_user is None:
-            self._loading(self.connections(exclude=exclude))
-            return [Broadcast(message, exclude=exclude)]
+            pings = self._loading(self.connections(exclude=exclude))
+            return [Broadcast(message, exclude=exclude), *pings]
         if target_user == exclude:
             return []  # its own canvas (an answer to the probe, see _sync_send)
         target = self._members.get(target_user)
         if target is None:
             return []
-        self._loading((target.conn,))
-        return [Send(target.conn, message)]
+        return [Send(target.conn, message), *self._loading((target.conn,))]
 
     @property
     def projected_size(self) -> int:
@@ -814,7 +848,7 @@ class SessionCore:
         answer = self._sync_answer(request)
         effects: list[Effect] = [Send(conn, answer)]
         if isinstance(answer, SyncState) and answer.state is not None:
-            self._loading((conn,))
+            effects += self._loading((conn,))
         if (
             request.stock
             and isinstance(answer, SyncState)
@@ -1189,8 +1223,8 @@ class SessionCore:
                 due_before = min(due_before, self._tracker.pending)
             if isinstance(entry, PendingRestore):
                 # Every member, as the others after a sync:update.
-                self._loading(self.connections())
-                effects += [Broadcast(self._sync_state()), Restored(entry.ticket, op.seq)]
+                pings = self._loading(self.connections())
+                effects += [Broadcast(self._sync_state()), *pings, Restored(entry.ticket, op.seq)]
                 continue
             if entry.forward is not None:
                 effects += self._forward(entry.forward, entry.target_user, exclude=op.user_id)
@@ -1201,15 +1235,15 @@ class SessionCore:
                         for user_id, member in self._members.items()
                         if user_id not in (op.user_id, entry.target_user)
                     ]
-                    self._loading(conns)
                     effects += [Send(conn, state) for conn in conns]
+                    effects += self._loading(conns)
             else:
-                self._loading(self.connections(exclude=op.user_id))
-                effects.append(Broadcast(self._sync_state(), exclude=op.user_id))
+                pings = self._loading(self.connections(exclude=op.user_id))
+                effects += [Broadcast(self._sync_state(), exclude=op.user_id), *pings]
             if entry.reload_sender and self.document.items != before and self.is_member(entry.conn, op.user_id):
                 # (Unchanged, the document is what its window shows already.)
-                self._loading((entry.conn,))
                 effects.append(Send(entry.conn, self._sync_state()))
+                effects += self._loading((entry.conn,))
             ack = Ack(op.seq, op.op_id)
             effects += [Send(conn, ack) for conn in (entry.conn, *entry.repeats)]
         if self._tracker.pending > due_before:

@@ -38,7 +38,7 @@ from typing import Any
 import trio
 
 from .counters import Counters
-from .inbound import CLOSE, TEXT, Event, FrameReader
+from .inbound import CLOSE, PING, TEXT, Event, FrameReader
 
 # Bytes read from a plain socket at most, when trio-websocket doesn't say
 # (trio's own default).
@@ -80,6 +80,10 @@ def text_frame(payload: bytes) -> bytes:
     if length < 1 << 16:
         return _LENGTH_16.pack(0x80 | TEXT, 126, length) + payload
     return _LENGTH_64.pack(0x80 | TEXT, 127, length) + payload
+
+
+# An unmasked ping without payload (trio-websocket ignores a pong it did not ask for).
+PING_FRAME = bytes((0x80 | PING, 0))
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
