@@ -4,7 +4,6 @@ status, never a traceback, and nothing stored that the file did not say."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
