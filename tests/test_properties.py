@@ -353,7 +353,16 @@ def _reference_float(text: str) -> float:
     return value
 
 
-_reference_decoder = json.JSONDecoder(parse_constant=_reference_constant, parse_float=_reference_float)
+def _reference_int(text: str) -> int:
+    # Beyond double range Qt refuses an integer as it refuses 1e400.
+    if not math.isfinite(float(text)):
+        raise ValueError("out of range")
+    return int(text)
+
+
+_reference_decoder = json.JSONDecoder(
+    parse_constant=_reference_constant, parse_float=_reference_float, parse_int=_reference_int
+)
 
 
 def _utf8_safe(text: str) -> bool:

@@ -22,10 +22,18 @@ the reader gets the message in the task that read the bytes.
 
 from __future__ import annotations
 
+import re
+
 # Opcodes (RFC 6455 section 5.2).
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 Event = tuple[int, bool] | str
+
+# Where a request head ends, as h11 (and so wsproto and read_request_head)
+# finds it: the first blank line, its line ends CRLF or a bare LF. Looking
+# for CRLF CRLF only would miss a head h11 accepted ("\n\n"), and then
+# count no frame at all (or start at an attacker's CRLF CRLF in a payload).
+_END_OF_HEAD = re.compile(b"\n\r?\n")
 
 
 def unmask(payload: bytes | bytearray, mask: bytes) -> bytes:
@@ -69,11 +77,11 @@ class FrameReader:
         if self._in_http:
             # The upgrade request has no body: frames start after its blank line.
             seen = self._http_tail + bytes(view)
-            end = seen.find(b"\r\n\r\n")
-            if end < 0:
-                self._http_tail = seen[-3:]
+            match = _END_OF_HEAD.search(seen)
+            if match is None:
+                self._http_tail = seen[-2:]
                 return data, events
-            start = end + 4 - len(self._http_tail)
+            start = match.end() - len(self._http_tail)
             out.append(view[:start])
             view = view[start:]
             self._in_http = False

@@ -127,11 +127,21 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _parse_int(text: str) -> int:
+    # Beyond double range (from 309 digits on) Qt's QJsonDocument refuses
+    # an integer just as it refuses 1e400: the whole message would be lost.
+    if len(text) >= 309 and not math.isfinite(float(text)):
+        raise ValueError(f"number {text[:20]}... is out of range")
+    return int(text)
+
+
 # The stdlib decoders, for frames with long digit runs only: exact integers.
 # Floats as checked by orjson need no hook; `_checked_decoder` is for frames
 # whose huge numbers orjson could not read (see _validate).
 _exact_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-_checked_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+_checked_decoder = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_parse_float, parse_int=_parse_int
+)
 _stdlib_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 # Byte masks, made with one bytes.translate: digits become "0", all else " ".
@@ -409,8 +419,7 @@ def parse_json(text: str | bytes) -> Any:
         # orjson can't read a number beyond float range, even an integer.
         shortened, in_float = _shorten_huge_numbers(data, mask)
         _validate(shortened, deep)
-        if in_float:
-            decoder = _checked_decoder  # a float orjson did not see whole
+        decoder = _checked_decoder  # a number orjson did not see whole
     try:
         return decoder.decode(text if isinstance(text, str) else data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:

@@ -41,7 +41,7 @@ from .auth import redact
 from .counters import Counters
 from .listen import interface_addresses
 from .protocol import ENDPOINT_TEMPLATE, TOKEN_SEGMENT, CloseCode
-from .proxies import forwarded_client
+from .proxies import forwarded_client, is_trusted, parse_address
 from .upgrade import MalformedRequest, RequestHead, read_request_head
 from .wire import WireStream
 
@@ -266,6 +266,14 @@ class WebSocketServer:
         try:
             try:
                 peer = peer_name(stream)
+                if self._over_limit_before_head(address):
+                    # Checked again once the head is read (a forwarded client's
+                    # address is known only then); a connection that has not sent
+                    # its head yet must not escape the limit meanwhile (slowloris).
+                    log.warning("Refused %s: too many connections from this address", address)
+                    await self._send_answer(stream, _TOO_MANY_CONNECTIONS, peer)
+                    await _linger(stream)
+                    return
                 head = await self._read_head(stream, peer, deadline)
                 if head is None:
                     return
@@ -290,7 +298,8 @@ class WebSocketServer:
                     write_timeout=self.config.write_timeout,
                     max_message_size=self.config.max_message_size,
                     counters=self.counters,
-                    received=head.received,
+                    received=head.received[: head.head_size],
+                    early=head.trailing,
                 )
                 async with trio.open_nursery() as ws_nursery:
                     request = None
@@ -313,6 +322,15 @@ class WebSocketServer:
             self._count(address, -1)
             # trio-websocket leaves the stream open after some closes (e.g. 1009).
             await trio.aclose_forcefully(stream)
+
+    def _over_limit_before_head(self, address: str) -> bool:
+        """Whether a new connection from `address` is over the per-address
+        limit already (a trusted proxy's are counted once their head names
+        the client)."""
+        if self._per_address[address] <= self.config.max_connections_per_ip:
+            return False
+        parsed = parse_address(address)
+        return parsed is None or not is_trusted(parsed, self.config.trusted_proxies)
 
     def _count(self, address: str, change: int) -> None:
         count = self._per_address.get(address, 0) + change
@@ -415,6 +433,35 @@ class WebSocketServer:
         else:
             return request
         return None
+
+
+_TOO_MANY_TEXT = b"too many connections from your address\n"
+# The answer to a connection over the per-address limit before its request head is read.
+_TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TOO_MANY_TEXT)
+) + _TOO_MANY_TEXT
+
+# Seconds and bytes of what a refused client still sends that are read
+# (and dropped) before its connection closes.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 64 * 1024
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Read and drop what the client sends, briefly, before the close: a
+    socket closed with its request unread is reset, and the reset can
+    reach the client before the answer it was sent (it sees no 429)."""
+    received = 0
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            while received <= LINGER_BYTES:
+                data = await stream.receive_some(16 * 1024)
+                if not data:
+                    return
+                received += len(data)
+        except CLIENT_GONE:
+            return
 
 
 # A Host header worth repeating in the plain-HTTP answer: a name or an address, and a port.

@@ -46,7 +46,8 @@ class MalformedRequest(Exception):
 
 @attrs.define(eq=False)
 class RequestHead:
-    """A parsed request head and every byte read so far (the head, maybe frames after it)."""
+    """A parsed request head and every byte read so far (the head, maybe
+    frames after it: `trailing`)."""
 
     method: str
     target: str
@@ -54,6 +55,17 @@ class RequestHead:
     headers: list[tuple[bytes, bytes]]
     received: bytes
     _conn: h11.Connection
+    # Bytes of `received` that are the head (up to and including its blank line).
+    head_size: int = attrs.field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.head_size is None:
+            self.head_size = len(self.received)
+
+    @property
+    def trailing(self) -> bytes:
+        """What was read after the head (frames a client sent before the 101)."""
+        return self.received[self.head_size:]
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header, or None."""
@@ -133,7 +145,8 @@ async def read_request_head(
             text = f"{_phrase(status)}: not a valid HTTP/1.1 request\n"
             raise MalformedRequest(status, _response(conn, status, text, [], head_only=False)) from None
         if isinstance(event, h11.Request):
-            if len(received) - len(conn.trailing_data[0]) > max_bytes:
+            head_size = len(received) - len(conn.trailing_data[0])
+            if head_size > max_bytes:
                 # (h11 bounds a head only while it is incomplete.)
                 status = 431
                 text = f"{_phrase(status)}: the request head is over {max_bytes} bytes\n"
@@ -144,6 +157,7 @@ async def read_request_head(
                 headers=[(name, value) for name, value in event.headers],
                 received=bytes(received),
                 conn=conn,
+                head_size=head_size,
             )
         if event is not h11.NEED_DATA:  # ConnectionClosed: the client left first
             return None

@@ -140,11 +140,21 @@ class WireStream(trio.abc.Stream):
         max_message_size: int = 1 << 20,
         counters: Counters | None = None,
         received: bytes = b"",
+        early: bytes | None = None,
     ) -> None:
         self.raw = raw
         # Bytes already read from `raw` (the request head the serving layer
         # parsed, see upgrade.py): the first receive_some() takes them.
         self._received = received
+        # Given (the serving layer: `received` is the whole request head):
+        # the bytes read after the head, and nothing more is read, until the
+        # 101 goes out. wsproto drops whatever it is fed before it accepts
+        # (its server connection starts empty), while the frame reader would
+        # parse those bytes as frames and lose step with wsproto for good (a
+        # frame header announcing 2**40 bytes, sent with the head, and it
+        # would count no frame again). Held back, they are frames to both.
+        self._early = early
+        self._upgraded = trio.Event()
         self.write_timeout = write_timeout
         # The server's counters: every byte written to the client adds to bytes_sent.
         self.counters = counters if counters is not None else Counters()
@@ -425,6 +435,10 @@ class WireStream(trio.abc.Stream):
     # -- trio.abc.Stream (what trio-websocket calls) ----------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._early is not None and bytes(data[:13]) in (b"HTTP/1.1 101 ", b"HTTP/1.0 101 "):
+            # trio-websocket accepts: wsproto parses frames from now on (see __init__).
+            self._received, self._early = self._received + self._early, None
+            self._upgraded.set()
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         if self._broken is not None:
@@ -474,6 +488,10 @@ class WireStream(trio.abc.Stream):
                 data = self._received[:max_bytes] if max_bytes else self._received
                 self._received = self._received[len(data):]
                 await trio.lowlevel.checkpoint()
+            elif self._early is not None:
+                # The head is read; nothing more before the 101 (see __init__).
+                await self._upgraded.wait()
+                continue
             elif self._socket is not None:
                 data = await self._read_socket(max_bytes or READ_SIZE)
             else:
@@ -499,6 +517,8 @@ class WireStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         self._closed = True
+        self._early = None  # a read waiting for the 101 reads the closed stream
+        self._upgraded.set()
         self._attached = False
         self._progress.set()
         await self.raw.aclose()
