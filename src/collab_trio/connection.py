@@ -160,6 +160,13 @@ class Connection:
     _waiting_room: int = 0
     # The wire's wait for room before it reads more (close() cancels it).
     _read_wait: trio.CancelScope | None = None
+    # Pongs whose header came ahead of data messages the client sent before
+    # them and trio-websocket still holds: reported once those are read
+    # (`wire.consumed` reaches each), so a change sent before a pong is
+    # never taken for one made after it.
+    _pongs_due: deque[int] = attrs.field(factory=deque)
+    # Pings sent (send_ping) not yet answered: their pongs take no token.
+    _pings_out: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
@@ -303,6 +310,8 @@ class Connection:
 
     def send_ping(self, cork: list[Connection]) -> None:
         """Queue a ping after everything queued (see session_core.PingAfterLoad)."""
+        if self.close_code is None:
+            self._pings_out += 1
         self.send_frame(PING_FRAME, notice=True, cork=cork)
 
     def send_message(self, message: ServerMessage) -> None:
@@ -397,7 +406,21 @@ class Connection:
                 # A client's keepalive (many libraries ping on their own): not silence.
                 self._heard = now
                 if opcode == PONG:
-                    self.owner.pong_received(self)
+                    after = self.wire.pong_after()
+                    if self._pings_out:
+                        # The answer to a ping of ours (send_ping): asked
+                        # for, so free of the rate limit (a client dragging
+                        # over the rate must not be struck for answering).
+                        self._pings_out -= 1
+                        if allowed:
+                            self._bucket.give_back()
+                        allowed = True
+                        # It counts once what the client sent before it
+                        # has been read (see _pongs_due).
+                        if after <= self.wire.consumed and not self._pongs_due:
+                            self.owner.pong_received(self)
+                        else:
+                            self._pongs_due.append(after)
                 if not allowed:
                     self._rate_limited()
                     if self.close_code is not None:
@@ -564,6 +587,8 @@ class Connection:
                     self._heard = now = trio.current_time()
                     try:
                         self._deliver(message, now)
+                        if self._pongs_due:
+                            self._report_pongs()
                     finally:
                         self.owner.input_done(self)
                     if self.close_code is not None:
@@ -587,6 +612,13 @@ class Connection:
                 f"heartbeat timeout: nothing received for {idle_timeout:g} s",
             )
             return
+
+    def _report_pongs(self) -> None:
+        """The pongs whose earlier messages have all been read now count."""
+        due, consumed = self._pongs_due, self.wire.consumed
+        while due and due[0] <= consumed and self.close_code is None:
+            due.popleft()
+            self.owner.pong_received(self)
 
     def _rate_limited(self) -> None:
         self.counters.rate_limited += 1

@@ -22,6 +22,7 @@ a clock.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -268,16 +269,25 @@ class CorrectionTracker:
     _dirty: dict[tuple[str, str], _Dirty] = attrs.field(factory=dict)
     _commits: int = 0
     # Per member sent a whole document to load (any sync:state or forwarded
-    # sync:full_state): until when a change of its arriving may predate the
-    # load (see loaded()).
-    _loaded_until: dict[str, float] = attrs.field(factory=dict)
+    # sync:full_state): until when, and up to which message received, a
+    # change of its may predate the load (see loaded()).
+    _loaded_until: dict[str, tuple[float, float]] = attrs.field(factory=dict)
 
     def committed(
-        self, user_id: str, item_id: str, *, arrived: float, now: float, level: int, force: bool = False
+        self,
+        user_id: str,
+        item_id: str,
+        *,
+        arrived: float,
+        now: float,
+        level: int,
+        force: bool = False,
+        order: int = 0,
     ) -> bool:
         """`user_id`'s change of `item_id` (of kind `level`), received at
         `arrived`, is committed and relayed at `now`. True if it makes a
-        correction due (`force`: due whatever came before)."""
+        correction due (`force`: due whatever came before). `order`: where it
+        came among the messages received (see loaded_by())."""
         cutoff = arrived - self.window
         # Taken out and put back last: the item changed latest.
         authors = self._recent.pop(item_id, None)
@@ -286,7 +296,7 @@ class CorrectionTracker:
         self._recent[item_id] = authors
         conflict = force or self._corrected.get((user_id, item_id), cutoff) > cutoff
         own = level
-        if self._loaded_before(user_id, arrived):
+        if self._loaded_before(user_id, arrived, order):
             # Made before this member loaded a document it was sent, perhaps,
             # and then lost from its window by loading it: the item as stored
             # (created() makes it an add when the change made the item).
@@ -343,19 +353,20 @@ class CorrectionTracker:
         its arriving until it has loaded it (loaded_by(); at most `wait`
         after `now`) may have been made before, and then taken from its
         window by the load: it is corrected as stored."""
-        self._loaded_until[user_id] = now + wait
+        self._loaded_until[user_id] = (now + wait, math.inf)
 
-    def loaded_by(self, user_id: str, now: float) -> None:
-        """`user_id` has loaded what it was sent by `now` (it answered the
-        ping sent after it): its changes arriving later were made after."""
+    def loaded_by(self, user_id: str, now: float, order: int) -> None:
+        """`user_id` has loaded what it was sent (it answered the ping sent
+        after it) at `now`, after the `order`-th message received: its
+        changes received later were made after. (By order, not time alone:
+        a change read with the pong, before or after it, has its time.)"""
         until = self._loaded_until.get(user_id)
-        if until is not None and now < until:
-            self._loaded_until[user_id] = now
+        if until is not None and now <= until[0]:
+            self._loaded_until[user_id] = (now, order)
 
-    def _loaded_before(self, user_id: str, arrived: float) -> bool:
-        # (<=: a change read with the pong, just before it, has its time.)
+    def _loaded_before(self, user_id: str, arrived: float, order: int) -> bool:
         until = self._loaded_until.get(user_id)
-        return until is not None and arrived <= until
+        return until is not None and (arrived < until[0] or (arrived == until[0] and order <= until[1]))
 
     def removed_by_correction(self, user_id: str, item_id: str) -> None:
         """The correction just taken for `user_id` removed `item_id` (the
@@ -405,14 +416,16 @@ class CorrectionTracker:
                     marked = True
         return marked
 
-    def created(self, author: str, item_id: str, members: Iterable[str], now: float) -> None:
+    def created(
+        self, author: str, item_id: str, members: Iterable[str], now: float, *, arrived: float, order: int = 0
+    ) -> None:
         """`author`'s update made item `item_id`, which the document did not
         have (a replacement took it away): relayed as an update, which a
         window without the item ignores, so every other member gets it as stored."""
         for member in members:
             if member != author:
                 self._mark(member, item_id, now, EXISTENCE)
-        if self._loaded_before(author, now):
+        if self._loaded_before(author, arrived, order):
             # Its window may have lost the item by loading a document.
             self._mark(author, item_id, now, EXISTENCE)
 

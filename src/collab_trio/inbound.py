@@ -23,6 +23,7 @@ the reader gets the message in the task that read the bytes.
 from __future__ import annotations
 
 import re
+from collections import deque
 
 # Opcodes (RFC 6455 section 5.2).
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -64,6 +65,10 @@ class FrameReader:
         self._taken_header = b""
         self._fragmented = False  # a handed-on message waits for its last frame
         self._stopped = False  # a close (or a frame wsproto will refuse) was handed on
+        # Per pong whose header came while taking (`consumed` given), in
+        # order: the handed-on data messages the client sent before it (one
+        # under way counts), which must be read before the pong counts.
+        self.pongs: deque[int] = deque()
 
     def feed(self, data: bytes, consumed: int | None) -> tuple[bytes, list[Event]]:
         """The bytes to hand on and the events, for `data`.
@@ -159,6 +164,8 @@ class FrameReader:
                     self._fragmented = True
                 return
             if opcode in (PING, PONG) and fin and length <= 125:
+                if opcode == PONG and consumed is not None:
+                    self.pongs.append(self.passed + self._fragmented)
                 return
         # A close, or a frame wsproto refuses: the connection ends here, take nothing more.
         self._stopped = True

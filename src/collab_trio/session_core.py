@@ -270,8 +270,10 @@ class PendingCommand(_Change):
     """A `command`: applied, relayed to the others and acknowledged."""
 
     command: dict[str, Any] = attrs.field(kw_only=True)
-    # When it arrived (the core's `now`), for corrections.
+    # When it arrived (the core's `now`), and the how-manieth message the
+    # core received it was (SessionCore._received), for corrections.
     arrived: float = attrs.field(default=0.0, kw_only=True)
+    order: int = attrs.field(default=0, kw_only=True)
     # Set by take_batch(): a move or update of a removed item (deletes win),
     # removed by the store's document ("document") or by an earlier change of
     # the same batch ("batch": if the batch fails, nothing was removed).
@@ -458,6 +460,8 @@ class SessionCore:
     # sync:state, or a forwarded sync:full_state): an upload it makes soon
     # after may predate it (see PendingReplace.reload_sender).
     _loaded_at: dict[Conn, float] = attrs.field(factory=dict)
+    # Commands received so far (each PendingCommand's `order`).
+    _received: int = 0
     # The last sync answers given, reused while the document stands still.
     _state_answer: SyncState | None = None
     _ops_answer: tuple[tuple[str, int, int], SyncOps] | None = None
@@ -607,7 +611,7 @@ class SessionCore:
             return
         member.pongs += 1
         if member.pongs == member.pings:
-            self._tracker.loaded_by(user_id, self.now())
+            self._tracker.loaded_by(user_id, self.now(), self._received)
 
     def close_all(self, code: int, reason: str) -> list[Effect]:
         """Close every member with one code, without a storm of leave notices."""
@@ -662,9 +666,10 @@ class SessionCore:
         if isinstance(message, Ping):
             return [Send(conn, Pong(self.clock()))]
         if isinstance(message, Command):
+            self._received += 1
             change = PendingCommand(
                 conn, user_id, size, message.op_id, command=message.command,
-                arrived=self.now() if arrived is None else arrived,
+                arrived=self.now() if arrived is None else arrived, order=self._received,
             )
             return self._queue_command(change, message.action)
         if isinstance(message, Cursor):
@@ -1277,11 +1282,19 @@ class SessionCore:
         if self.corrections_enabled and level is not None and isinstance(item_id, str):
             # A merge that kept a value of the sender's out: it shows that value.
             self._tracker.committed(
-                op.user_id, item_id, arrived=entry.arrived, now=self.now(), level=level, force=entry.stale
+                op.user_id,
+                item_id,
+                arrived=entry.arrived,
+                now=self.now(),
+                level=level,
+                force=entry.stale,
+                order=entry.order,
             )
             if created and item_id in self.document.items:
                 # Relayed as an update, which a window without the item ignores.
-                self._tracker.created(op.user_id, item_id, self._members, self.now())
+                self._tracker.created(
+                    op.user_id, item_id, self._members, self.now(), arrived=entry.arrived, order=entry.order
+                )
         return command_json
 
     def _refused(self, entry: PendingCommand) -> list[Effect]:

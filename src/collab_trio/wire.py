@@ -225,6 +225,13 @@ class WireStream(trio.abc.Stream):
         earlier, self.unclaimed = self.unclaimed, []
         return earlier
 
+    def pong_after(self) -> int:
+        """For the next pong among the claimant's frames: how many handed-on
+        messages (`consumed`) it must have read before the pong counts (0 for
+        one that came before it took anything)."""
+        pongs = self._reader.pongs
+        return pongs.popleft() if pongs else 0
+
     def unclaim(self) -> None:
         """Hand incoming bytes to trio-websocket alone again: no more frames,
         messages or back-pressure waits for the claimant (it is closing)."""
