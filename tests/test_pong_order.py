@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from wsproto.events import Ping
@@ -41,70 +42,54 @@ async def _messages_for(cy: Any, seconds: float) -> list[dict[str, Any]]:
     return seen
 
 
-async def test_a_change_sent_before_the_pong_but_handed_on_to_trio_websocket_is_still_corrected(
-    start_server: Any,
-    autojump_clock: trio.abc.Clock,
+ADD = json.dumps(add_item("N", {"x": 9}, op_id=7)).encode()
+CURSOR = json.dumps({"type": "cursor", "x": 1.0, "y": 2.0}).encode()
+PONG = client_frame(OPCODE_PONG, b"")
+
+
+@pytest.mark.parametrize(
+    ("frames", "corrections"),
+    [
+        # The add, in one frame, before the pong: it crossed the document
+        # (the frame reader takes it out of the stream at once).
+        pytest.param(client_frame(OPCODE_TEXT, ADD) + PONG, ["remove_item", "add_item"], id="one frame"),
+        # The add in two frames (Qt splits what is over its outgoing frame
+        # size), before the pong: handed on to trio-websocket, so it reaches
+        # the session after the pong's header was seen.
+        pytest.param(
+            client_frame(OPCODE_TEXT, ADD[:20], fin=False) + client_frame(OPCODE_CONTINUATION, ADD[20:]) + PONG,
+            ["remove_item", "add_item"],
+            id="in two frames",
+        ),
+        # A message in two frames, then the add in one frame, then the pong:
+        # the add is handed on too (a message before it is still unread).
+        pytest.param(
+            client_frame(OPCODE_TEXT, CURSOR[:10], fin=False)
+            + client_frame(OPCODE_CONTINUATION, CURSOR[10:])
+            + client_frame(OPCODE_TEXT, ADD)
+            + PONG,
+            ["remove_item", "add_item"],
+            id="behind a handed-on message",
+        ),
+        # The pong, then the add, in one read (Nagle, a slow link): made after
+        # the load; a correction would rebuild it as another's item in a stock
+        # window (whose edits it then no longer sends).
+        pytest.param(PONG + client_frame(OPCODE_TEXT, ADD), [], id="after the pong"),
+    ],
+)
+async def test_a_change_sent_before_the_pong_is_corrected_one_sent_after_is_not(
+    start_server: Any, autojump_clock: trio.abc.Clock, frames: bytes, corrections: list[str]
 ) -> None:
-    # cy's add, sent before its pong (a message the frame reader hands on to
-    # trio-websocket: here, in two frames, as Qt sends a big one), crossed
-    # the document: it must count as made before the load, like the same
-    # add sent in one frame. The pong's header is seen (and was counted) as
-    # soon as the bytes arrive, before the reader reads the add.
+    # cy asks as stock Optiverse does; it has read the document and the ping
+    # behind it when it sends `frames` (its add and its pong) in one write.
     harness: Harness = await start_server(correction_window=0.5)
     async with harness.joined("s", "ada") as ada:
         await ada.send(add_item("L1", {"x": 1}, op_id=1))
         await ada.expect("ack")
         cy = await _stock_member_with_the_design_and_its_ping(harness)
-        payload = json.dumps(add_item("N", {"x": 9}, op_id=7)).encode()
-        await cy.stream.send_all(
-            client_frame(OPCODE_TEXT, payload[:20], fin=False)
-            + client_frame(OPCODE_CONTINUATION, payload[20:])
-            + client_frame(OPCODE_PONG, b"")
-        )
+        await cy.stream.send_all(frames)
         seen = await _messages_for(cy, 6.0)
-        corrections = [m["command"]["action"] for m in seen if m.get("correction")]
-        assert corrections == ["remove_item", "add_item"], seen
-
-
-async def test_a_one_frame_change_behind_a_handed_on_message_and_before_the_pong_is_still_corrected(
-    start_server: Any,
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    # As a Qt host sends it: a message in several frames (Qt splits what is
-    # over its outgoing frame size), then a one-frame add made before the
-    # design arrived, then the pong. The add is handed on too (a message
-    # before it is still unread), so it reaches the session after the pong
-    # header was counted.
-    harness: Harness = await start_server(correction_window=0.5)
-    async with harness.joined("s", "ada") as ada:
-        await ada.send(add_item("L1", {"x": 1}, op_id=1))
-        await ada.expect("ack")
-        cy = await _stock_member_with_the_design_and_its_ping(harness)
-        cursor = json.dumps({"type": "cursor", "x": 1.0, "y": 2.0}).encode()
-        payload = json.dumps(add_item("N", {"x": 9}, op_id=7)).encode()
-        await cy.stream.send_all(
-            client_frame(OPCODE_TEXT, cursor[:10], fin=False)
-            + client_frame(OPCODE_CONTINUATION, cursor[10:])
-            + client_frame(OPCODE_TEXT, payload)
-            + client_frame(OPCODE_PONG, b"")
-        )
-        seen = await _messages_for(cy, 6.0)
-        corrections = [m["command"]["action"] for m in seen if m.get("correction")]
-        assert corrections == ["remove_item", "add_item"], seen
-
-
-async def test_the_same_add_in_one_frame_is_corrected(start_server: Any, autojump_clock: trio.abc.Clock) -> None:
-    # (The reference: taken out of the stream by the frame reader.)
-    harness: Harness = await start_server(correction_window=0.5)
-    async with harness.joined("s", "ada") as ada:
-        await ada.send(add_item("L1", {"x": 1}, op_id=1))
-        await ada.expect("ack")
-        cy = await _stock_member_with_the_design_and_its_ping(harness)
-        payload = json.dumps(add_item("N", {"x": 9}, op_id=7)).encode()
-        await cy.stream.send_all(client_frame(OPCODE_TEXT, payload) + client_frame(OPCODE_PONG, b""))
-        seen = await _messages_for(cy, 6.0)
-        corrections = [m["command"]["action"] for m in seen if m.get("correction")]
-        assert corrections == ["remove_item", "add_item"], seen
+        assert [m["command"]["action"] for m in seen if m.get("correction")] == corrections, seen
 
 
 async def test_the_pong_the_server_asked_for_is_not_counted_against_the_rate_limit(start_server: Any, autojump_clock: trio.abc.Clock) -> None:
@@ -129,20 +114,3 @@ async def test_the_pong_the_server_asked_for_is_not_counted_against_the_rate_lim
         seen = await _messages_for(cy, 3.0)
         errors = [m for m in seen if m["type"] == "error"]
         assert errors == [], errors
-
-
-async def test_a_change_sent_after_the_pong_in_the_same_read_is_not_corrected(start_server: Any, autojump_clock: trio.abc.Clock) -> None:
-    # cy loads the design, answers the ping, then adds a lens: the pong and
-    # the add come in one read (one TCP segment, as Nagle or a slow link
-    # joins them). The add was made after the load: a correction would
-    # rebuild it as another's item in a stock window (no edits of it sent).
-    harness: Harness = await start_server(correction_window=0.5)
-    async with harness.joined("s", "ada") as ada:
-        await ada.send(add_item("L1", {"x": 1}, op_id=1))
-        await ada.expect("ack")
-        cy = await _stock_member_with_the_design_and_its_ping(harness)
-        payload = json.dumps(add_item("N", {"x": 9}, op_id=7)).encode()
-        await cy.stream.send_all(client_frame(OPCODE_PONG, b"") + client_frame(OPCODE_TEXT, payload))
-        seen = await _messages_for(cy, 6.0)
-        corrections = [m["command"]["action"] for m in seen if m.get("correction")]
-        assert corrections == [], seen
