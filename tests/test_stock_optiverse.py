@@ -649,18 +649,27 @@ def test_an_add_crossing_the_document_on_a_slow_link_is_corrected_whatever_the_f
     assert ada.items == s.server_items() and "N" in ada.items
 
 
-def test_without_a_pong_a_change_within_the_correction_window_after_a_load_is_corrected() -> None:
-    # A client that asks as stock Optiverse does not (no `user_id`) gets no
-    # ping: its changes within correction_window (1 s) after a load are
-    # corrected, later ones not.
-    for after, expected in [(0.5, ["remove_item", "add_item"]), (1.5, [])]:
+def test_a_client_that_does_not_ask_as_optiverse_does_gets_no_ping() -> None:
+    # A client whose sync:request carries no `user_id` may track seq and
+    # acks and keep its changes across a state it asked for: no ping, and
+    # its changes after that answer are its own. A document replaced under
+    # it (here bob's sync:update) counts as a load for correction_window
+    # (1 s): its changes within it are corrected, later ones not.
+    for replaced, after, expected in [
+        (False, 0.5, []),
+        (True, 0.5, ["remove_item", "add_item"]),
+        (True, 1.5, []),
+    ]:
         s, bob = written_session()
         s.settle()
         s.inbox["cy"], s.windows["cy"] = [], Optiverse("cy", "host")
         s.effects(s.core.join("cy", "cy", connected_at=T0))
         s.send("cy", {"type": "sync:request"})
+        if replaced:
+            s.time += 5.0
+            s.send("bob", {"type": "sync:update", "state": {"items": [{"uuid": "L1", "item_type": "lens", **lens(3, 3)}]}})
         assert PING not in s.inbox["cy"]
         s.deliver_all()
         s.time += after
         assert s.add("cy", "N", lens(9, 9))
-        assert corrections_for(s, "cy") == expected, after
+        assert corrections_for(s, "cy") == expected, (replaced, after)

@@ -572,11 +572,12 @@ class SessionCore:
         self._awaiting_canvas.pop(conn, None)
         self._loaded_at.pop(conn, None)
 
-    def _loading(self, conns: Iterable[Conn]) -> list[Effect]:
+    def _loading(self, conns: Iterable[Conn], *, replaced: bool = True) -> list[Effect]:
         """These connections are sent a whole design to load now: no empty
         state is owed to them any more (it would undo what they did since).
         (Members only: an answer queued for one that left since is noted
-        nowhere.)"""
+        nowhere.) `replaced`: it replaces the document under them (not an
+        answer to their own sync:request)."""
         now = self.now()
         loading = set(conns)
         pings: list[Effect] = []
@@ -593,11 +594,14 @@ class SessionCore:
                 # corrections cost it most (an add corrected is rebuilt as
                 # another's item). Not others: a trio-websocket client fails
                 # on a ping that arrives after it started closing.
+                # Others (which may track seq and acks, and keep their own
+                # changes across a state they asked for) only when the
+                # document is replaced under them, for correction_window.
                 if member.stock:
                     member.pings += 1
                     pings.append(PingAfterLoad(conn))
                     self._tracker.loaded(member.user_id, now, PONG_WAIT)
-                else:
+                elif replaced:
                     self._tracker.loaded(member.user_id, now, self.correction_window)
         return pings
 
@@ -853,7 +857,7 @@ class SessionCore:
         answer = self._sync_answer(request)
         effects: list[Effect] = [Send(conn, answer)]
         if isinstance(answer, SyncState) and answer.state is not None:
-            effects += self._loading((conn,))
+            effects += self._loading((conn,), replaced=False)
         if (
             request.stock
             and isinstance(answer, SyncState)
