@@ -296,7 +296,7 @@ class CorrectionTracker:
         self._recent[item_id] = authors
         conflict = force or self._corrected.get((user_id, item_id), cutoff) > cutoff
         own = level
-        if self._loaded_before(user_id, arrived, order):
+        if self._loaded_until and self._loaded_before(user_id, arrived, order):
             # Made before this member loaded a document it was sent, perhaps,
             # and then lost from its window by loading it: the item as stored
             # (created() makes it an add when the change made the item).
