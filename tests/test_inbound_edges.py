@@ -230,3 +230,27 @@ async def test_heads_in_progress_are_held_to_the_per_address_limit(
     with trio.fail_after(1):
         answer = await streams[-1].receive_some(4096)
     assert answer == b"" or answer.startswith(b"HTTP/1.1 429 "), answer
+
+
+async def test_a_graceful_stop_does_not_wait_for_connections_refused_before_their_head(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A graceful stop drops the connections still sending their head at
+    # once (_reading_heads). One refused before its head (over the
+    # per-address limit: 429, then _linger) must not hold the stop up either:
+    # under a flood from one address there are many of them.
+    from collab_trio.testing import start_memory_server
+
+    async with trio.open_nursery() as nursery:
+        harness = await start_memory_server(nursery, max_connections_per_ip=1, handshake_timeout=30)
+        first = harness.listener.connect()
+        second = harness.listener.connect()
+        await first.send_all(b"GET /ws/s/u HTTP/1.1\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1):
+            answer = await second.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 429 "), answer
+        started = trio.current_time()
+        harness.server.request_shutdown()
+    stopped = trio.current_time() - started
+    assert stopped < 0.5, stopped

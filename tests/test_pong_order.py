@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from wsproto.events import Ping
 
-from collab_trio.testing import HANG, Harness, add_item, client_frame, raw_connect
+from collab_trio.testing import HANG, Harness, add_item, client_frame, move_item, raw_connect
 
 OPCODE_TEXT, OPCODE_CONTINUATION, OPCODE_PONG = 0x1, 0x0, 0xA
 
@@ -114,3 +114,42 @@ async def test_the_pong_the_server_asked_for_is_not_counted_against_the_rate_lim
         seen = await _messages_for(cy, 3.0)
         errors = [m for m in seen if m["type"] == "error"]
         assert errors == [], errors
+
+
+async def _held_move_before_the_pong(start_server: Any, burst: int) -> list[dict[str, Any]]:
+    harness: Harness = await start_server(correction_window=0.5, rate_limit=2.0, rate_burst=burst)
+    async with harness.joined("s", "ada") as ada:
+        await ada.send(add_item("L1", {"x": 1}, op_id=1))
+        await ada.expect("ack")
+        await ada.send(add_item("L2", {"x": 2}, op_id=2))
+        await ada.expect("ack")
+        await trio.sleep(2.0)  # ada's adds are out of the window: only the load counts
+        cy = await raw_connect(harness, "/ws/s/cy")
+        await cy.send_json({"type": "sync:request", "user_id": "cy"})
+        await cy.expect("sync:state")
+        with trio.fail_after(HANG):
+            event = await cy.next_event()
+        assert isinstance(event, Ping), event
+        # Made before cy's window loaded the design (sent before the pong),
+        # in one read: a move of L2 within the rate, a move of L1 over it
+        # (held: a drag is thinned, not cut), then the pong.
+        first = json.dumps(move_item("L2", {"x": 20})).encode()
+        second = json.dumps(move_item("L1", {"x": 10})).encode()
+        await cy.stream.send_all(
+            client_frame(OPCODE_TEXT, first) + client_frame(OPCODE_TEXT, second) + client_frame(OPCODE_PONG, b"")
+        )
+        return await _messages_for(cy, 6.0)
+
+
+@pytest.mark.parametrize("burst", [10, 2])
+async def test_changes_sent_before_the_pong_are_corrected_held_or_not(
+    start_server: Any, autojump_clock: trio.abc.Clock, burst: int
+) -> None:
+    # burst 10: nothing held, both moves predate the load. burst 2: the move
+    # of L1 is held by the rate limit and reaches the session after the pong,
+    # with the pong's time (same read): still made before the load, so
+    # corrected (else cy's window shows L1 where the design put it and
+    # everyone else where cy's move did).
+    seen = await _held_move_before_the_pong(start_server, burst=burst)
+    corrected = sorted({m["command"]["item_id"] for m in seen if m.get("correction")})
+    assert corrected == ["L1", "L2"], seen

@@ -364,6 +364,10 @@ class CorrectionTracker:
         if until is not None and now <= until[0]:
             self._loaded_until[user_id] = (now, order)
 
+    def forget_load(self, user_id: str) -> None:
+        """`user_id`'s connection was replaced: what it was sent to load is not the new one's."""
+        self._loaded_until.pop(user_id, None)
+
     def _loaded_before(self, user_id: str, arrived: float, order: int) -> bool:
         until = self._loaded_until.get(user_id)
         return until is not None and (arrived < until[0] or (arrived == until[0] and order <= until[1]))

@@ -271,8 +271,17 @@ class WebSocketServer:
                     # address is known only then); a connection that has not sent
                     # its head yet must not escape the limit meanwhile (slowloris).
                     log.warning("Refused %s: too many connections from this address", address)
-                    await self._send_answer(stream, _TOO_MANY_CONNECTIONS, peer)
-                    await _linger(stream)
+                    # Dropped at once by a graceful stop, as a head being read
+                    # is: a flood from one address must not hold the stop up.
+                    with trio.CancelScope() as scope:
+                        self._reading_heads.add(scope)
+                        try:
+                            if self.closing:
+                                scope.cancel()
+                            await self._send_answer(stream, _TOO_MANY_CONNECTIONS, peer)
+                            await _linger(stream)
+                        finally:
+                            self._reading_heads.discard(scope)
                     return
                 head = await self._read_head(stream, peer, deadline)
                 if head is None:

@@ -537,6 +537,7 @@ class SessionCore:
             effects.append(Send(conn, self._sync_answer(resume)))
         if previous is not None:
             self._forget_conn(previous.conn)
+            self._tracker.forget_load(user_id)  # the new connection loads anew, or not at all
             effects.append(
                 Close(previous.conn, CloseCode.REPLACED, "replaced by a newer connection of the same user")
             )
@@ -673,7 +674,15 @@ class SessionCore:
             self._received += 1
             change = PendingCommand(
                 conn, user_id, size, message.op_id, command=message.command,
-                arrived=self.now() if arrived is None else arrived, order=self._received,
+                arrived=self.now() if arrived is None else arrived,
+                # A message held over the rate limit (`arrived` given) is
+                # received late, after what came behind it (a pong among
+                # them): its order among the messages of its own moment is
+                # not known, so it counts as the first (a change in the same
+                # read as the pong is taken as made before the load: a
+                # correction too many restores what it already shows; one
+                # too few leaves its window apart for good).
+                order=self._received if arrived is None else 0,
             )
             return self._queue_command(change, message.action)
         if isinstance(message, Cursor):
