@@ -66,7 +66,7 @@ async def test_a_cursor_queued_just_before_a_close_is_not_broadcast_after_user_l
     autojump_clock: trio.abc.Clock,
 ) -> None:
     # bob's last cursor reaches the core in the same tick as his close (a
-    # held cursor handed over by _peer_closed/_hand_over_held, or a cursor
+    # held cursor handed over by _peer_closed/hand_over_held, or a cursor
     # and the close frame in one read): the pump was woken by the cursor,
     # so the cancel of its scope comes too late, and it forwards bob's
     # cursor to alice after alice was told bob left: a ghost cursor.

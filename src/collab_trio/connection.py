@@ -521,15 +521,11 @@ class Connection:
         self._arm_release(now)
 
     def hand_over_held(self) -> None:
-        """The server is about to close or replace this connection (a
-        graceful stop, a session moving, a reconnect of the same user): what
-        the client sent and is held counts as on its own close (the end of a
-        drag), delivered now, while the connection is still its user's."""
-        self._hand_over_held()
-
-    def _hand_over_held(self) -> None:
-        """The client is gone or silent: what it sent and is held counts
-        (the end of a drag), delivered before the connection closes."""
+        """The client is gone or silent, or the server is about to close or
+        replace this connection (a graceful stop, a session moving, a
+        reconnect of the same user): what the client sent and is held counts
+        (the end of a drag), delivered now, while the connection is still
+        its user's."""
         if self._held.entries and self.close_code is None:
             self._deliver_held(trio.current_time())
             self.owner.input_done(self)
@@ -606,7 +602,7 @@ class Connection:
             if now < self._heard + idle_timeout:
                 continue  # a message came since the scope was armed
             log.info("User %s sent nothing for %g s; closing with 4000", self.user_id, idle_timeout)
-            self._hand_over_held()
+            self.hand_over_held()
             self.close(
                 CloseCode.IDLE_TIMEOUT,
                 f"heartbeat timeout: nothing received for {idle_timeout:g} s",
@@ -638,7 +634,7 @@ class Connection:
             self.send_message(error)
 
     def _peer_closed(self, exc: ConnectionClosed) -> None:
-        self._hand_over_held()
+        self.hand_over_held()
         reason = exc.reason
         code = reason.code if reason is not None else ABNORMAL_CLOSURE
         text = (reason.reason if reason is not None else None) or ""

@@ -588,16 +588,16 @@ class SessionCore:
                 self._awaiting_canvas.pop(conn, None)
                 self._loaded_at[conn] = now
                 # A change of its arriving before it answers the ping sent
-                # after the design may have been made before it loaded the
+                # behind the design may have been made before it loaded the
                 # design, which then hid it (CorrectionTracker.loaded); one
                 # arriving after was made after (links are FIFO). Pinged:
                 # stock Optiverse (Qt answers pings as it reads), whose
                 # corrections cost it most (an add corrected is rebuilt as
-                # another's item). Not others: a trio-websocket client fails
-                # on a ping that arrives after it started closing.
-                # Others (which may track seq and acks, and keep their own
-                # changes across a state they asked for) only when the
-                # document is replaced under them, for correction_window.
+                # another's item). Others are not (a trio-websocket client
+                # fails on a ping that arrives after it started closing), and
+                # count only a document replaced under them (not a state they
+                # asked for: they may keep their changes across it), for
+                # correction_window.
                 if member.stock:
                     member.pings += 1
                     pings.append(PingAfterLoad(conn))
@@ -607,10 +607,10 @@ class SessionCore:
         return pings
 
     def pong_received(self, conn: Conn, user_id: str) -> None:
-        """A member's connection received a pong: the answer to the oldest
-        PingAfterLoad not yet answered (a client answers in order; an unasked pong
-        counts for nothing). Once all are answered, what it was sent to load
-        is loaded: its changes from now on were made after that."""
+        """A member's connection received the pong to one of its pings (the
+        oldest not yet answered: a client answers in order). Once all are
+        answered, what it was sent to load is loaded: its changes received
+        from now on were made after that."""
         member = self._members.get(user_id)
         if member is None or member.conn != conn or member.pongs >= member.pings:
             return
