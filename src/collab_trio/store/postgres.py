@@ -548,10 +548,35 @@ class PgDatabase(Database):
         and that transaction's next job for a session the renewal already
         locked would wait for the renewal: a deadlock.
         """
-        row = self.conn.execute(
-            "SELECT 1 FROM leases WHERE session_id = ? AND owner = ? AND fence = ? FOR KEY SHARE",
-            (session_id, self.node_id, fence),
+        # Bounded like a takeover's wait (see _lock_lease_row): the only lock
+        # that conflicts is a takeover's FOR UPDATE, and one by a node
+        # stopped inside it would hold this writer, and every session behind
+        # it, for ever (the transactions that end a stopped node's are other
+        # takeovers of this session, which this node's writer would run).
+        self.conn.execute("SAVEPOINT fence")
+        (before, _) = self.conn.execute(
+            "SELECT before, set_config('lock_timeout', ?, true)"
+            " FROM (SELECT current_setting('lock_timeout') AS before OFFSET 0) AS setting",
+            (f"{max(1, int(min(LOCK_WAIT, self.lease_timeout / 3) * 1000))}ms",),
         ).fetchone()
+        try:
+            row = self.conn.execute(
+                "SELECT 1 FROM leases WHERE session_id = ? AND owner = ? AND fence = ? FOR KEY SHARE",
+                (session_id, self.node_id, fence),
+            ).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            self.conn.execute("ROLLBACK TO fence")
+            self.conn.execute("RELEASE fence")
+            live = self.conn.execute(
+                "SELECT expires_at > now() FROM leases WHERE session_id = ? AND owner = ? AND fence = ?",
+                (session_id, self.node_id, fence),
+            ).fetchone()
+            if not live or not live[0]:
+                self._end_stale_transactions()
+            # Nothing stored: the sender is told (not_persisted) and may send it again.
+            raise StoreError(f"session {session_id!r}: its lease is being taken over; nothing stored") from None
+        self.conn.execute("RELEASE fence")
+        self.conn.execute("SELECT set_config('lock_timeout', ?, true)", (before,))
         if row is None:
             raise LeaseLost(f"session {session_id!r} moved to another node (its lease was taken over)")
 
@@ -577,14 +602,30 @@ class PgDatabase(Database):
         if not fences:
             self.conn.execute("SELECT 1", ())  # still: is the database there? (readiness)
             return {}
+        # A row another transaction holds FOR UPDATE (a takeover in progress,
+        # or a node stopped inside one) is skipped, not waited for: one
+        # UPDATE of all the leases waiting on it lost every one of them
+        # after lease_timeout. A skipped row still this node's (read as
+        # committed, no lock) is not renewed this time but not lost either.
         rows = self.conn.execute(
             "UPDATE leases SET expires_at = now() + make_interval(secs => ?)"
-            " FROM unnest(?::text[], ?::bigint[]) AS held(s, f)"
-            " WHERE session_id = held.s AND fence = held.f AND owner = ?"
+            " WHERE session_id IN (SELECT l.session_id FROM leases AS l"
+            "   JOIN unnest(?::text[], ?::bigint[]) AS held(s, f) ON l.session_id = held.s AND l.fence = held.f"
+            "   WHERE l.owner = ? FOR NO KEY UPDATE OF l SKIP LOCKED)"
             " RETURNING session_id, wanted_by",
             (self.lease_timeout, list(fences), list(fences.values()), self.node_id),
         ).fetchall()
-        return dict(rows)
+        renewed = dict(rows)
+        busy = [s for s in fences if s not in renewed]
+        if busy:
+            renewed.update(
+                self.conn.execute(
+                    "SELECT session_id, wanted_by FROM leases JOIN unnest(?::text[], ?::bigint[]) AS held(s, f)"
+                    " ON session_id = held.s AND fence = held.f WHERE owner = ?",
+                    (busy, [fences[s] for s in busy], self.node_id),
+                ).fetchall()
+            )
+        return renewed
 
     def lock_unserved(self, session_id: str) -> None:
         """Lock the session's lease row for this transaction; refuse if a live
