@@ -13,7 +13,18 @@ import trio.testing
 from collab_trio.testing import HANG
 
 from .test_leases import expire, lease, node, once_served
+from .test_multinode import until
 from .test_session_lifecycle import command, lens
+
+
+async def drag_faster_than_the_rate(a: Any, alice: Any) -> None:
+    """alice adds L1 on node a and drags it to x=10 faster than the rate
+    (10/s, burst 2): the last positions are held, waiting for the rate."""
+    await alice.send(command("add_item", "L1", lens("L1", 0.0)))
+    await alice.expect("ack")
+    for x in range(1, 11):
+        await alice.send(command("move_item", "L1", {"x_mm": float(x)}))
+    await until(lambda: bool(a.registry.sessions["s"].members["alice"]._held.entries), "moves held", HANG)
 
 
 async def test_the_held_end_of_a_drag_goes_with_a_handoff(start_server: Any, database_url: str) -> None:
@@ -21,12 +32,7 @@ async def test_the_held_end_of_a_drag_goes_with_a_handoff(start_server: Any, dat
         a = await node(start_server, database_url, "node-a", lease_timeout=1.5, rate_limit=10, rate_burst=2)
         b = await node(start_server, database_url, "node-b")
         async with a.joined("s", "alice") as alice:
-            await alice.send(command("add_item", "L1", lens("L1", 0.0)))
-            await alice.expect("ack")
-            for x in range(1, 11):
-                await alice.send(command("move_item", "L1", {"x_mm": float(x)}))
-            await trio.sleep(0.05)
-            assert a.registry.sessions["s"].members["alice"]._held.entries
+            await drag_faster_than_the_rate(a, alice)
             async with b.client("s", "bob") as bob:
                 assert (await bob.expect_closed())[0] == 1013
             assert (await alice.expect_closed())[0] == 1012
@@ -42,12 +48,7 @@ async def test_the_held_end_of_a_drag_is_refused_after_a_takeover(start_server: 
         a = await node(start_server, database_url, "node-a", lease_timeout=1.5, rate_limit=10, rate_burst=2)
         b = await node(start_server, database_url, "node-b")
         async with a.joined("s", "alice") as alice:
-            await alice.send(command("add_item", "L1", lens("L1", 0.0)))
-            await alice.expect("ack")
-            for x in range(1, 11):
-                await alice.send(command("move_item", "L1", {"x_mm": float(x)}))
-            await trio.sleep(0.05)
-            assert a.registry.sessions["s"].members["alice"]._held.entries
+            await drag_faster_than_the_rate(a, alice)
             expire(database_url, "s")
             async with b.joined("s", "bob") as bob:
                 code = (await alice.expect_closed())[0]
