@@ -5,6 +5,8 @@ writer."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -12,7 +14,7 @@ import trio.testing
 
 from collab_trio.testing import HANG
 
-from .test_leases import expire, lease, node, once_served
+from .test_leases import add, expire, lease, node, once_served
 from .test_multinode import until
 from .test_session_lifecycle import command, lens
 
@@ -60,41 +62,47 @@ async def test_the_held_end_of_a_drag_is_refused_after_a_takeover(start_server: 
                 assert item["x_mm"] < 10.0
 
 
+@contextlib.contextmanager
+def node_b_stopped_inside_a_takeover_of_s(database_url: str, lease_timeout: float) -> Iterator[None]:
+    """node-a's lease on s lapsed, and node-b took s over but "stopped" before
+    its takeover transaction ended: the lease row of s stays locked FOR UPDATE."""
+    from collab_trio.store.postgres import PgDatabase
+
+    b = PgDatabase(database_url, node_id="node-b", lease_timeout=lease_timeout, timeout=lease_timeout)
+    try:
+        expire(database_url, "s")
+        b.conn.execute("BEGIN")
+        _, owner = b.acquire("s")
+        assert owner == "node-b"
+        yield
+    finally:
+        b.close()
+
+
 async def test_a_node_stopped_inside_a_takeover_of_one_session_does_not_make_the_old_owner_drop_the_others(
-    start_server, database_url: str
+    start_server: Any, database_url: str
 ) -> None:
     """node-a serves s and t. Its lease on s lapses (it was paused, or cut
     off, for a moment) and node-b takes s over, but node-b is stopped
-    (SIGSTOP) before its takeover transaction ends: the lease row of s stays
-    locked FOR UPDATE. node-a lost s, rightly; but t is still its own (its
-    lease is live and nobody asked for it): carol must go on editing t."""
-    from collab_trio.store.postgres import PgDatabase
-
-    from .test_leases import add
-
+    (SIGSTOP) before its takeover transaction ends. node-a lost s, rightly;
+    but t is still its own (its lease is live and nobody asked for it):
+    carol must go on editing t."""
     T = 2.0
     with trio.fail_after(3 * HANG):
         a = await node(start_server, database_url, "node-a", lease_timeout=T)
         async with a.joined("s", "alice"), a.joined("t", "carol") as carol:
             await carol.send(add("c1"))
             assert (await carol.expect("ack"))["seq"] == 1
-            b = PgDatabase(database_url, node_id="node-b", lease_timeout=T, timeout=T)
-            try:
-                expire(database_url, "s")
-                b.conn.execute("BEGIN")
-                fence, owner = b.acquire("s")  # taken over; node-b now "stops"
-                assert owner == "node-b"
+            with node_b_stopped_inside_a_takeover_of_s(database_url, T):
                 with trio.move_on_after(3 * T):
                     closed = await carol.expect_closed()
                     raise AssertionError(f"carol's session t closed {closed}; its lease: {lease(database_url, 't')}")
                 await carol.send(add("c2"))
                 assert (await carol.expect("ack"))["seq"] == 2
-            finally:
-                b.close()
 
 
 async def test_a_commit_on_a_session_a_stopped_node_is_taking_over_does_not_wedge_the_old_owners_writer(
-    start_server, database_url: str
+    start_server: Any, database_url: str
 ) -> None:
     """As above, and node-a has a change of s to commit: its fence check
     waits for the row node-b locked, for ever (node-b is stopped, and the
@@ -102,27 +110,17 @@ async def test_a_commit_on_a_session_a_stopped_node_is_taking_over_does_not_wedg
     which node-a's own writer would run: it waits). Every other session of
     node-a waits behind that commit: carol's change of t must still be
     stored."""
-    from collab_trio.store.postgres import PgDatabase
-
-    from .test_leases import add
-
     T = 2.0
     with trio.fail_after(3 * HANG):
         a = await node(start_server, database_url, "node-a", lease_timeout=T)
         async with a.joined("s", "alice") as alice, a.joined("t", "carol") as carol:
             await carol.send(add("c1"))
             assert (await carol.expect("ack"))["seq"] == 1
-            b = PgDatabase(database_url, node_id="node-b", lease_timeout=T, timeout=T)
-            try:
-                expire(database_url, "s")
-                b.conn.execute("BEGIN")
-                fence, owner = b.acquire("s")  # taken over; node-b now "stops"
-                assert owner == "node-b"
+            with node_b_stopped_inside_a_takeover_of_s(database_url, T):
                 await alice.send(add("late"))  # its commit meets node-b's lock
-                await trio.sleep(0.2)
+                session = a.registry.sessions["s"]
+                await until(lambda: session.core is not None and session.core.committing, "s committing", HANG)
                 await carol.send(add("c2"))
                 with trio.move_on_after(3 * T) as scope:
                     assert (await carol.expect("ack"))["seq"] == 2
                 assert not scope.cancelled_caught, "node-a's writer waits for a stopped node-b"
-            finally:
-                b.close()
